@@ -1,0 +1,106 @@
+"""Token-choice dispatch implementations behind one interface.
+
+A dispatcher computes, for tokens `x [T, d]` and a token-choice routing,
+
+    y_t = sum over kept choices j of weights[t, j] * Expert_{expert_index[t, j]}(x_t)
+
+Signature of every dispatcher (registered by name in `registry.py`):
+
+    fn(x, expert_index, weights, ffn, *, capacity, priority=None, mask=None)
+        -> DispatchOutput
+
+`capacity=None` means dropless. `mask [T]` marks real tokens: padding takes no
+capacity slot (callers also zero its weights). All implementations agree whenever nothing is
+dropped; `einsum` is the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moe.dispatch.capacity import assign_slots
+from moe.dispatch.layout import (capacity_layout, combine_from_rows, gather_to_rows,
+                                 sorted_layout)
+from moe.experts import ExpertFFN, GroupedMatmul
+
+Array = jax.Array
+
+
+class DispatchOutput(NamedTuple):
+    """y `[T, d]` combined expert outputs; keep `[T, k] bool` (False = dropped)."""
+
+    y: Array
+    keep: Array
+
+
+def einsum_dispatch(x: Array, expert_index: Array, weights: Array, ffn: ExpertFFN, *,
+                    capacity: int | None, priority: Array | None = None,
+                    mask: Array | None = None) -> DispatchOutput:
+    """GShard-style one-hot masks. Capacity mode: `[T, E, C]` dispatch/combine
+    tensors. Dropless: every expert on every token, weighted by a `[T, E]`
+    combine matrix (E times the work; a reference, not a fast path)."""
+    num_experts = ffn.num_experts
+    expert_one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=x.dtype)  # [T, k, E]
+    if capacity is None:
+        combine = jnp.einsum("tke,tk->te", expert_one_hot, weights.astype(x.dtype))
+        y = jnp.einsum("te,etd->td", combine, ffn.all_experts(x))
+        return DispatchOutput(y, jnp.ones(expert_index.shape, bool))
+    slot, keep = assign_slots(expert_index, num_experts, capacity, priority=priority, mask=mask)
+    slot_one_hot = jax.nn.one_hot(jnp.where(keep, slot, capacity), capacity, dtype=x.dtype)
+    dispatch_mask = jnp.einsum("tke,tkc->tec", expert_one_hot, slot_one_hot)  # [T, E, C]
+    combine = jnp.einsum("tke,tkc,tk->tec", expert_one_hot, slot_one_hot,
+                         weights.astype(x.dtype))
+    expert_inputs = jnp.einsum("tec,td->ecd", dispatch_mask, x)
+    y = jnp.einsum("tec,ecd->td", combine, ffn.batched(expert_inputs))
+    return DispatchOutput(y, keep)
+
+
+def capacity_sort_dispatch(x: Array, expert_index: Array, weights: Array, ffn: ExpertFFN, *,
+                           capacity: int, priority: Array | None = None,
+                           mask: Array | None = None) -> DispatchOutput:
+    """Gather kept assignments into `[E, C, d]` buffers, one batched matmul, gather back."""
+    num_experts, d = ffn.num_experts, x.shape[-1]
+    layout = capacity_layout(expert_index, num_experts, capacity, priority=priority, mask=mask)
+    buffers = gather_to_rows(x, layout).reshape(num_experts, capacity, d)
+    outputs = ffn.batched(buffers).reshape(num_experts * capacity, d)
+    return DispatchOutput(combine_from_rows(outputs, weights, layout), layout.keep)
+
+
+def grouped_dispatch(x: Array, expert_index: Array, weights: Array, ffn: ExpertFFN,
+                     gmm: GroupedMatmul) -> DispatchOutput:
+    """Dropless: sort the T*k assignments by expert, grouped matmul, unsort and combine."""
+    layout, group_sizes = sorted_layout(expert_index, ffn.num_experts)
+    rows = gather_to_rows(x, layout)
+    outputs = ffn.grouped(rows, group_sizes, gmm)
+    return DispatchOutput(combine_from_rows(outputs, weights, layout), layout.keep)
+
+
+def make_sort_dispatch(gmm: GroupedMatmul, name: str) -> Callable[..., DispatchOutput]:
+    """A dispatcher that uses capacity buffers when given a capacity, else `gmm`."""
+
+    def dispatch(x, expert_index, weights, ffn, *, capacity, priority=None, mask=None):
+        if capacity is not None:
+            return capacity_sort_dispatch(x, expert_index, weights, ffn, capacity=capacity,
+                                          priority=priority, mask=mask)
+        return grouped_dispatch(x, expert_index, weights, ffn, gmm)
+
+    dispatch.__name__ = f"{name}_dispatch"
+    dispatch.__doc__ = (f"Capacity mode: `[E, C, d]` buffers. Dropless: sorted groups "
+                        f"through the {name} grouped matmul.")
+    return dispatch
+
+
+def expert_choice_dispatch(x: Array, token_index: Array, weights: Array,
+                           ffn: ExpertFFN) -> Array:
+    """Expert choice: expert e processes tokens `token_index[e]` `[E, C]`.
+
+    Returns y `[T, d]` = sum over (e, c) with token_index[e, c] = t of
+    weights[e, c] * Expert_e(x_t). A token may be processed by 0..E experts.
+    """
+    expert_inputs = x[token_index]  # [E, C, d]
+    outputs = ffn.batched(expert_inputs) * weights[..., None].astype(x.dtype)
+    d = x.shape[-1]
+    return jnp.zeros_like(x).at[token_index.reshape(-1)].add(outputs.reshape(-1, d))

@@ -1,0 +1,33 @@
+"""Sparse mixture-of-experts research codebase in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.1,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "grain>=0.2.12,<0.3",
+    "gin-config>=0.5,<0.6",
+    "tensorboard>=2.18,<3",
+    "tensorboardX>=2.6,<3",
+    "numpy>=1.26,<3",
+    "matplotlib>=3.8,<4",
+]
+
+EXTRAS_REQUIRE = {
+    "gpu": ["jax[cuda12]>=0.10.1,<0.11"],
+    "tpu": ["jax[tpu]>=0.10.1,<0.11"],
+    "seqio": ["seqio", "tensorflow-cpu", "sentencepiece"],
+    "notebooks": ["jupytext>=1.16", "nbmake>=1.5", "ipykernel>=6", "nbformat>=5"],
+    "dev": ["pytest>=8", "pytest-xdist>=3", "tbparse>=0.0.9", "ruff>=0.5"],
+}
+
+setup(
+    name="sparse-moe",
+    version="0.1.0",
+    description="Sparse mixture-of-experts routing, balancing, dispatch and training in JAX/Flax NNX",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moe", "moe.*", "layers", "layers.*", "experiments", "experiments.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
