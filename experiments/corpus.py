@@ -12,7 +12,7 @@ cache. Two labelled domains:
   module) and the values of ``pydoc_data.topics.topics`` (one document each).
 
 Each domain is capped at ``max_bytes_per_domain`` UTF-8 bytes. Candidates are
-visited in the order of the SHA-1 of their path, so a small cap gives a
+visited in the order of a (salted) SHA-1 of their path, so a small cap gives a
 pseudo-random sample of the stdlib rather than its alphabetical head.
 
 Every document is a :class:`Record` ``{"text", "domain", "path"}``. The
@@ -58,7 +58,7 @@ CACHE_ENV_VAR = "SPARSE_MOE_CACHE"
 
 # Bump when the corpus contents change for the same interpreter and cap, so
 # stale caches are not reused.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _SKIPPED_DIRS = frozenset(
     {
         "test",
@@ -131,7 +131,9 @@ def select_split(
 
 
 def _path_order_key(path: str) -> bytes:
-    return hashlib.sha1(path.encode("utf-8")).digest()
+    # Salted: ordering by the split hash itself would fill a small cap with
+    # the lowest hashes, i.e. with validation documents only.
+    return hashlib.sha1(b"sample-order:" + path.encode("utf-8")).digest()
 
 
 def _stdlib_python_files(stdlib_dir: Path) -> list[Path]:
