@@ -1,0 +1,193 @@
+"""Capacity, slot assignment and dispatch implementations (spec §1.3-§1.5, §1.8)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe import dispatch, routing
+from moe.experts import ExpertFFN
+
+
+# --------------------------------------------------------------------------- capacity
+
+def test_expert_capacity_formula_and_rounding():
+    assert dispatch.expert_capacity(8192, 8, 2, 1.25) == 2560  # ceil(2*8192*1.25/8)
+    assert dispatch.expert_capacity(10, 4, 1, 1.0) == 3  # ceil(2.5)
+    assert dispatch.expert_capacity(10, 4, 1, 0.01, min_capacity=2) == 2
+    assert dispatch.expert_capacity(10, 4, 1, 1.0, multiple_of=4) == 4
+    for num_tokens, num_experts, k, cf in [(7, 3, 2, 0.3), (100, 16, 4, 1.1), (1, 8, 1, 1.0)]:
+        capacity = dispatch.expert_capacity(num_tokens, num_experts, k, cf)
+        assert isinstance(capacity, int) and capacity >= 1
+        assert capacity * num_experts >= k * num_tokens * cf - 1e-6
+
+
+@pytest.mark.parametrize("cf", [0, -1.0, None])
+def test_capacity_factor_must_be_positive(cf):
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        dispatch.expert_capacity(10, 4, 1, cf)
+
+
+# --------------------------------------------------------------------------- slots
+
+def test_choice_major_first_choices_beat_second_choices():
+    # Four tokens, E=2, C=2. Every token's first choice is expert 0 except
+    # token 3; token 0 and 1 name expert 1 as second choice. Choice-major order:
+    # expert 0 slots go to tokens 0, 1 (first choices, in token order) and
+    # token 2's first choice is dropped; expert 1 takes token 3's first choice
+    # before token 0's second choice, then is full.
+    expert_index = jnp.array([[0, 1], [0, 1], [0, 1], [1, 0]])
+    slot, keep = dispatch.assign_slots(expert_index, 2, 2)
+    np.testing.assert_array_equal(slot, [[0, 1], [1, 2], [2, 3], [0, 3]])
+    np.testing.assert_array_equal(keep, [[True, True], [True, False], [False, False],
+                                         [True, False]])
+
+
+def test_capacity_never_exceeded_and_nothing_dropped_when_c_ge_t():
+    expert_index = routing.top_k_gating(jax.random.normal(jax.random.key(0), (64, 4)),
+                                        2).expert_index
+    for capacity in (1, 5, 17):
+        slot, keep = dispatch.assign_slots(expert_index, 4, capacity)
+        kept_per_expert = np.bincount(np.asarray(expert_index)[np.asarray(keep)], minlength=4)
+        assert kept_per_expert.max() <= capacity
+    _, keep = dispatch.assign_slots(expert_index, 4, 64)
+    assert bool(jnp.all(keep))
+
+
+def test_saturated_expert_keeps_exactly_the_first_c_tokens():
+    # Everybody wants expert 1 (top-1); C=3 keeps tokens 0, 1, 2.
+    expert_index = jnp.ones((6, 1), jnp.int32)
+    _, keep = dispatch.assign_slots(expert_index, 2, 3)
+    np.testing.assert_array_equal(keep[:, 0], [True, True, True, False, False, False])
+
+
+def test_priority_routing_serves_high_priority_first():
+    # Same all-to-expert-1 scenario; priorities favour tokens 5, 4, 3.
+    expert_index = jnp.ones((6, 1), jnp.int32)
+    priority = jnp.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    _, keep = dispatch.assign_slots(expert_index, 2, 3, priority=priority)
+    np.testing.assert_array_equal(keep[:, 0], [False, False, False, True, True, True])
+
+
+def test_padding_takes_no_slot():
+    # Tokens 0 and 1 are padding: the real tokens 2, 3 get expert 0's two slots.
+    expert_index = jnp.zeros((4, 1), jnp.int32)
+    slot, keep = dispatch.assign_slots(expert_index, 2, 2, mask=jnp.array([0, 0, 1, 1]))
+    np.testing.assert_array_equal(keep[:, 0], [False, False, True, True])
+    np.testing.assert_array_equal(slot[2:, 0], [0, 1])
+
+
+# --------------------------------------------------------------------------- dispatch
+
+NUM_TOKENS, D_MODEL, D_FF, NUM_EXPERTS, K = 24, 8, 12, 4, 2
+
+
+def _ffn(activation="relu", key=0):
+    keys = jax.random.split(jax.random.key(key), 3)
+    shape_in, shape_out = (NUM_EXPERTS, D_MODEL, D_FF), (NUM_EXPERTS, D_FF, D_MODEL)
+    gate = 0.3 * jax.random.normal(keys[2], shape_in) if activation == "swiglu" else None
+    return ExpertFFN(0.3 * jax.random.normal(keys[0], shape_in),
+                     0.3 * jax.random.normal(keys[1], shape_out), gate, activation)
+
+
+def _reference(x, expert_index, weights, ffn, keep=None):
+    """Per-expert loop: y_t = sum_j keep_tj * w_tj * Expert_{e_tj}(x_t)."""
+    keep = jnp.ones(expert_index.shape, bool) if keep is None else keep
+    y = jnp.zeros_like(x)
+    for e in range(ffn.num_experts):
+        w = jnp.sum(jnp.where((expert_index == e) & keep, weights, 0.0), axis=1)
+        y = y + w[:, None] * ffn.single(e, x)
+    return y
+
+
+def _routing(key=1):
+    x = jax.random.normal(jax.random.key(key), (NUM_TOKENS, D_MODEL))
+    logits = jax.random.normal(jax.random.key(key + 1), (NUM_TOKENS, NUM_EXPERTS))
+    gating = routing.top_k_gating(logits, K, normalize=True)
+    return x, gating.expert_index, gating.weights
+
+
+@pytest.mark.parametrize("name", ["einsum", "sort", "ragged_dot"])
+@pytest.mark.parametrize("capacity", [None, NUM_TOKENS])
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_all_dispatches_match_per_expert_loop_when_nothing_dropped(name, capacity, activation):
+    x, expert_index, weights = _routing()
+    ffn = _ffn(activation)
+    fn = dispatch.get_dispatch(name)
+
+    def loss_dispatch(x, ffn, weights):
+        return jnp.sum(jnp.sin(fn(x, expert_index, weights, ffn, capacity=capacity).y))
+
+    def loss_reference(x, ffn, weights):
+        return jnp.sum(jnp.sin(_reference(x, expert_index, weights, ffn)))
+
+    out = fn(x, expert_index, weights, ffn, capacity=capacity)
+    np.testing.assert_allclose(out.y, _reference(x, expert_index, weights, ffn), atol=1e-5)
+    assert bool(jnp.all(out.keep))
+    grads = jax.grad(loss_dispatch, argnums=(0, 1, 2))(x, ffn, weights)
+    expected = jax.grad(loss_reference, argnums=(0, 1, 2))(x, ffn, weights)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["einsum", "sort"])
+def test_capacity_dispatch_drops_exactly_the_overflow(name):
+    x, expert_index, weights = _routing(key=5)
+    ffn = _ffn()
+    capacity = 5  # 48 assignments into 4 x 5 slots: many drops
+    _, keep = dispatch.assign_slots(expert_index, NUM_EXPERTS, capacity)
+    assert not bool(jnp.all(keep))
+    out = dispatch.get_dispatch(name)(x, expert_index, weights, ffn, capacity=capacity)
+    np.testing.assert_array_equal(out.keep, keep)
+    np.testing.assert_allclose(out.y, _reference(x, expert_index, weights, ffn, keep), atol=1e-5)
+
+    def loss(x, ffn):
+        return jnp.sum(dispatch.get_dispatch(name)(x, expert_index, weights, ffn,
+                                                   capacity=capacity).y ** 2)
+
+    def loss_ref(x, ffn):
+        return jnp.sum(_reference(x, expert_index, weights, ffn, keep) ** 2)
+
+    for got, want in zip(jax.tree.leaves(jax.grad(loss, (0, 1))(x, ffn)),
+                         jax.tree.leaves(jax.grad(loss_ref, (0, 1))(x, ffn))):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_huge_capacity_equals_dropless():
+    x, expert_index, weights = _routing(key=7)
+    ffn = _ffn()
+    fn = dispatch.get_dispatch("sort")
+    capacity = dispatch.expert_capacity(NUM_TOKENS, NUM_EXPERTS, K, NUM_EXPERTS / K)
+    np.testing.assert_allclose(fn(x, expert_index, weights, ffn, capacity=capacity).y,
+                               fn(x, expert_index, weights, ffn, capacity=None).y, atol=1e-5)
+
+
+def test_sort_dropless_with_empty_and_skewed_groups():
+    # Everything on expert 2 except one token on expert 0: experts 1 and 3 empty.
+    x = jax.random.normal(jax.random.key(3), (NUM_TOKENS, D_MODEL))
+    expert_index = jnp.full((NUM_TOKENS, 1), 2, jnp.int32).at[0, 0].set(0)
+    weights = jnp.ones((NUM_TOKENS, 1))
+    ffn = _ffn()
+    out = dispatch.get_dispatch("sort")(x, expert_index, weights, ffn, capacity=None)
+    np.testing.assert_allclose(out.y, _reference(x, expert_index, weights, ffn), atol=1e-5)
+
+
+def test_expert_choice_dispatch_matches_loop():
+    x = jax.random.normal(jax.random.key(4), (NUM_TOKENS, D_MODEL))
+    gating = routing.expert_choice_gating(
+        jax.random.normal(jax.random.key(5), (NUM_TOKENS, NUM_EXPERTS)), 6)
+    ffn = _ffn()
+    y = dispatch.expert_choice_dispatch(x, gating.token_index, gating.weights, ffn)
+    expected = jnp.zeros_like(x)
+    for e in range(NUM_EXPERTS):
+        for c in range(6):
+            t = int(gating.token_index[e, c])
+            expected = expected.at[t].add(gating.weights[e, c] * ffn.single(e, x[t:t + 1])[0])
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+
+
+def test_unknown_dispatch_and_duplicate_registration():
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        dispatch.get_dispatch("magic")
+    with pytest.raises(ValueError, match="already registered"):
+        dispatch.register_dispatch("einsum", dispatch.einsum_dispatch)
