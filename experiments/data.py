@@ -223,6 +223,12 @@ def _process_shard(
     return process_index, process_count
 
 
+def epoch_shuffled(ds: grain.MapDataset, seed: int) -> grain.MapDataset:
+    """``ds`` repeated forever, each epoch in a different seeded order."""
+    # Shuffle before repeat: grain reseeds upstream shuffles for every epoch.
+    return ds.shuffle(seed=seed).repeat(None)
+
+
 def _packed_dataset(
     chunks: grain.MapDataset,
     *,
@@ -339,6 +345,7 @@ def make_train_iterator(
         or not 0 <= seed < 2**32
     ):
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    _check_positive("batch_size", batch_size)
     if num_packing_bins is None:
         num_packing_bins = 2 * batch_size
     _check_positive("num_packing_bins", num_packing_bins)
@@ -355,9 +362,8 @@ def make_train_iterator(
         cache_dir=cache_dir,
         max_bytes_per_domain=max_bytes_per_domain,
     )
-    chunks = prepared.chunks.shuffle(seed=int(seed)).repeat(None)
     ds = _packed_dataset(
-        chunks,
+        epoch_shuffled(prepared.chunks, int(seed)),
         seq_len=seq_len,
         batch_size=batch_size,
         num_packing_bins=num_packing_bins,
