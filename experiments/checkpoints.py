@@ -1,0 +1,167 @@
+"""Training checkpoints: orbax `CheckpointManager` plus an integrity check.
+
+A checkpoint at step N is the directory `<checkpoint_dir>/N` with four items:
+
+  params     model parameters (plain pytree, `ocp.args.StandardSave`)
+  opt_state  optimizer state (`StandardSave`)
+  data       the training iterator's position (JSON)
+  meta       JSON: step, the base RNG key, and a CRC32 of params and of
+             opt_state computed on the host before saving.
+
+Saves are asynchronous; orbax writes into a temporary directory and renames it
+when the save is finalised, so a trainer killed mid-save leaves no step
+directory (the temporary one is cleaned up by the next trainer). A finalised
+checkpoint whose files were later damaged is caught at restore, either by
+orbax failing to read it or by a checksum mismatch; it is then moved to
+`<workdir>/corrupt_checkpoints/N` and the previous step is tried, with a
+warning naming both steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "opt_state", "data", "meta")
+FORMAT_VERSION = 1
+
+
+def tree_checksum(tree: Any) -> int:
+    """CRC32 over the bytes, shapes and dtypes of every leaf, in tree order."""
+    crc = 0
+    for leaf in jax.tree.leaves(tree):
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        crc = zlib.crc32(f"{array.dtype}{array.shape}".encode(), crc)
+        crc = zlib.crc32(array.tobytes(), crc)
+    return crc
+
+
+@dataclasses.dataclass
+class Restored:
+    """A checkpoint read back and verified."""
+
+    step: int
+    params: Any
+    opt_state: Any
+    data_state: dict[str, Any]
+    rng_key_data: np.ndarray
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint could not be read back intact."""
+
+
+@gin.configurable
+class Checkpointer:
+    """Saves every `save_every` steps and restores the latest intact checkpoint.
+
+    Args:
+      directory: where step directories live (created if missing).
+      save_every: save when `step % save_every == 0` (and on `force=True`).
+      max_to_keep: how many checkpoints orbax keeps (None = all).
+      async_save: write in a background thread (orbax async checkpointing).
+      corrupt_dir: where damaged checkpoints are moved; default
+        `<directory>/../corrupt_checkpoints`.
+    """
+
+    def __init__(self, directory: str | Path, *, save_every: int = 200,
+                 max_to_keep: int | None = 3, async_save: bool = True,
+                 corrupt_dir: str | Path | None = None):
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        self.directory = Path(directory).absolute()
+        self.corrupt_dir = (Path(corrupt_dir) if corrupt_dir is not None
+                            else self.directory.parent / "corrupt_checkpoints")
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, *, params: Any, opt_state: Any, data_state: dict[str, Any],
+             rng_key_data: np.ndarray, force: bool = False) -> bool:
+        """Starts saving step `step` if due (or forced); returns whether it did."""
+        if not force and step % self.save_every != 0:
+            return False
+        if step in self._manager.all_steps():
+            return False
+        meta = dict(step=int(step), format_version=FORMAT_VERSION,
+                    rng_key_data=np.asarray(rng_key_data).tolist(),
+                    params_crc32=tree_checksum(params), opt_state_crc32=tree_checksum(opt_state))
+        self._manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+        return True
+
+    def _restore_step(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> Restored:
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for damaged files
+            raise CorruptCheckpointError(f"restore failed: {type(e).__name__}: {e}") from e
+        meta = out["meta"]
+        if not isinstance(meta, dict) or meta.get("step") != step:
+            raise CorruptCheckpointError(f"meta item is missing or names another step: {meta!r:.200}")
+        for item in ("params", "opt_state"):
+            crc = tree_checksum(out[item])
+            if crc != meta.get(f"{item}_crc32"):
+                raise CorruptCheckpointError(
+                    f"{item} checksum mismatch (stored {meta.get(f'{item}_crc32')}, read {crc})")
+        return Restored(step=step, params=out["params"], opt_state=out["opt_state"],
+                        data_state=out["data"],
+                        rng_key_data=np.asarray(meta["rng_key_data"], np.uint32))
+
+    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> Restored | None:
+        """The newest intact checkpoint, or None when there is none.
+
+        Damaged checkpoints are moved aside with a warning naming their step.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return self._restore_step(step, abstract_params, abstract_opt_state)
+            except CorruptCheckpointError as e:
+                self._quarantine(step)
+                previous = [s for s in self.all_steps() if s < step]
+                fallback = f"falling back to step {previous[-1]}" if previous else \
+                    "no earlier checkpoint; starting from scratch"
+                message = (f"checkpoint at step {step} in {self.directory} is corrupt or "
+                           f"partial ({e}); moved to {self.corrupt_dir / str(step)}; {fallback}")
+                logging.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return None
+
+    def _quarantine(self, step: int) -> None:
+        self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+        target = self.corrupt_dir / str(step)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(self.directory / str(step)), str(target))
+        self._manager.reload()
+
+    def wait(self) -> None:
+        """Blocks until any in-flight asynchronous save is finalised."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

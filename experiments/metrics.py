@@ -1,0 +1,144 @@
+"""Metric sinks: TensorBoard (tensorboardX), `metrics.jsonl` and a text progress line.
+
+`metrics.jsonl` holds one JSON object per line: `{"step": N, "split": "train",
+...scalars}` for every train step and `{"step": N, "split": "valid", ...}` per
+evaluation. On resume it is cut back to the restored step, so after a crash
+and restart every step appears exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def moe_scalars(layer_stats: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """TensorBoard scalars of the per-layer MoE statistics of one step."""
+    out: dict[str, float] = {}
+    for layer, stats in layer_stats.items():
+        for i, fraction in enumerate(load_fractions(stats["counts"])):
+            out[f"moe/{layer}/load/expert_{i}"] = float(fraction)
+        for name in ("dropped_fraction", "max_violation", "router_entropy", "active_experts"):
+            if name in stats:
+                out[f"moe/{layer}/{name}"] = float(stats[name])
+    return out
+
+
+def load_fractions(counts: Any) -> np.ndarray:
+    """Share of the assignments each expert received (uniform when there are none)."""
+    counts = np.asarray(counts, np.float64)
+    total = counts.sum()
+    return counts / total if total > 0 else np.full_like(counts, 1.0 / max(len(counts), 1))
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keeps only the records with `step <= last_step` (and drops a torn last line)."""
+    if not path.exists():
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            if record.get("step", math.inf) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """Records of a `metrics.jsonl`, optionally only those of one split."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                if split is None or record.get("split") == split:
+                    records.append(record)
+    return records
+
+
+class MetricsWriter:
+    """Writes scalars and histograms to TensorBoard and records to `metrics.jsonl`."""
+
+    def __init__(self, workdir: str | Path, *, resume_step: int | None = None,
+                 tensorboard_dir: str | Path | None = None):
+        self.workdir = Path(workdir)
+        self.jsonl_path = self.workdir / METRICS_FILE
+        if resume_step is None:
+            self.jsonl_path.unlink(missing_ok=True)
+        else:
+            truncate_jsonl(self.jsonl_path, resume_step)
+        self.tensorboard_dir = Path(tensorboard_dir or self.workdir / "tensorboard")
+        self._tb = SummaryWriter(str(self.tensorboard_dir), flush_secs=10)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+
+    def write(self, step: int, split: str, scalars: dict[str, float],
+              tb_scalars: dict[str, float] | None = None) -> None:
+        """Appends a `metrics.jsonl` record; `scalars` (prefixed `<split>/`) and
+        `tb_scalars` (tags as given) go to TensorBoard."""
+        record = {"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            self._tb.add_scalar(f"{split}/{name}", float(value), step)
+        for tag, value in (tb_scalars or {}).items():
+            self._tb.add_scalar(tag, float(value), step)
+
+    def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        self._tb.add_histogram(tag, np.asarray(values), step)
+
+    def flush(self) -> None:
+        self._jsonl.flush()
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tb.close()
+
+
+class ProgressLine:
+    """A plain-text progress line on stderr: a carriage-return line on a
+    terminal, one line per update otherwise."""
+
+    def __init__(self, total_steps: int, stream: TextIO | None = None):
+        self.total_steps = total_steps
+        self.stream = stream or sys.stderr
+        self._tty = self.stream.isatty()
+        self._start = time.monotonic()
+        self._start_step: int | None = None
+
+    def update(self, step: int, loss: float, tokens_per_sec: float) -> None:
+        now = time.monotonic()
+        if self._start_step is None:
+            self._start_step, self._start = step - 1, now
+        done = step - self._start_step
+        rate = done / max(now - self._start, 1e-9)
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        width = 20
+        filled = int(width * step / max(self.total_steps, 1))
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total_steps} "
+                f"loss {loss:.4f} {tokens_per_sec / 1e3:.1f}k tok/s eta {eta:.0f}s")
+        if self._tty:
+            self.stream.write("\r" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self._tty:
+            self.stream.write("\n")
+            self.stream.flush()

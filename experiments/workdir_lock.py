@@ -1,0 +1,62 @@
+"""One trainer per workdir: an exclusive `fcntl.flock` on `<workdir>/train.lock`.
+
+The kernel drops a flock when its holder dies (even on SIGKILL), so a lock
+file left behind by a dead trainer is simply taken over; the PID written in it
+is only there to name the holder in the error message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+LOCK_NAME = "train.lock"
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live process holds the workdir's lock."""
+
+
+class WorkdirLock:
+    """Context manager holding the workdir's lock; released on exit."""
+
+    def __init__(self, workdir: str | os.PathLike[str]):
+        self.path = Path(workdir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WorkdirLockedError(
+                f"workdir {str(self.path.parent)!r} is in use by another trainer "
+                f"(PID {holder}, lock file {str(self.path)!r}); refusing to start a second one"
+            ) from None
+        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if previous and previous != str(os.getpid()):
+            logging.warning("taking over stale lock %s left by PID %s (no longer running)",
+                            self.path, previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> WorkdirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
