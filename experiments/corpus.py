@@ -38,7 +38,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypedDict
 
-import gin
 import numpy as np
 
 
@@ -281,7 +280,6 @@ def _read_records(path: Path) -> list[Record]:
         return [Record(**json.loads(line)) for line in f]
 
 
-@gin.configurable
 def load_corpus(
     cache_dir: str | os.PathLike[str] | None = None,
     max_bytes_per_domain: int = DEFAULT_MAX_BYTES_PER_DOMAIN,
@@ -317,7 +315,6 @@ def load_corpus(
     return records
 
 
-@gin.configurable
 def corpus_split(
     split: str = "train",
     *,

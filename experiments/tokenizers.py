@@ -163,7 +163,6 @@ class SentencePieceTokenizer:
 TOKENIZER_SPECS = ("byte", "sentencepiece:<model path>")
 
 
-@gin.configurable
 def make_tokenizer(spec: str | Tokenizer = "byte") -> Tokenizer:
     """A tokenizer from ``'byte'`` or ``'sentencepiece:<path to .model>'``.
 
@@ -224,7 +223,6 @@ def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
 MODEL_TYPES = ("bpe", "unigram")
 
 
-@gin.configurable
 def train_sentencepiece(
     texts: Iterable[str],
     model_path: str | os.PathLike[str],
