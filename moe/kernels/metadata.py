@@ -36,12 +36,19 @@ def max_visits(num_rows: int, num_groups: int, tile_m: int) -> int:
     return num_tiles(num_rows, tile_m) + num_groups - 1
 
 
-def group_metadata(group_sizes: Array, num_rows: int, tile_m: int) -> GroupMetadata:
+def group_metadata(group_sizes: Array, num_rows: int, tile_m: int, *,
+                   visit_empty_groups: bool = False) -> GroupMetadata:
     """Visit lists for `group_sizes [E] int32` over `num_rows` rows cut in `tile_m` tiles.
 
     Visits beyond `num_visits` repeat the last real visit's group and point
     at the last tile, so a kernel that runs the static bound stays in range;
     they must be masked or skipped.
+
+    `visit_empty_groups=True` gives every empty group one visit (to the tile
+    holding its offset, with no rows of its own), for kernels that must write
+    a per-group output such as a zero weight gradient. The static bound still
+    holds for `num_rows > 0`: one revisit at most per non-empty group after the
+    first, one visit per empty group.
     """
     group_sizes = group_sizes.astype(jnp.int32)
     num_groups = group_sizes.shape[0]
@@ -50,7 +57,8 @@ def group_metadata(group_sizes: Array, num_rows: int, tile_m: int) -> GroupMetad
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
     first_tile = starts // tile_m
     last_tile_end = (ends + tile_m - 1) // tile_m  # exclusive
-    visits_per_group = jnp.where(group_sizes > 0, last_tile_end - first_tile, 0)
+    visits_per_group = jnp.where(group_sizes > 0, last_tile_end - first_tile,
+                                 1 if visit_empty_groups else 0)
     visit_ends = jnp.cumsum(visits_per_group)
     visit_starts = visit_ends - visits_per_group
     total = visit_ends[-1]
