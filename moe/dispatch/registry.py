@@ -11,7 +11,7 @@ from typing import Callable
 import jax
 
 from moe.dispatch.dispatchers import DispatchOutput, einsum_dispatch, make_sort_dispatch
-from moe.kernels import xla_gmm
+from moe.kernels import api as kernel_api, xla_gmm
 
 Dispatcher = Callable[..., DispatchOutput]
 
@@ -45,3 +45,5 @@ register_dispatch("einsum", einsum_dispatch)
 register_dispatch("sort", make_sort_dispatch(xla_gmm.gmm, "sort"))
 # Dropless through jax.lax.ragged_dot: native on GPU/TPU, ~E times the work on CPU.
 register_dispatch("ragged_dot", make_sort_dispatch(_ragged_dot, "ragged_dot"))
+# Dropless through moe.kernels.gmm: Pallas on TPU/GPU, the XLA tile loop on CPU.
+register_dispatch("pallas", make_sort_dispatch(kernel_api.dispatch_gmm, "pallas"))

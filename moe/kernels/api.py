@@ -165,6 +165,20 @@ def _resolve(backend: str | None, interpret: bool | None, tiling, dtype, *arrays
 
 # --------------------------------------------------------------------------- forward kernels
 
+# Jitted so that eager calls reuse the compiled loop (the Pallas wrappers are
+# jitted in their modules).
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _xla_gmm(lhs: Array, rhs: Array, group_sizes: Array, tile_m: int,
+             transpose_rhs: bool) -> Array:
+    rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+    return xla_gmm.gmm_forward(lhs, rhs, group_sizes, tile_m)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _xla_tgmm(lhs: Array, grad: Array, group_sizes: Array, tile_m: int) -> Array:
+    return xla_gmm.tgmm_forward(lhs, grad, group_sizes, tile_m)
+
+
 def _gmm_forward(config: _Config, lhs: Array, rhs: Array, group_sizes: Array,
                  transpose_rhs: bool) -> Array:
     """`[M, K] x [E, K, N]` (`[E, N, K]` with transpose_rhs) -> `[M, N]` in lhs dtype."""
@@ -172,8 +186,7 @@ def _gmm_forward(config: _Config, lhs: Array, rhs: Array, group_sizes: Array,
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tiling = _tiling_for(config, (m, k, n), lhs.dtype)
     if config.backend == "xla":
-        rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
-        return xla_gmm.gmm_forward(lhs, rhs, group_sizes, tiling[0])
+        return _xla_gmm(lhs, rhs, group_sizes, tiling[0], transpose_rhs)
     return _kernels(config.backend).gmm(lhs, rhs, group_sizes, tiling,
                                         transpose_rhs=transpose_rhs,
                                         interpret=config.interpret)
@@ -186,7 +199,7 @@ def _tgmm_forward(config: _Config, lhs: Array, grad: Array, group_sizes: Array) 
         config = config._replace(backend="triton", tiling=None)
     tiling = _tiling_for(config, dims, lhs.dtype)
     if config.backend == "xla":
-        return xla_gmm.tgmm_forward(lhs, grad, group_sizes, tiling[0])
+        return _xla_tgmm(lhs, grad, group_sizes, tiling[0])
     return _kernels(config.backend).tgmm(lhs, grad, group_sizes, tiling,
                                          interpret=config.interpret)
 
