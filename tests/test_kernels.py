@@ -22,7 +22,7 @@ from moe.dispatch.dispatchers import make_sort_dispatch
 from moe.experts import ExpertFFN
 from moe.kernels import api, metadata
 
-TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-4), jnp.bfloat16: dict(rtol=2e-2, atol=1e-1)}
+TOL = {jnp.float32: {"rtol": 1e-5, "atol": 1e-4}, jnp.bfloat16: {"rtol": 2e-2, "atol": 1e-1}}
 M, K, N = 48, 40, 24  # K, N off the (16, 16, 16) test tiles; 3 row tiles
 GROUP_SIZES = {
     "uneven_with_empty_and_tail": [9, 0, 21, 13],  # sums to 43 < M
@@ -159,7 +159,7 @@ def test_rows_past_the_groups_never_leak(backend, interpret):
     if backend is not None:
         grad = grad.at[sum(sizes):].set(jnp.inf)
     group_sizes = jnp.array(sizes, jnp.int32)
-    call = dict(tiling=TILING, interpret=interpret, backend=backend)
+    call = {"tiling": TILING, "interpret": interpret, "backend": backend}
     out = kernels.gmm(lhs, rhs, group_sizes, **call)
     np.testing.assert_array_equal(_f64(out)[sum(sizes):], 0.0)
     _close(out[:sum(sizes)], _ref_gmm(lhs, rhs, sizes)[:sum(sizes)], jnp.float32)
@@ -174,7 +174,7 @@ def test_mixed_dtypes_promote_and_grads_keep_input_dtypes(backend, interpret):
     lhs, rhs, cot = _data(jnp.float32)
     lhs = lhs.astype(jnp.bfloat16)
     group_sizes = jnp.array(sizes, jnp.int32)
-    call = dict(tiling=TILING, interpret=interpret, backend=backend)
+    call = {"tiling": TILING, "interpret": interpret, "backend": backend}
     out = kernels.gmm(lhs, rhs, group_sizes, **call)
     assert out.dtype == jnp.float32
     _close(out, _ref_gmm(lhs, rhs, sizes), jnp.float32)
@@ -203,7 +203,7 @@ def test_mosaic_gpu_forward_and_gradients_in_interpret_mode(case):
     lhs, rhs, cot = _data(jnp.bfloat16, rows=150, k=100, n=70)
     sizes = [s * 3 for s in sizes]
     group_sizes = jnp.array(sizes, jnp.int32)
-    call = dict(tiling=(64, 64, 64), interpret=True, backend="mosaic_gpu")
+    call = {"tiling": (64, 64, 64), "interpret": True, "backend": "mosaic_gpu"}
     out = kernels.gmm(lhs, rhs, group_sizes, **call)
     _close(out, _ref_gmm(lhs, rhs, sizes), jnp.bfloat16)
     np.testing.assert_array_equal(_f64(out)[sum(sizes):], 0.0)
@@ -245,7 +245,7 @@ def test_matches_jax_megablox_in_interpret_mode():
     expected = megablox.gmm(lhs, rhs, group_sizes, tiling=TILING, interpret=True)
     expected_t = megablox.tgmm(lhs.T, grad, group_sizes, tiling=TILING, interpret=True)
     for backend in ("tpu", "triton"):
-        call = dict(tiling=TILING, interpret=True, backend=backend)
+        call = {"tiling": TILING, "interpret": True, "backend": backend}
         _close(kernels.gmm(lhs, rhs, group_sizes, **call), _f64(expected), jnp.float32)
         _close(kernels.tgmm(lhs, grad, group_sizes, **call), _f64(expected_t), jnp.float32)
 
@@ -266,15 +266,15 @@ def _lowered_text(backend, platform, dtype, tiling=None):
         lowering_platforms=(platform,)).as_text()
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("backend,platform,target", [
-    ("tpu", "tpu", "tpu_custom_call"),
-    ("triton", "cuda", "__gpu$xla.gpu.triton"),
-    ("mosaic_gpu", "cuda", "mosaic_gpu"),
-], ids=["tpu", "triton", "mosaic_gpu"])
+# Mosaic GPU takes 16-bit dtypes only (float32 is rejected: test_errors).
+@pytest.mark.parametrize("backend,platform,target,dtype", [
+    ("tpu", "tpu", "tpu_custom_call", jnp.float32),
+    ("tpu", "tpu", "tpu_custom_call", jnp.bfloat16),
+    ("triton", "cuda", "__gpu$xla.gpu.triton", jnp.float32),
+    ("triton", "cuda", "__gpu$xla.gpu.triton", jnp.bfloat16),
+    ("mosaic_gpu", "cuda", "mosaic_gpu", jnp.bfloat16),
+], ids=["tpu-f32", "tpu-bf16", "triton-f32", "triton-bf16", "mosaic_gpu-bf16"])
 def test_kernels_lower_for_their_hardware(backend, platform, target, dtype):
-    if backend == "mosaic_gpu" and dtype == jnp.float32:
-        pytest.skip("the Mosaic GPU backend takes 16-bit dtypes only (tested in test_errors)")
     text = _lowered_text(backend, platform, dtype)
     calls = re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)
     # Mosaic GPU runs tgmm on Triton.
@@ -328,6 +328,13 @@ def test_backend_choice_on_cpu():
     # An explicit Pallas backend interprets on CPU unless told not to.
     assert api._resolve("triton", None, None, jnp.float32, x).interpret
     assert not api._resolve("triton", False, None, jnp.float32, x).interpret
+
+
+def test_xla_tile_follows_the_mean_group_size():
+    assert api._xla_tile_m(16384, 8) == 256  # capped
+    assert api._xla_tile_m(4096, 64) == 64
+    assert api._xla_tile_m(1000, 8) == 64  # mean 125, rounded down to a power of two
+    assert api._xla_tile_m(48, 64) == 64  # floor
 
 
 # --------------------------------------------------------------------------- metadata

@@ -11,7 +11,8 @@ from typing import Callable
 import jax
 
 from moe.dispatch.dispatchers import DispatchOutput, einsum_dispatch, make_sort_dispatch
-from moe.kernels import api as kernel_api, xla_gmm
+from moe.kernels import api as kernel_api
+from moe.kernels import xla_gmm
 
 Dispatcher = Callable[..., DispatchOutput]
 

@@ -70,7 +70,7 @@ class _Config(NamedTuple):
 def default_tiling(backend: str, dtype) -> Tiling:
     """Per-backend default `(tm, tk, tn)` for inputs of `dtype` (not tuned on hardware)."""
     wide = jnp.dtype(dtype).itemsize >= 4
-    if backend == "xla":
+    if backend == "xla":  # only tm matters; gmm shrinks it to the mean group size
         return (xla_gmm.DEFAULT_TILE_M, 512, 512)
     if backend == "tpu":
         # Double-buffered blocks plus the f32 accumulator stay near 12 MiB of VMEM.
@@ -117,8 +117,18 @@ def _check_hardware_tiling(backend: str, tiling: Tiling, dtype) -> None:
         _kernels(backend).check_tiling(tiling)
 
 
-def _tiling_for(config: _Config, dims: tuple[int, int, int], dtype) -> Tiling:
+def _xla_tile_m(num_rows: int, num_groups: int) -> int:
+    # Each group boundary inside a tile costs up to a tile of wasted rows, so
+    # keep tiles near the mean group size (a power of two in [64, 256]).
+    mean = max(num_rows // num_groups, 1)
+    return min(xla_gmm.DEFAULT_TILE_M, max(64, 1 << (mean.bit_length() - 1)))
+
+
+def _tiling_for(config: _Config, dims: tuple[int, int, int], dtype,
+                num_groups: int) -> Tiling:
     tiling = config.tiling or default_tiling(config.backend, dtype)
+    if config.backend == "xla" and config.tiling is None:
+        tiling = (_xla_tile_m(dims[0], num_groups),) + tiling[1:]
     tiling = _fit_tiling(config.backend, tiling, dims, dtype)
     if not config.interpret:
         _check_hardware_tiling(config.backend, tiling, dtype)
@@ -184,7 +194,7 @@ def _gmm_forward(config: _Config, lhs: Array, rhs: Array, group_sizes: Array,
     """`[M, K] x [E, K, N]` (`[E, N, K]` with transpose_rhs) -> `[M, N]` in lhs dtype."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tiling = _tiling_for(config, (m, k, n), lhs.dtype)
+    tiling = _tiling_for(config, (m, k, n), lhs.dtype, group_sizes.shape[0])
     if config.backend == "xla":
         return _xla_gmm(lhs, rhs, group_sizes, tiling[0], transpose_rhs)
     return _kernels(config.backend).gmm(lhs, rhs, group_sizes, tiling,
@@ -197,7 +207,7 @@ def _tgmm_forward(config: _Config, lhs: Array, grad: Array, group_sizes: Array) 
     dims = (lhs.shape[0], lhs.shape[1], grad.shape[1])
     if config.backend == "mosaic_gpu":  # its weight gradient runs on Triton
         config = config._replace(backend="triton", tiling=None)
-    tiling = _tiling_for(config, dims, lhs.dtype)
+    tiling = _tiling_for(config, dims, lhs.dtype, group_sizes.shape[0])
     if config.backend == "xla":
         return _xla_tgmm(lhs, grad, group_sizes, tiling[0])
     return _kernels(config.backend).tgmm(lhs, grad, group_sizes, tiling,
