@@ -18,7 +18,8 @@ Backends (`backend=`, default chosen from the platform of the inputs, or
   "triton"      Pallas Triton kernels (`pallas_gpu.py`); the GPU default.
   "mosaic_gpu"  Pallas Mosaic GPU (Hopper wgmma) for the forward and the input
                 gradient, Triton for the weight gradient
-                (`pallas_mosaic_gpu.py`); opt-in, 16-bit dtypes only.
+                (`pallas_mosaic_gpu.py`); 16-bit dtypes only. Opt-in until it
+                has run on a Hopper GPU (so far: interpret mode and lowering).
 
 `interpret=True` runs a Pallas backend in Pallas interpret mode, which works
 on CPU (for tests); with `backend=None` it picks the platform's Pallas
@@ -29,7 +30,8 @@ platform is CPU, so an explicit Pallas backend also runs there.
 per tile, for the forward `gmm`; the input gradient runs with `(tm, tn, tk)`
 and the weight gradient with `(tm, tk, tn)`. Defaults depend on backend and
 dtype (`default_tiling`); tiles larger than the (aligned) problem are shrunk.
-The "xla" backend uses only tm.
+The "xla" backend uses only tm, by default the mean group size as a power of
+two in [64, 256].
 """
 
 from __future__ import annotations

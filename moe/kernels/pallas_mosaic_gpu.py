@@ -16,9 +16,9 @@ Only the forward (and, with `transpose_rhs`, the input gradient) runs here;
 `api.py` sends the weight gradient to the Triton `tgmm`. `transpose_rhs`
 transposes the weights in XLA first: an in-kernel transposed wgmma operand
 would save that copy, but Mosaic GPU interpret mode cannot run it, and no
-path here goes untested. Inputs must be
-16-bit (wgmma would run float32 as tf32). Not yet run on hardware: it is
-checked in Mosaic GPU interpret mode and by lowering only.
+path here goes untested. Inputs must be 16-bit (wgmma would run float32 as
+tf32). Not yet run on hardware: it is checked in Mosaic GPU interpret mode and
+by lowering only, which is why `api.py` does not pick it by default.
 """
 
 from __future__ import annotations
