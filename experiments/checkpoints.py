@@ -111,41 +111,50 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
         return True
 
-    def _restore_step(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> Restored:
+    def _restore_step(self, step: int, abstract_params: Any,
+                      abstract_opt_state: Any | None) -> Restored:
+        items = dict(params=ocp.args.StandardRestore(abstract_params),
+                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
-                opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types for damaged files
             raise CorruptCheckpointError(f"restore failed: {type(e).__name__}: {e}") from e
         meta = out["meta"]
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise CorruptCheckpointError(f"meta item is missing or names another step: {meta!r:.200}")
         for item in ("params", "opt_state"):
+            if item not in items:
+                continue
             crc = tree_checksum(out[item])
             if crc != meta.get(f"{item}_crc32"):
                 raise CorruptCheckpointError(
                     f"{item} checksum mismatch (stored {meta.get(f'{item}_crc32')}, read {crc})")
-        return Restored(step=step, params=out["params"], opt_state=out["opt_state"],
+        return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"),
                         data_state=out["data"],
                         rng_key_data=np.asarray(meta["rng_key_data"], np.uint32))
 
-    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any) -> Restored | None:
+    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any | None,
+                       *, quarantine: bool = True) -> Restored | None:
         """The newest intact checkpoint, or None when there is none.
 
-        Damaged checkpoints are moved aside with a warning naming their step.
+        Damaged checkpoints are skipped with a warning naming their step and,
+        with `quarantine`, moved aside. `abstract_opt_state=None` restores
+        everything but the optimizer state (for analysis).
         """
         for step in reversed(self.all_steps()):
             try:
                 return self._restore_step(step, abstract_params, abstract_opt_state)
             except CorruptCheckpointError as e:
-                self._quarantine(step)
+                if quarantine:
+                    self._quarantine(step)
                 previous = [s for s in self.all_steps() if s < step]
                 fallback = f"falling back to step {previous[-1]}" if previous else \
                     "no earlier checkpoint; starting from scratch"
+                moved = f"moved to {self.corrupt_dir / str(step)}; " if quarantine else ""
                 message = (f"checkpoint at step {step} in {self.directory} is corrupt or "
-                           f"partial ({e}); moved to {self.corrupt_dir / str(step)}; {fallback}")
+                           f"partial ({e}); {moved}{fallback}")
                 logging.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
         return None

@@ -3,6 +3,7 @@ and write the resulting configs into the workdir."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,11 +40,26 @@ def parse(gin_files: Sequence[str], gin_params: Sequence[str],
             raise GinConfigError(f"gin file not found: {f!r} (from --gin_file)")
     for directory in [GIN_CONFIGS_DIR, *search_paths, *{Path(f).resolve().parent for f in gin_files}]:
         gin.add_config_file_search_path(str(directory))
+    # gin logs an error for every search path an include is not found under
+    # before it finds the right one; a missing include still raises below.
+    quiet = _DropMessages("Path not found")
+    logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
                                             skip_unknown=False, finalize_config=False)
     except (ValueError, OSError, SyntaxError) as e:
         raise GinConfigError(f"invalid gin configuration: {e}") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def write_config(workdir: str | Path) -> Path:

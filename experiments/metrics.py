@@ -114,17 +114,15 @@ class ProgressLine:
     """A plain-text progress line on stderr: a carriage-return line on a
     terminal, one line per update otherwise."""
 
-    def __init__(self, total_steps: int, stream: TextIO | None = None):
+    def __init__(self, total_steps: int, start_step: int = 0, stream: TextIO | None = None):
         self.total_steps = total_steps
         self.stream = stream or sys.stderr
         self._tty = self.stream.isatty()
         self._start = time.monotonic()
-        self._start_step: int | None = None
+        self._start_step = start_step
 
     def update(self, step: int, loss: float, tokens_per_sec: float) -> None:
         now = time.monotonic()
-        if self._start_step is None:
-            self._start_step, self._start = step - 1, now
         done = step - self._start_step
         rate = done / max(now - self._start, 1e-9)
         eta = (self.total_steps - step) / rate if rate > 0 else float("nan")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import gin
@@ -17,13 +18,18 @@ _NO_DECAY_NAMES = ("bias", "norm", "scale")
 def learning_rate_schedule(num_steps: int, *, peak_learning_rate: float = 3e-3,
                            warmup_steps: int = 100, end_ratio: float = 0.1) -> optax.Schedule:
     """Linear warm-up from 0 to `peak_learning_rate`, then cosine decay to
-    `peak_learning_rate * end_ratio` at `num_steps`."""
+    `peak_learning_rate * end_ratio` at `num_steps` (warm-up longer than the
+    run is cut to `num_steps`, with a warning)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not peak_learning_rate > 0:
         raise ValueError(f"peak_learning_rate must be > 0, got {peak_learning_rate}")
-    if not 0 <= warmup_steps <= num_steps:
-        raise ValueError(f"warmup_steps must be in [0, num_steps={num_steps}], got {warmup_steps}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_steps > num_steps:
+        logging.warning("warmup_steps=%d > num_steps=%d: warming up over all %d steps",
+                        warmup_steps, num_steps, num_steps)
+        warmup_steps = num_steps
     if not 0.0 <= end_ratio <= 1.0:
         raise ValueError(f"end_ratio must be in [0, 1], got {end_ratio}")
     return optax.warmup_cosine_decay_schedule(

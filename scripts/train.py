@@ -1,0 +1,64 @@
+"""Trains a language model from gin configs (t5x-style command line).
+
+  python scripts/train.py --gin_file=gin_configs/experiments/default.gin \
+      --workdir=workdirs/default
+  python scripts/train.py --gin_file=gin_configs/experiments/default.gin \
+      --gin_param='train.num_steps = 200' --gin_param='DataConfig.batch_size = 8' \
+      --workdir=/tmp/run
+
+Re-running the same command on a workdir with checkpoints resumes from the
+latest intact one. Exit status 2 for configuration errors, 3 when another
+trainer holds the workdir, 4 when the loss became NaN/inf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from experiments import gin_utils
+from experiments.trainer import NonFiniteLossError, train
+from experiments.workdir_lock import WorkdirLockedError
+import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="Gin config file; repeatable, later files override earlier ones.")
+    parser.add_argument("--gin_param", action="append", default=[],
+                        help="Gin binding such as 'train.num_steps = 100'; repeatable, "
+                             "applied after the files.")
+    parser.add_argument("--gin_search_path", action="append", default=[],
+                        help="Extra directory to resolve gin `include`s against.")
+    parser.add_argument("--workdir", required=True,
+                        help="Run directory (checkpoints, metrics, TensorBoard, configs).")
+    parser.add_argument("--quiet", action="store_true", help="No progress line or summary.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.gin_file:
+        print("error: at least one --gin_file is required", file=sys.stderr)
+        return 2
+    try:
+        gin_utils.parse(args.gin_file, args.gin_param, args.gin_search_path)
+    except gin_utils.GinConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(args.workdir, **({"quiet": True} if args.quiet else {}))
+    except WorkdirLockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
