@@ -41,8 +41,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_model(model_cls: type, vocab_size: int, seed: int) -> nnx.Module:
-    """`model_cls(vocab_size=..., rngs=...)`, other arguments from gin."""
-    return model_cls(vocab_size=vocab_size, rngs=nnx.Rngs(params=seed))
+    """`model_cls(vocab_size=..., rngs=...)`, other arguments from gin.
+
+    Initialised inside one `nnx.jit`: eagerly, every initializer would be
+    compiled on its own (seconds on CPU).
+    """
+    return nnx.jit(lambda: model_cls(vocab_size=vocab_size, rngs=nnx.Rngs(params=seed)))()
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any], Any]:

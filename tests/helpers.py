@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
+# Scripts started by tests share a persistent XLA compilation cache: the tiny
+# runs compile the same programs, and compiling dominates their run time.
+COMPILATION_CACHE = Path(tempfile.gettempdir()) / f"sparse_moe_tests_xla_cache_{os.getuid()}"
 
 
 def script_env(num_devices: int | None = None) -> dict[str, str]:
@@ -20,6 +24,7 @@ def script_env(num_devices: int | None = None) -> dict[str, str]:
         flags.append(f"{_DEVICE_FLAG}={num_devices}")
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILATION_CACHE))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
@@ -41,3 +46,29 @@ def start_script(script: str, *args: str, num_devices: int | None = None,
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     return subprocess.Popen(script_command(script, *args), cwd=REPO, env=script_env(num_devices),
                             stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A directory shared by all xdist workers of this pytest session."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+def shared_training_run(tmp_path_factory, name: str, *args: str,
+                        timeout: float = 180) -> tuple[Path, str]:
+    """Runs `scripts/train.py *args --workdir=<shared dir>` once per session, even
+    when several xdist workers ask for it; returns (workdir, its stdout)."""
+    import fcntl  # pylint: disable=g-import-not-at-top
+
+    workdir = shared_dir(tmp_path_factory, name)
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    with open(workdir.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stdout_file = workdir.parent / f"{name}.stdout"
+        if not stdout_file.exists():
+            result = run_script("scripts/train.py", *args, f"--workdir={workdir}",
+                                timeout=timeout)
+            if result.returncode != 0:
+                raise RuntimeError(f"training run {name} failed:\n{result.stderr[-3000:]}")
+            stdout_file.write_text(result.stdout)
+    return workdir, stdout_file.read_text()

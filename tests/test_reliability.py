@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from experiments.metrics import read_jsonl
-from tests.helpers import run_script, start_script
+from tests.helpers import run_script, shared_training_run, start_script
 
 TINY = "--gin_file=gin_configs/experiments/test_tiny.gin"
 
@@ -39,10 +39,7 @@ def _wait_for(predicate, proc, timeout=120.0):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = _train(workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    return shared_training_run(tmp_path_factory, "uninterrupted", TINY, "--quiet")[0]
 
 
 def test_kill_9_and_restart_reproduces_losses_exactly(uninterrupted, tmp_path):
