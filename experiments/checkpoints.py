@@ -32,6 +32,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+_log = logging.getLogger(__name__)
+
 ITEMS = ("params", "opt_state", "data", "meta")
 FORMAT_VERSION = 1
 
@@ -103,9 +105,9 @@ class Checkpointer:
             return False
         if step in self._manager.all_steps():
             return False
-        meta = dict(step=int(step), format_version=FORMAT_VERSION,
-                    rng_key_data=np.asarray(rng_key_data).tolist(),
-                    params_crc32=tree_checksum(params), opt_state_crc32=tree_checksum(opt_state))
+        meta = {"step": int(step), "format_version": FORMAT_VERSION,
+                    "rng_key_data": np.asarray(rng_key_data).tolist(),
+                    "params_crc32": tree_checksum(params), "opt_state_crc32": tree_checksum(opt_state)}
         self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -113,8 +115,8 @@ class Checkpointer:
 
     def _restore_step(self, step: int, abstract_params: Any,
                       abstract_opt_state: Any | None) -> Restored:
-        items = dict(params=ocp.args.StandardRestore(abstract_params),
-                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        items = {"params": ocp.args.StandardRestore(abstract_params),
+                     "data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         try:
@@ -155,7 +157,7 @@ class Checkpointer:
                 moved = f"moved to {self.corrupt_dir / str(step)}; " if quarantine else ""
                 message = (f"checkpoint at step {step} in {self.directory} is corrupt or "
                            f"partial ({e}); {moved}{fallback}")
-                logging.warning(message)
+                _log.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
         return None
 

@@ -49,9 +49,9 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int) -> Calla
                             positions=batch["positions"], deterministic=True)
         ce = token_cross_entropy(logits, batch["targets"])
         domain_ce, domain_tokens = domain_sums(ce, batch["weights"], batch["domain"], num_domains)
-        return dict(domain_ce_sum=domain_ce, domain_tokens=domain_tokens,
-                    ce_sum=jnp.sum(ce * batch["weights"]), tokens=jnp.sum(batch["weights"]),
-                    moe=moe_stats(aux))
+        return {"domain_ce_sum": domain_ce, "domain_tokens": domain_tokens,
+                    "ce_sum": jnp.sum(ce * batch["weights"]), "tokens": jnp.sum(batch["weights"]),
+                    "moe": moe_stats(aux)}
 
     return jax.jit(eval_step)
 

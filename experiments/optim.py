@@ -9,6 +9,8 @@ import gin
 import jax
 import optax
 
+_log = logging.getLogger(__name__)
+
 # Parameters whose path contains one of these names are never weight-decayed,
 # whatever their rank (e.g. a stacked [E, d] expert bias).
 _NO_DECAY_NAMES = ("bias", "norm", "scale")
@@ -27,7 +29,7 @@ def learning_rate_schedule(num_steps: int, *, peak_learning_rate: float = 3e-3,
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if warmup_steps > num_steps:
-        logging.warning("warmup_steps=%d > num_steps=%d: warming up over all %d steps",
+        _log.warning("warmup_steps=%d > num_steps=%d: warming up over all %d steps",
                         warmup_steps, num_steps, num_steps)
         warmup_steps = num_steps
     if not 0.0 <= end_ratio <= 1.0:

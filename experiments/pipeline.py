@@ -44,9 +44,9 @@ class DataConfig:
     eval_max_batches: int | None = None
 
     def _common(self) -> dict[str, Any]:
-        return dict(seq_len=self.seq_len, tokenizer=self.tokenizer,
-                    validation_fraction=self.validation_fraction, cache_dir=self.cache_dir,
-                    max_bytes_per_domain=self.max_bytes_per_domain)
+        return {"seq_len": self.seq_len, "tokenizer": self.tokenizer,
+                    "validation_fraction": self.validation_fraction, "cache_dir": self.cache_dir,
+                    "max_bytes_per_domain": self.max_bytes_per_domain}
 
     def train_iterator(self, seed: int):
         return data.make_train_iterator(self.source, batch_size=self.batch_size, seed=seed,

@@ -68,6 +68,6 @@ def moe_summary(expert_counts: dict[str, np.ndarray],
     out = {}
     for layer, counts in expert_counts.items():
         load = load_fractions(counts)
-        out[layer] = dict(load=load.tolist(), dropped_fraction=float(dropped.get(layer, 0.0)),
-                          max_violation=float(load.max() * len(load) - 1.0))
+        out[layer] = {"load": load.tolist(), "dropped_fraction": float(dropped.get(layer, 0.0)),
+                          "max_violation": float(load.max() * len(load) - 1.0)}
     return out

@@ -136,8 +136,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
         loss = (ce_sum / total_tokens + (loss_weights.lbl_weight * lbl
                                          + loss_weights.z_loss_weight * z_loss) / num_microbatches)
         domain_ce, domain_tokens = domain_sums(ce, mb["weights"], mb["domain"], num_domains)
-        out = dict(ce_sum=ce_sum, lbl=lbl, z_loss=z_loss, domain_ce_sum=domain_ce,
-                   domain_tokens=domain_tokens, moe=moe_stats(aux))
+        out = {"ce_sum": ce_sum, "lbl": lbl, "z_loss": z_loss, "domain_ce_sum": domain_ce,
+                   "domain_tokens": domain_tokens, "moe": moe_stats(aux)}
         return loss, jax.lax.stop_gradient(out)
 
     grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
@@ -158,17 +158,17 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
             body, zeros, (jnp.arange(num_microbatches), microbatches))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = dict(
-            loss=jnp.sum(losses),
-            ce=jnp.sum(outs["ce_sum"]) / total_tokens,
-            lbl=jnp.mean(outs["lbl"]),
-            z_loss=jnp.mean(outs["z_loss"]),
-            grad_norm=optax.global_norm(grads),
-            num_tokens=jnp.sum(batch["weights"]),
-            domain_ce_sum=jnp.sum(outs["domain_ce_sum"], axis=0),
-            domain_tokens=jnp.sum(outs["domain_tokens"], axis=0),
-            moe=combine_microbatch_stats(outs["moe"]),
-        )
+        metrics = {
+            "loss": jnp.sum(losses),
+            "ce": jnp.sum(outs["ce_sum"]) / total_tokens,
+            "lbl": jnp.mean(outs["lbl"]),
+            "z_loss": jnp.mean(outs["z_loss"]),
+            "grad_norm": optax.global_norm(grads),
+            "num_tokens": jnp.sum(batch["weights"]),
+            "domain_ce_sum": jnp.sum(outs["domain_ce_sum"], axis=0),
+            "domain_tokens": jnp.sum(outs["domain_tokens"], axis=0),
+            "moe": combine_microbatch_stats(outs["moe"]),
+        }
         return params, opt_state, metrics
 
     return jax.jit(step)

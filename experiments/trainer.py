@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import gin_utils, summary as summary_lib
+from experiments import data as data_lib
+from experiments import gin_utils
+from experiments import summary as summary_lib
 from experiments.checkpoints import Checkpointer
 from experiments.evaluation import EvalResult, evaluate, make_eval_step
 from experiments.metrics import MetricsWriter, ProgressLine, load_fractions, moe_scalars
@@ -30,8 +32,9 @@ from experiments.optim import learning_rate_schedule, make_optimizer
 from experiments.pipeline import DataConfig
 from experiments.train_step import LossWeights, make_train_step
 from experiments.workdir_lock import WorkdirLock
-from experiments import data as data_lib
 from layers.transformer import TransformerLM
+
+_log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 
@@ -57,13 +60,13 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any], Any]:
 
 def _step_scalars(metrics: dict[str, Any], learning_rate: float,
                   tokens_per_sec: float) -> dict[str, float]:
-    return dict(loss=float(metrics["loss"]), ce=float(metrics["ce"]), lbl=float(metrics["lbl"]),
-                z_loss=float(metrics["z_loss"]), grad_norm=float(metrics["grad_norm"]),
-                learning_rate=learning_rate, tokens_per_sec=tokens_per_sec)
+    return {"loss": float(metrics["loss"]), "ce": float(metrics["ce"]), "lbl": float(metrics["lbl"]),
+                "z_loss": float(metrics["z_loss"]), "grad_norm": float(metrics["grad_norm"]),
+                "learning_rate": learning_rate, "tokens_per_sec": tokens_per_sec}
 
 
 def _stall_forever(step: int) -> None:
-    logging.warning("debug_stall_at_step=%d: stalling (for crash tests); kill this process", step)
+    _log.warning("debug_stall_at_step=%d: stalling (for crash tests); kill this process", step)
     sys.stderr.flush()
     while True:
         time.sleep(3600)
@@ -145,7 +148,7 @@ def _train_locked(workdir: Path, *, model_cls, num_steps, seed, num_microbatches
         params, opt_state = restored.params, restored.opt_state
         base_key = jnp.asarray(restored.rng_key_data, jnp.uint32)
         data_lib.restore_iterator_state(train_iter, restored.data_state)
-        logging.info("resumed from step %d of %s", start_step, checkpointer.directory)
+        _log.info("resumed from step %d of %s", start_step, checkpointer.directory)
         if not quiet:
             print(f"resuming from checkpoint at step {start_step}", file=sys.stderr)
 
@@ -217,21 +220,21 @@ def _summary(workdir: Path, step: int, domains: list[str], data_config: DataConf
              writer: MetricsWriter) -> dict[str, Any]:
     try:
         entropy = data_config.unigram_entropy("train")
-        entropy_dict = dict(nats_per_byte=entropy.nats_per_byte,
-                            bits_per_byte=entropy.bits_per_byte, num_bytes=entropy.num_bytes)
+        entropy_dict = {"nats_per_byte": entropy.nats_per_byte,
+                            "bits_per_byte": entropy.bits_per_byte, "num_bytes": entropy.num_bytes}
     except ValueError as e:  # e.g. a corpus without text
-        logging.warning("no unigram entropy: %s", e)
+        _log.warning("no unigram entropy: %s", e)
         entropy_dict = None
     valid = dict(last_eval.domain_loss, all=last_eval.loss)
-    return dict(
-        step=step, domains=domains, tokenizer=data_config.tokenizer,
-        train_loss=window.losses(), valid_loss=valid,
-        valid_tokens=last_eval.domain_tokens, unigram_entropy=entropy_dict,
-        moe=summary_lib.moe_summary({k: last_eval.expert_counts[k] for k in moe_layers
+    return {
+        "step": step, "domains": domains, "tokenizer": data_config.tokenizer,
+        "train_loss": window.losses(), "valid_loss": valid,
+        "valid_tokens": last_eval.domain_tokens, "unigram_entropy": entropy_dict,
+        "moe": summary_lib.moe_summary({k: last_eval.expert_counts[k] for k in moe_layers
                                      if k in last_eval.expert_counts},
                                     last_eval.dropped_fraction),
-        paths=dict(workdir=str(workdir), checkpoints=str(checkpointer.directory),
-                   tensorboard=str(writer.tensorboard_dir), metrics=str(writer.jsonl_path),
-                   config=str(workdir / gin_utils.CONFIG_FILE),
-                   operative_config=str(workdir / gin_utils.OPERATIVE_CONFIG_FILE),
-                   summary=str(workdir / SUMMARY_FILE)))
+        "paths": {"workdir": str(workdir), "checkpoints": str(checkpointer.directory),
+                   "tensorboard": str(writer.tensorboard_dir), "metrics": str(writer.jsonl_path),
+                   "config": str(workdir / gin_utils.CONFIG_FILE),
+                   "operative_config": str(workdir / gin_utils.OPERATIVE_CONFIG_FILE),
+                   "summary": str(workdir / SUMMARY_FILE)}}

@@ -11,6 +11,9 @@ import fcntl
 import logging
 import os
 from pathlib import Path
+from typing import Self
+
+_log = logging.getLogger(__name__)
 
 LOCK_NAME = "train.lock"
 
@@ -40,7 +43,7 @@ class WorkdirLock:
             ) from None
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
         if previous and previous != str(os.getpid()):
-            logging.warning("taking over stale lock %s left by PID %s (no longer running)",
+            _log.warning("taking over stale lock %s left by PID %s (no longer running)",
                             self.path, previous)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -54,7 +57,7 @@ class WorkdirLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> WorkdirLock:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 from experiments import gin_utils
 from experiments.routing_report import analyze_workdir, parse_run_config
-import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 
 
 def main(argv: list[str] | None = None) -> int:

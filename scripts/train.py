@@ -17,10 +17,10 @@ import argparse
 import logging
 import sys
 
+import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 from experiments import gin_utils
 from experiments.trainer import NonFiniteLossError, train
 from experiments.workdir_lock import WorkdirLockedError
-import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -122,9 +122,9 @@ def test_checkpointer_validates_arguments(tmp_path):
 def test_lock_refuses_second_holder_and_names_pid(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from experiments.workdir_lock import WorkdirLock; "
+         ("import sys, time; from experiments.workdir_lock import WorkdirLock; "
          f"l = WorkdirLock({str(tmp_path)!r}); l.acquire(); print('locked', flush=True); "
-         "time.sleep(60)"],
+         "time.sleep(60)")],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -14,8 +14,12 @@ from flax import nnx
 
 from experiments import gin_utils, optim
 from experiments.metrics import read_jsonl
-from experiments.train_step import (LossWeights, make_train_step, reduce_layers,
-                                    split_microbatches)
+from experiments.train_step import (
+    LossWeights,
+    make_train_step,
+    reduce_layers,
+    split_microbatches,
+)
 from experiments.trainer import split_model
 from layers.transformer import TransformerLM
 from tests.helpers import REPO, run_script, shared_training_run
@@ -36,14 +40,14 @@ def _batch(batch_size=4, seq=8, seed=0):
     weights[:, -2:] = 0  # padding at the end of each row
     segment_ids = (weights > 0).astype(np.int32)
     domain = np.where(weights > 0, np.arange(batch_size)[:, None] % NUM_DOMAINS, -1)
-    return dict(inputs=rng.integers(3, 40, (batch_size, seq)).astype(np.int32),
-                targets=rng.integers(3, 40, (batch_size, seq)).astype(np.int32),
-                weights=weights, segment_ids=segment_ids,
-                positions=np.tile(np.arange(seq, dtype=np.int32), (batch_size, 1)) * segment_ids,
-                domain=domain.astype(np.int32))
+    return {"inputs": rng.integers(3, 40, (batch_size, seq)).astype(np.int32),
+                "targets": rng.integers(3, 40, (batch_size, seq)).astype(np.int32),
+                "weights": weights, "segment_ids": segment_ids,
+                "positions": np.tile(np.arange(seq, dtype=np.int32), (batch_size, 1)) * segment_ids,
+                "domain": domain.astype(np.int32)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _micro_split():
     return split_model(nnx.jit(_micro_model)())
 
