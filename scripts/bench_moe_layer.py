@@ -1,0 +1,156 @@
+"""Times MoeLayer against a dense FFN of equal active FLOPs, per dispatch.
+
+For each configuration the MoE layer and the dense baseline are timed in the
+same process, alternating (interleaved rounds), and the reported figure is the
+median of the per-round ratios t_moe / t_dense.
+
+    python scripts/bench_moe_layer.py [--json PATH] [--rounds N] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from layers import MoeLayer  # noqa: E402
+from moe.dispatch import available_dispatches  # noqa: E402
+
+# (name, E, k, d_ff per expert); d_ff * k is constant, so active FLOPs match.
+CONFIGS = [("E8_k2", 8, 2, 1024), ("E64_k8_fine", 64, 8, 256)]
+
+
+def _dense_ffn(d_model: int, d_ff: int, key: jax.Array):
+    k1, k2 = jax.random.split(key)
+    params = {"wi": jax.random.normal(k1, (d_model, d_ff)) * d_model**-0.5,
+              "wo": jax.random.normal(k2, (d_ff, d_model)) * d_ff**-0.5}
+
+    def apply(params, x):
+        return jax.nn.relu(x @ params["wi"]) @ params["wo"]
+
+    return params, apply
+
+
+def _moe(d_model, d_ff, num_experts, k, dispatch, capacity_factor):
+    layer = MoeLayer(d_model, d_ff, num_experts, k, dispatch=dispatch,
+                     capacity_factor=capacity_factor, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    def apply(params, x):
+        y, aux = nnx.merge(graphdef, params)(x[None])
+        return y[0], aux
+
+    return params, apply
+
+
+def _compile(apply, params, x, with_aux: bool):
+    def forward(params, x):
+        out = apply(params, x)
+        return out[0] if with_aux else out
+
+    def loss(params, x):
+        out = apply(params, x)
+        y, extra = (out[0], 0.01 * out[1]["lbl"]) if with_aux else (out, 0.0)
+        return jnp.mean(y**2) + extra
+
+    fwd = jax.jit(forward).lower(params, x).compile()
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    return fwd, fwd_bwd
+
+
+def _time(fn, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def paired_ratio(candidate, baseline, args_c, args_b, rounds: int) -> dict:
+    """Median of per-round ratios, baseline and candidate alternating."""
+    _time(candidate, *args_c), _time(baseline, *args_b)  # warm-up
+    ratios, t_c, t_b = [], [], []
+    for r in range(rounds):
+        if r % 2:
+            tc, tb = _time(candidate, *args_c), _time(baseline, *args_b)
+        else:
+            tb, tc = _time(baseline, *args_b), _time(candidate, *args_c)
+        ratios.append(tc / tb)
+        t_c.append(tc)
+        t_b.append(tb)
+    return {"ratio": statistics.median(ratios), "ms": 1e3 * statistics.median(t_c),
+            "dense_ms": 1e3 * statistics.median(t_b),
+            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--d_model", type=int, default=512)
+    parser.add_argument("--small", action="store_true", help="T=512, d=64: a smoke run")
+    parser.add_argument("--dispatches", default=",".join(available_dispatches()),
+                        help="comma-separated dispatch names")
+    parser.add_argument("--capacity_factors", default="1.25,none",
+                        help="comma-separated; 'none' = dropless")
+    parser.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
+    args = parser.parse_args()
+    if args.small:
+        args.tokens, args.d_model = 512, 64
+    dispatches = [d for d in args.dispatches.split(",") if d]
+    for d in dispatches:
+        if d not in available_dispatches():
+            parser.error(f"--dispatches: {d!r} is not one of {available_dispatches()}")
+    factors = [None if f.lower() == "none" else float(f) for f in args.capacity_factors.split(",")]
+    configs = [c for c in CONFIGS if c[0] in args.configs.split(",")]
+
+    x = jax.random.normal(jax.random.key(0), (args.tokens, args.d_model), jnp.float32)
+    results = []
+    header = (f"{'config':<13} {'dispatch':<11} {'cf':>5} {'fwd x':>7} {'fwd ms':>8} "
+              f"{'f+b x':>7} {'f+b ms':>8} {'dense f+b ms':>12}")
+    print(f"device={jax.devices()[0].device_kind} platform={jax.default_backend()} "
+          f"T={args.tokens} d={args.d_model} float32, rounds={args.rounds}")
+    print(header)
+    print("-" * len(header))
+    for name, num_experts, k, d_ff in configs:
+        dense_params, dense_apply = _dense_ffn(args.d_model, k * d_ff, jax.random.key(1))
+        dense_fwd, dense_fb = _compile(dense_apply, dense_params, x, with_aux=False)
+        for dispatch in dispatches:
+            for cf in factors:
+                params, apply = _moe(args.d_model, d_ff, num_experts, k, dispatch, cf)
+                try:
+                    fwd, fb = _compile(apply, params, x, with_aux=True)
+                except Exception as err:  # e.g. out of memory for einsum masks at E=64
+                    print(f"{name:<13} {dispatch:<11} {str(cf):>5} skipped: {type(err).__name__}")
+                    results.append(dict(config=name, dispatch=dispatch, capacity_factor=cf,
+                                        skipped=f"{type(err).__name__}: {str(err)[:200]}"))
+                    continue
+                f = paired_ratio(fwd, dense_fwd, (params, x), (dense_params, x), args.rounds)
+                b = paired_ratio(fb, dense_fb, (params, x), (dense_params, x), args.rounds)
+                print(f"{name:<13} {dispatch:<11} {str(cf):>5} {f['ratio']:>7.2f} "
+                      f"{f['ms']:>8.1f} {b['ratio']:>7.2f} {b['ms']:>8.1f} {b['dense_ms']:>12.1f}",
+                      flush=True)
+                results.append(dict(config=name, num_experts=num_experts, k=k, d_ff=d_ff,
+                                    dispatch=dispatch, capacity_factor=cf, forward=f,
+                                    forward_backward=b))
+                del fwd, fb
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(
+            device=jax.devices()[0].device_kind, platform=jax.default_backend(),
+            machine=platform.machine(), jax=jax.__version__, tokens=args.tokens,
+            d_model=args.d_model, rounds=args.rounds, results=results), indent=1))
+
+
+if __name__ == "__main__":
+    main()
