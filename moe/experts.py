@@ -14,7 +14,7 @@ dispatchers in `moe.dispatch` call it in one of three forms:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

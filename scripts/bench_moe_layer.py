@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from layers import MoeLayer  # noqa: E402
-from moe.dispatch import available_dispatches  # noqa: E402
+from layers import MoeLayer
+from moe.dispatch import available_dispatches
 
 # (name, E, k, d_ff per expert); d_ff * k is constant, so active FLOPs match.
 CONFIGS = [("E8_k2", 8, 2, 1024), ("E64_k8_fine", 64, 8, 256)]
@@ -131,13 +131,13 @@ def main() -> None:
                 try:
                     fwd, fb = _compile(apply, params, x, with_aux=True)
                 except Exception as err:  # e.g. out of memory for einsum masks at E=64
-                    print(f"{name:<13} {dispatch:<11} {str(cf):>5} skipped: {type(err).__name__}")
+                    print(f"{name:<13} {dispatch:<11} {cf!s:>5} skipped: {type(err).__name__}")
                     results.append(dict(config=name, dispatch=dispatch, capacity_factor=cf,
                                         skipped=f"{type(err).__name__}: {str(err)[:200]}"))
                     continue
                 f = paired_ratio(fwd, dense_fwd, (params, x), (dense_params, x), args.rounds)
                 b = paired_ratio(fb, dense_fb, (params, x), (dense_params, x), args.rounds)
-                print(f"{name:<13} {dispatch:<11} {str(cf):>5} {f['ratio']:>7.2f} "
+                print(f"{name:<13} {dispatch:<11} {cf!s:>5} {f['ratio']:>7.2f} "
                       f"{f['ms']:>8.1f} {b['ratio']:>7.2f} {b['ms']:>8.1f} {b['dense_ms']:>12.1f}",
                       flush=True)
                 results.append(dict(config=name, num_experts=num_experts, k=k, d_ff=d_ff,

@@ -15,16 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from layers import MoeLayer  # noqa: E402
-from moe.dispatch import available_dispatches  # noqa: E402
+from layers import MoeLayer
+from moe.dispatch import available_dispatches
 
 
 def _bar(fraction: float, width: int = 30) -> str:
-    return "#" * int(round(fraction * width))
+    return "#" * round(fraction * width)
 
 
 def main() -> None:
@@ -56,7 +56,8 @@ def main() -> None:
     total = float(jnp.sum(aux["counts"]))
     for e in range(args.num_experts):
         assigned, kept = float(aux["counts"][e]), float(aux["kept_counts"][e])
-        print(f"{e:>6} {assigned:>9.0f} {kept:>6.0f}  {_bar(assigned / total * args.num_experts / 2)}")
+        bar = _bar(assigned / total * args.num_experts / 2)
+        print(f"{e:>6} {assigned:>9.0f} {kept:>6.0f}  {bar}")
     for key in ("lbl", "z_loss", "dropped_fraction", "max_violation", "router_entropy",
                 "active_experts"):
         print(f"  {key:<17} {float(aux[key]):.4f}")

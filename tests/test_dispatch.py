@@ -8,7 +8,6 @@ import pytest
 from moe import dispatch, routing
 from moe.experts import ExpertFFN
 
-
 # --------------------------------------------------------------------------- capacity
 
 def test_expert_capacity_formula_and_rounding():
@@ -47,7 +46,7 @@ def test_capacity_never_exceeded_and_nothing_dropped_when_c_ge_t():
     expert_index = routing.top_k_gating(jax.random.normal(jax.random.key(0), (64, 4)),
                                         2).expert_index
     for capacity in (1, 5, 17):
-        slot, keep = dispatch.assign_slots(expert_index, 4, capacity)
+        _, keep = dispatch.assign_slots(expert_index, 4, capacity)
         kept_per_expert = np.bincount(np.asarray(expert_index)[np.asarray(keep)], minlength=4)
         assert kept_per_expert.max() <= capacity
     _, keep = dispatch.assign_slots(expert_index, 4, 64)

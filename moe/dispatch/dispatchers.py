@@ -16,14 +16,14 @@ dropped; `einsum` is the reference.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from moe.dispatch.capacity import assign_slots
-from moe.dispatch.layout import (capacity_layout, combine_from_rows, gather_to_rows,
-                                 sorted_layout)
+from moe.dispatch.layout import capacity_layout, combine_from_rows, gather_to_rows, sorted_layout
 from moe.experts import ExpertFFN, GroupedMatmul
 
 Array = jax.Array

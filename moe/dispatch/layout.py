@@ -108,7 +108,7 @@ def _combine_fwd(rows, weights, layout):
 
 def _combine_bwd(residuals, grad_out):
     rows, weights, layout = residuals
-    num_tokens, k = weights.shape
+    k = weights.shape[1]
     padded_weights = jnp.concatenate([weights, jnp.zeros((1, k), weights.dtype)], axis=0)
     row_weight = padded_weights[layout.row_token, layout.row_choice]  # 0 for empty rows
     grad_rows = _pad_one_row(grad_out)[layout.row_token] * row_weight[:, None].astype(rows.dtype)

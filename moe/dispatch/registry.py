@@ -6,7 +6,7 @@ validates its `dispatch=` argument against `available_dispatches()`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

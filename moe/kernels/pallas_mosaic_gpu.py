@@ -68,7 +68,10 @@ def _interpret_params():
 
 def _store_rows(o_smem, out_gmem, first: Array, count: Array, row0: Array, col0: Array,
                 tm: int, tn: int) -> None:
-    """Copy rows `[first, first + count)` of `o_smem [tm, tn]` to `out_gmem` at `(row0 + first, col0)`."""
+    """Copy rows `[first, first + count)` of `o_smem [tm, tn]` to `out_gmem`.
+
+    The rows land at `(row0 + first, col0)`.
+    """
     start = first
     size = 1 << (tm.bit_length() - 1)
     while size:

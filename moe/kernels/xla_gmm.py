@@ -80,6 +80,7 @@ def tgmm_forward(lhs: Array, grad: Array, group_sizes: Array, tile_m: int,
         rows = jax.lax.dynamic_slice_in_dim(lhs_p, tile * tile_m, tile_m)
         rows = jnp.where(mask, rows, jnp.zeros_like(rows))
         grads = jax.lax.dynamic_slice_in_dim(grad_p, tile * tile_m, tile_m)
+        grads = jnp.where(mask, grads, jnp.zeros_like(grads))  # 0 * NaN would leak into the group
         contribution = jnp.dot(rows.T, grads, preferred_element_type=acc_dtype)
         current = jax.lax.dynamic_index_in_dim(acc, group, keepdims=False)
         return jax.lax.dynamic_update_index_in_dim(acc, current + contribution, group, 0)
