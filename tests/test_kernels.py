@@ -151,13 +151,12 @@ def test_tgmm_matches_reference(case, backend, interpret):
 @pytest.mark.parametrize("backend,interpret", BACKENDS, ids=BACKEND_IDS)
 def test_rows_past_the_groups_never_leak(backend, interpret):
     # Non-finite values in rows that belong to no group must not reach any
-    # output: not the tail of gmm, not the weight gradient through a mask.
-    # The XLA tgmm masks only lhs, so only the Pallas kernels get a bad grad.
+    # output: not the tail of gmm, not the weight gradient (0 * inf is NaN, so
+    # every backend must mask both operands, not only lhs).
     sizes = GROUP_SIZES["uneven_with_empty_and_tail"]
     lhs, rhs, grad = _data(jnp.float32)
     lhs = lhs.at[sum(sizes):].set(jnp.nan)
-    if backend is not None:
-        grad = grad.at[sum(sizes):].set(jnp.inf)
+    grad = grad.at[sum(sizes):].set(jnp.inf)
     group_sizes = jnp.array(sizes, jnp.int32)
     call = {"tiling": TILING, "interpret": interpret, "backend": backend}
     out = kernels.gmm(lhs, rhs, group_sizes, **call)
