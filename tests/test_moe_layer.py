@@ -35,7 +35,7 @@ def test_dropless_dispatches_agree_forward_and_gradients(activation):
     x = _x()
     reference = _loss_and_grads(_layer(dispatch="einsum", activation=activation,
                                        normalize=True), x)
-    for name in ("sort", "ragged_dot"):
+    for name in ("sort", "ragged_dot", "pallas"):
         value, grads = _loss_and_grads(_layer(dispatch=name, activation=activation,
                                               normalize=True), x)
         np.testing.assert_allclose(value, reference[0], rtol=1e-5, atol=1e-5)
