@@ -48,6 +48,23 @@ def tree_checksum(tree: Any) -> int:
     return crc
 
 
+def _default_sharding(abstract: Any) -> Any:
+    """Abstract leaves without a sharding restore onto the first local device.
+
+    Orbax otherwise reuses the sharding the checkpoint was written with and
+    fails on another device topology (e.g. an upcycled checkpoint written
+    sharded over 4 devices, restored by a 1-device trainer).
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def fill(leaf):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+        return leaf
+
+    return jax.tree.map(fill, abstract)
+
+
 @dataclasses.dataclass
 class Restored:
     """A checkpoint read back and verified."""
@@ -113,12 +130,20 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
         return True
 
+    def restore_step(self, step: int, abstract_params: Any,
+                     abstract_opt_state: Any | None) -> Restored:
+        """Checkpoint `step`, verified; CorruptCheckpointError if damaged (nothing is moved)."""
+        if step not in self.all_steps():
+            raise ValueError(f"no checkpoint at step {step} in {self.directory}; "
+                             f"steps: {self.all_steps()}")
+        return self._restore_step(step, abstract_params, abstract_opt_state)
+
     def _restore_step(self, step: int, abstract_params: Any,
                       abstract_opt_state: Any | None) -> Restored:
-        items = {"params": ocp.args.StandardRestore(abstract_params),
+        items = {"params": ocp.args.StandardRestore(_default_sharding(abstract_params)),
                      "data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
         if abstract_opt_state is not None:
-            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+            items["opt_state"] = ocp.args.StandardRestore(_default_sharding(abstract_opt_state))
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types for damaged files

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import gin
 import jax
@@ -76,6 +77,8 @@ class TransformerLM(nnx.Module):
       d_ff: hidden size of the dense FFNs.
       num_kv_heads, head_dim, rope_max_wavelength: see `Attention`.
       moe_every: MoE layer spacing (above).
+      moe_layers: explicit 0-based indices of the MoE layers (e.g. (1, 2));
+        overrides moe_every when given.
       num_experts, k: routed experts per MoE layer and experts per token.
       expert_d_ff: hidden size of each expert (default d_ff).
       moe_kwargs: extra `MoeLayer` arguments (dispatch, capacity_factor,
@@ -103,7 +106,8 @@ class TransformerLM(nnx.Module):
 
     def __init__(self, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
                  d_ff: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
-                 moe_every: int = 2, num_experts: int = 8, k: int = 2,
+                 moe_every: int = 2, moe_layers: Sequence[int] | None = None,
+                 num_experts: int = 8, k: int = 2,
                  expert_d_ff: int | None = None, moe_kwargs: Mapping[str, Any] | None = None,
                  dense_baseline: bool = False, activation: str = "relu", causal: bool = True,
                  tie_embeddings: bool = False, embed_init_std: float = 1.0,
@@ -116,6 +120,13 @@ class TransformerLM(nnx.Module):
         if not 0 <= moe_every <= num_layers:
             raise ValueError(f"moe_every must be in [0, num_layers={num_layers}] "
                              f"(0 = all dense), got {moe_every}")
+        if moe_layers is not None:
+            moe_layers = tuple(int(i) for i in moe_layers)
+            bad = [i for i in moe_layers if not 0 <= i < num_layers]
+            if bad or len(set(moe_layers)) != len(moe_layers):
+                raise ValueError(f"moe_layers must be distinct indices in [0, num_layers="
+                                 f"{num_layers}), got {moe_layers}")
+        self.moe_layers = moe_layers
         moe_kwargs = dict(moe_kwargs or {})
         for key in moe_kwargs:
             if key in _MOE_RESERVED:
@@ -170,6 +181,8 @@ class TransformerLM(nnx.Module):
 
     def is_moe_index(self, i: int) -> bool:
         """Whether layer i sits at a MoE position (True even under dense_baseline)."""
+        if self.moe_layers is not None:
+            return i in self.moe_layers
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
 
     @property

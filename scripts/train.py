@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 from experiments import gin_utils
@@ -26,7 +27,8 @@ from experiments.workdir_lock import WorkdirLockedError
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--gin_file", action="append", default=[],
-                        help="Gin config file; repeatable, later files override earlier ones.")
+                        help="Gin config file; repeatable, later files override earlier ones. "
+                             "Default: <workdir>/config.gin when it exists.")
     parser.add_argument("--gin_param", action="append", default=[],
                         help="Gin binding such as 'train.num_steps = 100'; repeatable, "
                              "applied after the files.")
@@ -42,8 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if not args.gin_file:
-        print("error: at least one --gin_file is required", file=sys.stderr)
-        return 2
+        # A workdir written by scripts/upcycle.py (or an earlier run) carries its config.
+        saved = Path(args.workdir) / gin_utils.CONFIG_FILE
+        if not saved.is_file():
+            print("error: at least one --gin_file is required (the workdir has no config.gin)",
+                  file=sys.stderr)
+            return 2
+        args.gin_file = [str(saved)]
     try:
         gin_utils.parse(args.gin_file, args.gin_param, args.gin_search_path)
     except gin_utils.GinConfigError as e:
