@@ -5,8 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/default
 PYTEST_ARGS ?=
+# The seqio extra (TensorFlow) lives in a second venv, so `make test` stays light.
+SEQIO_VENV ?= .venv-seqio
+SEQIO_PY := $(SEQIO_VENV)/bin/python
+SEQIO_STAMP := $(SEQIO_VENV)/.installed
 
-.PHONY: setup train test bench lint clean
+.PHONY: setup train test test-seqio bench lint clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +26,16 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests $(PYTEST_ARGS)
 
+$(SEQIO_STAMP): setup.py pyproject.toml
+	test -x $(SEQIO_PY) || $(PYTHON) -m venv $(SEQIO_VENV)
+	$(SEQIO_PY) -m pip install --upgrade --quiet pip
+	$(SEQIO_PY) -m pip install --quiet -e ".[dev,seqio]"
+	touch $(SEQIO_STAMP)
+
+# seqio Tasks, the trainer bridge and the no-TensorFlow-in-the-core check.
+test-seqio: $(SEQIO_STAMP)
+	$(SEQIO_PY) -m pytest -n 2 tests/test_seqio.py tests/test_seqio_optional.py $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) scripts/bench_moe_layer.py --json docs/bench_moe_layer.json
 
@@ -29,4 +43,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check moe layers experiments scripts tests
 
 clean:
-	rm -rf $(VENV) workdirs .pytest_cache
+	rm -rf $(VENV) $(SEQIO_VENV) workdirs .pytest_cache

@@ -17,7 +17,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "gpu": ["jax[cuda12]>=0.10.1,<0.11"],
     "tpu": ["jax[tpu]>=0.10.1,<0.11"],
-    "seqio": ["seqio", "tensorflow-cpu", "sentencepiece"],
+    # seqio pulls TensorFlow through tensorflow-text (the full `tensorflow`
+    # wheel; a separate tensorflow-cpu would install the same package twice).
+    "seqio": ["seqio>=0.0.19,<0.1", "tensorflow>=2.18,<2.22", "sentencepiece>=0.2,<0.3"],
     "notebooks": ["jupytext>=1.16", "nbmake>=1.5", "ipykernel>=6", "nbformat>=5"],
     "dev": ["pytest>=8", "pytest-xdist>=3", "tbparse>=0.0.9", "ruff>=0.5"],
 }
