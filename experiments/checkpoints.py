@@ -42,10 +42,20 @@ def tree_checksum(tree: Any) -> int:
     """CRC32 over the bytes, shapes and dtypes of every leaf, in tree order."""
     crc = 0
     for leaf in jax.tree.leaves(tree):
-        array = np.ascontiguousarray(jax.device_get(leaf))
+        array = np.ascontiguousarray(_host_array(leaf))
         crc = zlib.crc32(f"{array.dtype}{array.shape}".encode(), crc)
         crc = zlib.crc32(array.tobytes(), crc)
     return crc
+
+
+def _host_array(leaf: Any) -> np.ndarray:
+    """The whole array on this host; arrays spread over processes are gathered
+    (a collective: every process checksums the same trees)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
 
 
 def _default_sharding(abstract: Any) -> Any:

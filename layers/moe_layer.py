@@ -36,6 +36,10 @@ class MoeLayer(nnx.Module):
         global-batch balancing recombines it with global counts).
       num_tokens: real tokens routed.
       kept_counts `[E]`: assignments per expert after dropping.
+      token_probs `[T, E]`, token_experts `[T, k] int32`, token_mask `[T]`
+        (token choice only): per-token unbiased scores (sigmoid scores
+        normalised to sum 1), selected experts and padding mask, from which
+        the training step builds balance losses over other token groups.
       dropped_fraction, max_violation, router_entropy, active_experts
         (mean experts per token after dropping).
 
@@ -175,6 +179,10 @@ class MoeLayer(nnx.Module):
             max_violation=balance.max_violation(counts),
             router_entropy=balance.router_entropy(gating.probs, mask=token_mask),
             active_experts=jnp.sum(kept) / jnp.maximum(jnp.sum(token_mask), 1.0),
+            # Per-token routing for balance scopes other than this call (experiments.balance_loss).
+            token_probs=_balance_probs(gating.probs, self.score),
+            token_experts=gating.expert_index,
+            token_mask=token_mask,
         )
         return out.y, aux
 
@@ -201,6 +209,13 @@ class MoeLayer(nnx.Module):
             active_experts=jnp.sum(per_token * token_mask) / jnp.maximum(jnp.sum(token_mask), 1.0),
         )
         return y, aux
+
+
+def _balance_probs(probs: jax.Array, score: str) -> jax.Array:
+    """Scores entering P of the balance losses: softmax as is, sigmoid normalised per token."""
+    if score == "sigmoid":
+        return probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-9)
+    return probs
 
 
 def _validate(*, num_experts, k, dispatch, capacity_factor, eval_capacity_factor, routing_type,

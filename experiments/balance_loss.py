@@ -1,0 +1,152 @@
+"""Scoped load-balancing losses inside the training step (see docs/balancing.md).
+
+`StepBalance` turns `LossWeights.lbl_scope` into per-token balance groups for
+one optimizer step and computes, per micro-batch and MoE layer, its share of
+the scoped LBL (`moe.balance_scope.scoped_lbl_share`) and of the DeepSeek-V3
+sequence-wise balance loss. The shares of all micro-batches add up to the
+loss over the whole step, so the loss is 1.0 at balance whatever the number
+of micro-batches or devices.
+
+Where the counts of a group come from (`count_source`):
+  local   every group lies inside one micro-batch: the micro-batch's own
+          forward pass has all its counts;
+  exact   a group spans micro-batches: a first forward-only pass over every
+          micro-batch collects the counts of the whole step (the later layers'
+          routers need the earlier layers, so this is a forward up to the last
+          router, not a router-only pass), then the gradient pass uses them;
+  causal  Megatron's running buffer: micro-batch m uses the counts of
+          micro-batches 1..m (exact only for the last one); no extra pass.
+
+MoE layers whose aux has no per-token routing (`token_probs`; e.g. expert
+choice, the EvoMoE dense-to-sparse gate) keep their own `lbl`, averaged over
+micro-batches as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moe import balance_scope as bs
+
+GLOBAL_MODES = ("exact", "causal")
+TOKEN_KEYS = ("token_probs", "token_experts", "token_mask")
+
+Aux = Mapping[str, Mapping[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepGroups:
+    """Balance groups of one step: per-token ids (split into micro-batches with the
+    batch) and per-group real-token totals over the whole step."""
+
+    lbl_group: jax.Array    # [B, S] int32
+    num_groups: int
+    lbl_tokens: jax.Array   # [G]
+    row_group: jax.Array    # [B, S] int32, the row index (sequence scope)
+    row_tokens: jax.Array   # [B]
+    count_source: str       # 'local' | 'exact' | 'causal'
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBalance:
+    """The balance configuration of a training step.
+
+    Attributes:
+      lbl_scope: a `moe.balance_scope` scope string.
+      global_mode: 'exact' or 'causal', for scopes whose groups span micro-batches.
+      num_microbatches: A.
+      data_parallel_size: D, devices the batch is split over (for `micro_batch`).
+    """
+
+    lbl_scope: str = "micro_batch"
+    global_mode: str = "exact"
+    num_microbatches: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self):
+        bs.parse_lbl_scope(self.lbl_scope)
+        if self.global_mode not in GLOBAL_MODES:
+            raise ValueError(f"lbl_global_mode must be one of {GLOBAL_MODES}, "
+                             f"got {self.global_mode!r}")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+
+    @property
+    def scope(self) -> bs.BalanceScope:
+        return bs.parse_lbl_scope(self.lbl_scope)
+
+    def layout(self, batch_size: int, seq_len: int) -> bs.BatchLayout:
+        return bs.BatchLayout(batch_size, seq_len, self.num_microbatches,
+                              self.data_parallel_size)
+
+    def groups(self, segment_ids: jax.Array, rng: jax.Array) -> StepGroups:
+        """Groups of the global batch `segment_ids [B, S]`; `rng` draws shuffled groups."""
+        batch_size, seq_len = segment_ids.shape
+        layout = self.layout(batch_size, seq_len)
+        group, num_groups = bs.group_ids(self.scope, layout, rng)
+        mask = segment_ids > 0
+        rows = jnp.broadcast_to(jnp.arange(batch_size, dtype=jnp.int32)[:, None],
+                                (batch_size, seq_len))
+        source = (self.global_mode if bs.needs_step_counts(self.scope, layout) else "local")
+        return StepGroups(group, num_groups, bs.group_tokens(mask, group, num_groups), rows,
+                          bs.group_tokens(mask, rows, batch_size), source)
+
+    @staticmethod
+    def layer_counts(aux: Aux, group: jax.Array, num_groups: int) -> dict[str, jax.Array]:
+        """`{layer: [G, E]}` assignments per group of one micro-batch's tokens."""
+        return {layer: bs.group_counts(a["token_experts"], a["token_mask"], group, num_groups,
+                                       a["token_probs"].shape[-1])
+                for layer, a in aux.items() if all(key in a for key in TOKEN_KEYS)}
+
+    def terms(self, aux: Aux, lbl_group: jax.Array, row_group: jax.Array, groups: StepGroups,
+              prior: Mapping[str, jax.Array] | None, add_own: bool,
+              ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, jax.Array]]:
+        """One micro-batch's shares of the balance losses.
+
+        Args:
+          aux: the model's per-layer aux of this micro-batch.
+          lbl_group, row_group: `[b, S]` the micro-batch's slice of the group ids.
+          groups: the step's groups.
+          prior: `{layer: [G, E]}` counts known before this micro-batch (the
+            first pass's, or the causal buffer), or None.
+          add_own: add this micro-batch's counts to `prior`.
+
+        Returns:
+          (`{layer: {"lbl": share, "seq_balance": share, "sequence_max_violation": mean
+          MaxVio of this micro-batch's rows}}`, `{layer: this micro-batch's [G, E] counts}`).
+        """
+        own = self.layer_counts(aux, lbl_group, groups.num_groups)
+        out = {}
+        for layer, a in aux.items():
+            if layer not in own:
+                out[layer] = {"lbl": a["lbl"] / self.num_microbatches,
+                              "seq_balance": jnp.zeros((), jnp.float32)}
+                continue
+            used = own[layer] if prior is None else (
+                prior[layer] + own[layer] if add_own else prior[layer])
+            probs, mask = a["token_probs"], a["token_mask"]
+            # Rows never span micro-batches: this micro-batch's counts of its rows are complete.
+            rows = bs.group_counts(a["token_experts"], mask, row_group,
+                                   groups.row_tokens.shape[0], probs.shape[-1])
+            out[layer] = {
+                "lbl": bs.scoped_lbl_share(probs, mask, lbl_group, used, groups.lbl_tokens),
+                "seq_balance": bs.scoped_lbl_share(probs, mask, row_group, rows,
+                                                   groups.row_tokens),
+                "sequence_max_violation": bs.group_max_violation(
+                    rows[_rows_of(row_group)]),
+            }
+        return out, own
+
+
+def _rows_of(row_group: jax.Array) -> jax.Array:
+    """The global row indices a micro-batch's `row_group [b, S]` covers."""
+    return row_group[:, 0]
+
+
+def zeros_like_counts(counts_shape: Mapping[str, Any]) -> dict[str, jax.Array]:
+    return {layer: jnp.zeros(s.shape, jnp.float32) for layer, s in counts_shape.items()}
