@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 
 from experiments.balance_loss import GLOBAL_MODES, StepBalance, zeros_like_counts
-from moe import balance
+from moe import balance, sharding
 from moe.balance_scope import parse_lbl_scope
 
 Batch = Mapping[str, jax.Array]
@@ -125,14 +125,16 @@ def combine_microbatch_stats(stats: dict[str, dict[str, jax.Array]]) -> dict[str
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Array]:
-    """`[B, ...]` -> `[A, B / A, ...]` for every entry."""
+    """`[B, ...]` -> `[A, B / A, ...]` for every entry. Under a mesh, every
+    micro-batch is spread over all batch shards (`moe.sharding.constrain`)."""
     out = {}
     for name, value in batch.items():
         if value.shape[0] % num_microbatches:
             raise ValueError(f"batch size {value.shape[0]} (batch[{name!r}]) is not divisible by "
                              f"num_microbatches={num_microbatches}")
-        out[name] = value.reshape(num_microbatches, value.shape[0] // num_microbatches,
-                                  *value.shape[1:])
+        value = value.reshape(num_microbatches, value.shape[0] // num_microbatches,
+                              *value.shape[1:])
+        out[name] = sharding.constrain(value, (None, sharding.BATCH) + (None,) * (value.ndim - 2))
     return out
 
 

@@ -14,7 +14,7 @@ from layers.mlp import DenseMLP
 from layers.router import Router
 from moe import balance, routing
 from moe.dispatch import (available_dispatches, expert_capacity, expert_choice_dispatch,
-                          get_dispatch)
+                          expert_parallel, get_dispatch)
 
 ROUTING_TYPES = ("token_choice", "expert_choice")
 
@@ -164,8 +164,10 @@ class MoeLayer(nnx.Module):
             rng=noise_rng, num_groups=self.num_groups, top_groups=self.top_groups)
         weights = gating.weights * token_mask[:, None]
         priority = jnp.max(gating.probs, axis=-1) if self.batch_prioritized else None
-        out = get_dispatch(self.dispatch)(tokens, gating.expert_index, weights, ffn,
-                                          capacity=capacity, priority=priority, mask=token_mask)
+        # Under a mesh whose "expert" rule spans > 1 devices: all-to-all expert parallelism.
+        dispatch = "expert_parallel" if expert_parallel.is_active() else self.dispatch
+        out = get_dispatch(dispatch)(tokens, gating.expert_index, weights, ffn,
+                                     capacity=capacity, priority=priority, mask=token_mask)
         counts = balance.expert_counts(gating.expert_index, self.num_experts, mask=token_mask)
         kept = out.keep & (token_mask[:, None] > 0)
         kept_counts = jax.lax.stop_gradient(jnp.einsum(
