@@ -225,7 +225,7 @@ def target_bindings(config: UpcycleConfig, *, num_layers: int, dense_d_ff: int) 
 
 
 @dataclasses.dataclass
-class _LayerPlan:
+class LayerPlan:
     """What one MoE layer of the target needs from upcycling."""
 
     name: str
@@ -239,8 +239,8 @@ class _LayerPlan:
     violations: list[str]
 
 
-def _plan_layers(dense: TransformerLM, target: TransformerLM, config: UpcycleConfig,
-                 router_init: str | None) -> list[_LayerPlan]:
+def plan_layers(dense: TransformerLM, target: TransformerLM, config: UpcycleConfig,
+                 router_init: str | None) -> list[LayerPlan]:
     """Checks the target against the dense model; one plan per MoE layer."""
     if target.num_layers != dense.num_layers:
         raise ValueError(f"the target config has {target.num_layers} layers, the dense "
@@ -277,7 +277,7 @@ def _plan_layers(dense: TransformerLM, target: TransformerLM, config: UpcycleCon
             router_init=init, weight_scaling=config.weight_scaling,
             routing_type=moe.routing_type, dropless=moe.eval_capacity_factor is None,
             num_shared_experts=0, route_scale=moe.route_scale)
-        plans.append(_LayerPlan(name=name, num_experts=moe.num_experts, k=moe.k,
+        plans.append(LayerPlan(name=name, num_experts=moe.num_experts, k=moe.k,
                                 granularity=granularity, activation=activation,
                                 normalize=moe.normalize, score=moe.score,
                                 route_scale=moe.route_scale, violations=violations))
@@ -292,7 +292,7 @@ def _is_moe_ffn_path(path: tuple, moe_names: set[str]) -> bool:
     return len(path) >= 2 and path[0] in moe_names and path[1] == "ffn"
 
 
-def _convert_tree(dense: Mapping, target_abstract: Mapping, plans: Sequence[_LayerPlan],
+def _convert_tree(dense: Mapping, target_abstract: Mapping, plans: Sequence[LayerPlan],
                   experts_for, router_for) -> dict:
     """A target-shaped tree: MoE FFN leaves from `experts_for(plan, dense_ffn)`
     (`{name: [E, ...]}`) and `router_for(plan, leaf_name, abstract)`, every
@@ -338,14 +338,14 @@ def _layer_index(name: str) -> int:
 
 
 def upcycle_params(dense_params: Mapping, target_abstract: Mapping,
-                   plans: Sequence[_LayerPlan], config: UpcycleConfig,
+                   plans: Sequence[LayerPlan], config: UpcycleConfig,
                    router_init: str | None) -> tuple[dict, dict[str, dict[str, float]]]:
     """MoE parameters and, per MoE layer, the scales used."""
     key = jax.random.PRNGKey(config.seed)
     spawn_key, router_key = jax.random.split(key)
     scales = {}
 
-    def experts_for(plan: _LayerPlan, ffn: Mapping) -> dict:
+    def experts_for(plan: LayerPlan, ffn: Mapping) -> dict:
         s = up.upcycle_scales(plan.num_experts, plan.k, plan.granularity, plan.activation,
                               normalize=plan.normalize, score=plan.score,
                               route_scale=plan.route_scale, mode=config.weight_scaling)
@@ -357,7 +357,7 @@ def upcycle_params(dense_params: Mapping, target_abstract: Mapping,
             noise_std=config.noise_std,
             rng=jax.random.fold_in(spawn_key, _layer_index(plan.name)))
 
-    def router_for(plan: _LayerPlan, leaf: str, abstract) -> jax.Array:
+    def router_for(plan: LayerPlan, leaf: str, abstract) -> jax.Array:
         if leaf != "kernel":  # a router bias starts at zero
             return jnp.zeros(abstract.shape, abstract.dtype)
         method = router_init or ("virtual_group" if plan.granularity > 1 else "normal")
@@ -370,7 +370,7 @@ def upcycle_params(dense_params: Mapping, target_abstract: Mapping,
 
 
 def _moments(dense_moment: Mapping, target_abstract: Mapping,
-             plans: Sequence[_LayerPlan]) -> dict:
+             plans: Sequence[LayerPlan]) -> dict:
     """A dense first/second-moment tree mapped like the weights (copies of the
     shards, unscaled); router moments zero."""
     def experts_for(plan, ffn):
@@ -383,7 +383,7 @@ def _moments(dense_moment: Mapping, target_abstract: Mapping,
 
 
 def upcycle_opt_state(dense_opt_state: Any, moe_opt_template: Any, target_abstract: Mapping,
-                      plans: Sequence[_LayerPlan], mode: str) -> Any:
+                      plans: Sequence[LayerPlan], mode: str) -> Any:
     """The MoE optimizer state (see the module docstring for `mode`).
 
     Works on any optax state whose per-parameter parts are trees shaped like
@@ -548,7 +548,7 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
         raise ValueError("the target config changes the tokenizer's vocabulary size "
                          f"({vocab_size} -> {DataConfig().vocab_size()})")
     target = _abstract_model(vocab_size)
-    plans = _plan_layers(dense_model, target, config, config.router_init)
+    plans = plan_layers(dense_model, target, config, config.router_init)
     target_graphdef, target_abstract = nnx.split(target, nnx.Param)[:2]
     target_abstract = target_abstract.to_pure_dict()
 
