@@ -5,7 +5,8 @@ A checkpoint at step N is the directory `<checkpoint_dir>/N` with four items:
   params     model parameters (plain pytree, `ocp.args.StandardSave`)
   opt_state  optimizer state (`StandardSave`)
   data       the training iterator's position (JSON)
-  meta       JSON: step, the base RNG key, and a CRC32 of params and of
+  meta       JSON: step, the base RNG key, the loss-free selection biases (if
+             any), and a CRC32 of params and of
              opt_state computed on the host before saving.
 
 Saves are asynchronous; orbax writes into a temporary directory and renames it
@@ -24,6 +25,7 @@ import logging
 import shutil
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,7 @@ class Restored:
     opt_state: Any
     data_state: dict[str, Any]
     rng_key_data: np.ndarray
+    balance_state: dict[str, np.ndarray] | None = None  # loss-free selection biases
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -126,8 +129,12 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, *, params: Any, opt_state: Any, data_state: dict[str, Any],
-             rng_key_data: np.ndarray, force: bool = False) -> bool:
-        """Starts saving step `step` if due (or forced); returns whether it did."""
+             rng_key_data: np.ndarray, force: bool = False,
+             balance_state: dict[str, Any] | None = None) -> bool:
+        """Starts saving step `step` if due (or forced); returns whether it did.
+
+        `balance_state`: `{layer: [E] float32}` loss-free selection biases, kept
+        in `meta` (JSON floats hold float32 exactly) with their own CRC32."""
         if not force and step % self.save_every != 0:
             return False
         if step in self._manager.all_steps():
@@ -135,6 +142,10 @@ class Checkpointer:
         meta = {"step": int(step), "format_version": FORMAT_VERSION,
                     "rng_key_data": np.asarray(rng_key_data).tolist(),
                     "params_crc32": tree_checksum(params), "opt_state_crc32": tree_checksum(opt_state)}
+        if balance_state is not None:
+            biases = {k: np.asarray(v, np.float32) for k, v in balance_state.items()}
+            meta["balance_state"] = {k: v.astype(np.float64).tolist() for k, v in biases.items()}
+            meta["balance_state_crc32"] = tree_checksum(biases)
         self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -168,19 +179,33 @@ class Checkpointer:
             if crc != meta.get(f"{item}_crc32"):
                 raise CorruptCheckpointError(
                     f"{item} checksum mismatch (stored {meta.get(f'{item}_crc32')}, read {crc})")
+        balance_state = None
+        if "balance_state" in meta:
+            balance_state = {k: np.asarray(v, np.float32)
+                             for k, v in meta["balance_state"].items()}
+            if tree_checksum(balance_state) != meta.get("balance_state_crc32"):
+                raise CorruptCheckpointError("balance_state checksum mismatch")
         return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"),
                         data_state=out["data"],
-                        rng_key_data=np.asarray(meta["rng_key_data"], np.uint32))
+                        rng_key_data=np.asarray(meta["rng_key_data"], np.uint32),
+                        balance_state=balance_state)
 
     def restore_latest(self, abstract_params: Any, abstract_opt_state: Any | None,
-                       *, quarantine: bool = True) -> Restored | None:
+                       *, quarantine: bool = True,
+                       abstract_for_step: Callable[[int], tuple[Any, Any]] | None = None,
+                       ) -> Restored | None:
         """The newest intact checkpoint, or None when there is none.
 
         Damaged checkpoints are skipped with a warning naming their step and,
         with `quarantine`, moved aside. `abstract_opt_state=None` restores
-        everything but the optimizer state (for analysis).
+        everything but the optimizer state (for analysis). `abstract_for_step`,
+        if given, returns `(abstract_params, abstract_opt_state)` for a step and
+        replaces the two fixed trees (runs whose model structure changes with
+        the step, `experiments.phases`).
         """
         for step in reversed(self.all_steps()):
+            if abstract_for_step is not None:
+                abstract_params, abstract_opt_state = abstract_for_step(step)
             try:
                 return self._restore_step(step, abstract_params, abstract_opt_state)
             except CorruptCheckpointError as e:

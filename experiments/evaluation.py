@@ -41,12 +41,15 @@ class EvalResult:
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int) -> Callable:
     """`eval_step(params, batch) -> dict` of per-domain CE sums and token counts and
-    per-layer MoE statistics, deterministic (no router noise, eval capacity)."""
+    per-layer MoE statistics, deterministic (no router noise, eval capacity).
+    An optional third argument `model_kwargs` goes to the model call (e.g. the
+    loss-free `selection_biases`)."""
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, model_kwargs=None):
         model = nnx.merge(graphdef, params, rest)
         logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                            positions=batch["positions"], deterministic=True)
+                            positions=batch["positions"], deterministic=True,
+                            **(model_kwargs or {}))
         ce = token_cross_entropy(logits, batch["targets"])
         domain_ce, domain_tokens = domain_sums(ce, batch["weights"], batch["domain"], num_domains)
         return {"domain_ce_sum": domain_ce, "domain_tokens": domain_tokens,
@@ -57,8 +60,10 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int) -> Calla
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
-             domains: Sequence[str]) -> EvalResult:
-    """Runs `eval_step` over `batches` and token-weights the losses."""
+             domains: Sequence[str], model_kwargs: Mapping[str, Any] | None = None,
+             ) -> EvalResult:
+    """Runs `eval_step` over `batches` and token-weights the losses (`model_kwargs`, if
+    given, is passed to every call)."""
     ce_sum, tokens = 0.0, 0.0
     domain_ce = np.zeros(len(domains))
     domain_tokens = np.zeros(len(domains))
@@ -66,7 +71,8 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np
     dropped: dict[str, float] = {}
     num_batches = 0
     for batch in batches:
-        out = jax.device_get(eval_step(params, dict(batch)))
+        args = () if model_kwargs is None else (model_kwargs,)
+        out = jax.device_get(eval_step(params, dict(batch), *args))
         num_batches += 1
         ce_sum += float(out["ce_sum"])
         tokens += float(out["tokens"])
