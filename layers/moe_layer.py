@@ -12,11 +12,12 @@ from flax import nnx
 from layers.experts import Experts
 from layers.mlp import DenseMLP
 from layers.router import Router
-from moe import balance, routing
+from moe import balance, dense_to_sparse, routing
 from moe.dispatch import (available_dispatches, expert_capacity, expert_choice_dispatch,
                           expert_parallel, get_dispatch)
 
 ROUTING_TYPES = ("token_choice", "expert_choice")
+GATINGS = ("top_k", "dense_to_sparse")
 
 
 @gin.configurable
@@ -68,6 +69,12 @@ class MoeLayer(nnx.Module):
       router_jitter, router_noise_std: training-only router noise
         (multiplicative input jitter; additive Gaussian on the logits).
       num_groups, top_groups: DeepSeek-V3 group-limited routing.
+      gating: "top_k", or "dense_to_sparse" (EvoMoE DTS gate, training only:
+        Gumbel-softmax active set, dropless, `dts_state` required; evaluation
+        stays deterministic top-k on softmax(z) with `eval_capacity_factor`).
+        In the DTS hard phase k is the number of experts per token.
+      dts_threshold, dts_gumbel_weights: DTS threshold theta and weights
+        mask * g instead of mask * softmax(z) (see `moe.dense_to_sparse`).
       min_capacity, capacity_multiple_of: capacity rounding.
       dtype: compute dtype of the experts; the router is always float32.
       param_dtype: parameter dtype.
@@ -83,7 +90,9 @@ class MoeLayer(nnx.Module):
                  router_jitter: float = 0.0, router_noise_std: float = 0.0,
                  router_init_std: float = 0.02, num_groups: int | None = None,
                  top_groups: int | None = None, min_capacity: int = 1,
-                 capacity_multiple_of: int = 1, dtype=jnp.float32, param_dtype=jnp.float32,
+                 capacity_multiple_of: int = 1, gating: str = "top_k",
+                 dts_threshold: float = dense_to_sparse.DEFAULT_THRESHOLD,
+                 dts_gumbel_weights: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         _validate(num_experts=num_experts, k=k, dispatch=dispatch,
                   capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
@@ -102,6 +111,9 @@ class MoeLayer(nnx.Module):
         self.router_noise_std = router_noise_std
         self.num_groups, self.top_groups = num_groups, top_groups
         self.min_capacity, self.capacity_multiple_of = min_capacity, capacity_multiple_of
+        _validate_gating(gating, routing_type, num_experts, dts_threshold)
+        self.gating, self.dts_threshold = gating, dts_threshold
+        self.dts_gumbel_weights = dts_gumbel_weights
         self.dtype = dtype
         self.router = Router(d_model, num_experts, init_std=router_init_std,
                              jitter_eps=router_jitter, param_dtype=param_dtype, rngs=rngs)
@@ -125,7 +137,9 @@ class MoeLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
                  deterministic: bool = True, rng: jax.Array | None = None,
-                 selection_bias: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+                 selection_bias: jax.Array | None = None,
+                 dts_state: dense_to_sparse.DtsState | None = None,
+                 ) -> tuple[jax.Array, dict[str, Any]]:
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [batch, seq, d_model={self.d_model}], got {x.shape}")
         batch, seq, _ = x.shape
@@ -141,7 +155,10 @@ class MoeLayer(nnx.Module):
         capacity = self.capacity(num_tokens, deterministic)
         ffn = self.experts.ffn(self.dtype)
         compute_tokens = tokens.astype(self.dtype)
-        if self.routing_type == "expert_choice":
+        if self.gating == "dense_to_sparse" and not deterministic:
+            y, aux = self._dense_to_sparse(compute_tokens, logits, token_mask, ffn, noise_rng,
+                                           dts_state)
+        elif self.routing_type == "expert_choice":
             y, aux = self._expert_choice(compute_tokens, logits, token_mask, ffn, capacity)
         else:
             y, aux = self._token_choice(compute_tokens, logits, token_mask, ffn, capacity,
@@ -188,6 +205,15 @@ class MoeLayer(nnx.Module):
         )
         return out.y, aux
 
+    def _dense_to_sparse(self, tokens, logits, token_mask, ffn, noise_rng, dts_state):
+        if dts_state is None or noise_rng is None:
+            raise ValueError("gating='dense_to_sparse' in training needs dts_state "
+                             "(temperature, hard) and an rng key")
+        return dense_to_sparse.dense_to_sparse_moe(
+            tokens, logits, ffn, get_dispatch(self.dispatch), state=dts_state,
+            threshold=self.dts_threshold, rng=noise_rng, k=self.k,
+            gumbel_weights=self.dts_gumbel_weights, mask=token_mask)
+
     def _expert_choice(self, tokens, logits, token_mask, ffn, capacity):
         # Padding tokens must not be chosen: push their logits far down.
         masked_logits = jnp.where(token_mask[:, None] > 0, logits, -1e9)
@@ -218,6 +244,17 @@ def _balance_probs(probs: jax.Array, score: str) -> jax.Array:
     if score == "sigmoid":
         return probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-9)
     return probs
+
+
+def _validate_gating(gating, routing_type, num_experts, dts_threshold) -> None:
+    if gating not in GATINGS:
+        raise ValueError(f"gating must be one of {GATINGS}, got {gating!r}")
+    if gating == "dense_to_sparse" and routing_type != "token_choice":
+        raise ValueError("gating='dense_to_sparse' needs routing_type='token_choice', "
+                         f"got {routing_type!r}")
+    if not 0.0 <= dts_threshold < 1.0 / num_experts:
+        raise ValueError(f"dts_threshold must be in [0, 1/num_experts={1.0 / num_experts:g}), "
+                         f"got {dts_threshold}")
 
 
 def _validate(*, num_experts, k, dispatch, capacity_factor, eval_capacity_factor, routing_type,

@@ -16,6 +16,7 @@ from layers.mlp import DenseMLP
 from layers.moe_layer import MoeLayer
 from layers.norms import RMSNorm
 from layers.params import EMBED, VOCAB, fan_in_init, make_param, normal_init
+from moe.dense_to_sparse import DtsState
 
 # MoeLayer arguments that TransformerLM sets itself; everything else may go in moe_kwargs.
 _MOE_RESERVED = ("d_model", "d_ff", "num_experts", "k", "causal", "dtype", "param_dtype", "rngs")
@@ -49,13 +50,14 @@ class TransformerBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array | None,
                  token_mask: jax.Array | None, deterministic: bool, rng: jax.Array | None,
-                 selection_bias: jax.Array | None) -> tuple[jax.Array, dict[str, Any] | None]:
+                 selection_bias: jax.Array | None, dts_state: DtsState | None = None,
+                 ) -> tuple[jax.Array, dict[str, Any] | None]:
         x = x + self.attention(self.attention_norm(x), positions=positions, mask=mask,
                                causal=self.causal)
         h = self.ffn_norm(x)
         if self.is_moe:
             y, aux = self.ffn(h, mask=token_mask, deterministic=deterministic, rng=rng,
-                              selection_bias=selection_bias)
+                              selection_bias=selection_bias, dts_state=dts_state)
         else:
             y, aux = self.ffn(h), None
         return (x + y).astype(self.dtype), aux
@@ -207,6 +209,7 @@ class TransformerLM(nnx.Module):
                  positions: jax.Array | None = None, deterministic: bool = True,
                  rng: jax.Array | None = None,
                  selection_biases: Mapping[str, jax.Array] | None = None,
+                 dts_state: DtsState | None = None,
                  ) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
         """inputs `[B, S] int32` -> (logits `[B, S, vocab] float32`, aux).
 
@@ -219,6 +222,8 @@ class TransformerLM(nnx.Module):
         rng: PRNG key for router noise/jitter; layer i gets fold_in(rng, i).
         selection_biases: `{moe layer name: [E] float32}` added to the router
           scores for expert selection only (aux-loss-free balancing).
+        dts_state: temperature and hard flag of the EvoMoE dense-to-sparse gate
+          (MoE layers with gating='dense_to_sparse', training only).
         aux: `{moe layer name: MoeLayer aux dict}`; dense layers add nothing.
         """
         if inputs.ndim != 2:
@@ -250,7 +255,7 @@ class TransformerLM(nnx.Module):
                 x, positions=positions, mask=mask, token_mask=token_mask,
                 deterministic=deterministic,
                 rng=None if rng is None else jax.random.fold_in(rng, i),
-                selection_bias=selection_biases.get(name))
+                selection_bias=selection_biases.get(name), dts_state=dts_state)
             if layer_aux is not None:
                 aux[name] = layer_aux
         x = self.final_norm(x)

@@ -21,6 +21,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+# EvoMoE's dense-to-sparse gate lives in its own module; re-exported here.
+from moe.dense_to_sparse import DenseToSparse as DenseToSparse
+from moe.dense_to_sparse import dense_to_sparse_gating as dense_to_sparse_gating
+
 Array = jax.Array
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")

@@ -1,0 +1,93 @@
+"""Training FLOPs actually spent per step, for comparisons at equal compute.
+
+Counts matmul FLOPs (2 per multiply-add) of one forward pass and multiplies by
+3 for training (the backward pass costs about twice the forward):
+
+  * every token position (padding included: it is computed) pays the
+    non-expert matmuls: 2 x (size of every parameter of rank >= 2 other than
+    the routed experts and the embedding table; the table counts only when
+    tied to the output projection) plus attention scores and values,
+    4 x S x heads x head_dim per layer;
+  * routed experts pay per row they actually process: 2 x (expert weights)
+    per row. Capacity dispatch processes E x C rows whatever the routing;
+    dropless top-k T x k rows (T x E for the einsum reference); the EvoMoE
+    dense-to-sparse gate one row per active (token, expert) pair, read from
+    the step's `kept_counts`. Tile padding inside the grouped matmul is
+    ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+TRAIN_FACTOR = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopCounter:
+    """Per-step training FLOPs of one model structure.
+
+    dense_per_position: forward FLOPs per token position outside the routed experts.
+    expert_per_row: `{moe layer: forward FLOPs of one expert on one row}`.
+    static_rows: `{moe layer: rows per micro-batch}`, None where the row count
+      depends on the routing (taken from the step's `kept_counts`).
+    """
+
+    dense_per_position: float
+    expert_per_row: dict[str, float]
+    static_rows: dict[str, int | None]
+
+    def step_flops(self, moe_stats: Mapping[str, Mapping[str, Any]], *, positions: int,
+                   num_microbatches: int) -> float:
+        """Training FLOPs of a step over `positions` token positions (B x S)."""
+        total = positions * self.dense_per_position
+        for layer, per_row in self.expert_per_row.items():
+            rows = self.static_rows[layer]
+            if rows is None:
+                num_rows = float(np.sum(moe_stats[layer]["kept_counts"]))
+            else:
+                num_rows = float(rows * num_microbatches)
+            total += num_rows * per_row
+        return TRAIN_FACTOR * total
+
+
+def _moe_rows(moe: Any, tokens: int) -> int | None:
+    if getattr(moe, "gating", "top_k") == "dense_to_sparse":
+        return None
+    capacity = moe.capacity(tokens, False)
+    if capacity is not None:  # capacity buffers, and expert choice
+        return moe.num_experts * capacity
+    if moe.dispatch == "einsum":
+        return tokens * moe.num_experts
+    return tokens * moe.k
+
+
+def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
+                 num_microbatches: int = 1) -> FlopCounter:
+    """The FLOP counter of `model` (a `TransformerLM`) for micro-batches of
+    `batch_size / num_microbatches` rows of `seq_len` tokens."""
+    tokens = batch_size // num_microbatches * seq_len
+    moe_layers = {name: getattr(model, name).ffn for name in getattr(model, "moe_layer_names", ())}
+    dense = 0.0
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = [str(p) for p in path]
+        if names[0] in moe_layers and "experts" in names:
+            continue
+        if names[0] == "embedding" and not getattr(model, "tie_embeddings", False):
+            continue
+        if value.ndim >= 2:
+            dense += 2.0 * value.size
+    for name in getattr(model, "layer_names", ()):
+        attention = getattr(model, name).attention
+        dense += 4.0 * seq_len * attention.num_heads * attention.head_dim
+    per_row, rows = {}, {}
+    for name, moe in moe_layers.items():
+        expert_size = sum(v.size for _, v in nnx.to_flat_state(nnx.state(moe.experts, nnx.Param)))
+        per_row[name] = 2.0 * expert_size / moe.num_experts
+        rows[name] = _moe_rows(moe, tokens)
+    return FlopCounter(dense_per_position=dense, expert_per_row=per_row, static_rows=rows)
