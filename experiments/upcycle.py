@@ -38,7 +38,10 @@ import optax
 from flax import nnx, traverse_util
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from experiments import gin_utils
+from experiments import (
+    gin_utils,
+    trainer,  # noqa: F401  (registers `train`, read from config.gin)
+)
 from experiments.checkpoints import Checkpointer
 from experiments.optim import make_optimizer
 from experiments.pipeline import DataConfig
@@ -84,7 +87,7 @@ class UpcycleConfig:
       mesh axis `expert` of that many devices (None = unsharded).
     """
 
-    moe_layers: str | tuple[int, ...] | None = "every_other"
+    moe_layers: str | tuple[int, ...] | None = None
     num_experts: int | None = None
     k: int | None = None
     granularity: int | None = None
@@ -276,7 +279,7 @@ def plan_layers(dense: TransformerLM, target: TransformerLM, config: UpcycleConf
             activation=activation, granularity=granularity, k=moe.k, normalize=moe.normalize,
             router_init=init, weight_scaling=config.weight_scaling,
             routing_type=moe.routing_type, dropless=moe.eval_capacity_factor is None,
-            num_shared_experts=0, route_scale=moe.route_scale)
+            num_shared_experts=0, route_scale=moe.route_scale, diversify=config.diversify)
         plans.append(LayerPlan(name=name, num_experts=moe.num_experts, k=moe.k,
                                 granularity=granularity, activation=activation,
                                 normalize=moe.normalize, score=moe.score,

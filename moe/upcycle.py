@@ -477,11 +477,14 @@ def init_router(rng: Array | None, d_model: int, num_experts: int, *, method: st
 def exactness_conditions(*, activation: str, granularity: int, k: int, normalize: bool,
                          router_init: str, weight_scaling: str, routing_type: str = "token_choice",
                          dropless: bool = True, num_shared_experts: int = 0,
-                         route_scale: float = 1.0) -> list[str]:
+                         route_scale: float = 1.0, diversify: str = "copy") -> list[str]:
     """The reasons an upcycled MoE layer is *not* function-preserving at init
     (empty list = exact in exact arithmetic), following spec §6.2/§6.6."""
     check_activation(activation)
     violated = []
+    if diversify != "copy":
+        violated.append(f"diversify={diversify!r}: the experts are no longer copies of the "
+                        "dense FFN")
     if routing_type != "token_choice":
         violated.append(f"routing_type={routing_type!r}: expert choice gives each token 0..E "
                         "experts with raw softmax weights")
