@@ -359,7 +359,7 @@ def _allgather_json(local: dict[str, Any]) -> dict[str, Any]:
 
 
 @gin.configurable
-def make_train_iterator(data_config, seed: int, *, data_shards: int | None = None):
+def make_sharded_train_iterator(data_config, seed: int, *, data_shards: int | None = None):
     """The trainer's training iterator.
 
     `data_shards` None: one shard per process (a single process gets the plain
