@@ -21,7 +21,10 @@ EXTRAS_REQUIRE = {
     # wheel; a separate tensorflow-cpu would install the same package twice).
     "seqio": ["seqio>=0.0.19,<0.1", "tensorflow>=2.18,<2.22", "sentencepiece>=0.2,<0.3"],
     "notebooks": ["jupytext>=1.16", "nbmake>=1.5", "ipykernel>=6", "nbformat>=5"],
-    "dev": ["pytest>=8", "pytest-xdist>=3", "tbparse>=0.0.9", "ruff>=0.5"],
+    # safetensors: scripts/import_dense.py and the pretrained-weights upcycling test.
+    "import": ["safetensors>=0.4,<1"],
+    "dev": ["pytest>=8", "pytest-xdist>=3", "tbparse>=0.0.9", "ruff>=0.5",
+            "safetensors>=0.4,<1"],
 }
 
 setup(
