@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import gin_utils, optim
+from experiments import gin_utils, optim, sweep  # noqa: F401  (sweep: registers Sweep)
 from experiments.metrics import read_jsonl
 from experiments.train_step import (
     LossWeights,

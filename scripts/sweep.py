@@ -1,0 +1,43 @@
+"""Runs a sweep (gin bindings x seeds, one workdir each, resumable) and writes its report.
+
+  python scripts/sweep.py gin_configs/sweeps/global_batch_lbl.gin
+  python scripts/sweep.py gin_configs/sweeps/loss_free_balancing.gin --report_only
+
+Runs go to --root/NAME/<variant>/seed<k> (default workdirs/sweeps); finished
+runs are skipped and interrupted ones resume from their checkpoints. The
+report is docs/experiments/NAME.md with plots in docs/experiments/NAME/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiments import sweep as sweep_lib
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("sweep_file", help="gin file binding Sweep.*")
+    parser.add_argument("--root", default="workdirs/sweeps", help="where run workdirs go")
+    parser.add_argument("--docs_dir", default="docs/experiments", help="where the report goes")
+    parser.add_argument("--report_only", action="store_true",
+                        help="only collect finished runs and rewrite the report")
+    args = parser.parse_args(argv)
+    sweep = sweep_lib.load_sweep(args.sweep_file)
+    root = Path(args.root).absolute()
+    if args.report_only:
+        records = [sweep_lib.collect_run(sweep_lib.run_dir(root, sweep, variant, seed),
+                                         variant, seed)
+                   for variant, _ in sweep.runs() for seed in sweep.seeds
+                   if (sweep_lib.run_dir(root, sweep, variant, seed) / "summary.json").exists()]
+    else:
+        records = sweep_lib.run_sweep(sweep, root, log=lambda m: print(m, file=sys.stderr))
+    report = sweep_lib.write_report(sweep, records, args.sweep_file, Path(args.docs_dir))
+    print(f"wrote {report} ({len(records)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
