@@ -1,0 +1,159 @@
+"""The sparse-upcycling experiment (docs/experiments/upcycling.md).
+
+  python scripts/upcycling_sweep.py --root=workdirs/upcycling --seeds=0,1,2 \
+      --json=docs/experiments/upcycling.json --plot=docs/experiments/upcycling.png
+
+Per seed, from gin_configs/sweeps/upcycling.gin (N = train.checkpoint_every,
+N + M = train.num_steps):
+  dense     the dense model trained N + M steps (its steps N..N+M are the dense
+            continuation of the checkpoint at N);
+  e8_top2   checkpoint N upcycled (Komatsuzaki et al.): every other FFN -> 8
+            copies, top-2 with raw softmax weights, router N(0, 0.02²), no
+            weight scaling; trained to N + M;
+  e32_g4    checkpoint N upcycled (He et al.): 32 experts of d_ff/4 (G = 4),
+            top-8, virtual-group router, softmax-then-top-k with the a^(1/2)
+            weight scaling; trained to N + M;
+  scratch   the e8_top2 architecture trained from scratch N + M steps.
+Runs that finished (summary.json present) are skipped, so the command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import gin
+import numpy as np
+
+from experiments import gin_utils
+from experiments.metrics import read_jsonl
+from experiments.trainer import train
+from experiments.upcycle import UpcycleConfig, upcycle
+
+SWEEP_GIN = Path(__file__).resolve().parent.parent / "gin_configs" / "sweeps" / "upcycling.gin"
+UPCYCLED = {
+    "e8_top2": (UpcycleConfig(moe_layers="every_other", num_experts=8, k=2, granularity=1,
+                              router_init="normal", weight_scaling="none"),
+                ["TransformerLM.moe_kwargs = {'dispatch': 'sort', 'capacity_factor': None}"]),
+    "e32_g4": (UpcycleConfig(moe_layers="every_other", num_experts=32, k=8, granularity=4,
+                             router_init="virtual_group", weight_scaling="balanced"),
+               ["TransformerLM.moe_kwargs = {'dispatch': 'sort', 'capacity_factor': None}"]),
+}
+RUNS = ("dense", "e8_top2", "e32_g4", "scratch")
+
+
+def _train(workdir: Path, gin_files: list[str], gin_params: list[str]) -> None:
+    if (workdir / "summary.json").exists():
+        return
+    gin.clear_config()
+    gin_utils.parse(gin_files, gin_params)
+    train(workdir, quiet=True)
+
+
+def _curves(workdir: Path) -> dict[str, list]:
+    valid = read_jsonl(workdir / "metrics.jsonl", "valid")
+    train_records = read_jsonl(workdir / "metrics.jsonl", "train")
+    return {"valid": [[r["step"], r["loss"]] for r in valid],
+            "train": [[r["step"], r["ce"]] for r in train_records]}
+
+
+def run_seed(root: Path, seed: int, extra: list[str]) -> dict:
+    seed_dir = root / f"seed{seed}"
+    dense = seed_dir / "dense"
+    _train(dense, [str(SWEEP_GIN)], [f"train.seed = {seed}", *extra])
+    gin.clear_config()
+    gin_utils.parse([str(SWEEP_GIN)], extra)
+    upcycle_step = gin.query_parameter("train.checkpoint_every")
+    out = {"dense": _curves(dense), "upcycle_step": upcycle_step}
+    for name, (config, params) in UPCYCLED.items():
+        workdir = seed_dir / name
+        record_file = workdir / "upcycle.json"
+        if not record_file.exists():
+            config = UpcycleConfig(**{**config.__dict__, "seed": seed,
+                                      "dense_step": upcycle_step})
+            upcycle(dense, workdir, gin_params=params, config=config, verify=True,
+                    verify_batches=1000)
+        _train(workdir, [str(workdir / gin_utils.CONFIG_FILE)], [])
+        record = json.loads(record_file.read_text())
+        out[name] = dict(_curves(workdir), step0=record["verify"],
+                         param_count=record["moe_param_count"])
+    scratch = seed_dir / "scratch"
+    _train(scratch, [str(SWEEP_GIN)], [f"train.seed = {seed}", "TransformerLM.moe_every = 2",
+                                       *extra])
+    out["scratch"] = _curves(scratch)
+    return out
+
+
+def summarize(results: dict[int, dict]) -> dict:
+    """Mean/min/max over seeds of each run's validation curve, the final
+    validation losses and the step-0 loss jumps."""
+    seeds = sorted(results)
+    summary = {"seeds": seeds, "upcycle_step": results[seeds[0]]["upcycle_step"], "runs": {}}
+    for run in RUNS:
+        steps = [s for s, _ in results[seeds[0]][run]["valid"]]
+        losses = np.array([[loss for _, loss in results[s][run]["valid"]] for s in seeds])
+        entry = {"steps": steps, "valid_mean": losses.mean(0).tolist(),
+                 "valid_min": losses.min(0).tolist(), "valid_max": losses.max(0).tolist(),
+                 "final_valid": losses[:, -1].tolist()}
+        if run in UPCYCLED:
+            jumps = [results[s][run]["step0"]["loss_diff"] for s in seeds]
+            entry["step0_loss_jump"] = jumps
+            entry["step0_max_abs_logit_diff"] = [
+                results[s][run]["step0"]["max_abs_logit_diff"] for s in seeds]
+            entry["param_count"] = results[seeds[0]][run]["param_count"]
+        summary["runs"][run] = entry
+    return summary
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = {"dense": "dense (continued after N)", "e8_top2": "upcycled E=8 top-2",
+              "e32_g4": "upcycled E=32 G=4 top-8", "scratch": "MoE E=8 top-2 from scratch"}
+    for run, entry in summary["runs"].items():
+        ax.plot(entry["steps"], entry["valid_mean"], label=labels[run], marker=".")
+        ax.fill_between(entry["steps"], entry["valid_min"], entry["valid_max"], alpha=0.2)
+    ax.axvline(summary["upcycle_step"], color="gray", linestyle=":", label="upcycling point N")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(f"Sparse upcycling, {len(summary['seeds'])} seeds (band: min..max)")
+    ax.legend()
+    lows = [min(e["valid_min"][len(e["valid_min"]) // 3:]) for e in summary["runs"].values()]
+    highs = [max(e["valid_max"][len(e["valid_max"]) // 3:]) for e in summary["runs"].values()]
+    ax.set_ylim(min(lows) - 0.05, max(highs) + 0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--root", required=True, help="Directory for the runs' workdirs.")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--gin_param", action="append", default=[],
+                        help="Extra binding for every run (e.g. 'train.num_steps = 100').")
+    parser.add_argument("--json", required=True, help="Where to write the summary.")
+    parser.add_argument("--plot", default=None, help="Where to write the loss-curve plot.")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    results = {int(s): run_seed(root, int(s), args.gin_param) for s in args.seeds.split(",")}
+    summary = summarize(results)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    if args.plot:
+        plot(summary, Path(args.plot))
+    for run, entry in summary["runs"].items():
+        jump = entry.get("step0_loss_jump")
+        print(f"{run:8s} final valid {np.mean(entry['final_valid']):.4f} "
+              f"(seeds {[f'{v:.4f}' for v in entry['final_valid']]})"
+              + (f"; step-0 jump {[f'{j:+.4f}' for j in jump]}" if jump else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
