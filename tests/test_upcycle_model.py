@@ -175,3 +175,11 @@ def test_plan_errors():
         ex.UpcycleConfig(diversify="clone")
     with pytest.raises(ValueError, match="moe_layers must be one of"):
         ex.UpcycleConfig(moe_layers="odd")
+
+
+def test_transformer_moe_layers_selects_explicit_layers():
+    model = _model("relu", moe_every=2, moe_layers=(0,), num_experts=4, k=2)
+    assert model.moe_layer_names == ("layer_0",)  # overrides moe_every=2 (layer_1)
+    with pytest.raises(ValueError, match=r"moe_layers must be distinct indices in \[0, "
+                                         r"num_layers=2\), got \(2,\)"):
+        _model("relu", moe_layers=(2,))
