@@ -20,11 +20,13 @@ EXTRAS_REQUIRE = {
     # seqio pulls TensorFlow through tensorflow-text (the full `tensorflow`
     # wheel; a separate tensorflow-cpu would install the same package twice).
     "seqio": ["seqio>=0.0.19,<0.1", "tensorflow>=2.18,<2.22", "sentencepiece>=0.2,<0.3"],
-    "notebooks": ["jupytext>=1.16", "nbmake>=1.5", "ipykernel>=6", "nbformat>=5"],
+    # Jupyter and the .ipynb <-> py:percent pairing (notebooks/); the CI runs the
+    # percent files as scripts and checks the pairing with jupytext (in dev).
+    "notebooks": ["jupytext>=1.16,<2", "ipykernel>=6,<8", "nbformat>=5,<6"],
     # safetensors: scripts/import_dense.py and the pretrained-weights upcycling test.
     "import": ["safetensors>=0.4,<1"],
     "dev": ["pytest>=8", "pytest-xdist>=3", "tbparse>=0.0.9", "ruff>=0.5",
-            "safetensors>=0.4,<1"],
+            "safetensors>=0.4,<1", "jupytext>=1.16,<2"],
 }
 
 setup(
