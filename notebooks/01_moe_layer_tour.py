@@ -53,7 +53,7 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", spec], check=True)
 
 # %%
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 # The repository root (this notebook lives in notebooks/), importable from here.
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "setup.py").exists())

@@ -50,8 +50,8 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", spec], check=True)
 
 # %%
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+from pathlib import Path
 
 # The repository root (this notebook lives in notebooks/), importable from here.
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "setup.py").exists())
@@ -60,7 +60,6 @@ sys.path.insert(0, str(ROOT))
 import gin  # noqa: E402
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 from experiments import gin_utils  # noqa: E402
 from experiments.metrics import read_jsonl  # noqa: E402
