@@ -1,0 +1,199 @@
+"""Report of the EvoMoE sweep: loss at equal steps and at equal FLOPs, active experts.
+
+  python scripts/sweep.py gin_configs/sweeps/evomoe.gin          # trains (resumable)
+  python scripts/evomoe_report.py gin_configs/sweeps/evomoe.gin  # docs/experiments/evomoe.md
+
+Reads every finished run's `metrics.jsonl` and `summary.json` (train CE, the
+per-step `flops`, `active_experts`, `phase`, validation losses) and writes the
+report with plots in `docs/experiments/evomoe/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from experiments import sweep as sweep_lib
+from experiments.metrics import read_jsonl
+
+
+def load_runs(sweep: sweep_lib.Sweep, root: Path) -> dict[str, list[dict]]:
+    """`{variant: [run]}` for finished runs; a run holds its train/valid curves."""
+    out: dict[str, list[dict]] = {}
+    for variant, _ in sweep.runs():
+        for seed in sweep.seeds:
+            workdir = sweep_lib.run_dir(root, sweep, variant, seed)
+            if not (workdir / "summary.json").exists():
+                continue
+            train = read_jsonl(workdir / "metrics.jsonl", "train")
+            valid = read_jsonl(workdir / "metrics.jsonl", "valid")
+            steps = np.array([r["step"] for r in train])
+            cum_flops = np.cumsum([r["flops"] for r in train])
+            out.setdefault(variant, []).append({
+                "seed": seed, "workdir": str(workdir), "steps": steps,
+                "ce": np.array([r["ce"] for r in train]), "cum_flops": cum_flops,
+                "active": np.array([r.get("active_experts", np.nan) for r in train]),
+                "valid_steps": np.array([r["step"] for r in valid]),
+                "valid": np.array([r["loss"] for r in valid]),
+                "valid_flops": cum_flops[np.searchsorted(steps, [r["step"] for r in valid])],
+                "summary": json.loads((workdir / "summary.json").read_text()),
+                "wall": (float((workdir / "wall_seconds.txt").read_text())
+                         if (workdir / "wall_seconds.txt").exists() else None),
+            })
+    return out
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over `window` steps (shorter at the start)."""
+    cumsum = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (cumsum[idx] - cumsum[lo]) / (idx - lo)
+
+
+def fmt(values) -> str:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def verdict(diffs: list[float]) -> str:
+    """Whether paired differences (EvoMoE - Switch) show EvoMoE better, by 2 standard errors."""
+    if len(diffs) < 2:
+        return "not decidable from fewer than two paired seeds."
+    mean = float(np.mean(diffs))
+    se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+    if mean + 2 * se < 0:
+        return f"holds here (mean {mean:+.4f}, 2 SE {2 * se:.4f})."
+    if mean - 2 * se > 0:
+        return f"does not hold: EvoMoE is worse (mean {mean:+.4f}, 2 SE {2 * se:.4f})."
+    return (f"not supported at this scale: the difference (mean {mean:+.4f}) is within two "
+            f"standard errors ({2 * se:.4f}) of zero.")
+
+
+def plot(runs: dict[str, list[dict]], figures: Path, window: int) -> None:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for variant, rs in runs.items():
+        ce = np.mean([smooth(r["ce"], window) for r in rs], axis=0)
+        axes[0].plot(rs[0]["steps"], ce, lw=1.2, label=variant)
+        flops = np.mean([r["cum_flops"] for r in rs], axis=0)
+        axes[1].plot(flops, ce, lw=1.2, label=variant)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("cumulative training FLOPs")
+    for ax in axes:
+        ax.set_ylabel(f"train CE (nats/byte, mean of {window} steps)")
+        ax.set_ylim(top=3.3)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for variant, rs in runs.items():
+        ax.plot(rs[0]["steps"], np.mean([r["active"] for r in rs], axis=0), lw=1.2,
+                label=variant)
+    ax.set_xlabel("step")
+    ax.set_ylabel("active experts per token (mean of MoE layers)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "active_experts.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for variant, rs in runs.items():
+        ax.plot(rs[0]["steps"], np.mean([r["cum_flops"] for r in rs], axis=0), lw=1.2,
+                label=variant)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cumulative training FLOPs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "flops.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file: str,
+                 docs_dir: Path, window: int) -> Path:
+    figures = docs_dir / sweep.name
+    figures.mkdir(parents=True, exist_ok=True)
+    plot(runs, figures, window)
+    budget = min(float(np.mean([r["cum_flops"][-1] for r in rs])) for rs in runs.values())
+    rows = []
+    for variant, rs in runs.items():
+        at_budget_train = [float(np.interp(budget, r["cum_flops"], smooth(r["ce"], window)))
+                           for r in rs]
+        at_budget_valid = [float(np.interp(budget, r["valid_flops"], r["valid"])) for r in rs]
+        rows.append([f"`{variant}`", str(len(rs)),
+                     fmt([r["summary"]["valid_loss"]["all"] for r in rs]),
+                     fmt([float(smooth(r["ce"], window)[-1]) for r in rs]),
+                     fmt([r["cum_flops"][-1] / 1e9 for r in rs]),
+                     fmt(at_budget_valid), fmt(at_budget_train),
+                     fmt([float(np.mean(r["active"][np.isfinite(r["active"])]))
+                          for r in rs if np.isfinite(r["active"]).any()]),
+                     fmt([r["wall"] for r in rs])])
+    lines = [f"# {sweep.title}", "",
+             f"Generated by `scripts/evomoe_report.py {sweep_file}` from the runs of "
+             f"`scripts/sweep.py {sweep_file}` (their `metrics.jsonl` and `summary.json`).", "",
+             sweep.description.strip(), "",
+             "## Results (mean ± std over seeds)", "",
+             f"Equal-FLOPs budget: {budget / 1e9:.1f} GFLOPs, the smallest variant's total "
+             "(training FLOPs as counted by `experiments.flops`: 3 x forward matmul FLOPs, "
+             "experts per row actually processed).", "",
+             "| variant | seeds | valid loss @ step 200 | train CE @ 200 (last "
+             f"{window}) | GFLOPs @ 200 | valid loss @ budget | train CE @ budget | "
+             "mean active experts (MoE steps) | wall s / run |",
+             "|" + "---|" * 9]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if "evomoe" in runs and "switch_top1" in runs:
+        by_seed = {r["seed"]: r["summary"]["valid_loss"]["all"] for r in runs["switch_top1"]}
+        diffs = [r["summary"]["valid_loss"]["all"] - by_seed[r["seed"]]
+                 for r in runs["evomoe"] if r["seed"] in by_seed]
+        lines += ["", f"EvoMoE minus Switch, final validation loss, paired by seed: "
+                  f"{', '.join(f'{d:+.4f}' for d in diffs)} (mean {np.mean(diffs):+.4f}).",
+                  "", f"**Paper's claim (better than Switch at equal steps):** {verdict(diffs)}"]
+    lines += ["", "Losses in nats per byte. Valid loss @ budget: the validation curve "
+              "(every 25 steps) linearly interpolated at the FLOPs budget; train CE @ budget: "
+              f"the {window}-step trailing mean of the train CE at that budget.", "",
+              "![loss curves](evomoe/loss_curves.png)", "",
+              "![active experts per token](evomoe/active_experts.png)", "",
+              "![cumulative FLOPs](evomoe/flops.png)", "",
+              "## Runs", "", "| variant | seed | valid loss | workdir |", "|---|---|---|---|"]
+    lines += [f"| `{v}` | {r['seed']} | {r['summary']['valid_loss']['all']:.4f} | "
+              f"`{r['workdir']}` |" for v, rs in runs.items() for r in rs]
+    out = docs_dir / f"{sweep.name}.md"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("sweep_file", help="gin_configs/sweeps/evomoe.gin")
+    parser.add_argument("--root", default="workdirs/sweeps", help="where the run workdirs are")
+    parser.add_argument("--docs_dir", default="docs/experiments", help="where the report goes")
+    parser.add_argument("--window", type=int, default=10, help="smoothing window (steps)")
+    args = parser.parse_args(argv)
+    sweep = sweep_lib.load_sweep(args.sweep_file)
+    runs = load_runs(sweep, Path(args.root).absolute())
+    if not runs:
+        print(f"no finished runs under {args.root}", file=sys.stderr)
+        return 1
+    report = write_report(sweep, runs, args.sweep_file, Path(args.docs_dir), args.window)
+    print(f"wrote {report} ({sum(len(r) for r in runs.values())} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
