@@ -77,8 +77,11 @@ def run_seed(root: Path, seed: int, extra: list[str]) -> dict:
                     verify_batches=1000)
         _train(workdir, [str(workdir / gin_utils.CONFIG_FILE)], [])
         record = json.loads(record_file.read_text())
-        out[name] = dict(_curves(workdir), step0=record["verify"],
-                         param_count=record["moe_param_count"])
+        curves = _curves(workdir)
+        # The upcycled model before any MoE step, on the same validation batches.
+        curves["valid"].insert(0, [upcycle_step, record["verify"]["moe_loss"]])
+        out[name] = dict(curves, step0=record["verify"], param_count=record["moe_param_count"],
+                         dense_param_count=record["dense_param_count"])
     scratch = seed_dir / "scratch"
     _train(scratch, [str(SWEEP_GIN)], [f"train.seed = {seed}", "TransformerLM.moe_every = 2",
                                        *extra])
@@ -103,6 +106,7 @@ def summarize(results: dict[int, dict]) -> dict:
             entry["step0_max_abs_logit_diff"] = [
                 results[s][run]["step0"]["max_abs_logit_diff"] for s in seeds]
             entry["param_count"] = results[seeds[0]][run]["param_count"]
+            summary["dense_param_count"] = results[seeds[0]][run]["dense_param_count"]
         summary["runs"][run] = entry
     return summary
 
