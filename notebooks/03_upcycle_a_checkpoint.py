@@ -66,8 +66,8 @@ from experiments.metrics import read_jsonl  # noqa: E402
 from experiments.trainer import train  # noqa: E402
 from experiments.upcycle import UpcycleConfig, upcycle  # noqa: E402
 
-# One variable sets every size: "smoke" (CI, < 1 min on CPU) or "full" (~5 min on 2
-# CPU cores; seconds on an accelerator).
+# One variable sets every size: "smoke" (CI, about 1 min on CPU) or "full" (~6 min
+# of CPU time on 2 cores; seconds on an accelerator).
 SIZE = "smoke" if os.environ.get("NB_SMOKE") == "1" else "full"
 CFG = {
     "smoke": dict(gin_file="test_tiny.gin", dense_steps=8, total_steps=16, batch_size=8,
