@@ -15,6 +15,12 @@ from layers.transformer import TransformerLM, mask_tokens
 VOCAB, D, E = 32, 16, 4
 AUX_KEYS = {"lbl", "z_loss", "counts", "mean_probs", "kept_counts", "num_tokens",
             "dropped_fraction", "max_violation", "router_entropy", "active_experts"}
+# Per-token routing, for balance scopes that regroup tokens after the forward pass.
+TOKEN_KEYS = {"token_probs", "token_experts", "token_mask"}
+
+
+def _statistics(layer_aux):
+    return {key: value for key, value in layer_aux.items() if key not in TOKEN_KEYS}
 
 
 def tiny(**kw) -> TransformerLM:
@@ -49,8 +55,10 @@ def test_shapes_float32_logits_and_aux():
     assert model.experts_per_layer == {"layer_1": E, "layer_3": E}
     assert set(aux) == {"layer_1", "layer_3"}
     for layer_aux in aux.values():
-        assert set(layer_aux) == AUX_KEYS
-        assert all(v.dtype == jnp.float32 for v in layer_aux.values())
+        assert set(layer_aux) == AUX_KEYS | TOKEN_KEYS
+        assert all(v.dtype == jnp.float32 for v in _statistics(layer_aux).values())
+        assert layer_aux["token_probs"].dtype == jnp.float32
+        assert layer_aux["token_experts"].dtype == jnp.int32
         assert layer_aux["counts"].shape == (E,)
         assert float(layer_aux["num_tokens"]) == 16.0
         # Dropless top-2: 32 assignments.
@@ -207,7 +215,8 @@ def test_bf16_compute_keeps_logits_and_router_float32():
     logits, aux = forward(model, tokens(7), jnp.ones((2, 8), jnp.int32))
     assert logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
-    assert all(v.dtype == jnp.float32 for a in aux.values() for v in a.values())
+    assert all(v.dtype == jnp.float32 for a in aux.values() for v in _statistics(a).values())
+    assert all(a["token_probs"].dtype == jnp.float32 for a in aux.values())
     # The residual stream really is bf16 (shape-only trace, nothing compiled).
     y, _ = jax.eval_shape(
         lambda h: block(h, positions=jnp.zeros((2, 8), jnp.int32), mask=None, token_mask=None,
