@@ -245,19 +245,22 @@ def plot_heatmaps(records, path: Path) -> None:
     if not variants:
         return
     layers = list(next(iter(variants.values()))["routing"])
+    vmax = max(float(np.max(run["routing"][layer]["fractions"]))
+               for run in variants.values() for layer in layers)
     fig, axes = plt.subplots(len(variants), len(layers), squeeze=False,
                              figsize=(3.6 * len(layers), 1.3 * len(variants) + 0.6))
     for i, (variant, run) in enumerate(variants.items()):
         for j, layer in enumerate(layers):
             info = run["routing"][layer]
             ax = axes[i][j]
-            ax.imshow(np.asarray(info["fractions"]), aspect="auto", cmap="viridis", vmin=0.0,
-                      vmax=0.5)
+            image = ax.imshow(np.asarray(info["fractions"]), aspect="auto", cmap="viridis",
+                              vmin=0.0, vmax=vmax)
             ax.set_yticks(range(len(info["domains"])), labels=info["domains"], fontsize=7)
             ax.set_xticks(range(len(info["fractions"][0])))
             ax.tick_params(axis="x", labelsize=6)
             ax.set_title(f"{variant} {layer}: MI {info['mi_bits']:.3f} b", fontsize=7)
     fig.tight_layout()
+    fig.colorbar(image, ax=axes, shrink=0.6, label="fraction of the domain's assignments")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
