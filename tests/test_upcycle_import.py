@@ -19,7 +19,6 @@ from experiments.import_dense import import_dense
 from experiments.optim import make_optimizer
 from experiments.pipeline import DataConfig
 from layers.transformer import TransformerLM
-from tests.helpers import run_script
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -138,24 +137,29 @@ def test_imported_checkpoint_upcycles_exactly(imported, tmp_path):
 
 
 def test_import_refusals(imported, tmp_path):
-    weights, model_dir, _ = imported
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    safetensors_numpy.save_file(
-        dict(weights, **{"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}),
-        str(bad / "model.safetensors"))
-    (bad / "config.json").write_text(json.dumps(CONFIG))
-    result = run_script("scripts/import_dense.py", f"--model_dir={bad}",
-                        f"--out_workdir={tmp_path / 'out'}",
-                        "--gin_file=gin_configs/data/embedded_byte.gin")
-    assert result.returncode == 2
-    assert "model.layers.0.self_attn.q_proj.bias" in result.stderr
-    gin.clear_config()
-    with pytest.raises(ValueError, match="tokenizer has 259 tokens, the model 1000"):
-        (model_dir / "config.json").write_text(json.dumps(dict(CONFIG, vocab_size=1000)))
+    weights, _, _ = imported
+
+    def model_dir(name, tensors, config):
+        path = tmp_path / name
+        path.mkdir()
+        safetensors_numpy.save_file(tensors, str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps(config))
+        return path
+
+    data = ["gin_configs/data/embedded_byte.gin"]
+    cases = [
+        (model_dir("bias", dict(weights, **{
+            "model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}), CONFIG),
+         r"no place in our model.*q_proj\.bias"),
+        (model_dir("rope", weights, dict(CONFIG, rope_scaling={"factor": 8.0})), "rope_scaling"),
+        (model_dir("vocab", weights, dict(CONFIG, vocab_size=1000)),
+         "tokenizer has 259 tokens, the model 1000"),
+    ]
+    for path, match in cases:
+        gin.clear_config()
         try:
-            import_dense(model_dir, tmp_path / "out2",
-                         gin_files=["gin_configs/data/embedded_byte.gin"], gin_params=DATA)
+            with pytest.raises(ValueError, match=match):
+                import_dense(path, tmp_path / f"out_{path.name}", gin_files=data,
+                             gin_params=DATA)
         finally:
-            (model_dir / "config.json").write_text(json.dumps(CONFIG))
             gin.clear_config()

@@ -40,8 +40,21 @@ def _batch():
             "positions": np.tile(np.arange(12, dtype=np.int32), (2, 1)) * segment_ids}
 
 
-def _upcycle(activation, *, E=4, k=2, expert_d_ff=F, moe_kwargs=None,
-             config=None, dense_params=None):
+_CACHE = {}
+
+
+def _upcycle(activation, **kwargs):
+    """`_upcycle_uncached`, shared between tests that convert the same case."""
+    if "dense_params" in kwargs:
+        return _upcycle_uncached(activation, **kwargs)
+    key = repr((activation, sorted(kwargs.items())))
+    if key not in _CACHE:
+        _CACHE[key] = _upcycle_uncached(activation, **kwargs)
+    return _CACHE[key]
+
+
+def _upcycle_uncached(activation, *, E=4, k=2, expert_d_ff=F, moe_kwargs=None,
+                      config=None, dense_params=None):
     """Upcycles a random dense model into layer 1 = MoE; returns (report, plans, params)."""
     config = config or ex.UpcycleConfig()
     dense = _model(activation, moe_every=0)
