@@ -36,17 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, traverse_util
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from experiments import (
     gin_utils,
     trainer,  # noqa: F401  (registers `train`, read from config.gin)
 )
+from experiments import mesh as mesh_lib
 from experiments.checkpoints import Checkpointer
 from experiments.optim import make_optimizer
 from experiments.pipeline import DataConfig
 from experiments.train_step import token_cross_entropy
-from layers.params import EXPERT, logical_axes_of
+from layers.params import logical_axes_of
 from layers.transformer import TransformerLM
 from moe import upcycle as up
 
@@ -83,8 +83,9 @@ class UpcycleConfig:
     optimizer_state: "reset" or "copy" (see the module docstring).
     seed: seeds the router init and the diversification.
     dense_step: the dense checkpoint step to read (None = latest).
-    mesh_shape: e.g. {"expert": 4}: write the expert weights sharded over a
-      mesh axis `expert` of that many devices (None = unsharded).
+    mesh_shape: e.g. {"expert": 4}: write parameters and moments placed on
+      that mesh (`experiments.mesh`, axes data/fsdp/expert/tensor), expert
+      weights split over `expert` (None = one device).
     """
 
     moe_layers: str | tuple[int, ...] | None = None
@@ -426,32 +427,21 @@ def _count(tree: Any) -> int:
 # Sharded write.
 
 
-def shard_params(params: Mapping, model: nnx.Module, mesh_shape: Mapping[str, int]) -> dict:
-    """`params` placed on a mesh with the given axis sizes: every parameter
-    whose first logical axis is `expert` is split over the mesh axis `expert`,
-    everything else is replicated."""
+def place_on_mesh(params: Mapping, opt_state: Any, model: nnx.Module,
+                  mesh_shape: Mapping[str, int]) -> tuple[Any, Any]:
+    """`params` and `opt_state` placed on a mesh with the given axis sizes, by
+    the logical axis rules of `experiments.mesh.Sharding` (experts over
+    `expert`; the moments take their parameter's sharding)."""
     if "expert" not in mesh_shape:
         raise ValueError(f"mesh_shape must have an 'expert' axis, got {dict(mesh_shape)}")
-    sizes = tuple(int(v) for v in mesh_shape.values())
-    if any(s < 1 for s in sizes) or math.prod(sizes) > len(jax.devices()):
-        raise ValueError(f"mesh_shape {dict(mesh_shape)} needs {math.prod(sizes)} devices; "
-                         f"there are {len(jax.devices())}")
-    mesh = jax.make_mesh(sizes, tuple(mesh_shape), axis_types=(AxisType.Auto,) * len(sizes),
-                         devices=jax.devices()[:math.prod(sizes)])
-    axes = {tuple(str(getattr(k, "key", k)) for k in path): names
-            for path, names in logical_axes_of(model).items()}
-    flat = traverse_util.flatten_dict(params)
-    out = {}
-    for path, value in flat.items():
-        names = axes.get(tuple(str(p) for p in path)) or ()
-        spec = PartitionSpec()
-        if names and names[0] == EXPERT:
-            if value.shape[0] % mesh_shape["expert"]:
-                raise ValueError(f"{'/'.join(path)}: {value.shape[0]} experts are not divisible "
-                                 f"by the mesh axis expert={mesh_shape['expert']}")
-            spec = PartitionSpec("expert")
-        out[path] = jax.device_put(value, NamedSharding(mesh, spec))
-    return traverse_util.unflatten_dict(out)
+    size = math.prod(int(v) for v in mesh_shape.values())
+    if size < 1 or size > len(jax.devices()):
+        raise ValueError(f"mesh_shape {dict(mesh_shape)} needs {size} devices; there are "
+                         f"{len(jax.devices())}")
+    sharder = mesh_lib.Sharding(dict(mesh_shape), devices=jax.devices()[:size])
+    params = sharder.place_params(params, logical_axes_of(model))
+    moments = sharder.like_params(opt_state, params, mesh_lib.shardings_of(params))
+    return params, jax.device_put(opt_state, moments)
 
 
 # ---------------------------------------------------------------------------
@@ -559,13 +549,14 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
                                     config.router_init)
     opt_state = upcycle_opt_state(restored.opt_state, tx.init(params), target_abstract, plans,
                                   config.optimizer_state)
-    saved_params = params
+    saved_params, saved_opt_state = params, opt_state
     if config.mesh_shape:
-        saved_params = shard_params(params, target, config.mesh_shape)
+        saved_params, saved_opt_state = place_on_mesh(params, opt_state, target,
+                                                      config.mesh_shape)
     out_workdir.mkdir(parents=True, exist_ok=True)
     writer = Checkpointer(out_workdir / "checkpoints", async_save=False, max_to_keep=None)
     try:
-        writer.save(step, params=saved_params, opt_state=opt_state,
+        writer.save(step, params=saved_params, opt_state=saved_opt_state,
                     data_state=restored.data_state, rng_key_data=restored.rng_key_data,
                     force=True)
     finally:

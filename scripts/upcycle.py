@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dense_step", type=int, default=None,
                    help="Dense checkpoint step (default: the latest).")
     p.add_argument("--mesh", type=_mesh, default=None,
-                   help="Write expert weights sharded, e.g. 'expert=4'.")
+                   help="Write parameters placed on this mesh (experiments/mesh.py axes), "
+                        "e.g. 'expert=4' or 'fsdp=2,expert=4'.")
     p.add_argument("--verify", action="store_true",
                    help="Compare dense and MoE logits and loss on validation batches.")
     p.add_argument("--verify_batches", type=int, default=2)
