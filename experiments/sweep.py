@@ -51,6 +51,8 @@ class Sweep:
       bindings: extra bindings common to every run.
       analyze_routing: run `scripts/analyze_routing.py` after each run.
       title, description: report heading and text (what the sweep tests).
+      findings: what the finished runs showed (written after reading the
+        results; rendered under the table).
       smoothing: steps averaged in the curves of the report.
     """
 
@@ -62,6 +64,7 @@ class Sweep:
     analyze_routing: bool = False
     title: str = ""
     description: str = ""
+    findings: str = ""
     smoothing: int = 10
     name: str = ""
 
@@ -317,8 +320,10 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
               "Valid MaxVio: over the whole validation pass, mean over MoE layers. Batch/seq "
               "MaxVio: the step's global counts / the mean over its sequences, mean over layers "
               "and over the last 50 training steps. MI: I(domain; expert) on the validation "
-              "data (`scripts/analyze_routing.py`).", "",
-              "## Plots", "",
+              "data (`scripts/analyze_routing.py`).", ""]
+    if sweep.findings:
+        lines += ["## Findings", "", sweep.findings.strip(), ""]
+    lines += ["## Plots", "",
               f"![batch MaxVio]({sweep.name}/maxvio_curves.png)", "",
               f"![sequence MaxVio]({sweep.name}/seq_maxvio_curves.png)", "",
               f"![train CE]({sweep.name}/train_ce.png)", ""]
