@@ -84,7 +84,7 @@ class MetricsWriter:
             truncate_jsonl(self.jsonl_path, resume_step)
         self.tensorboard_dir = Path(tensorboard_dir or self.workdir / "tensorboard")
         self._tb = SummaryWriter(str(self.tensorboard_dir), flush_secs=10)
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     def write(self, step: int, split: str, scalars: dict[str, float],
               tb_scalars: dict[str, float] | None = None) -> None:

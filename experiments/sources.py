@@ -80,17 +80,17 @@ def load_jsonl(
                 raise ValueError(f"invalid JSON at {where}: {e}") from e
             # A malformed data file is a bad value, not a caller's type error.
             if not isinstance(obj, dict):
-                raise ValueError(  # noqa: TRY004
+                raise ValueError(
                     f"expected a JSON object at {where}, got {type(obj).__name__}"
                 )
             text = obj.get(text_field)
             if not isinstance(text, str):
-                raise ValueError(  # noqa: TRY004
+                raise ValueError(
                     f"text_field {text_field!r} must be a string at {where}, got {text!r:.80}"
                 )
             domain = obj.get(domain_field, default_domain)
             if not isinstance(domain, str):
-                raise ValueError(  # noqa: TRY004
+                raise ValueError(
                     f"domain_field {domain_field!r} must be a string at {where}, got {domain!r:.80}"
                 )
             records.append(Record(text=text, domain=domain, path=where))

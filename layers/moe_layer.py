@@ -13,8 +13,13 @@ from layers.experts import Experts
 from layers.mlp import DenseMLP
 from layers.router import Router
 from moe import balance, dense_to_sparse, routing
-from moe.dispatch import (available_dispatches, expert_capacity, expert_choice_dispatch,
-                          expert_parallel, get_dispatch)
+from moe.dispatch import (
+    available_dispatches,
+    expert_capacity,
+    expert_choice_dispatch,
+    expert_parallel,
+    get_dispatch,
+)
 
 ROUTING_TYPES = ("token_choice", "expert_choice")
 GATINGS = ("top_k", "dense_to_sparse")

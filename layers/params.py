@@ -7,7 +7,7 @@ Every parameter carries `logical_axes` metadata (e.g. `("expert", "embed",
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

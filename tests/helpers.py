@@ -43,7 +43,7 @@ def run_script(script: str, *args: str, timeout: float = 180,
 def start_script(script: str, *args: str, num_devices: int | None = None,
                  log_path: Path | None = None) -> subprocess.Popen:
     """Starts `script` in the background; stdout and stderr go to `log_path` (or are dropped)."""
-    out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115  (child owns it)
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
     return subprocess.Popen(script_command(script, *args), cwd=REPO, env=script_env(num_devices),
                             stdout=out, stderr=subprocess.STDOUT, text=True)
 

@@ -56,7 +56,7 @@ def test_capacity_dispatches_agree_with_drops():
 
 def test_aux_counts_are_before_dropping_and_lbl_uses_them():
     layer = _layer(capacity_factor=0.25)
-    y, aux = layer(_x(3))
+    _y, aux = layer(_x(3))
     num_tokens = 12
     assert float(jnp.sum(aux["counts"])) == K * num_tokens
     assert float(jnp.sum(aux["kept_counts"])) < K * num_tokens
@@ -103,7 +103,7 @@ def test_jitter_only_in_training():
 
 def test_expert_choice_in_encoder_is_balanced():
     layer = _layer(routing_type="expert_choice", causal=False)
-    y, aux = layer(_x(7))
+    _y, aux = layer(_x(7))
     capacity = layer.capacity(12, deterministic=True)  # ceil(12 * k / E) = 6
     assert capacity == 6
     np.testing.assert_array_equal(aux["counts"], np.full(E, capacity))
