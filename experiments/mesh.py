@@ -138,8 +138,11 @@ class Sharding:
         self.rules = sharding.normalize_rules(rules, sharding.MESH_AXES)
         for logical in (sharding.BATCH, "expert"):
             sharding.mesh_axes_for(logical, self.rules)  # both must have a rule
-        self.ep_options = ep_lib.ExpertParallelOptions(
-            enabled=expert_parallel, dropless=ep_dropless, buffer_factor=ep_buffer_factor)
+        try:
+            self.ep_options = ep_lib.ExpertParallelOptions(
+                enabled=expert_parallel, dropless=ep_dropless, buffer_factor=ep_buffer_factor)
+        except ValueError as e:  # name the gin parameters, not the internal fields
+            raise ValueError(f"Sharding.ep_{e}") from e
 
     @property
     def mesh_shape(self) -> dict[str, int]:

@@ -241,6 +241,11 @@ def test_ragged_is_refused_on_cpu_and_options_validated():
         ep_lib.ExpertParallelOptions(dropless="bogus")
     with pytest.raises(ValueError, match="buffer_factor"):
         ep_lib.ExpertParallelOptions(buffer_factor=0)
+    # Through the gin-configured class the message names its own parameters.
+    with pytest.raises(ValueError, match="Sharding.ep_buffer_factor must be > 0"):
+        mesh_lib.Sharding({"data": 1}, devices=jax.devices()[:1], ep_buffer_factor=0.0)
+    with pytest.raises(ValueError, match="Sharding.ep_dropless must be one of"):
+        mesh_lib.Sharding({"data": 1}, devices=jax.devices()[:1], ep_dropless="bogus")
 
 
 def test_ragged_exports_for_gpu_and_tpu():
