@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import analysis
 from moe import bias_balancing
 
 Biases = dict[str, np.ndarray]
@@ -114,8 +115,7 @@ def valid_balance_scalars(expert_counts: Mapping[str, Any]) -> dict[str, float]:
     """Validation scalars: MaxVio over the whole validation pass, per layer and mean."""
     out = {}
     for layer, counts in expert_counts.items():
-        c = np.asarray(counts, np.float64)
-        out[f"{layer}/max_violation"] = float(c.max() / max(c.mean(), 1e-12) - 1.0)
+        out[f"{layer}/max_violation"] = analysis.max_violation(counts)
     if out:
         out["max_violation"] = float(np.mean(list(out.values())))
     return out
