@@ -100,28 +100,24 @@ def plot(runs: dict[str, list[dict]], figures: Path, window: int) -> None:
     fig.savefig(figures / "loss_curves.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for variant, rs in runs.items():
-        ax.plot(rs[0]["steps"], np.mean([r["active"] for r in rs], axis=0), lw=1.2,
-                label=variant)
-    ax.set_xlabel("step")
-    ax.set_ylabel("active experts per token (mean of MoE layers)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(figures / "active_experts.png", dpi=110)
-    plt.close(fig)
+    _plot_seed_mean(runs, "active", "active experts per token (mean of MoE layers)",
+                    figures / "active_experts.png")
+    _plot_seed_mean(runs, "cum_flops", "cumulative training FLOPs", figures / "flops.png")
+
+
+def _plot_seed_mean(runs: dict[str, list[dict]], key: str, ylabel: str, path: Path) -> None:
+    """One curve per variant: `key` against step, averaged over seeds."""
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for variant, rs in runs.items():
-        ax.plot(rs[0]["steps"], np.mean([r["cum_flops"] for r in rs], axis=0), lw=1.2,
-                label=variant)
+        ax.plot(rs[0]["steps"], np.mean([r[key] for r in rs], axis=0), lw=1.2, label=variant)
     ax.set_xlabel("step")
-    ax.set_ylabel("cumulative training FLOPs")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(figures / "flops.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
