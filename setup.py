@@ -34,7 +34,8 @@ setup(
     version="0.1.0",
     description="Sparse mixture-of-experts routing, balancing, dispatch and training in JAX/Flax NNX",
     python_requires=">=3.10",
-    packages=find_packages(include=["moe", "moe.*", "layers", "layers.*", "experiments", "experiments.*"]),
+    packages=find_packages(include=["moe", "moe.*", "layers", "layers.*",
+                                    "experiments", "experiments.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

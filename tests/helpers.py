@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,21 +55,35 @@ def shared_dir(tmp_path_factory, name: str) -> Path:
     return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
 
 
+def run_script_once(tmp_path_factory, name: str, script: str, *args: str,
+                    timeout: float = 180, num_devices: int | None = None
+                    ) -> subprocess.CompletedProcess:
+    """Runs `script *args` once per pytest session, even when several xdist workers
+    ask for it (module fixtures run once per worker, and they share the directory
+    from `shared_dir(name)`); every caller gets the first run's result."""
+    import fcntl  # pylint: disable=g-import-not-at-top
+
+    directory = shared_dir(tmp_path_factory, name)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = directory.parent / f"{name}.result.json"
+        if not record.exists():
+            result = run_script(script, *args, timeout=timeout, num_devices=num_devices)
+            record.write_text(json.dumps({"args": result.args, "returncode": result.returncode,
+                                          "stdout": result.stdout, "stderr": result.stderr}))
+        saved = json.loads(record.read_text())
+    return subprocess.CompletedProcess(saved["args"], saved["returncode"], saved["stdout"],
+                                       saved["stderr"])
+
+
 def shared_training_run(tmp_path_factory, name: str, *args: str,
                         timeout: float = 180) -> tuple[Path, str]:
     """Runs `scripts/train.py *args --workdir=<shared dir>` once per session, even
     when several xdist workers ask for it; returns (workdir, its stdout)."""
-    import fcntl  # pylint: disable=g-import-not-at-top
-
     workdir = shared_dir(tmp_path_factory, name)
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    with open(workdir.parent / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        stdout_file = workdir.parent / f"{name}.stdout"
-        if not stdout_file.exists():
-            result = run_script("scripts/train.py", *args, f"--workdir={workdir}",
-                                timeout=timeout)
-            if result.returncode != 0:
-                raise RuntimeError(f"training run {name} failed:\n{result.stderr[-3000:]}")
-            stdout_file.write_text(result.stdout)
-    return workdir, stdout_file.read_text()
+    result = run_script_once(tmp_path_factory, name, "scripts/train.py", *args,
+                             f"--workdir={workdir}", timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"training run {name} failed:\n{result.stderr[-3000:]}")
+    return workdir, result.stdout

@@ -3,6 +3,7 @@ by scripts/upcycle.py (and experiments.upcycle in process), resumed by the train
 
 import base64
 import json
+import shutil
 
 import gin
 import jax
@@ -17,7 +18,7 @@ from experiments.checkpoints import Checkpointer
 from experiments.metrics import read_jsonl
 from experiments.optim import make_optimizer
 from experiments.pipeline import DataConfig
-from tests.helpers import run_script, shared_dir, shared_training_run
+from tests.helpers import run_script, run_script_once, shared_dir, shared_training_run
 
 TINY_GIN = "gin_configs/experiments/test_tiny.gin"
 DENSE_STEPS = 6
@@ -47,11 +48,11 @@ def clean_gin():
 def cli_upcycled(dense_run, tmp_path_factory):
     """scripts/upcycle.py with --verify, expert weights written sharded over 4 devices."""
     out = shared_dir(tmp_path_factory, "upcycle_cli") / "moe"
-    result = run_script("scripts/upcycle.py", f"--dense_workdir={dense_run}",
-                        f"--out_workdir={out}", "--moe_layers=every_other", "--num_experts=4",
-                        "--k=2",
-                        f"--gin_param={NORMALIZED}", "--mesh=expert=4", "--verify",
-                        num_devices=8)
+    result = run_script_once(tmp_path_factory, "upcycle_cli", "scripts/upcycle.py",
+                             f"--dense_workdir={dense_run}", f"--out_workdir={out}",
+                             "--moe_layers=every_other", "--num_experts=4", "--k=2",
+                             f"--gin_param={NORMALIZED}", "--mesh=expert=4", "--verify",
+                             num_devices=8)
     return out, result
 
 
@@ -80,8 +81,10 @@ def test_cli_writes_expert_weights_sharded_over_expert(cli_upcycled):
     assert "expert" not in json.dumps(by_name["embedding"].get("partition_spec"))
 
 
-def test_trainer_resumes_from_upcycled_checkpoint_and_loss_decreases(cli_upcycled):
-    out, _ = cli_upcycled
+def test_trainer_resumes_from_upcycled_checkpoint_and_loss_decreases(cli_upcycled, tmp_path):
+    # A private copy: other xdist workers read the shared upcycled workdir meanwhile.
+    out = tmp_path / "moe"
+    shutil.copytree(cli_upcycled[0], out)
     # No --gin_file: the trainer reads <workdir>/config.gin; it runs on one
     # device although the experts were written over four.
     result = run_script("scripts/train.py", f"--workdir={out}",
