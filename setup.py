@@ -25,8 +25,9 @@ EXTRAS_REQUIRE = {
     "notebooks": ["jupytext>=1.16,<2", "ipykernel>=6,<8", "nbformat>=5,<6"],
     # safetensors: scripts/import_dense.py and the pretrained-weights upcycling test.
     "import": ["safetensors>=0.4,<1"],
+    # sentencepiece: the SentencePiece tokenizer tests (a small wheel, no TensorFlow).
     "dev": ["pytest>=8", "pytest-xdist>=3", "tbparse>=0.0.9", "ruff>=0.5",
-            "safetensors>=0.4,<1", "jupytext>=1.16,<2"],
+            "safetensors>=0.4,<1", "jupytext>=1.16,<2", "sentencepiece>=0.2,<0.3"],
 }
 
 setup(
