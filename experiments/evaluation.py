@@ -94,8 +94,9 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np
 
 
 def make_routing_counts_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int) -> Callable:
-    """`step(params, batch) -> {moe layer: [D, E] counts}`: expert assignments of each
-    domain's tokens.
+    """`step(params, batch[, model_kwargs]) -> {moe layer: [D, E] counts}`: expert
+    assignments of each domain's tokens (`model_kwargs`, e.g. the loss-free
+    `selection_biases`, goes to the model call).
 
     The model runs once per domain with the other domains' tokens marked as
     padding (segment id 0), which excludes them from routing statistics. A
@@ -103,24 +104,26 @@ def make_routing_counts_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int
     the context they see in a normal pass.
     """
 
-    def step(params, batch):
+    def step(params, batch, model_kwargs=None):
         model = nnx.merge(graphdef, params, rest)
         per_domain = []
         for d in range(num_domains):
             segment_ids = jnp.where(batch["domain"] == d, batch["segment_ids"], 0)
             _, aux = model(batch["inputs"], segment_ids=segment_ids,
-                           positions=batch["positions"], deterministic=True)
+                           positions=batch["positions"], deterministic=True,
+                           **(model_kwargs or {}))
             per_domain.append({layer: a["counts"] for layer, a in aux.items()})
         return {layer: jnp.stack([p[layer] for p in per_domain]) for layer in per_domain[0]}
 
     return jax.jit(step)
 
 
-def routing_counts(step: Callable, params: Any,
-                   batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def routing_counts(step: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
+                   model_kwargs: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Sums `make_routing_counts_step` outputs over `batches`: `{layer: [D, E]}`."""
     total: dict[str, np.ndarray] = {}
+    args = () if model_kwargs is None else (model_kwargs,)
     for batch in batches:
-        for layer, counts in jax.device_get(step(params, dict(batch))).items():
+        for layer, counts in jax.device_get(step(params, dict(batch), *args)).items():
             total[layer] = total.get(layer, 0) + np.asarray(counts, np.float64)
     return total

@@ -51,10 +51,18 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
     if restored is None:
         raise FileNotFoundError(f"no intact checkpoint under {workdir / 'checkpoints'}")
     batches = data_config.eval_batches()[:max_batches]
+    # Loss-free selection biases are part of the router: route as the trainer did.
+    biases = restored.balance_state
+    model_kwargs = None
+    if biases:
+        model_kwargs = {"selection_biases": {layer: biases[layer]
+                                             for layer in getattr(model, "moe_layer_names", ())
+                                             if layer in biases}}
     step_fn = make_routing_counts_step(graphdef, rest, len(domains))
-    counts = routing_counts(step_fn, restored.params, batches)
+    counts = routing_counts(step_fn, restored.params, batches, model_kwargs)
 
-    report: dict[str, Any] = {"step": restored.step, "num_batches": len(batches), "layers": {}}
+    report: dict[str, Any] = {"step": restored.step, "num_batches": len(batches),
+                              "selection_biases": model_kwargs is not None, "layers": {}}
     for layer, layer_counts in counts.items():
         layer_report = analysis.layer_report(layer_counts, domains)
         report["layers"][layer] = layer_report

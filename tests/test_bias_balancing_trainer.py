@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from experiments import loss_free
-from experiments.checkpoints import Checkpointer
+from experiments.checkpoints import Checkpointer, tree_checksum
 from experiments.metrics import read_jsonl
 from experiments.trainer import split_model
 from layers.transformer import TransformerLM
@@ -110,3 +110,25 @@ def test_resume_restores_biases_exactly(biased_run, tmp_path):
     first = {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl", "train")}
     second = {r["step"]: r["loss"] for r in read_jsonl(copy / "metrics.jsonl", "train")}
     assert second == pytest.approx(first, rel=1e-6)
+
+
+def test_routing_analysis_routes_with_the_checkpointed_biases(biased_run, tmp_path):
+    # Large biases on experts 2 and 3 (top-2 of 4) pull every token to them: the
+    # analysis must route as the trainer does, selection biases included.
+    workdir, _ = biased_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    meta_path = copy / "checkpoints" / "6" / "meta" / "metadata"
+    meta = json.loads(meta_path.read_text())
+    biases = {"layer_1": np.float32([0.0, 0.0, 100.0, 100.0])}
+    meta["balance_state"] = {k: v.astype(np.float64).tolist() for k, v in biases.items()}
+    meta["balance_state_crc32"] = tree_checksum(biases)
+    meta_path.write_text(json.dumps(meta))
+    out = tmp_path / "analysis"
+    result = run_script("scripts/analyze_routing.py", f"--workdir={copy}",
+                        f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "routing.json").read_text())
+    assert report["step"] == 6 and report["selection_biases"] is True
+    fractions = np.asarray(report["layers"]["layer_1"]["routing_fractions"])
+    np.testing.assert_allclose(fractions, [[0.0, 0.0, 0.5, 0.5]] * len(fractions), atol=1e-6)
