@@ -224,8 +224,10 @@ def _train_locked(workdir: Path, *, model_cls, num_steps, seed, num_microbatches
             if biases is not None and current.moe_layers:  # once per optimizer step
                 biases.update(bias_config.update(_layer_biases(biases, current), metrics["moe"],
                                                  step, num_steps))
-            step_flops = current.flops.step_flops(metrics["moe"], positions=batch["inputs"].size,
-                                                  num_microbatches=num_microbatches)
+            # `batch` holds this process's rows; the MoE counts are global already.
+            step_flops = current.flops.step_flops(
+                metrics["moe"], positions=batch["inputs"].size * jax.process_count(),
+                num_microbatches=num_microbatches)
             if phases.structure_after(phase_plan, step) != current.structure:  # diversify
                 current = runtime(phases.structure_after(phase_plan, step))
                 params = phases.diversify_params(params, current.params, current.moe_layers,

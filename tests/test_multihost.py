@@ -85,6 +85,10 @@ def test_two_processes_match_one_process(reference, tmp_path):
     assert sorted(got) == [1, 2, 3, 4]
     np.testing.assert_allclose([got[s] for s in sorted(got)],
                                [expected[s] for s in sorted(expected)], rtol=1e-5)
+    # FLOPs count the global batch, not process 0's half of it.
+    flops = [r["flops"] for r in read_jsonl(workdir / "metrics.jsonl", "train")]
+    reference_flops = [r["flops"] for r in read_jsonl(reference / "metrics.jsonl", "train")]
+    np.testing.assert_allclose(flops, reference_flops, rtol=1e-6)
     valid = read_jsonl(workdir / "metrics.jsonl", "valid")[-1]["loss"]
     assert valid == pytest.approx(read_jsonl(reference / "metrics.jsonl", "valid")[-1]["loss"],
                                   rel=1e-5)
