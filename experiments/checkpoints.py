@@ -6,8 +6,9 @@ A checkpoint at step N is the directory `<checkpoint_dir>/N` with four items:
   opt_state  optimizer state (`StandardSave`)
   data       the training iterator's position (JSON)
   meta       JSON: step, the base RNG key, the loss-free selection biases (if
-             any), and a CRC32 of params and of
-             opt_state computed on the host before saving.
+             any), and digests of params, opt_state and the biases
+             (`experiments.checksums.tree_digest`: sharding-invariant, computed
+             where the arrays live, never gathered onto one host).
 
 Saves are asynchronous; orbax writes into a temporary directory and renames it
 when the save is finalised, so a trainer killed mid-save leaves no step
@@ -34,14 +35,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from experiments.checksums import tree_digest
+
 _log = logging.getLogger(__name__)
 
 ITEMS = ("params", "opt_state", "data", "meta")
-FORMAT_VERSION = 1
+# 2: `<item>_digest` (tree_digest). 1: `<item>_crc32` (legacy_crc32), still verified.
+FORMAT_VERSION = 2
+# (meta key suffix, function); the lambdas look the functions up when called.
+_DIGESTS = {1: ("crc32", lambda tree: legacy_crc32(tree)),
+            2: ("digest", lambda tree: tree_digest(tree))}
 
 
-def tree_checksum(tree: Any) -> int:
-    """CRC32 over the bytes, shapes and dtypes of every leaf, in tree order."""
+def legacy_crc32(tree: Any) -> int:
+    """Format-1 checksum: CRC32 over the bytes, shapes and dtypes of every leaf, in
+    tree order (gathers every array onto the host; only to verify old checkpoints)."""
     crc = 0
     for leaf in jax.tree.leaves(tree):
         array = np.ascontiguousarray(_host_array(leaf))
@@ -141,11 +149,11 @@ class Checkpointer:
             return False
         meta = {"step": int(step), "format_version": FORMAT_VERSION,
                     "rng_key_data": np.asarray(rng_key_data).tolist(),
-                    "params_crc32": tree_checksum(params), "opt_state_crc32": tree_checksum(opt_state)}
+                    "params_digest": tree_digest(params), "opt_state_digest": tree_digest(opt_state)}
         if balance_state is not None:
             biases = {k: np.asarray(v, np.float32) for k, v in balance_state.items()}
             meta["balance_state"] = {k: v.astype(np.float64).tolist() for k, v in biases.items()}
-            meta["balance_state_crc32"] = tree_checksum(biases)
+            meta["balance_state_digest"] = tree_digest(biases)
         self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -172,19 +180,22 @@ class Checkpointer:
         meta = out["meta"]
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise CorruptCheckpointError(f"meta item is missing or names another step: {meta!r:.200}")
-        for item in ("params", "opt_state"):
-            if item not in items:
-                continue
-            crc = tree_checksum(out[item])
-            if crc != meta.get(f"{item}_crc32"):
-                raise CorruptCheckpointError(
-                    f"{item} checksum mismatch (stored {meta.get(f'{item}_crc32')}, read {crc})")
+        version = meta.get("format_version")
+        if version not in _DIGESTS:
+            raise CorruptCheckpointError(f"unknown checkpoint format_version {version!r}; this "
+                                         f"code reads {sorted(_DIGESTS)}")
+        suffix, digest = _DIGESTS[version]
+        trees = {item: out[item] for item in ("params", "opt_state") if item in items}
         balance_state = None
         if "balance_state" in meta:
             balance_state = {k: np.asarray(v, np.float32)
                              for k, v in meta["balance_state"].items()}
-            if tree_checksum(balance_state) != meta.get("balance_state_crc32"):
-                raise CorruptCheckpointError("balance_state checksum mismatch")
+            trees["balance_state"] = balance_state
+        for item, tree in trees.items():
+            stored, read = meta.get(f"{item}_{suffix}"), digest(tree)
+            if read != stored:
+                raise CorruptCheckpointError(
+                    f"{item} checksum mismatch (stored {stored}, read {read})")
         return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"),
                         data_state=out["data"],
                         rng_key_data=np.asarray(meta["rng_key_data"], np.uint32),

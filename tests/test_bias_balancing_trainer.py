@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from experiments import loss_free
-from experiments.checkpoints import Checkpointer, tree_checksum
+from experiments.checkpoints import Checkpointer
+from experiments.checksums import tree_digest
 from experiments.metrics import read_jsonl
 from experiments.trainer import split_model
 from layers.transformer import TransformerLM
@@ -122,7 +123,7 @@ def test_routing_analysis_routes_with_the_checkpointed_biases(biased_run, tmp_pa
     meta = json.loads(meta_path.read_text())
     biases = {"layer_1": np.float32([0.0, 0.0, 100.0, 100.0])}
     meta["balance_state"] = {k: v.astype(np.float64).tolist() for k, v in biases.items()}
-    meta["balance_state_crc32"] = tree_checksum(biases)
+    meta["balance_state_digest"] = tree_digest(biases)
     meta_path.write_text(json.dumps(meta))
     out = tmp_path / "analysis"
     result = run_script("scripts/analyze_routing.py", f"--workdir={copy}",

@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.checkpoints import Checkpointer, tree_checksum
+from experiments.checkpoints import Checkpointer
+from experiments.checksums import tree_digest
 from experiments.workdir_lock import WorkdirLock, WorkdirLockedError
 
 
@@ -88,9 +89,9 @@ def test_checksum_catches_silently_changed_values(tmp_path, monkeypatch):
     _save(ck, 1, 1.0)
     _save(ck, 2, 2.0)
     ck.wait()
-    real = tree_checksum
-    # Simulate bit rot that orbax reads without error: the stored CRC no longer matches.
-    monkeypatch.setattr("experiments.checkpoints.tree_checksum",
+    real = tree_digest
+    # Simulate bit rot that orbax reads without error: the stored digest no longer matches.
+    monkeypatch.setattr("experiments.checkpoints.tree_digest",
                         lambda tree: real(tree) ^ (1 if float(
                             np.asarray(jax.tree.leaves(tree)[0]).ravel()[0]) == 2.0 else 0))
     with pytest.warns(RuntimeWarning, match="step 2.*checksum mismatch"):

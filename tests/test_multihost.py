@@ -97,6 +97,11 @@ def test_two_processes_match_one_process(reference, tmp_path):
     assert (workdir / "process_1" / "metrics.jsonl").exists()
     data_state = json.loads((workdir / "checkpoints" / "4" / "data" / "metadata").read_text())
     assert sorted(data_state["shards"]) == ["0", "1"]  # both processes' positions
+    # The digests the two processes computed on their devices (no array was
+    # gathered) verify when one process reads the checkpoint on the host.
+    [(_, _, err)] = run_train(workdir, EP_MESH, "--gin_param=train.num_steps = 5")
+    assert "corrupt" not in err and not (workdir / "corrupt_checkpoints").exists(), err[-3000:]
+    assert sorted(train_losses(workdir)) == [1, 2, 3, 4, 5]
 
 
 def test_resharding_restore_continues_the_same_losses(reference, tmp_path):
