@@ -117,7 +117,8 @@ class PhasePlan:
 class Runtime(NamedTuple):
     """What the trainer holds per model structure.
 
-    structure: "dense", "moe" or "model"; params, opt_state: its initial state;
+    structure: "dense", "moe" or "model"; params, opt_state: its initial state,
+    or only its shapes (`jax.ShapeDtypeStruct`) once the trainer has taken it;
     moe_layers: its MoE layer names; train_step, eval_step: jitted steps;
     flops: its `experiments.flops.FlopCounter`.
     """

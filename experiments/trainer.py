@@ -161,12 +161,18 @@ def _train_locked(workdir: Path, *, model_cls, num_steps, seed, num_microbatches
                                    num_microbatches=num_microbatches))
         return runtimes[structure]
 
+    def take_initial_state(structure: str) -> tuple[Any, Any]:
+        """The structure's initial (params, opt_state). The runtime keeps only their
+        shapes afterwards: no second model and optimizer state stays on the devices."""
+        r = runtime(structure)
+        runtimes[structure] = r._replace(params=mesh_lib.abstract_like(r.params),
+                                         opt_state=mesh_lib.abstract_like(r.opt_state))
+        return r.params, r.opt_state
+
     def abstract_state(step: int) -> tuple[Any, Any]:
         r = runtime(phases.structure_after(phase_plan, step))
         return mesh_lib.abstract_like((r.params, r.opt_state))  # restore onto this mesh
 
-    current = runtime(phases.structure_after(phase_plan, 0))
-    params, opt_state = current.params, current.opt_state
     biases: dict[str, np.ndarray] | None = {} if bias_config.enabled else None
     eval_batches = mesh_lib.eval_batches(data_config)
     train_iter = mesh_lib.make_sharded_train_iterator(data_config, seed)
@@ -177,10 +183,11 @@ def _train_locked(workdir: Path, *, model_cls, num_steps, seed, num_microbatches
     checkpointer = Checkpointer(workdir / "checkpoints", save_every=checkpoint_every,
                                 max_to_keep=max_to_keep, async_save=async_checkpoints)
     restored = checkpointer.restore_latest(None, None, abstract_for_step=abstract_state)
-    start_step = 0
+    start_step = 0 if restored is None else restored.step
+    structure = phases.structure_after(phase_plan, start_step)
+    params, opt_state = take_initial_state(structure)  # dropped below when resuming
+    current = runtimes[structure]
     if restored is not None:
-        start_step = restored.step
-        current = runtime(phases.structure_after(phase_plan, start_step))
         params, opt_state = restored.params, restored.opt_state
         base_key = jnp.asarray(restored.rng_key_data, jnp.uint32)
         data_lib.restore_iterator_state(train_iter, restored.data_state)
@@ -229,9 +236,12 @@ def _train_locked(workdir: Path, *, model_cls, num_steps, seed, num_microbatches
                 metrics["moe"], positions=batch["inputs"].size * jax.process_count(),
                 num_microbatches=num_microbatches)
             if phases.structure_after(phase_plan, step) != current.structure:  # diversify
-                current = runtime(phases.structure_after(phase_plan, step))
-                params = phases.diversify_params(params, current.params, current.moe_layers,
+                structure = phases.structure_after(phase_plan, step)
+                fresh_params, _ = take_initial_state(structure)
+                current = runtimes[structure]
+                params = phases.diversify_params(params, fresh_params, current.moe_layers,
                                                  phase_plan, phases.diversify_key(base_key, step))
+                del fresh_params
                 opt_state = phases.transfer_opt_state(opt_state, params, tx, current.moe_layers,
                                                       copy_moments=phase_plan.copy_moments)
             now = time.monotonic()

@@ -267,3 +267,28 @@ def test_analyze_routing_writes_heatmaps_and_json(tiny_run, tmp_path):
     for name in ("routing_layer_1.png", "loss_curves.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "I(domain; expert)" in result.stdout
+
+
+def test_trainer_holds_one_copy_of_the_training_state(tmp_path, clean_gin, monkeypatch):
+    # The initial parameters and optimizer state are handed to the loop, not kept
+    # beside it: during training exactly three arrays have the embedding's shape
+    # (the parameter and Adam's two moments), not six.
+    import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
+    from experiments import trainer
+    from experiments.metrics import MetricsWriter
+
+    gin_utils.parse([str(REPO / TINY_GIN)], [
+        "train.num_steps = 3", "train.eval_every = 3", "train.checkpoint_every = 100",
+        "train.async_checkpoints = False"])
+    embedding_shape = (259, 32)  # byte vocabulary x test_tiny's d_model
+    counts = []
+    real_write = MetricsWriter.write
+
+    def write(self, step, split, *args, **kwargs):
+        if split == "train":
+            counts.append(sum(a.shape == embedding_shape for a in jax.live_arrays()))
+        return real_write(self, step, split, *args, **kwargs)
+
+    monkeypatch.setattr(MetricsWriter, "write", write)
+    trainer.train(tmp_path / "run", quiet=True)
+    assert counts == [3, 3, 3]
