@@ -112,11 +112,14 @@ class Checkpointer:
       async_save: write in a background thread (orbax async checkpointing).
       corrupt_dir: where damaged checkpoints are moved; default
         `<directory>/../corrupt_checkpoints`.
+      read_only: for readers of another process's run (analysis, upcycling):
+        never saves, deletes, moves damaged checkpoints aside or cleans up
+        temporary directories, which may be a live trainer's save in flight.
     """
 
     def __init__(self, directory: str | Path, *, save_every: int = 200,
                  max_to_keep: int | None = 3, async_save: bool = True,
-                 corrupt_dir: str | Path | None = None):
+                 corrupt_dir: str | Path | None = None, read_only: bool = False):
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         if max_to_keep is not None and max_to_keep < 1:
@@ -125,8 +128,12 @@ class Checkpointer:
         self.corrupt_dir = (Path(corrupt_dir) if corrupt_dir is not None
                             else self.directory.parent / "corrupt_checkpoints")
         self.save_every = save_every
+        self.read_only = read_only
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"no checkpoint directory {self.directory}")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+            max_to_keep=max_to_keep, create=not read_only,
+            cleanup_tmp_directories=not read_only, read_only=read_only,
             enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
@@ -143,6 +150,8 @@ class Checkpointer:
 
         `balance_state`: `{layer: [E] float32}` loss-free selection biases, kept
         in `meta` (JSON floats hold float32 exactly) with their own CRC32."""
+        if self.read_only:
+            raise ValueError(f"Checkpointer for {self.directory} is read_only; it cannot save")
         if not force and step % self.save_every != 0:
             return False
         if step in self._manager.all_steps():
@@ -214,6 +223,7 @@ class Checkpointer:
         replaces the two fixed trees (runs whose model structure changes with
         the step, `experiments.phases`).
         """
+        quarantine = quarantine and not self.read_only
         for step in reversed(self.all_steps()):
             if abstract_for_step is not None:
                 abstract_params, abstract_opt_state = abstract_for_step(step)

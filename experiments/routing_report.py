@@ -42,10 +42,12 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
     domains = data_config.domains()
     model = build_model(_model_cls(), data_config.vocab_size(), seed=0)
     graphdef, params, rest = split_model(model)
-    checkpointer = Checkpointer(workdir / "checkpoints")
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"no intact checkpoint under {workdir / 'checkpoints'}")
+    # Read-only: the run may still be training and saving.
+    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
     try:
-        restored = checkpointer.restore_latest(jax.eval_shape(lambda: params), None,
-                                               quarantine=False)
+        restored = checkpointer.restore_latest(jax.eval_shape(lambda: params), None)
     finally:
         checkpointer.close()
     if restored is None:

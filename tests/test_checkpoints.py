@@ -113,6 +113,34 @@ def test_unfinalised_checkpoint_is_ignored(tmp_path):
     ck.close()
 
 
+def test_read_only_reader_leaves_a_live_run_alone(tmp_path):
+    # An analysis or upcycling reader opened while the trainer saves step 3 must not
+    # delete that save's temporary directory, move a damaged step aside, or write.
+    ck = Checkpointer(tmp_path / "checkpoints", save_every=1)
+    _save(ck, 1, 1.0)
+    _save(ck, 2, 2.0)
+    ck.close()
+    _corrupt_params(tmp_path / "checkpoints" / "2", "garbage")
+    in_flight = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-123"
+    in_flight.mkdir()
+    reader = Checkpointer(tmp_path / "checkpoints", read_only=True)
+    with pytest.warns(RuntimeWarning, match=r"step 2 .*falling back to step 1"):
+        assert reader.restore_latest(*_abstract()).step == 1
+    with pytest.raises(ValueError, match="read_only"):
+        _save(reader, 4, 4.0)
+    reader.close()
+    assert in_flight.is_dir() and (tmp_path / "checkpoints" / "2").is_dir()
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+    # The trainer's own (writable) Checkpointer cleans up and quarantines.
+    ck = Checkpointer(tmp_path / "checkpoints", save_every=1)
+    with pytest.warns(RuntimeWarning, match=r"step 2 "):
+        assert ck.restore_latest(*_abstract()).step == 1
+    ck.close()
+    assert not in_flight.exists() and (tmp_path / "corrupt_checkpoints" / "2").is_dir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        Checkpointer(tmp_path / "nowhere", read_only=True)
+
+
 def test_checkpointer_validates_arguments(tmp_path):
     with pytest.raises(ValueError, match="save_every"):
         Checkpointer(tmp_path, save_every=0)
