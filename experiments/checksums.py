@@ -26,21 +26,14 @@ import numpy as np
 _UINT_OF_WIDTH = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
 
-def _mix_np(x: np.ndarray) -> np.ndarray:
-    """A 32-bit integer hash (lowbias32), elementwise on uint32."""
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x7FEB352D)
-    x = x ^ (x >> np.uint32(15))
-    x = x * np.uint32(0x846CA68B)
-    return x ^ (x >> np.uint32(16))
-
-
-def _mix_jnp(x: jax.Array) -> jax.Array:
-    x = x ^ (x >> jnp.uint32(16))
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> jnp.uint32(15))
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> jnp.uint32(16))
+def _mix(x: Any, xp: Any = np) -> Any:
+    """A 32-bit integer hash (lowbias32), elementwise on uint32; `xp` is numpy or
+    jax.numpy, so the host and device digests share one definition."""
+    x = x ^ (x >> xp.uint32(16))
+    x = x * xp.uint32(0x7FEB352D)
+    x = x ^ (x >> xp.uint32(15))
+    x = x * xp.uint32(0x846CA68B)
+    return x ^ (x >> xp.uint32(16))
 
 
 def _bits_np(array: np.ndarray) -> np.ndarray:
@@ -56,10 +49,10 @@ def _bits_np(array: np.ndarray) -> np.ndarray:
 
 def _sums_np(array: np.ndarray) -> tuple[int, int]:
     bits = _bits_np(array)
-    weights = _mix_np(np.arange(bits.size, dtype=np.uint32))
+    weights = _mix(np.arange(bits.size, dtype=np.uint32))
     with np.errstate(over="ignore"):
         s1 = np.sum(bits * (weights | np.uint32(1)), dtype=np.uint32)
-        s2 = np.sum(_mix_np(bits + weights), dtype=np.uint32)
+        s2 = np.sum(_mix(bits + weights), dtype=np.uint32)
     return int(s1), int(s2)
 
 
@@ -80,9 +73,9 @@ def _sums_device(array: jax.Array) -> tuple[jax.Array, jax.Array]:
     for axis in reversed(range(bits.ndim)):
         index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
         stride = (stride * bits.shape[axis]) % (1 << 32)
-    weights = _mix_jnp(index)
+    weights = _mix(index, jnp)
     return (jnp.sum(bits * (weights | jnp.uint32(1)), dtype=jnp.uint32),
-            jnp.sum(_mix_jnp(bits + weights), dtype=jnp.uint32))
+            jnp.sum(_mix(bits + weights, jnp), dtype=jnp.uint32))
 
 
 def _leaf_sums(leaf: Any) -> tuple[int, int]:
