@@ -19,12 +19,14 @@ Where the counts of a group come from (`count_source`):
 
 MoE layers whose aux has no per-token routing (`token_probs`; e.g. expert
 choice, the EvoMoE dense-to-sparse gate) keep their own `lbl`, averaged over
-micro-batches as before.
+micro-batches as before; with any scope but 'micro_batch' a warning names them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from moe import balance_scope as bs
+
+_log = logging.getLogger(__name__)
 
 GLOBAL_MODES = ("exact", "causal")
 TOKEN_KEYS = ("token_probs", "token_experts", "token_mask")
@@ -124,6 +128,7 @@ class StepBalance:
         out = {}
         for layer, a in aux.items():
             if layer not in own:
+                self._warn_unscoped(layer)
                 out[layer] = {"lbl": a["lbl"] / self.num_microbatches,
                               "seq_balance": jnp.zeros((), jnp.float32)}
                 continue
@@ -141,6 +146,16 @@ class StepBalance:
                     rows[_rows_of(row_group)]),
             }
         return out, own
+
+    def _warn_unscoped(self, layer: str) -> None:
+        """Once per trace: the configured scope does not reach this layer."""
+        if self.lbl_scope == "micro_batch":
+            return
+        message = (f"LossWeights.lbl_scope={self.lbl_scope!r} does not apply to MoE layer "
+                   f"{layer!r}: its gating reports no per-token routing (expert choice, "
+                   f"dense-to-sparse), so it keeps its own per-micro-batch LBL")
+        _log.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def _rows_of(row_group: jax.Array) -> jax.Array:

@@ -1,6 +1,7 @@
 """Balance scopes in the train step: micro-batches, accumulation, 8 data-parallel devices."""
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -172,3 +173,21 @@ def test_scope_errors_name_the_option():
         LossWeights(lbl_global_mode="megatron")
     with pytest.raises(ValueError, match="lbl_global_mode"):
         StepBalance(global_mode="approx")
+
+
+def test_layers_without_token_routing_keep_their_lbl_and_the_scope_warns():
+    # An expert-choice layer's aux has an `lbl` but no per-token routing: a
+    # global-batch scope cannot regroup it, so its own LBL is kept (averaged over
+    # the 2 micro-batches) and a warning names the layer; 'micro_batch' is silent.
+    aux = {"layer_1": {"lbl": jnp.float32(3.0)}}
+    segment_ids = jnp.ones((4, 8), jnp.int32)
+    for scope, expect_warning in (("global_batch", True), ("micro_batch", False)):
+        balance = StepBalance(scope, num_microbatches=2)
+        groups = balance.groups(segment_ids, jax.random.PRNGKey(0))
+        group = groups.lbl_group[:2]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, own = balance.terms(aux, group, groups.row_group[:2], groups, None, True)
+        assert own == {} and float(out["layer_1"]["lbl"]) == 1.5
+        messages = [str(w.message) for w in caught]
+        assert any("'layer_1'" in m and "global_batch" in m for m in messages) == expect_warning
