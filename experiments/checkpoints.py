@@ -149,7 +149,7 @@ class Checkpointer:
         """Starts saving step `step` if due (or forced); returns whether it did.
 
         `balance_state`: `{layer: [E] float32}` loss-free selection biases, kept
-        in `meta` (JSON floats hold float32 exactly) with their own CRC32."""
+        in `meta` (JSON floats hold float32 exactly) with their own digest."""
         if self.read_only:
             raise ValueError(f"Checkpointer for {self.directory} is read_only; it cannot save")
         if not force and step % self.save_every != 0:
@@ -190,9 +190,9 @@ class Checkpointer:
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise CorruptCheckpointError(f"meta item is missing or names another step: {meta!r:.200}")
         version = meta.get("format_version")
-        if version not in _DIGESTS:
-            raise CorruptCheckpointError(f"unknown checkpoint format_version {version!r}; this "
-                                         f"code reads {sorted(_DIGESTS)}")
+        if version not in _DIGESTS:  # newer code wrote it: not damage, do not move it aside
+            raise ValueError(f"checkpoint at step {step} in {self.directory} has format_version "
+                             f"{version!r}; this code reads {sorted(_DIGESTS)}")
         suffix, digest = _DIGESTS[version]
         trees = {item: out[item] for item in ("params", "opt_state") if item in items}
         balance_state = None

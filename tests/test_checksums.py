@@ -95,3 +95,18 @@ def test_format_1_checkpoints_still_verify(tmp_path):
     assert restored.step == 1
     np.testing.assert_array_equal(restored.params["w"], params["w"])
     ck.close()
+
+
+def test_unknown_format_version_is_refused_not_quarantined(tmp_path):
+    params, opt_state = {"w": jnp.ones(3)}, {"m": jnp.zeros(3)}
+    ck = Checkpointer(tmp_path / "checkpoints", save_every=1, async_save=False)
+    ck.save(1, params=params, opt_state=opt_state, data_state={},
+            rng_key_data=np.zeros(2, np.uint32))
+    ck.close()
+    path = tmp_path / "checkpoints" / "1" / "meta" / "metadata"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), format_version=99)))
+    ck = Checkpointer(tmp_path / "checkpoints", save_every=1)
+    with pytest.raises(ValueError, match="format_version 99; this code reads"):
+        ck.restore_latest(*jax.eval_shape(lambda: (params, opt_state)))
+    ck.close()
+    assert (tmp_path / "checkpoints" / "1").is_dir()
