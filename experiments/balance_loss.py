@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from moe import balance_scope as bs
+from moe.validation import check_one_of
 
 _log = logging.getLogger(__name__)
 
@@ -74,9 +75,7 @@ class StepBalance:
 
     def __post_init__(self):
         bs.parse_lbl_scope(self.lbl_scope)
-        if self.global_mode not in GLOBAL_MODES:
-            raise ValueError(f"lbl_global_mode must be one of {GLOBAL_MODES}, "
-                             f"got {self.global_mode!r}")
+        check_one_of("lbl_global_mode", self.global_mode, GLOBAL_MODES)
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
 

@@ -40,6 +40,8 @@ from typing import TypedDict
 
 import numpy as np
 
+from moe.validation import check_one_of
+
 
 class Record(TypedDict):
     """One document: its text, its domain label and a stable, unique path."""
@@ -99,8 +101,7 @@ def _check_fraction(validation_fraction: float) -> None:
 
 
 def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_one_of("split", split, SPLITS)
 
 
 def split_of(

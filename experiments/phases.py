@@ -40,6 +40,7 @@ import optax
 
 from moe import upcycle
 from moe.dense_to_sparse import TEMPERATURE_SCHEDULES, DtsState, temperature_schedule
+from moe.validation import check_one_of
 
 _log = logging.getLogger(__name__)
 
@@ -85,12 +86,9 @@ class PhasePlan:
         if self.soft_until < self.dense_steps:
             raise ValueError(f"PhasePlan.soft_until must be >= dense_steps={self.dense_steps}, "
                              f"got {self.soft_until}")
-        if self.diversify not in upcycle.DIVERSIFY_STRATEGIES:
-            raise ValueError(f"PhasePlan.diversify must be one of "
-                             f"{tuple(upcycle.DIVERSIFY_STRATEGIES)}, got {self.diversify!r}")
-        if self.temperature_schedule not in TEMPERATURE_SCHEDULES:
-            raise ValueError(f"PhasePlan.temperature_schedule must be one of "
-                             f"{tuple(TEMPERATURE_SCHEDULES)}, got {self.temperature_schedule!r}")
+        check_one_of("PhasePlan.diversify", self.diversify, upcycle.DIVERSIFY_STRATEGIES)
+        check_one_of("PhasePlan.temperature_schedule", self.temperature_schedule,
+                     TEMPERATURE_SCHEDULES)
         temperature_schedule(self.temperature_schedule, max_temperature=self.max_temperature,
                              min_temperature=self.min_temperature,
                              decay_steps=self.temperature_decay_steps)  # validates

@@ -26,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 import gin
 import numpy as np
 
+from moe.validation import check_one_of
+
 
 @runtime_checkable
 class Tokenizer(Protocol):
@@ -252,8 +254,7 @@ def train_sentencepiece(
     Returns:
       The trained tokenizer loaded from ``model_path``.
     """
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    check_one_of("model_type", model_type, MODEL_TYPES)
     min_vocab = 4 + 256 + len(_WHITESPACE_SYMBOLS) + 1
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size must be >= {min_vocab}, got {vocab_size}")

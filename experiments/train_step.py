@@ -35,6 +35,7 @@ from flax import nnx
 from experiments.balance_loss import GLOBAL_MODES, StepBalance, zeros_like_counts
 from moe import balance, sharding
 from moe.balance_scope import parse_lbl_scope
+from moe.validation import check_one_of
 
 Batch = Mapping[str, jax.Array]
 LAYER_REDUCTIONS = ("sum", "mean")
@@ -71,9 +72,7 @@ class LossWeights:
     seq_balance_weight: float = 0.0
 
     def __post_init__(self):
-        if self.layer_reduction not in LAYER_REDUCTIONS:
-            raise ValueError(f"LossWeights.layer_reduction must be one of {LAYER_REDUCTIONS}, "
-                             f"got {self.layer_reduction!r}")
+        check_one_of("LossWeights.layer_reduction", self.layer_reduction, LAYER_REDUCTIONS)
         if self.lbl_weight < 0 or self.z_loss_weight < 0 or self.seq_balance_weight < 0:
             raise ValueError(f"LossWeights weights must be >= 0, got lbl_weight="
                              f"{self.lbl_weight}, z_loss_weight={self.z_loss_weight}, "
@@ -82,9 +81,7 @@ class LossWeights:
             parse_lbl_scope(self.lbl_scope)
         except ValueError as e:
             raise ValueError(f"LossWeights.{e}") from None
-        if self.lbl_global_mode not in GLOBAL_MODES:
-            raise ValueError(f"LossWeights.lbl_global_mode must be one of {GLOBAL_MODES}, "
-                             f"got {self.lbl_global_mode!r}")
+        check_one_of("LossWeights.lbl_global_mode", self.lbl_global_mode, GLOBAL_MODES)
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

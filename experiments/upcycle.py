@@ -49,6 +49,7 @@ from experiments.train_step import token_cross_entropy
 from layers.params import logical_axes_of
 from layers.transformer import TransformerLM
 from moe import upcycle as up
+from moe.validation import check_one_of
 
 _log = logging.getLogger(__name__)
 
@@ -107,18 +108,11 @@ class UpcycleConfig:
         if isinstance(self.moe_layers, str) and self.moe_layers not in LAYER_SELECTIONS:
             raise ValueError(f"moe_layers must be one of {LAYER_SELECTIONS}, a list of layer "
                              f"indices or None, got {self.moe_layers!r}")
-        if self.router_init is not None and self.router_init not in up.ROUTER_INITS:
-            raise ValueError(f"router_init must be one of {tuple(up.ROUTER_INITS)}, "
-                             f"got {self.router_init!r}")
-        if self.diversify not in up.DIVERSIFY_STRATEGIES:
-            raise ValueError(f"diversify must be one of {tuple(up.DIVERSIFY_STRATEGIES)}, "
-                             f"got {self.diversify!r}")
-        if self.weight_scaling not in up.WEIGHT_SCALINGS:
-            raise ValueError(f"weight_scaling must be one of {up.WEIGHT_SCALINGS}, "
-                             f"got {self.weight_scaling!r}")
-        if self.optimizer_state not in OPTIMIZER_STATE_MODES:
-            raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, "
-                             f"got {self.optimizer_state!r}")
+        if self.router_init is not None:
+            check_one_of("router_init", self.router_init, up.ROUTER_INITS)
+        check_one_of("diversify", self.diversify, up.DIVERSIFY_STRATEGIES)
+        check_one_of("weight_scaling", self.weight_scaling, up.WEIGHT_SCALINGS)
+        check_one_of("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_MODES)
         if not 0.0 <= self.diversify_ratio <= 1.0:
             raise ValueError(f"diversify_ratio must be in [0, 1], got {self.diversify_ratio}")
         if self.router_init_std < 0 or self.noise_std < 0:
@@ -394,8 +388,7 @@ def upcycle_opt_state(dense_opt_state: Any, moe_opt_template: Any, target_abstra
     the parameters (AdamW's mu and nu here); `ScaleByScheduleState` counts are
     always carried over so the learning-rate schedule continues.
     """
-    if mode not in OPTIMIZER_STATE_MODES:
-        raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {mode!r}")
+    check_one_of("optimizer_state", mode, OPTIMIZER_STATE_MODES)
     top_keys = set(target_abstract)
 
     def special(x) -> bool:

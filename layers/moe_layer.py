@@ -20,6 +20,7 @@ from moe.dispatch import (
     expert_parallel,
     get_dispatch,
 )
+from moe.validation import check_one_of
 
 ROUTING_TYPES = ("token_choice", "expert_choice")
 GATINGS = ("top_k", "dense_to_sparse")
@@ -252,8 +253,7 @@ def _balance_probs(probs: jax.Array, score: str) -> jax.Array:
 
 
 def _validate_gating(gating, routing_type, num_experts, dts_threshold) -> None:
-    if gating not in GATINGS:
-        raise ValueError(f"gating must be one of {GATINGS}, got {gating!r}")
+    check_one_of("gating", gating, GATINGS)
     if gating == "dense_to_sparse" and routing_type != "token_choice":
         raise ValueError("gating='dense_to_sparse' needs routing_type='token_choice', "
                          f"got {routing_type!r}")
@@ -269,16 +269,13 @@ def _validate(*, num_experts, k, dispatch, capacity_factor, eval_capacity_factor
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
-    if dispatch not in available_dispatches():
-        raise ValueError(f"dispatch must be one of {available_dispatches()}, got {dispatch!r}")
+    check_one_of("dispatch", dispatch, available_dispatches())
     for name, value in (("capacity_factor", capacity_factor),
                         ("eval_capacity_factor", eval_capacity_factor)):
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be > 0 or None (dropless), got {value}")
-    if routing_type not in ROUTING_TYPES:
-        raise ValueError(f"routing_type must be one of {ROUTING_TYPES}, got {routing_type!r}")
-    if score not in routing.SCORE_FUNCTIONS:
-        raise ValueError(f"score must be one of {routing.SCORE_FUNCTIONS}, got {score!r}")
+    check_one_of("routing_type", routing_type, ROUTING_TYPES)
+    check_one_of("score", score, routing.SCORE_FUNCTIONS)
     if causal and routing_type == "expert_choice":
         raise ValueError("routing_type='expert_choice' looks at future tokens; it is not allowed "
                          "in a causal layer (causal=True). Use it in encoders (causal=False).")

@@ -32,6 +32,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moe.validation import check_one_of
+
 Array = jax.Array
 
 
@@ -101,12 +103,8 @@ class BiasUpdate:
     recenter: bool = False
 
     def __post_init__(self):
-        if self.rule not in UPDATE_RULES:
-            raise ValueError(f"bias update rule must be one of {tuple(UPDATE_RULES)}, "
-                             f"got {self.rule!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"bias rate schedule must be one of {tuple(SCHEDULES)}, "
-                             f"got {self.schedule!r}")
+        check_one_of("bias update rule", self.rule, UPDATE_RULES)
+        check_one_of("bias rate schedule", self.schedule, SCHEDULES)
         if not self.rate > 0:
             raise ValueError(f"bias update rate must be > 0, got {self.rate}")
         if not self.decay_steps > 0:
@@ -140,8 +138,7 @@ def update_bias(bias: Array, counts: Array, rate: Array | float, *, rule: str = 
     Returns:
       `[E] float32` new bias.
     """
-    if rule not in UPDATE_RULES:
-        raise ValueError(f"rule must be one of {tuple(UPDATE_RULES)}, got {rule!r}")
+    check_one_of("rule", rule, UPDATE_RULES)
     if bias.shape != counts.shape or bias.ndim != 1:
         raise ValueError(f"bias and counts must both be [experts], got {bias.shape} and "
                          f"{counts.shape}")

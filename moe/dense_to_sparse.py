@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from moe import balance
 from moe.experts import ExpertFFN
+from moe.validation import check_one_of
 
 Array = jax.Array
 
@@ -227,9 +228,7 @@ TEMPERATURE_SCHEDULES: dict[str, Callable[..., Array]] = {
 def temperature_schedule(name: str, *, max_temperature: float, min_temperature: float,
                          decay_steps: int) -> Callable[[int | Array], Array]:
     """`step -> tau` for the schedule `name` in `TEMPERATURE_SCHEDULES` (validated now)."""
-    if name not in TEMPERATURE_SCHEDULES:
-        raise ValueError(f"temperature schedule must be one of {tuple(TEMPERATURE_SCHEDULES)}, "
-                         f"got {name!r}")
+    check_one_of("temperature schedule", name, TEMPERATURE_SCHEDULES)
     _check_schedule(max_temperature, min_temperature, decay_steps)
     fn = TEMPERATURE_SCHEDULES[name]
 

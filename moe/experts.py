@@ -19,6 +19,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moe.validation import check_one_of
+
 Array = jax.Array
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -35,8 +37,7 @@ ACTIVATIONS = tuple(_ACTIVATIONS) + tuple(_GLU_ACTIVATIONS)
 
 
 def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_one_of("activation", activation, ACTIVATIONS)
 
 
 def is_glu(activation: str) -> bool:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 # EvoMoE's dense-to-sparse gate lives in its own module; re-exported here.
 from moe.dense_to_sparse import DenseToSparse as DenseToSparse
 from moe.dense_to_sparse import dense_to_sparse_gating as dense_to_sparse_gating
+from moe.validation import check_one_of
 
 Array = jax.Array
 
@@ -57,8 +58,7 @@ class ExpertChoice(NamedTuple):
 
 
 def _check_score(score: str) -> None:
-    if score not in SCORE_FUNCTIONS:
-        raise ValueError(f"score must be one of {SCORE_FUNCTIONS}, got {score!r}")
+    check_one_of("score", score, SCORE_FUNCTIONS)
 
 
 def score_probs(logits: Array, score: str = "softmax") -> Array:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 from jax.sharding import PartitionSpec
+
+from moe.scoped import ScopedValue
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH = "batch"
@@ -126,23 +127,17 @@ def spec_axes(entry: MeshAxes) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------
 # The active rules (for code traced under `use_rules`).
 
-_state = threading.local()
+_active_rules: ScopedValue[Rules] = ScopedValue()
 
 
-@contextlib.contextmanager
-def use_rules(rules: Sequence[Sequence] | Mapping[str, MeshAxes]) -> Iterator[Rules]:
+def use_rules(rules: Sequence[Sequence] | Mapping[str, MeshAxes]
+              ) -> contextlib.AbstractContextManager[Rules]:
     """Makes `rules` the active rule set while tracing inside the block."""
-    normalized = normalize_rules(rules)
-    previous = getattr(_state, "rules", None)
-    _state.rules = normalized
-    try:
-        yield normalized
-    finally:
-        _state.rules = previous
+    return _active_rules.use(normalize_rules(rules))
 
 
 def active_rules() -> Rules | None:
-    return getattr(_state, "rules", None)
+    return _active_rules.get()
 
 
 def context_mesh():

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.experts import ACTIVATIONS, check_activation, is_glu
+from moe.validation import check_one_of
 
 Array = jax.Array
 
@@ -58,8 +59,7 @@ def _roles_for(dense: Mapping[str, Array], roles: Mapping[str, str] | None) -> d
             raise ValueError(
                 f"unknown FFN weight name {name!r}: known names are {sorted(table)}; pass "
                 f"roles={{{name!r}: one of {ROLES}}} to name its role")
-        if table[name] not in ROLES:
-            raise ValueError(f"role of {name!r} must be one of {ROLES}, got {table[name]!r}")
+        check_one_of(f"role of {name!r}", table[name], ROLES)
         out[name] = table[name]
     return out
 
@@ -211,9 +211,7 @@ def spawn_experts(dense: Mapping[str, Array], num_experts: int, *, strategy: str
     Returns:
       `{name: [E, *dense[name].shape]}` in each weight's dtype.
     """
-    if strategy not in DIVERSIFY_STRATEGIES:
-        raise ValueError(f"strategy must be one of {tuple(DIVERSIFY_STRATEGIES)}, "
-                         f"got {strategy!r}")
+    check_one_of("strategy", strategy, DIVERSIFY_STRATEGIES)
     _check_common(dense, num_experts, ratio, noise_std)
     dense = {name: jnp.asarray(w) for name, w in dense.items()}
     return _spawn_jit(dense, rng, strategy=strategy, num_experts=num_experts, ratio=float(ratio),
@@ -294,8 +292,7 @@ def weight_scales(a: float, activation: str, mode: str = "balanced") -> tuple[fl
       "none": (1, 1).
     """
     check_activation(activation)
-    if mode not in WEIGHT_SCALINGS:
-        raise ValueError(f"weight scaling must be one of {WEIGHT_SCALINGS}, got {mode!r}")
+    check_one_of("weight scaling", mode, WEIGHT_SCALINGS)
     if not a > 0:
         raise ValueError(f"activation scale a must be > 0, got {a}")
     if mode == "none":
@@ -467,8 +464,7 @@ def init_router(rng: Array | None, d_model: int, num_experts: int, *, method: st
     0..k-1, so use it only for exactness checks), or "virtual_group" (R = E/G
     normal columns, each repeated G times).
     """
-    if method not in ROUTER_INITS:
-        raise ValueError(f"router init must be one of {tuple(ROUTER_INITS)}, got {method!r}")
+    check_one_of("router init", method, ROUTER_INITS)
     if std < 0:
         raise ValueError(f"router init std must be >= 0, got {std}")
     return ROUTER_INITS[method](rng, d_model, num_experts, std=std, granularity=granularity)

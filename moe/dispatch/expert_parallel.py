@@ -37,8 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +47,8 @@ from moe import sharding
 from moe.dispatch.dispatchers import DispatchOutput
 from moe.dispatch.layout import capacity_layout, combine_from_rows, gather_to_rows, sorted_layout
 from moe.experts import ExpertFFN
+from moe.scoped import ScopedValue
+from moe.validation import check_one_of
 
 Array = jax.Array
 
@@ -71,28 +72,22 @@ class ExpertParallelOptions:
     buffer_factor: float = 2.0
 
     def __post_init__(self):
-        if self.dropless not in DROPLESS_MODES:
-            raise ValueError(f"dropless must be one of {DROPLESS_MODES}, got {self.dropless!r}")
+        check_one_of("dropless", self.dropless, DROPLESS_MODES)
         if not self.buffer_factor > 0:
             raise ValueError(f"buffer_factor must be > 0, got {self.buffer_factor}")
 
 
-_state = threading.local()
+_active_options: ScopedValue[ExpertParallelOptions] = ScopedValue()
 
 
-@contextlib.contextmanager
-def use_options(options: ExpertParallelOptions) -> Iterator[ExpertParallelOptions]:
+def use_options(options: ExpertParallelOptions
+                ) -> contextlib.AbstractContextManager[ExpertParallelOptions]:
     """Makes `options` active for MoE layers traced inside the block."""
-    previous = getattr(_state, "options", None)
-    _state.options = options
-    try:
-        yield options
-    finally:
-        _state.options = previous
+    return _active_options.use(options)
 
 
 def active_options() -> ExpertParallelOptions:
-    return getattr(_state, "options", None) or ExpertParallelOptions()
+    return _active_options.get() or ExpertParallelOptions()
 
 
 def expert_parallel_size() -> int:

@@ -14,6 +14,7 @@ from moe.dispatch.dispatchers import DispatchOutput, einsum_dispatch, make_sort_
 from moe.dispatch.expert_parallel import expert_parallel_dispatch
 from moe.kernels import api as kernel_api
 from moe.kernels import xla_gmm
+from moe.validation import check_one_of
 
 Dispatcher = Callable[..., DispatchOutput]
 
@@ -32,8 +33,7 @@ def available_dispatches() -> tuple[str, ...]:
 
 
 def get_dispatch(name: str) -> Dispatcher:
-    if name not in _DISPATCHERS:
-        raise ValueError(f"dispatch must be one of {available_dispatches()}, got {name!r}")
+    check_one_of("dispatch", name, _DISPATCHERS)
     return _DISPATCHERS[name]
 
 
