@@ -42,8 +42,6 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
     domains = data_config.domains()
     model = build_model(_model_cls(), data_config.vocab_size(), seed=0)
     graphdef, params, rest = split_model(model)
-    if not (workdir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"no intact checkpoint under {workdir / 'checkpoints'}")
     # Read-only: the run may still be training and saving.
     checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
     try:

@@ -509,8 +509,6 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
     dense_abstract = dense_abstract.to_pure_dict()
     tx = make_optimizer(optax.constant_schedule(0.0))
     dense_abstract_opt = jax.eval_shape(tx.init, dense_abstract)
-    if not (dense_workdir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"no checkpoint in {dense_workdir / 'checkpoints'}")
     # Read-only: the dense trainer may still be running and saving.
     checkpointer = Checkpointer(dense_workdir / "checkpoints", async_save=False, max_to_keep=None,
                                 read_only=True)
