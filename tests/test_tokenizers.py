@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import tokenizers
+from experiments import corpus, tokenizers
 from experiments.tokenizers import ByteTokenizer, make_tokenizer
 
 HAS_SENTENCEPIECE = importlib.util.find_spec("sentencepiece") is not None
@@ -124,9 +124,14 @@ def test_train_tokenizer_script(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("train_tokenizer", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    data = tmp_path / "data.jsonl"
+    texts = _training_texts() * 3
+    # The split hashes "<path>:<line>" and tmp_path differs every run: pick a file
+    # name whose 12 lines fall into both splits, so the validation report prints.
+    data = next(path for path in (tmp_path / f"data{i}.jsonl" for i in range(1000))
+                if {corpus.split_of(f"{path}:{n}", 0.3) for n in range(1, len(texts) + 1)}
+                == {"train", "validation"})
     with open(data, "w", encoding="utf-8") as f:
-        for i, text in enumerate(_training_texts() * 3):
+        for i, text in enumerate(texts):
             f.write(json.dumps({"text": text, "domain": "code", "id": i}))
             f.write("\n")
     output = tmp_path / "out" / "tok.model"
