@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,3 +88,23 @@ def shared_training_run(tmp_path_factory, name: str, *args: str,
     if result.returncode != 0:
         raise RuntimeError(f"training run {name} failed:\n{result.stderr[-3000:]}")
     return workdir, result.stdout
+
+
+def path_with_both_splits(candidate: Callable[[int], Path],
+                          record_groups: Callable[[Path], Iterable[Iterable[str]]],
+                          validation_fraction: float) -> Path:
+    """The first `candidate(i)` for which every group of record paths from
+    `record_groups(candidate(i))` has train and validation records.
+
+    `corpus.split_of` hashes a record's path, and tests write their records under
+    temporary directories that change every run, so fixed names would leave a
+    split empty in some runs.
+    """
+    from experiments.corpus import split_of  # pylint: disable=g-import-not-at-top
+
+    for i in range(1000):
+        path = candidate(i)
+        if all({split_of(key, validation_fraction) for key in group} == {"train", "validation"}
+               for group in record_groups(path)):
+            return path
+    raise RuntimeError("no candidate path puts records into both splits")

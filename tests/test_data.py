@@ -15,6 +15,7 @@ import pytest
 from experiments import data, sources
 from experiments.corpus import select_split
 from experiments.tokenizers import ByteTokenizer
+from tests.helpers import path_with_both_splits
 
 SEQ_LEN = 16
 BATCH = 4
@@ -32,12 +33,18 @@ def letter_id(letter: str) -> int:
 
 @pytest.fixture(scope="module")
 def jsonl_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("jsonl") / "docs.jsonl"
+    directory = tmp_path_factory.mktemp("jsonl")
+    domain_of = ["alpha" if i % 2 else "beta" for i in range(len(LETTERS))]
+    path = path_with_both_splits(
+        lambda i: directory / f"docs{i}.jsonl",
+        lambda p: [[f"{p}:{line}" for line, d in enumerate(domain_of, start=1) if d == domain]
+                   for domain in ("alpha", "beta")],
+        validation_fraction=0.4)
     rng = np.random.default_rng(0)
     with open(path, "w", encoding="utf-8") as f:
         for i, letter in enumerate(LETTERS):
             length = 1 + int(rng.integers(0, 3 * SEQ_LEN))  # Some span several rows.
-            record = {"text": letter * length, "domain": "alpha" if i % 2 else "beta"}
+            record = {"text": letter * length, "domain": domain_of[i]}
             f.write(json.dumps(record) + "\n")
         f.write("\n")  # Blank lines are skipped.
     return str(path)

@@ -19,7 +19,7 @@ from experiments.data import iterator_state, restore_iterator_state  # noqa: E40
 from experiments.metrics import read_jsonl  # noqa: E402
 from experiments.pipeline import DataConfig  # noqa: E402
 from experiments.tokenizers import ByteTokenizer, train_sentencepiece  # noqa: E402
-from tests.helpers import run_script  # noqa: E402
+from tests.helpers import path_with_both_splits, run_script  # noqa: E402
 
 # Two domains of small text files. The split is a hash of the (temporary,
 # so different every run) path: the fixture picks a directory under which both
@@ -36,13 +36,10 @@ SEQ_LEN = 16
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("seqio_text")
-
-    def both_splits(root: Path) -> bool:
-        return all({corpus.split_of(str(root / domain / n), VALIDATION_FRACTION) for n in files}
-                   == {"train", "validation"} for domain, files in DOCS.items())
-
-    # Each candidate succeeds with probability ~0.89 (1 - 0.7^8 per domain).
-    root = next(base / f"set{i}" for i in range(1000) if both_splits(base / f"set{i}"))
+    root = path_with_both_splits(
+        lambda i: base / f"set{i}",
+        lambda r: [[str(r / domain / n) for n in files] for domain, files in DOCS.items()],
+        VALIDATION_FRACTION)
     for domain, files in DOCS.items():
         (root / domain).mkdir(parents=True)
         for name, text in files.items():

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import corpus, tokenizers
+from experiments import tokenizers
 from experiments.tokenizers import ByteTokenizer, make_tokenizer
+from tests.helpers import path_with_both_splits
 
 HAS_SENTENCEPIECE = importlib.util.find_spec("sentencepiece") is not None
 needs_sentencepiece = pytest.mark.skipif(
@@ -125,11 +126,10 @@ def test_train_tokenizer_script(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     texts = _training_texts() * 3
-    # The split hashes "<path>:<line>" and tmp_path differs every run: pick a file
-    # name whose 12 lines fall into both splits, so the validation report prints.
-    data = next(path for path in (tmp_path / f"data{i}.jsonl" for i in range(1000))
-                if {corpus.split_of(f"{path}:{n}", 0.3) for n in range(1, len(texts) + 1)}
-                == {"train", "validation"})
+    # Both splits non-empty, so the validation report prints.
+    data = path_with_both_splits(
+        lambda i: tmp_path / f"data{i}.jsonl",
+        lambda p: [[f"{p}:{n}" for n in range(1, len(texts) + 1)]], validation_fraction=0.3)
     with open(data, "w", encoding="utf-8") as f:
         for i, text in enumerate(texts):
             f.write(json.dumps({"text": text, "domain": "code", "id": i}))
