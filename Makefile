@@ -37,7 +37,7 @@ $(SEQIO_STAMP): setup.py pyproject.toml
 
 # seqio Tasks, the trainer bridge and the no-TensorFlow-in-the-core check.
 test-seqio: $(SEQIO_STAMP)
-	$(SEQIO_PY) -m pytest -n 2 tests/test_seqio.py tests/test_seqio_optional.py $(PYTEST_ARGS)
+	$(SEQIO_PY) -m pytest -n 2 tests/data/test_seqio.py tests/data/test_seqio_optional.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_moe_layer.py --json docs/bench_moe_layer.json

@@ -204,7 +204,7 @@ class MoeLayer(nnx.Module):
             max_violation=balance.max_violation(counts),
             router_entropy=balance.router_entropy(gating.probs, mask=token_mask),
             active_experts=jnp.sum(kept) / jnp.maximum(jnp.sum(token_mask), 1.0),
-            # Per-token routing for balance scopes other than this call (experiments.balance_loss).
+            # Per-token routing for balance scopes other than this call (experiments.train.balance_loss).
             token_probs=_balance_probs(gating.probs, self.score),
             token_experts=gating.expert_index,
             token_mask=token_mask,

@@ -49,7 +49,7 @@ class BatchLayout:
     """How the rows of one optimizer step's global batch `[B, S]` are split.
 
     Micro-batch a holds rows `a * B/A ... (a+1) * B/A - 1` (as
-    `experiments.train_step.split_microbatches` cuts them), and within a
+    `experiments.train.train_step.split_microbatches` cuts them), and within a
     micro-batch, data-parallel shard d holds the d-th block of `B / (A * D)`
     consecutive rows (the batch dimension sharded over the data axes).
 

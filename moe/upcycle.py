@@ -3,7 +3,7 @@
 A dense FFN is a mapping from weight names to arrays, e.g. `{"wi": [d, f],
 "wi_gate": [d, f] (GLU only), "wo": [f, d]}` plus optional biases. The
 functions here return the same names stacked over experts (`[E, ...]`). Used by
-checkpoint upcycling (`experiments.upcycle`, spec §6) and by EvoMoE's
+checkpoint upcycling (`experiments.convert.upcycle_checkpoint`, spec §6) and by EvoMoE's
 expert-diversify step (spec §5.2).
 
 Weight roles. Transforms that act on the hidden units (Drop-Upcycling, virtual

@@ -209,14 +209,14 @@ assert all(error[name] < 1e-3 for name, (_, a) in outputs.items() if a["dropped_
 # %% [markdown]
 # ## 6. Every device, through the mesh code
 #
-# `experiments.mesh.Sharding` builds the mesh over the axes
+# `experiments.runtime.mesh.Sharding` builds the mesh over the axes
 # `(data, fsdp, expert, tensor)` and the logical-axis rules. Here every device goes
 # on `data`: parameters are placed by their logical axes, the batch is split over
 # devices, and the layer runs under the mesh context. The result matches the
 # single-device one.
 
 # %%
-from experiments.mesh import Sharding  # noqa: E402
+from experiments.runtime.mesh import Sharding  # noqa: E402
 from layers.params import logical_axes_of  # noqa: E402
 
 num_devices = jax.device_count()

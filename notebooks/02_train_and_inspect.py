@@ -63,10 +63,10 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import gin_utils  # noqa: E402
-from experiments.metrics import read_jsonl  # noqa: E402
-from experiments.routing_report import analyze_workdir  # noqa: E402
-from experiments.trainer import train  # noqa: E402
+from experiments.runtime import gin_utils  # noqa: E402
+from experiments.reporting.metrics import read_jsonl  # noqa: E402
+from experiments.reporting.routing_report import analyze_workdir  # noqa: E402
+from experiments.train.trainer import train  # noqa: E402
 
 # One variable sets every size: "smoke" (CI, < 1 min on CPU) or "full" (~3 min on 2
 # CPU cores; seconds on an accelerator).
@@ -185,7 +185,7 @@ else:
 # ## Domain × expert heat map
 #
 # Restore the last checkpoint, route the validation batches once per domain, and
-# count where each domain's tokens go (`experiments.routing_report`, the code
+# count where each domain's tokens go (`experiments.reporting.routing_report`, the code
 # behind `scripts/analyze_routing.py`). Rows are domains, columns experts, cells
 # the share of that domain's assignments; I(domain; expert) measures how much
 # routing depends on the domain.

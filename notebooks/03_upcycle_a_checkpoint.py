@@ -17,7 +17,7 @@
 # # 03 · Upcycle a dense checkpoint into an MoE
 #
 # Sparse upcycling: train a small dense LM, turn every other FFN into a mixture of
-# experts initialised from it (`experiments.upcycle`, the code behind
+# experts initialised from it (`experiments.convert.upcycle_checkpoint`, the code behind
 # `scripts/upcycle.py`), check that the upcycled model computes the same function
 # as the dense one, then keep training both and compare.
 #
@@ -61,10 +61,10 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments import gin_utils  # noqa: E402
-from experiments.metrics import read_jsonl  # noqa: E402
-from experiments.trainer import train  # noqa: E402
-from experiments.upcycle import UpcycleConfig, upcycle  # noqa: E402
+from experiments.runtime import gin_utils  # noqa: E402
+from experiments.reporting.metrics import read_jsonl  # noqa: E402
+from experiments.train.trainer import train  # noqa: E402
+from experiments.convert.upcycle_checkpoint import UpcycleConfig, upcycle  # noqa: E402
 
 # One variable sets every size: "smoke" (CI, about 1 min on CPU) or "full" (~6 min
 # of CPU time on 2 cores; seconds on an accelerator).

@@ -16,8 +16,8 @@ import argparse
 import sys
 
 import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
-from experiments import gin_utils
-from experiments.routing_report import analyze_workdir, parse_run_config
+from experiments.reporting.routing_report import analyze_workdir, parse_run_config
+from experiments.runtime import gin_utils
 
 
 def main(argv: list[str] | None = None) -> int:

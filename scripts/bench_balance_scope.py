@@ -21,11 +21,11 @@ import jax
 import numpy as np
 
 import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
-from experiments import gin_utils
-from experiments.optim import learning_rate_schedule, make_optimizer
-from experiments.pipeline import DataConfig
-from experiments.train_step import LossWeights, make_train_step
-from experiments.trainer import build_model, split_model
+from experiments.data.config import DataConfig
+from experiments.runtime import gin_utils
+from experiments.train.optim import learning_rate_schedule, make_optimizer
+from experiments.train.train_step import LossWeights, make_train_step
+from experiments.train.trainer import build_model, split_model
 from layers.transformer import TransformerLM
 
 CONFIGS = (("micro_batch", "exact"), ("global_batch", "exact"), ("global_batch", "causal"),

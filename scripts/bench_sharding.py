@@ -33,9 +33,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import mesh as mesh_lib
-from experiments.train_step import LossWeights, make_train_step
-from experiments.trainer import split_model
+from experiments.runtime import mesh as mesh_lib
+from experiments.train.train_step import LossWeights, make_train_step
+from experiments.train.trainer import split_model
 from layers.params import logical_axes_of
 from layers.transformer import TransformerLM
 

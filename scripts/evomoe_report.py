@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import sweep as sweep_lib
-from experiments.metrics import read_jsonl
+from experiments.reporting import sweep as sweep_lib
+from experiments.reporting.metrics import read_jsonl
 
 
 def load_runs(sweep: sweep_lib.Sweep, root: Path) -> dict[str, list[dict]]:
@@ -137,7 +137,7 @@ def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file
              sweep.description.strip(), "",
              "## Results (mean ± std over seeds)", "",
              f"Equal-FLOPs budget: {budget / 1e9:.1f} GFLOPs, the smallest variant's total "
-             "(training FLOPs as counted by `experiments.flops`: 3 x forward matmul FLOPs, "
+             "(training FLOPs as counted by `experiments.train.flops`: 3 x forward matmul FLOPs, "
              "experts per row actually processed).", "",
              "| variant | seeds | valid loss @ step 200 | train CE @ 200 (last "
              f"{window}) | GFLOPs @ 200 | valid loss @ budget | train CE @ budget | "

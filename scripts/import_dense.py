@@ -5,7 +5,7 @@
   python scripts/upcycle.py --dense_workdir=workdirs/imported --moe_layers=every_other \
       --num_experts=8 --k=2 --out_workdir=workdirs/imported_moe --verify
 
-The name mapping is in experiments/import_dense.py and docs/upcycling.md.
+The name mapping is in experiments/convert/import_dense.py and docs/upcycling.md.
 Exit status 2 when the model or the configuration cannot be imported.
 """
 
@@ -16,7 +16,7 @@ import logging
 import sys
 
 import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
-from experiments.import_dense import import_dense
+from experiments.convert.import_dense import import_dense
 
 
 def main(argv: list[str] | None = None) -> int:

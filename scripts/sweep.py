@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments import sweep as sweep_lib
+from experiments.reporting import sweep as sweep_lib
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
-from experiments import gin_utils
-from experiments.trainer import NonFiniteLossError, train
-from experiments.workdir_lock import WorkdirLockedError
+from experiments.runtime import gin_utils
+from experiments.runtime.workdir_lock import WorkdirLockedError
+from experiments.train.trainer import NonFiniteLossError, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -17,9 +17,9 @@ import argparse
 import sys
 import time
 
-from experiments import corpus
-from experiments.sources import load_source_split
-from experiments.tokenizers import MODEL_TYPES, train_sentencepiece
+from experiments.data import corpus
+from experiments.data.sources import load_source_split
+from experiments.data.tokenizers import MODEL_TYPES, train_sentencepiece
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

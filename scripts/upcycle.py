@@ -17,8 +17,8 @@ import logging
 import sys
 
 import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
-from experiments import trainer  # noqa: F401  (registers the trainer's gin bindings)
-from experiments.upcycle import UpcycleConfig, upcycle
+from experiments.convert.upcycle_checkpoint import UpcycleConfig, upcycle
+from experiments.train import trainer  # noqa: F401  registers the trainer's gin bindings
 from moe import upcycle as up
 
 
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dense_step", type=int, default=None,
                    help="Dense checkpoint step (default: the latest).")
     p.add_argument("--mesh", type=_mesh, default=None,
-                   help="Write parameters placed on this mesh (experiments/mesh.py axes), "
+                   help="Write parameters placed on this mesh (experiments/runtime/mesh.py axes), "
                         "e.g. 'expert=4' or 'fsdp=2,expert=4'.")
     p.add_argument("--verify", action="store_true",
                    help="Compare dense and MoE logits and loss on validation batches.")

@@ -27,10 +27,10 @@ from pathlib import Path
 import gin
 import numpy as np
 
-from experiments import gin_utils
-from experiments.metrics import read_jsonl
-from experiments.trainer import train
-from experiments.upcycle import UpcycleConfig, upcycle
+from experiments.convert.upcycle_checkpoint import UpcycleConfig, upcycle
+from experiments.reporting.metrics import read_jsonl
+from experiments.runtime import gin_utils
+from experiments.train.trainer import train
 
 SWEEP_GIN = Path(__file__).resolve().parent.parent / "gin_configs" / "sweeps" / "upcycling.gin"
 UPCYCLED = {

@@ -100,7 +100,7 @@ def path_with_both_splits(candidate: Callable[[int], Path],
     temporary directories that change every run, so fixed names would leave a
     split empty in some runs.
     """
-    from experiments.corpus import split_of  # pylint: disable=g-import-not-at-top
+    from experiments.data.corpus import split_of  # pylint: disable=g-import-not-at-top
 
     for i in range(1000):
         path = candidate(i)

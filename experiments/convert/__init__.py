@@ -1,0 +1,1 @@
+"""Checkpoint conversion: dense -> MoE upcycling and importing external dense models."""

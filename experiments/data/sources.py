@@ -1,0 +1,181 @@
+"""Record sources: the embedded corpus, local text files and JSONL files.
+
+A source is named by a string:
+
+* ``"embedded"``: the stdlib corpus of :mod:`experiments.data.corpus`;
+* ``"text:<glob>"``: one document per file matching the glob (``**``
+  recurses), all under one domain;
+* ``"jsonl:<path>"``: one document per non-blank line, a JSON object with a
+  text field and an optional domain field.
+
+Every source yields :class:`experiments.data.corpus.Record` dicts and is split into
+train/validation by hashing each record's path
+(:func:`experiments.data.corpus.split_of`), so text and JSONL sources get a
+validation split too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+import gin
+
+from experiments.data import corpus
+from experiments.data.corpus import Record
+
+SOURCE_SCHEMES: tuple[str, ...] = ("embedded", "text", "jsonl")
+DEFAULT_TEXT_DOMAIN = "text"
+
+
+@gin.configurable
+def load_text_files(pattern: str, *, domain: str = DEFAULT_TEXT_DOMAIN) -> list[Record]:
+    """One record per file matching ``pattern``, sorted by path.
+
+    A record's path is the file path as the glob returns it, so the split is
+    stable as long as the pattern is (use a relative pattern to make it
+    independent of where the data lives).
+    """
+    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise ValueError(f"pattern matched no files: {pattern!r}")
+    records = []
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"text file is not valid UTF-8: {f!r} ({e})") from e
+        records.append(Record(text=text, domain=domain, path=f))
+    return records
+
+
+@gin.configurable
+def load_jsonl(
+    path: str,
+    *,
+    text_field: str = "text",
+    domain_field: str = "domain",
+    default_domain: str = DEFAULT_TEXT_DOMAIN,
+) -> list[Record]:
+    """One record per non-blank line of the JSONL file at ``path``.
+
+    Each line is an object with a string ``text_field`` and, optionally, a
+    string ``domain_field`` (``default_domain`` when absent). A record's path is
+    ``"<path>:<line number>"`` (1-based).
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"jsonl path is not a file: {path!r}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"invalid JSON at {where}: {e}") from e
+            # A malformed data file is a bad value, not a caller's type error.
+            if not isinstance(obj, dict):
+                raise ValueError(
+                    f"expected a JSON object at {where}, got {type(obj).__name__}"
+                )
+            text = obj.get(text_field)
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"text_field {text_field!r} must be a string at {where}, got {text!r:.80}"
+                )
+            domain = obj.get(domain_field, default_domain)
+            if not isinstance(domain, str):
+                raise ValueError(
+                    f"domain_field {domain_field!r} must be a string at {where}, got {domain!r:.80}"
+                )
+            records.append(Record(text=text, domain=domain, path=where))
+    if not records:
+        raise ValueError(f"jsonl file has no records: {path!r}")
+    return records
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """Splits a source string into ``(scheme, argument)``.
+
+    >>> parse_source("jsonl:data/train.jsonl")
+    ('jsonl', 'data/train.jsonl')
+    """
+    scheme, sep, argument = source.partition(":")
+    if scheme not in SOURCE_SCHEMES:
+        raise ValueError(
+            f"source must be 'embedded', 'text:<glob>' or 'jsonl:<path>', got {source!r}"
+        )
+    if scheme == "embedded" and sep:
+        raise ValueError(f"source 'embedded' takes no argument, got {source!r}")
+    if scheme != "embedded" and not argument:
+        raise ValueError(
+            f"source {scheme!r} needs an argument ('{scheme}:...'), got {source!r}"
+        )
+    return scheme, argument
+
+
+def load_source(
+    source: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    max_bytes_per_domain: int = corpus.DEFAULT_MAX_BYTES_PER_DOMAIN,
+) -> list[Record]:
+    """All records of ``source``; the cache arguments apply to 'embedded' only.
+
+    Options of the file sources (``domain``, ``text_field``...) are set
+    through gin on :func:`load_text_files` and :func:`load_jsonl`.
+    """
+    scheme, argument = parse_source(source)
+    if scheme == "embedded":
+        return corpus.load_corpus(
+            cache_dir=cache_dir, max_bytes_per_domain=max_bytes_per_domain
+        )
+    if scheme == "text":
+        return load_text_files(argument)
+    return load_jsonl(argument)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSplit:
+    """One split of a source and the domain vocabulary of the whole source.
+
+    ``domains`` is the same for both splits, so a domain's id (its index) means
+    the same thing in training and evaluation.
+    """
+
+    records: list[Record]
+    domains: list[str]
+
+    def domain_id(self, domain: str) -> int:
+        return self.domains.index(domain)
+
+
+def load_source_split(
+    source: str,
+    split: str,
+    *,
+    validation_fraction: float = corpus.DEFAULT_VALIDATION_FRACTION,
+    cache_dir: str | os.PathLike[str] | None = None,
+    max_bytes_per_domain: int = corpus.DEFAULT_MAX_BYTES_PER_DOMAIN,
+) -> SourceSplit:
+    """The records of ``split`` of ``source`` with the source's domain names.
+
+    Domains are :data:`experiments.data.corpus.DOMAINS` for 'embedded' and the
+    sorted distinct domains of all records (both splits) otherwise.
+    """
+    records = load_source(
+        source, cache_dir=cache_dir, max_bytes_per_domain=max_bytes_per_domain
+    )
+    if parse_source(source)[0] == "embedded":
+        domains = corpus.domain_names()
+    else:
+        domains = sorted({r["domain"] for r in records})
+    return SourceSplit(
+        records=corpus.select_split(records, split, validation_fraction),
+        domains=domains,
+    )

@@ -1,0 +1,1 @@
+"""Reporting: metric sinks, run summaries, routing analysis and sweeps."""

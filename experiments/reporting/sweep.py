@@ -1,0 +1,340 @@
+"""Sweeps: a grid of gin bindings x seeds, one workdir per run, resumable, with a report.
+
+A sweep file (`gin_configs/sweeps/NAME.gin`) binds only `Sweep.*`:
+
+    Sweep.gin_files = ['gin_configs/experiments/balance_tiny.gin']
+    Sweep.variants = {'sequence': {'LossWeights.lbl_scope': 'sequence'}, ...}
+    Sweep.grid = {'LossWeights.lbl_weight': [0.0, 0.01]}   # optional cartesian product
+    Sweep.seeds = [0, 1, 2]
+
+Every variant (each `variants` entry, crossed with every `grid` point) runs
+once per seed with `scripts/train.py` in `<root>/NAME/<variant>/seed<k>`; a run
+whose `summary.json` exists is skipped, and an interrupted one resumes from
+its checkpoints. With `analyze_routing`, `scripts/analyze_routing.py` runs
+after training. `write_report` collects the runs into
+`docs/experiments/NAME.md` (table of mean +- std over seeds, PNG plots in
+`docs/experiments/NAME/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+import numpy as np
+
+from experiments.reporting.metrics import read_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@gin.configurable
+@dataclasses.dataclass
+class Sweep:
+    """One sweep. `name` defaults to the sweep file's stem.
+
+    Attributes:
+      gin_files: the base configuration of every run (paths from the repo root).
+      variants: `{variant name: {binding: value}}`; values are Python values,
+        written into gin bindings with `repr`.
+      grid: `{binding: [values]}`, crossed with every variant.
+      seeds: `train.seed` values; every variant runs once per seed.
+      bindings: extra bindings common to every run.
+      analyze_routing: run `scripts/analyze_routing.py` after each run.
+      title, description: report heading and text (what the sweep tests).
+      findings: what the finished runs showed (written after reading the
+        results; rendered under the table).
+      smoothing: steps averaged in the curves of the report.
+    """
+
+    gin_files: Sequence[str] = ()
+    variants: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+    seeds: Sequence[int] = (0,)
+    bindings: Sequence[str] = ()
+    analyze_routing: bool = False
+    title: str = ""
+    description: str = ""
+    findings: str = ""
+    smoothing: int = 10
+    name: str = ""
+
+    def __post_init__(self):
+        if not self.gin_files:
+            raise ValueError("Sweep.gin_files must name at least one gin file")
+        if not self.seeds:
+            raise ValueError("Sweep.seeds must not be empty")
+        for key, values in self.grid.items():
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ValueError(f"Sweep.grid[{key!r}] must be a non-empty list, got {values!r}")
+
+    def runs(self) -> list[tuple[str, dict[str, Any]]]:
+        """`[(variant name, bindings)]`, variants crossed with the grid."""
+        variants = dict(self.variants) or {"base": {}}
+        keys = list(self.grid)
+        out = []
+        for name, bindings in variants.items():
+            for point in itertools.product(*(self.grid[k] for k in keys)):
+                extra = dict(zip(keys, point))
+                suffix = ",".join(f"{k.split('.')[-1]}={v}" for k, v in extra.items())
+                out.append((f"{name},{suffix}" if suffix else name, {**bindings, **extra}))
+        return out
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parses a sweep file (it may bind only `Sweep.*`)."""
+    gin.clear_config()
+    gin.parse_config_file(str(path))
+    sweep = Sweep()
+    if not sweep.name:
+        sweep.name = Path(path).stem
+    return sweep
+
+
+def run_dir(root: Path, sweep: Sweep, variant: str, seed: int) -> Path:
+    return root / sweep.name / variant.replace("/", "_") / f"seed{seed}"
+
+
+def train_command(sweep: Sweep, bindings: Mapping[str, Any], seed: int, workdir: Path) -> list[str]:
+    args = [sys.executable, str(REPO / "scripts" / "train.py"), "--quiet", f"--workdir={workdir}"]
+    args += [f"--gin_file={f}" for f in sweep.gin_files]
+    params = list(sweep.bindings) + [f"{k} = {v!r}" for k, v in bindings.items()]
+    params.append(f"train.seed = {seed}")
+    return args + [f"--gin_param={p}" for p in params]
+
+
+def run_sweep(sweep: Sweep, root: Path, *, log=print) -> list[dict[str, Any]]:
+    """Runs (or skips, when finished) every variant x seed; returns their records."""
+    records = []
+    for variant, bindings in sweep.runs():
+        for seed in sweep.seeds:
+            workdir = run_dir(root, sweep, variant, seed)
+            summary = workdir / "summary.json"
+            if not summary.exists():
+                workdir.mkdir(parents=True, exist_ok=True)
+                start = time.monotonic()
+                log(f"[sweep {sweep.name}] {variant} seed {seed}: training in {workdir}")
+                result = subprocess.run(train_command(sweep, bindings, seed, workdir), cwd=REPO,
+                                        capture_output=True, text=True, check=False)
+                (workdir / "train.log").write_text(result.stdout + result.stderr)
+                if result.returncode != 0:
+                    raise RuntimeError(f"run {variant} seed {seed} failed (exit "
+                                       f"{result.returncode}):\n{result.stderr[-3000:]}")
+                (workdir / "wall_seconds.txt").write_text(f"{time.monotonic() - start:.1f}\n")
+            if sweep.analyze_routing and not (workdir / "analysis" / "routing.json").exists():
+                result = subprocess.run(
+                    [sys.executable, str(REPO / "scripts" / "analyze_routing.py"),
+                     f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True,
+                    check=False)
+                if result.returncode != 0:
+                    raise RuntimeError(f"routing analysis of {workdir} failed:\n"
+                                       f"{result.stderr[-3000:]}")
+            records.append(collect_run(workdir, variant, seed))
+    return records
+
+
+def collect_run(workdir: Path, variant: str, seed: int) -> dict[str, Any]:
+    """Final numbers and curves of one finished run."""
+    summary = json.loads((workdir / "summary.json").read_text())
+    metrics = workdir / "metrics.jsonl"
+    train = read_jsonl(metrics, "train")
+    valid = read_jsonl(metrics, "valid")
+    last = train[-50:]
+    record = {
+        "variant": variant, "seed": seed, "workdir": str(workdir),
+        "valid_loss": summary["valid_loss"],
+        "valid_max_violation": valid[-1].get("max_violation") if valid else None,
+        "train_batch_max_violation": _mean(r.get("batch_max_violation") for r in last),
+        "train_sequence_max_violation": _mean(r.get("sequence_max_violation") for r in last),
+        "curves": {key: [(r["step"], r[key]) for r in train if key in r]
+                   for key in ("ce", "lbl", "batch_max_violation", "sequence_max_violation")},
+        "valid_curve": [(r["step"], r.get("max_violation"), r["loss"]) for r in valid],
+        "wall_seconds": _read_float(workdir / "wall_seconds.txt"),
+    }
+    analysis = workdir / "analysis" / "routing.json"
+    if analysis.exists():
+        layers = json.loads(analysis.read_text())["layers"]
+        record["routing"] = {layer: {"mi_bits": info["mutual_information_bits"],
+                                     "domains": info["domains"],
+                                     "fractions": info["routing_fractions"],
+                                     "max_violation": info["max_violation"],
+                                     "max_violation_per_domain": info["max_violation_per_domain"]}
+                             for layer, info in layers.items()}
+    return record
+
+
+def _relative(path: str) -> str:
+    p = Path(path)
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else path
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _read_float(path: Path) -> float | None:
+    return float(path.read_text()) if path.exists() else None
+
+
+def mean_std(values: Sequence[float | None]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def _smooth(points: Sequence[tuple[int, float]], window: int) -> tuple[np.ndarray, np.ndarray]:
+    steps = np.array([p[0] for p in points], np.float64)
+    values = np.array([p[1] for p in points], np.float64)
+    if window > 1 and len(values) >= window:
+        kernel = np.ones(window) / window
+        values = np.convolve(values, kernel, mode="valid")
+        steps = steps[window - 1:]
+    return steps, values
+
+
+def _by_variant(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(r["variant"], []).append(r)
+    return out
+
+
+def plot_curves(records, key: str, ylabel: str, path: Path, window: int,
+                log_scale: bool = False) -> None:
+    """Mean over seeds of a smoothed train curve, one line per variant."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for variant, runs in _by_variant(records).items():
+        curves = [_smooth(r["curves"][key], window) for r in runs if r["curves"].get(key)]
+        if not curves:
+            continue
+        n = min(len(c[1]) for c in curves)
+        ax.plot(curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0), lw=1.2,
+                label=variant)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_heatmaps(records, path: Path) -> None:
+    """Domain x expert routing fractions (first seed of every variant), variants x layers."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    variants = {v: runs[0] for v, runs in _by_variant(records).items() if "routing" in runs[0]}
+    if not variants:
+        return
+    layers = list(next(iter(variants.values()))["routing"])
+    vmax = max(float(np.max(run["routing"][layer]["fractions"]))
+               for run in variants.values() for layer in layers)
+    fig, axes = plt.subplots(len(variants), len(layers), squeeze=False,
+                             figsize=(3.6 * len(layers), 1.3 * len(variants) + 0.6))
+    for i, (variant, run) in enumerate(variants.items()):
+        for j, layer in enumerate(layers):
+            info = run["routing"][layer]
+            ax = axes[i][j]
+            image = ax.imshow(np.asarray(info["fractions"]), aspect="auto", cmap="viridis",
+                              vmin=0.0, vmax=vmax)
+            ax.set_yticks(range(len(info["domains"])), labels=info["domains"], fontsize=7)
+            ax.set_xticks(range(len(info["fractions"][0])))
+            ax.tick_params(axis="x", labelsize=6)
+            ax.set_title(f"{variant} {layer}: MI {info['mi_bits']:.3f} b", fontsize=7)
+    fig.tight_layout()
+    fig.colorbar(image, ax=axes, shrink=0.6, label="fraction of the domain's assignments")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: str,
+                 docs_dir: Path) -> Path:
+    """`docs_dir/NAME.md` with the table, the configuration and plots in `docs_dir/NAME/`."""
+    figures = docs_dir / sweep.name
+    figures.mkdir(parents=True, exist_ok=True)
+    groups = _by_variant(records)
+    domains = sorted({d for r in records for d in r["valid_loss"] if d != "all"})
+    layers = sorted({layer for r in records for layer in r.get("routing", {})})
+    header = (["variant", "valid loss"] + [f"valid {d}" for d in domains]
+              + ["valid MaxVio", "batch MaxVio (train, last 50)", "seq MaxVio (train, last 50)"]
+              + [f"MI {layer} (bits)" for layer in layers] + ["wall s / run"])
+    rows = []
+    for variant, runs in groups.items():
+        row = [f"`{variant}`", mean_std([r["valid_loss"].get("all") for r in runs])]
+        row += [mean_std([r["valid_loss"].get(d) for r in runs]) for d in domains]
+        row += [mean_std([r["valid_max_violation"] for r in runs]),
+                mean_std([r["train_batch_max_violation"] for r in runs]),
+                mean_std([r["train_sequence_max_violation"] for r in runs])]
+        row += [mean_std([r.get("routing", {}).get(layer, {}).get("mi_bits") for r in runs])
+                for layer in layers]
+        row.append(mean_std([r["wall_seconds"] for r in runs]))
+        rows.append(row)
+
+    plot_curves(records, "batch_max_violation", "MaxVio of the step's batch (smoothed)",
+                figures / "maxvio_curves.png", sweep.smoothing, log_scale=True)
+    plot_curves(records, "sequence_max_violation", "mean per-sequence MaxVio (smoothed)",
+                figures / "seq_maxvio_curves.png", sweep.smoothing, log_scale=True)
+    plot_curves(records, "ce", "train CE (nats/byte, smoothed)", figures / "train_ce.png",
+                sweep.smoothing)
+    plot_heatmaps(records, figures / "heatmaps.png")
+
+    lines = [f"# {sweep.title or sweep.name}", "",
+             f"Generated by `scripts/sweep.py {sweep_file}` from the runs' `summary.json`, "
+             "`metrics.jsonl` and `analysis/routing.json`; rerunning it skips finished runs "
+             "and rewrites this file.", ""]
+    if sweep.description:
+        lines += [sweep.description.strip(), ""]
+    lines += ["## Configuration", "",
+              f"- base gin files: {', '.join(f'`{f}`' for f in sweep.gin_files)}",
+              f"- common bindings: {', '.join(f'`{b}`' for b in sweep.bindings) or 'none'}",
+              f"- seeds: {list(sweep.seeds)} (`train.seed`: init, data order, router keys)",
+              "- variants:"]
+    for variant, bindings in sweep.runs():
+        text = ", ".join(f"`{k} = {v!r}`" for k, v in bindings.items()) or "(base)"
+        lines.append(f"  - `{variant}`: {text}")
+    lines += ["", "## Results (mean ± std over seeds)", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "Losses are validation cross-entropy in nats per byte at the last step. "
+              "Valid MaxVio: over the whole validation pass, mean over MoE layers. Batch/seq "
+              "MaxVio: the step's global counts / the mean over its sequences, mean over layers "
+              "and over the last 50 training steps. MI: I(domain; expert) on the validation "
+              "data (`scripts/analyze_routing.py`).", ""]
+    if sweep.findings:
+        lines += ["## Findings", "", sweep.findings.strip(), ""]
+    lines += ["## Plots", "",
+              f"![batch MaxVio]({sweep.name}/maxvio_curves.png)", "",
+              f"![sequence MaxVio]({sweep.name}/seq_maxvio_curves.png)", "",
+              f"![train CE]({sweep.name}/train_ce.png)", ""]
+    if (figures / "heatmaps.png").exists():
+        lines += [f"![domain x expert heat maps (seed {sweep.seeds[0]})]"
+                  f"({sweep.name}/heatmaps.png)", ""]
+    lines += ["## Runs", "", "| variant | seed | valid loss | workdir |", "|---|---|---|---|"]
+    lines += [f"| `{r['variant']}` | {r['seed']} | {r['valid_loss'].get('all', float('nan')):.4f} "
+              f"| `{_relative(r['workdir'])}` |" for r in records]
+    out = docs_dir / f"{sweep.name}.md"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (figures / "records.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k not in ("curves",)} for r in records], indent=1))
+    return out

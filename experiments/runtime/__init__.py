@@ -1,0 +1,1 @@
+"""Runtime: device mesh and placement, checkpoints, workdir lock, gin set-up."""

@@ -1,0 +1,259 @@
+"""Training checkpoints: orbax `CheckpointManager` plus an integrity check.
+
+A checkpoint at step N is the directory `<checkpoint_dir>/N` with four items:
+
+  params     model parameters (plain pytree, `ocp.args.StandardSave`)
+  opt_state  optimizer state (`StandardSave`)
+  data       the training iterator's position (JSON)
+  meta       JSON: step, the base RNG key, the loss-free selection biases (if
+             any), and digests of params, opt_state and the biases
+             (`experiments.runtime.checksums.tree_digest`: sharding-invariant, computed
+             where the arrays live, never gathered onto one host).
+
+Saves are asynchronous; orbax writes into a temporary directory and renames it
+when the save is finalised, so a trainer killed mid-save leaves no step
+directory (the temporary one is cleaned up by the next trainer). A finalised
+checkpoint whose files were later damaged is caught at restore, either by
+orbax failing to read it or by a checksum mismatch; it is then moved to
+`<workdir>/corrupt_checkpoints/N` and the previous step is tried, with a
+warning naming both steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import warnings
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from experiments.runtime.checksums import tree_digest
+
+_log = logging.getLogger(__name__)
+
+ITEMS = ("params", "opt_state", "data", "meta")
+# 2: `<item>_digest` (tree_digest). 1: `<item>_crc32` (legacy_crc32), still verified.
+FORMAT_VERSION = 2
+# (meta key suffix, function); the lambdas look the functions up when called.
+_DIGESTS = {1: ("crc32", lambda tree: legacy_crc32(tree)),
+            2: ("digest", lambda tree: tree_digest(tree))}
+
+
+def legacy_crc32(tree: Any) -> int:
+    """Format-1 checksum: CRC32 over the bytes, shapes and dtypes of every leaf, in
+    tree order (gathers every array onto the host; only to verify old checkpoints)."""
+    crc = 0
+    for leaf in jax.tree.leaves(tree):
+        array = np.ascontiguousarray(_host_array(leaf))
+        crc = zlib.crc32(f"{array.dtype}{array.shape}".encode(), crc)
+        crc = zlib.crc32(array.tobytes(), crc)
+    return crc
+
+
+def _host_array(leaf: Any) -> np.ndarray:
+    """The whole array on this host; arrays spread over processes are gathered
+    (a collective: every process checksums the same trees)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+def _default_sharding(abstract: Any) -> Any:
+    """Abstract leaves without a sharding restore onto the first local device.
+
+    Orbax otherwise reuses the sharding the checkpoint was written with and
+    fails on another device topology (e.g. an upcycled checkpoint written
+    sharded over 4 devices, restored by a 1-device trainer).
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def fill(leaf):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+        return leaf
+
+    return jax.tree.map(fill, abstract)
+
+
+@dataclasses.dataclass
+class Restored:
+    """A checkpoint read back and verified."""
+
+    step: int
+    params: Any
+    opt_state: Any
+    data_state: dict[str, Any]
+    rng_key_data: np.ndarray
+    balance_state: dict[str, np.ndarray] | None = None  # loss-free selection biases
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint could not be read back intact."""
+
+
+@gin.configurable
+class Checkpointer:
+    """Saves every `save_every` steps and restores the latest intact checkpoint.
+
+    Args:
+      directory: where step directories live (created if missing).
+      save_every: save when `step % save_every == 0` (and on `force=True`).
+      max_to_keep: how many checkpoints orbax keeps (None = all).
+      async_save: write in a background thread (orbax async checkpointing).
+      corrupt_dir: where damaged checkpoints are moved; default
+        `<directory>/../corrupt_checkpoints`.
+      read_only: for readers of another process's run (analysis, upcycling):
+        never saves, deletes, moves damaged checkpoints aside or cleans up
+        temporary directories, which may be a live trainer's save in flight.
+    """
+
+    def __init__(self, directory: str | Path, *, save_every: int = 200,
+                 max_to_keep: int | None = 3, async_save: bool = True,
+                 corrupt_dir: str | Path | None = None, read_only: bool = False):
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        self.directory = Path(directory).absolute()
+        self.corrupt_dir = (Path(corrupt_dir) if corrupt_dir is not None
+                            else self.directory.parent / "corrupt_checkpoints")
+        self.save_every = save_every
+        self.read_only = read_only
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"no checkpoint directory {self.directory}")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=not read_only,
+            cleanup_tmp_directories=not read_only, read_only=read_only,
+            enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, *, params: Any, opt_state: Any, data_state: dict[str, Any],
+             rng_key_data: np.ndarray, force: bool = False,
+             balance_state: dict[str, Any] | None = None) -> bool:
+        """Starts saving step `step` if due (or forced); returns whether it did.
+
+        `balance_state`: `{layer: [E] float32}` loss-free selection biases, kept
+        in `meta` (JSON floats hold float32 exactly) with their own digest."""
+        if self.read_only:
+            raise ValueError(f"Checkpointer for {self.directory} is read_only; it cannot save")
+        if not force and step % self.save_every != 0:
+            return False
+        if step in self._manager.all_steps():
+            return False
+        meta = {"step": int(step), "format_version": FORMAT_VERSION,
+                    "rng_key_data": np.asarray(rng_key_data).tolist(),
+                    "params_digest": tree_digest(params), "opt_state_digest": tree_digest(opt_state)}
+        if balance_state is not None:
+            biases = {k: np.asarray(v, np.float32) for k, v in balance_state.items()}
+            meta["balance_state"] = {k: v.astype(np.float64).tolist() for k, v in biases.items()}
+            meta["balance_state_digest"] = tree_digest(biases)
+        self._manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+        return True
+
+    def restore_step(self, step: int, abstract_params: Any,
+                     abstract_opt_state: Any | None) -> Restored:
+        """Checkpoint `step`, verified; CorruptCheckpointError if damaged (nothing is moved)."""
+        if step not in self.all_steps():
+            raise ValueError(f"no checkpoint at step {step} in {self.directory}; "
+                             f"steps: {self.all_steps()}")
+        return self._restore_step(step, abstract_params, abstract_opt_state)
+
+    def _restore_step(self, step: int, abstract_params: Any,
+                      abstract_opt_state: Any | None) -> Restored:
+        items = {"params": ocp.args.StandardRestore(_default_sharding(abstract_params)),
+                     "data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(_default_sharding(abstract_opt_state))
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax raises many types for damaged files
+            raise CorruptCheckpointError(f"restore failed: {type(e).__name__}: {e}") from e
+        meta = out["meta"]
+        if not isinstance(meta, dict) or meta.get("step") != step:
+            raise CorruptCheckpointError(f"meta item is missing or names another step: {meta!r:.200}")
+        version = meta.get("format_version")
+        if version not in _DIGESTS:  # newer code wrote it: not damage, do not move it aside
+            raise ValueError(f"checkpoint at step {step} in {self.directory} has format_version "
+                             f"{version!r}; this code reads {sorted(_DIGESTS)}")
+        suffix, digest = _DIGESTS[version]
+        trees = {item: out[item] for item in ("params", "opt_state") if item in items}
+        balance_state = None
+        if "balance_state" in meta:
+            balance_state = {k: np.asarray(v, np.float32)
+                             for k, v in meta["balance_state"].items()}
+            trees["balance_state"] = balance_state
+        for item, tree in trees.items():
+            stored, read = meta.get(f"{item}_{suffix}"), digest(tree)
+            if read != stored:
+                raise CorruptCheckpointError(
+                    f"{item} checksum mismatch (stored {stored}, read {read})")
+        return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"),
+                        data_state=out["data"],
+                        rng_key_data=np.asarray(meta["rng_key_data"], np.uint32),
+                        balance_state=balance_state)
+
+    def restore_latest(self, abstract_params: Any, abstract_opt_state: Any | None,
+                       *, quarantine: bool = True,
+                       abstract_for_step: Callable[[int], tuple[Any, Any]] | None = None,
+                       ) -> Restored | None:
+        """The newest intact checkpoint, or None when there is none.
+
+        Damaged checkpoints are skipped with a warning naming their step and,
+        with `quarantine`, moved aside. `abstract_opt_state=None` restores
+        everything but the optimizer state (for analysis). `abstract_for_step`,
+        if given, returns `(abstract_params, abstract_opt_state)` for a step and
+        replaces the two fixed trees (runs whose model structure changes with
+        the step, `experiments.train.phases`).
+        """
+        quarantine = quarantine and not self.read_only
+        for step in reversed(self.all_steps()):
+            if abstract_for_step is not None:
+                abstract_params, abstract_opt_state = abstract_for_step(step)
+            try:
+                return self._restore_step(step, abstract_params, abstract_opt_state)
+            except CorruptCheckpointError as e:
+                if quarantine:
+                    self._quarantine(step)
+                previous = [s for s in self.all_steps() if s < step]
+                fallback = f"falling back to step {previous[-1]}" if previous else \
+                    "no earlier checkpoint; starting from scratch"
+                moved = f"moved to {self.corrupt_dir / str(step)}; " if quarantine else ""
+                message = (f"checkpoint at step {step} in {self.directory} is corrupt or "
+                           f"partial ({e}); {moved}{fallback}")
+                _log.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return None
+
+    def _quarantine(self, step: int) -> None:
+        self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+        target = self.corrupt_dir / str(step)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(self.directory / str(step)), str(target))
+        self._manager.reload()
+
+    def wait(self) -> None:
+        """Blocks until any in-flight asynchronous save is finalised."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,76 @@
+"""Gin set-up: parse config files and bindings with errors that name the culprit,
+and write the resulting configs into the workdir."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import gin
+
+# `include` paths in gin files are resolved against this directory (and the
+# including file's own directory), so configs can say `include 'models/x.gin'`.
+GIN_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "gin_configs"
+CONFIG_FILE = "config.gin"
+OPERATIVE_CONFIG_FILE = "operative_config.gin"
+
+_INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
+
+
+class GinConfigError(ValueError):
+    """A gin file is missing or a binding does not parse or name a real parameter."""
+
+
+def included_files(path: str | Path) -> list[str]:
+    """The paths a gin file `include`s, as written."""
+    return _INCLUDE.findall(Path(path).read_text(encoding="utf-8"))
+
+
+def parse(gin_files: Sequence[str], gin_params: Sequence[str],
+          search_paths: Sequence[str | Path] = ()) -> None:
+    """Parses `gin_files` then `gin_params` (later ones win), refusing unknowns.
+
+    Every configurable referenced must be registered (its module imported)
+    before this is called.
+    """
+    for f in gin_files:
+        if not Path(f).is_file():
+            raise GinConfigError(f"gin file not found: {f!r} (from --gin_file)")
+    for directory in [GIN_CONFIGS_DIR, *search_paths, *{Path(f).resolve().parent for f in gin_files}]:
+        gin.add_config_file_search_path(str(directory))
+    # gin logs an error for every search path an include is not found under
+    # before it finds the right one; a missing include still raises below.
+    quiet = _DropMessages("Path not found")
+    logging.getLogger().addFilter(quiet)
+    try:
+        gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
+                                            skip_unknown=False, finalize_config=False)
+    except (ValueError, OSError, SyntaxError) as e:
+        raise GinConfigError(f"invalid gin configuration: {e}") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def write_config(workdir: str | Path) -> Path:
+    """Writes every parsed binding to `<workdir>/config.gin`."""
+    path = Path(workdir) / CONFIG_FILE
+    path.write_text(gin.config_str(), encoding="utf-8")
+    return path
+
+
+def write_operative_config(workdir: str | Path) -> Path:
+    """Writes the bindings actually used so far to `<workdir>/operative_config.gin`."""
+    path = Path(workdir) / OPERATIVE_CONFIG_FILE
+    path.write_text(gin.operative_config_str(), encoding="utf-8")
+    return path

@@ -1,0 +1,1 @@
+"""Training: the loop, the jitted steps, losses, optimizer, FLOP counting, step hooks."""

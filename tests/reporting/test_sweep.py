@@ -1,0 +1,63 @@
+"""Sweep runner (experiments/reporting/sweep.py): grid expansion, commands, resumable runs, report."""
+
+import json
+
+import pytest
+
+from experiments.reporting import sweep as sweep_lib
+
+
+def _sweep(**kwargs):
+    return sweep_lib.Sweep(gin_files=["gin_configs/experiments/test_tiny.gin"], name="demo",
+                           **kwargs)
+
+
+def test_variants_cross_the_grid():
+    sweep = _sweep(variants={"a": {"X.y": 1}, "b": {"X.y": 2}},
+                   grid={"LossWeights.lbl_weight": [0.0, 0.1]})
+    runs = sweep.runs()
+    assert [name for name, _ in runs] == ["a,lbl_weight=0.0", "a,lbl_weight=0.1",
+                                          "b,lbl_weight=0.0", "b,lbl_weight=0.1"]
+    assert runs[3][1] == {"X.y": 2, "LossWeights.lbl_weight": 0.1}
+    assert _sweep().runs() == [("base", {})]
+
+
+def test_train_command_quotes_values_as_gin(tmp_path):
+    sweep = _sweep(bindings=["train.num_steps = 5"])
+    cmd = sweep_lib.train_command(sweep, {"LossWeights.lbl_scope": "shuffled:8"}, 3, tmp_path)
+    assert "--gin_param=LossWeights.lbl_scope = 'shuffled:8'" in cmd
+    assert "--gin_param=train.num_steps = 5" in cmd and "--gin_param=train.seed = 3" in cmd
+
+
+def test_errors_name_the_field():
+    with pytest.raises(ValueError, match="gin_files"):
+        sweep_lib.Sweep()
+    with pytest.raises(ValueError, match=r"Sweep.grid\['x'\]"):
+        _sweep(grid={"x": 3})
+
+
+def _fake_run(workdir, loss, maxvio):
+    # What a finished trainer leaves behind, as far as the report reads it.
+    workdir.mkdir(parents=True)
+    (workdir / "summary.json").write_text(json.dumps(
+        {"valid_loss": {"all": loss, "code": loss - 0.1, "prose": loss + 0.1}}))
+    records = [{"step": s, "split": "train", "ce": loss + 1.0 / s, "lbl": 1.0,
+                "batch_max_violation": maxvio, "sequence_max_violation": 2 * maxvio}
+               for s in range(1, 31)]
+    records.append({"step": 30, "split": "valid", "loss": loss, "max_violation": maxvio})
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_finished_runs_are_skipped_and_reported(tmp_path):
+    sweep = _sweep(variants={"x": {}, "y": {}}, seeds=[0, 1])
+    for i, (variant, _) in enumerate(sweep.runs()):
+        for seed in sweep.seeds:
+            _fake_run(sweep_lib.run_dir(tmp_path, sweep, variant, seed), 1.0 + i + seed / 10,
+                      0.1 * (i + 1))
+    # Every run has its summary.json: nothing is trained.
+    records = sweep_lib.run_sweep(sweep, tmp_path, log=lambda m: pytest.fail(m))
+    report = sweep_lib.write_report(sweep, records, "demo.gin", tmp_path / "docs")
+    text = report.read_text()
+    assert "| `x` | 1.0500 ± 0.0707 |" in text  # mean +- sample std of 1.0 and 1.1
+    assert "| `y` |" in text and "demo/maxvio_curves.png" in text
+    assert (tmp_path / "docs" / "demo" / "maxvio_curves.png").stat().st_size > 0

@@ -1,0 +1,118 @@
+"""Crash and failure behaviour of scripts/train.py, in subprocesses.
+
+Each test runs the seconds-long `test_tiny.gin` job (20 steps, checkpoints
+every 5, 2 micro-batches).
+"""
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.reporting.metrics import read_jsonl
+from tests.helpers import run_script, shared_training_run, start_script
+
+TINY = "--gin_file=gin_configs/experiments/test_tiny.gin"
+
+
+def _train(workdir, *params, timeout=180):
+    return run_script("scripts/train.py", TINY, *[f"--gin_param={p}" for p in params],
+                      f"--workdir={workdir}", "--quiet", timeout=timeout)
+
+
+def _train_losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl", "train")}
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, f"trainer exited early with {proc.returncode}"
+        time.sleep(0.1)
+    raise TimeoutError("condition not reached")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return shared_training_run(tmp_path_factory, "uninterrupted", TINY, "--quiet")[0]
+
+
+def test_kill_9_and_restart_reproduces_losses_exactly(uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    log = tmp_path / "first.log"
+    proc = start_script("scripts/train.py", TINY, "--gin_param=train.debug_stall_at_step = 13",
+                        f"--workdir={workdir}", "--quiet", log_path=log)
+    try:
+        # Checkpoint 10 is finalised and steps 11-13 are logged past it.
+        _wait_for(lambda: (workdir / "checkpoints" / "10").is_dir()
+                  and max(_train_losses(workdir), default=0) >= 13, proc)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (workdir / "train.lock").exists()  # left behind by the killed trainer
+    result = _train(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = _train_losses(uninterrupted)
+    resumed = _train_losses(workdir)
+    # Every step exactly once: the killed run's steps 11-13 were cut on resume.
+    assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl", "train")] == list(range(1, 21))
+    for step in range(1, 21):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6, rel=0), step
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_retrains(uninterrupted, tmp_path):
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(uninterrupted, workdir)
+    for path in (workdir / "checkpoints" / "20" / "params").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"not a checkpoint")
+    result = _train(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint at step 20" in result.stderr
+    assert "falling back to step 15" in result.stderr
+    assert (workdir / "corrupt_checkpoints" / "20").is_dir()
+    assert (workdir / "checkpoints" / "20").is_dir()  # saved again after retraining
+    expected, resumed = _train_losses(uninterrupted), _train_losses(workdir)
+    for step in range(16, 21):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6, rel=0), step
+
+
+def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
+    result = _train(tmp_path, "train.nan_at_step = 12")
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "at step 12" in result.stderr
+    assert "Last good checkpoint: step 10" in result.stderr
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [5, 10]
+    assert max(_train_losses(tmp_path)) == 11  # the NaN step is not logged as a result
+    assert not (tmp_path / "train.lock").read_text()  # lock released on the error path
+
+
+def test_second_trainer_on_same_workdir_is_refused(tmp_path):
+    log = tmp_path / "first.log"
+    workdir = tmp_path / "run"
+    proc = start_script("scripts/train.py", TINY, "--gin_param=train.debug_stall_at_step = 2",
+                        f"--workdir={workdir}", "--quiet", log_path=log)
+    try:
+        _wait_for(lambda: (workdir / "metrics.jsonl").exists()
+                  and max(_train_losses(workdir), default=0) >= 2, proc)
+        result = _train(workdir)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert result.returncode == 3
+    assert f"PID {proc.pid}" in result.stderr and "in use by another trainer" in result.stderr
+
+
+def test_cli_names_unknown_binding_and_missing_file(tmp_path):
+    result = _train(tmp_path, "train.num_stepz = 3")
+    assert result.returncode == 2 and "num_stepz" in result.stderr
+    result = run_script("scripts/train.py", "--gin_file=gin_configs/experiments/nope.gin",
+                        f"--workdir={tmp_path}")
+    assert result.returncode == 2 and "nope.gin" in result.stderr
