@@ -1,0 +1,168 @@
+"""The typed auxiliary output of one MoE layer call, and how each field reduces.
+
+Every MoE layer returns `(y, MoeAux)`. A field declares once, in its
+metadata, how it combines across the micro-batches of a training step
+(`over_microbatches`) and across MoE layers when it becomes a loss or a
+summary scalar (`over_layers`). Devices need no declaration: the step runs
+under `jit` on global arrays, so a count is already the sum over devices.
+Consumers (the train step, evaluation, metrics, FLOP counter, balance scopes,
+summary) iterate these declarations instead of listing key strings, so adding
+a statistic or a balance loss is one field here plus the function that fills it
+(docs/architecture.md shows the worked example).
+
+Reductions:
+  "sum"      counts: added up (counts, kept_counts, num_tokens);
+  "mean"     averaged (losses whose micro-batch shares are equal-weighted, and
+             the per-call statistics reported as their mean);
+  "per_token" per-token routing of one call (token_probs, token_experts,
+             token_mask): consumed inside the step (balance scopes), never
+             reduced nor reported;
+  "loss"     (over_layers only) summed or averaged over layers as
+             `LossWeights.layer_reduction` says;
+  "layer_mean" (over_layers only) the mean over layers of a reported scalar.
+
+Fields a router does not produce are None (expert choice has no per-token
+routing; a dense-to-sparse gate has no LBL but a `dts_loss`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+MICROBATCH_REDUCTIONS = ("sum", "mean", "per_token")
+LAYER_REDUCTIONS = ("loss", "layer_mean", "none")
+
+
+def _field(over_microbatches: str, over_layers: str = "none", *, optional: bool = True,
+           doc: str = "") -> Any:
+    assert over_microbatches in MICROBATCH_REDUCTIONS, over_microbatches
+    assert over_layers in LAYER_REDUCTIONS, over_layers
+    metadata = {"over_microbatches": over_microbatches, "over_layers": over_layers, "doc": doc}
+    if optional:
+        return dataclasses.field(default=None, metadata=metadata)
+    return dataclasses.field(metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeAux:
+    """Auxiliary outputs of one MoE layer call over T tokens (all float32 unless noted)."""
+
+    # Losses (weighted by `LossWeights`): scalars.
+    lbl: Array | None = _field("mean", "loss", doc="load-balancing loss, 1.0 at balance")
+    z_loss: Array | None = _field("mean", "loss", doc="router z-loss")
+    dts_loss: Array | None = _field("mean", "loss",
+                                    doc="EvoMoE dense-to-sparse balance loss E*sum(ce*me)")
+    # Counts: `[E]` and a scalar.
+    counts: Array | None = _field("sum", doc="[E] assignments per expert before dropping")
+    kept_counts: Array | None = _field("sum", doc="[E] assignments per expert after dropping")
+    num_tokens: Array | None = _field("sum", doc="real (non-padding) tokens routed")
+    # Statistics reported per layer (and their mean over layers).
+    mean_probs: Array | None = _field("mean", doc="[E] mean unbiased router probability P_i")
+    dropped_fraction: Array | None = _field("mean", "layer_mean",
+                                            doc="fraction of assignments dropped")
+    max_violation: Array | None = _field("mean", "layer_mean", doc="MaxVio of `counts`")
+    router_entropy: Array | None = _field("mean", "layer_mean",
+                                          doc="mean entropy of the router distribution")
+    active_experts: Array | None = _field("mean", "layer_mean",
+                                          doc="experts per token after dropping")
+    sequence_max_violation: Array | None = _field(
+        "mean", "layer_mean", doc="mean MaxVio per sequence (filled by the train step)")
+    # Per-token routing of this call, for balance groups other than the call.
+    token_probs: Array | None = _field("per_token", doc="[T, E] unbiased scores (sum 1)")
+    token_experts: Array | None = _field("per_token", doc="[T, k] int32 selected experts")
+    token_mask: Array | None = _field("per_token", doc="[T] 1 = real token")
+
+    # -- declarations ------------------------------------------------------
+    @classmethod
+    def field_names(cls, *, over_microbatches: str | None = None,
+                    over_layers: str | None = None) -> tuple[str, ...]:
+        """Names of the fields with the given reductions (None = any)."""
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if (over_microbatches is None
+                         or f.metadata["over_microbatches"] == over_microbatches)
+                     and (over_layers is None or f.metadata["over_layers"] == over_layers))
+
+    @classmethod
+    def loss_names(cls) -> tuple[str, ...]:
+        return cls.field_names(over_layers="loss")
+
+    @classmethod
+    def stat_names(cls) -> tuple[str, ...]:
+        """Fields reported as step statistics (everything but per-token routing)."""
+        return tuple(n for n in cls.field_names() if n not in cls.field_names(
+            over_microbatches="per_token"))
+
+    # -- helpers -----------------------------------------------------------
+    def replace(self, **changes: Any) -> MoeAux:
+        return dataclasses.replace(self, **changes)
+
+    def items(self) -> Iterator[tuple[str, Array]]:
+        """(name, value) of the fields that are set."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                yield f.name, value
+
+    def has_token_routing(self) -> bool:
+        return all(getattr(self, n) is not None
+                   for n in self.field_names(over_microbatches="per_token"))
+
+    def stats(self) -> MoeAux:
+        """The reported statistics: per-token fields dropped, stop-gradient, float32."""
+        per_token = self.field_names(over_microbatches="per_token")
+        return MoeAux(**{name: (None if name in per_token or value is None else
+                                jax.lax.stop_gradient(jnp.asarray(value, jnp.float32)))
+                         for name, value in self._asdict().items()})
+
+    def _asdict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+jax.tree_util.register_dataclass(
+    MoeAux, data_fields=[f.name for f in dataclasses.fields(MoeAux)], meta_fields=[])
+
+
+LayerAux = Mapping[str, MoeAux]
+
+
+def reduce_microbatches(stacked: MoeAux) -> MoeAux:
+    """Statistics stacked over micro-batches `[A, ...]` -> one step's statistics."""
+    out = {}
+    for f in dataclasses.fields(MoeAux):
+        value = getattr(stacked, f.name)
+        rule = f.metadata["over_microbatches"]
+        if value is None or rule == "per_token":
+            out[f.name] = None
+        elif rule == "sum":
+            out[f.name] = jnp.sum(value, axis=0)
+        else:
+            out[f.name] = jnp.mean(value, axis=0)
+    return MoeAux(**out)
+
+
+def reduce_layers(aux: LayerAux, name: str, reduction: str = "sum") -> Array:
+    """Sum or mean over MoE layers of the loss field `name` (0 when no layer sets it)."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be one of ('sum', 'mean'), got {reduction!r}")
+    values = [getattr(a, name) for a in aux.values() if getattr(a, name) is not None]
+    if not values:
+        return jnp.zeros((), jnp.float32)
+    total = sum(values)
+    return total / len(values) if reduction == "mean" else total
+
+
+def layer_means(aux: LayerAux) -> dict[str, float]:
+    """Mean over layers of each `layer_mean` scalar (host values), for step scalars."""
+    out = {}
+    for name in MoeAux.field_names(over_layers="layer_mean"):
+        values = [float(getattr(a, name)) for a in aux.values() if getattr(a, name) is not None]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
