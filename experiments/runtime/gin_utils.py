@@ -3,6 +3,7 @@ and write the resulting configs into the workdir."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Sequence
@@ -45,12 +46,38 @@ def parse(gin_files: Sequence[str], gin_params: Sequence[str],
     quiet = _DropMessages("Path not found")
     logging.getLogger().addFilter(quiet)
     try:
-        gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
-                                            skip_unknown=False, finalize_config=False)
+        with _tolerant_existence_checks():
+            gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
+                                                skip_unknown=False, finalize_config=False)
     except (ValueError, OSError, SyntaxError) as e:
         raise GinConfigError(f"invalid gin configuration: {e}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def _tolerant_existence_checks():
+    """gin asks each registered file reader whether an include exists; its
+    package-resource reader raises TypeError instead of answering no when the
+    include's first directory is a namespace package on `sys.path` (e.g. a
+    `data/` folder in the working directory of a notebook: `include
+    'data/x.gin'`). Treat that as "not here" so the search paths are tried."""
+    readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+    saved = list(readers)
+
+    def tolerant(check):
+        def exists(path: str) -> bool:
+            try:
+                return bool(check(path))
+            except (TypeError, ValueError, ImportError):
+                return False
+        return exists
+
+    readers[:] = [(reader, tolerant(check)) for reader, check in saved]
+    try:
+        yield
+    finally:
+        readers[:] = saved
 
 
 class _DropMessages(logging.Filter):
