@@ -265,10 +265,13 @@ def report(outcomes: Sequence[Outcome], verdicts: Sequence[str] = ("ignored", "n
 
 
 def walk(setup: Callable[[], None], build: Callable[[], None],
-         alternatives: Mapping[str, Any] = {},  # noqa: B006 (read-only)
-         skip: Callable[[str], bool] = lambda key: False) -> tuple[list[str], list[Outcome]]:
+         alternatives: Mapping[str, Any] | None = None) -> tuple[list[str], list[Outcome]]:
     """Builds once to find the configurables called, then checks each bindable
-    parameter of each. Returns (selectors called, outcomes)."""
+    parameter of each. Returns (selectors called, outcomes).
+
+    `alternatives`: `{full selector.parameter: value}` to bind instead of the
+    value `distinctive_value` derives from the type.
+    """
     gin.clear_config()
     setup()
     reference = Recording()
@@ -281,9 +284,8 @@ def walk(setup: Callable[[], None], build: Callable[[], None],
         scopes = sorted({c.scope for c in calls})
         for name in bindable_parameters(entry):
             key = f"{selector}.{name}"
-            if skip(key):
-                continue
             current = next((c.arguments[name] for c in calls if name in c.arguments), None)
-            value = distinctive_value(key, current, _annotation_kinds(entry, name), alternatives)
+            value = distinctive_value(key, current, _annotation_kinds(entry, name),
+                                      alternatives or {})
             outcomes.append(check_binding(selector, name, value, scopes, len(calls), setup, build))
     return sorted(reference.calls), outcomes

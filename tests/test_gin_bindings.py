@@ -13,6 +13,7 @@ accepted and silently ignored. See tests/gin_walk.py for the mechanics.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from unittest import mock
 
@@ -23,6 +24,7 @@ from flax import nnx
 
 from experiments.data import sharded as sharded_data
 from experiments.data.config import DataConfig
+from experiments.data.tokenizers import train_sentencepiece
 from experiments.runtime import gin_utils
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
@@ -30,6 +32,7 @@ from experiments.train import loss_free, phases, trainer
 from experiments.train.optim import learning_rate_schedule, make_optimizer
 from experiments.train.train_step import LossWeights
 from tests import gin_walk
+from tests.helpers import path_with_both_splits
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,9 +105,18 @@ ALTERNATIVES = {
     "initialize_distributed.enabled": False,
 }
 
-CONFIGS = {
-    "default": "gin_configs/experiments/default.gin",
-    "test_tiny": "gin_configs/experiments/test_tiny.gin",
+TINY = "gin_configs/experiments/test_tiny.gin"
+# Each case: a config file plus extra bindings (formatted with the paths of the
+# `files` fixture). The file-source case reaches the JSONL reader and the
+# SentencePiece tokenizer, the text case the text-file reader.
+CASES = {
+    "default": ("gin_configs/experiments/default.gin", ()),
+    "test_tiny": (TINY, ()),
+    "test_tiny_jsonl_sentencepiece": (TINY, (
+        "DataConfig.source = 'jsonl:{jsonl}'", "DataConfig.tokenizer = 'sentencepiece:{spm}'",
+        "DataConfig.validation_fraction = 0.5")),
+    "test_tiny_text": (TINY, ("DataConfig.source = 'text:{text}'",
+                              "DataConfig.validation_fraction = 0.5")),
 }
 
 
@@ -116,27 +128,55 @@ def _refuse_distributed(**kwargs):
     raise RuntimeError("jax.distributed.initialize is not called by this test")
 
 
-@functools.cache
-def _walk(config: str, workdir: Path) -> tuple[list[str], list[gin_walk.Outcome]]:
-    # Import the modules a run registers (the model's layers come in via the trainer).
-    setup = functools.partial(gin_utils.parse, [str(REPO / CONFIGS[config])], [])
+_WALKS: dict[str, tuple[list[str], list[gin_walk.Outcome]]] = {}
+
+
+def _walk(case: str, workdir: Path, files: dict[str, str]):
+    """(configurables called, outcomes) for one case, computed once per module."""
+    if case in _WALKS:
+        return _WALKS[case]
+    gin_file, bindings = CASES[case]
+    setup = functools.partial(gin_utils.parse, [str(REPO / gin_file)],
+                              [b.format(**files) for b in bindings])
     alternatives = {}
-    for selector in gin_walk.registered():
-        for name in gin_walk.bindable_parameters(gin_walk.registered()[selector]):
-            short = f"{_minimal(selector)}.{name}"
-            if short in ALTERNATIVES:
-                alternatives[f"{selector}.{name}"] = ALTERNATIVES[short]
+    for selector, entry in gin_walk.registered().items():
+        for name in gin_walk.bindable_parameters(entry):
+            if f"{_minimal(selector)}.{name}" in ALTERNATIVES:
+                alternatives[f"{selector}.{name}"] = ALTERNATIVES[f"{_minimal(selector)}.{name}"]
     with mock.patch.object(jax.distributed, "initialize", _refuse_distributed):
-        called, outcomes = gin_walk.walk(setup, lambda: build_run(workdir), alternatives)
+        called, outcomes = gin_walk.walk(setup, lambda: build_run(workdir / case), alternatives)
     for o in outcomes:
         selector, _, name = o.key.rpartition(".")
         o.key = f"{_minimal(selector)}.{name}"
-    return [_minimal(s) for s in called], outcomes
+    _WALKS[case] = [_minimal(s) for s in called], outcomes
+    return _WALKS[case]
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gin_walk")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """A JSONL file, a directory of text files and a SentencePiece model, with
+    records in both splits at validation_fraction 0.5."""
+    root = tmp_path_factory.mktemp("gin_walk_data")
+    texts = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 8
+             for i in range(24)]
+    jsonl = path_with_both_splits(
+        lambda i: root / f"docs{i}.jsonl",
+        lambda p: [[f"{p}:{line}" for line in range(1, len(texts) + 1)]], 0.5)
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    text_dir = path_with_both_splits(
+        lambda i: root / f"text{i}",
+        lambda d: [[str(d / f"{j}.txt") for j in range(len(texts))]], 0.5)
+    text_dir.mkdir()
+    for j, t in enumerate(texts):
+        (text_dir / f"{j}.txt").write_text(t, encoding="utf-8")
+    spm = root / "spm.model"
+    train_sentencepiece(texts, spm, vocab_size=300)
+    return {"jsonl": str(jsonl), "text": str(text_dir / "*.txt"), "spm": str(spm)}
 
 
 @pytest.fixture(autouse=True)
@@ -146,21 +186,28 @@ def clean_gin():
     gin.clear_config()
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_walk_covers_the_run(config, workdir):
-    """The walk must see the model, its layers and the trainer's collaborators;
-    otherwise the binding test below would pass vacuously."""
-    called, outcomes = _walk(config, workdir / config)
-    for expected in ("train", "DataConfig", "TransformerLM", "MoeLayer", "LossWeights",
-                     "make_optimizer", "Checkpointer", "make_train_iterator"):
+# Configurables each case must reach; otherwise the binding test below would pass
+# vacuously (e.g. if the build stopped early or a rename hid a configurable).
+EXPECTED_CALLS = ("train", "DataConfig", "TransformerLM", "MoeLayer", "LossWeights",
+                  "LossFreeBalancing", "Sharding", "learning_rate_schedule", "make_optimizer",
+                  "Checkpointer", "make_sharded_train_iterator", "make_train_iterator",
+                  "make_eval_iterator", "initialize_distributed")
+EXPECTED_CASE_CALLS = {"test_tiny_jsonl_sentencepiece": ("load_jsonl", "SentencePieceTokenizer"),
+                       "test_tiny_text": ("load_text_files",)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_walk_covers_the_run(case, workdir, files):
+    called, outcomes = _walk(case, workdir, files)
+    for expected in EXPECTED_CALLS + EXPECTED_CASE_CALLS.get(case, ()):
         assert expected in called, (expected, called)
     assert len(outcomes) > 50
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_every_binding_takes_effect_or_is_refused(config, workdir):
-    _, outcomes = _walk(config, workdir / config)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_binding_takes_effect_or_is_refused(case, workdir, files):
+    _, outcomes = _walk(case, workdir, files)
     bad = [o for o in outcomes if o.verdict in ("ignored", "not called")]
-    assert not bad, (f"{len(bad)} of {len(outcomes)} bindable parameters of {CONFIGS[config]} "
+    assert not bad, (f"{len(bad)} of {len(outcomes)} bindable parameters in case {case} "
                      f"are accepted by gin but do not reach the object:\n"
                      f"{gin_walk.report(outcomes)}")

@@ -300,7 +300,25 @@ def _prepare(
     return _Prepared(chunks=chunks, tokenizer=tok)
 
 
-@gin.configurable
+# Arguments `DataConfig` always passes (so train and eval agree); gin refuses a
+# binding on them and `experiments.runtime.gin_utils.parse` names the binding
+# to write instead. Direct Python callers still pass them as usual.
+_SET_BY_DATA_CONFIG = {
+    "source": "DataConfig.source",
+    "seq_len": "DataConfig.seq_len",
+    "tokenizer": "DataConfig.tokenizer",
+    "validation_fraction": "DataConfig.validation_fraction",
+    "cache_dir": "DataConfig.cache_dir",
+    "max_bytes_per_domain": "DataConfig.max_bytes_per_domain",
+    "process_index": "make_sharded_train_iterator.data_shards (shards follow the processes)",
+    "process_count": "make_sharded_train_iterator.data_shards (shards follow the processes)",
+}
+_TRAIN_SET_BY = {**_SET_BY_DATA_CONFIG, "batch_size": "DataConfig.batch_size",
+                 "seed": "train.seed"}
+_EVAL_SET_BY = {**_SET_BY_DATA_CONFIG, "batch_size": "DataConfig.eval_batch_size"}
+
+
+@gin.configurable(denylist=list(_TRAIN_SET_BY))
 def make_train_iterator(
     source: str = "embedded",
     *,
@@ -317,6 +335,9 @@ def make_train_iterator(
     max_bytes_per_domain: int = corpus.DEFAULT_MAX_BYTES_PER_DOMAIN,
 ) -> grain.DatasetIterator:
     """Endless iterator of packed training batches (see the module docstring).
+
+    In a training run `DataConfig` passes every argument but `num_packing_bins`
+    and `add_bos`, the two that gin may bind here.
 
     Args:
       source: 'embedded', 'text:<glob>' or 'jsonl:<path>'.
@@ -374,7 +395,7 @@ def make_train_iterator(
     return iter(ds.batch(batch_size, drop_remainder=True))
 
 
-@gin.configurable
+@gin.configurable(denylist=list(_EVAL_SET_BY))
 def make_eval_iterator(
     source: str = "embedded",
     *,
@@ -393,7 +414,8 @@ def make_eval_iterator(
     Packed like training data (no shuffle; ``batch_size`` packing bins); the
     last batch is padded with empty rows (weights 0, domain -1) to
     ``batch_size``. Arguments as in :func:`make_train_iterator`; use the same
-    ``source``, ``seq_len``, ``tokenizer`` and ``validation_fraction``.
+    ``source``, ``seq_len``, ``tokenizer`` and ``validation_fraction``. In a
+    training run `DataConfig` passes every argument but ``add_bos``.
     """
     prepared = _prepare(
         source,
@@ -420,6 +442,9 @@ def make_eval_iterator(
     ds = ds.batch(batch_size, drop_remainder=False)
     return iter(ds.map(_PadBatch(batch_size, prepared.tokenizer.pad_id)))
 
+
+make_train_iterator.gin_set_by = _TRAIN_SET_BY
+make_eval_iterator.gin_set_by = _EVAL_SET_BY
 
 _BYTES_TAG = "__bytes_base64__"
 _TUPLE_TAG = "__tuple__"

@@ -79,7 +79,7 @@ def _allgather_json(local: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-@gin.configurable
+@gin.configurable(denylist=["data_config", "seed"])
 def make_sharded_train_iterator(data_config, seed: int, *, data_shards: int | None = None):
     """The trainer's training iterator.
 
@@ -96,6 +96,9 @@ def make_sharded_train_iterator(data_config, seed: int, *, data_shards: int | No
             seed, batch_size=rows, process_index=i, process_count=n),
         global_batch_size=data_config.batch_size, num_shards=num_shards,
         process_index=index, process_count=count)
+
+
+make_sharded_train_iterator.gin_set_by = {"data_config": "DataConfig.*", "seed": "train.seed"}
 
 
 def eval_batches(data_config) -> list[dict[str, np.ndarray]]:

@@ -30,7 +30,7 @@ SOURCE_SCHEMES: tuple[str, ...] = ("embedded", "text", "jsonl")
 DEFAULT_TEXT_DOMAIN = "text"
 
 
-@gin.configurable
+@gin.configurable(denylist=["pattern"])
 def load_text_files(pattern: str, *, domain: str = DEFAULT_TEXT_DOMAIN) -> list[Record]:
     """One record per file matching ``pattern``, sorted by path.
 
@@ -52,7 +52,7 @@ def load_text_files(pattern: str, *, domain: str = DEFAULT_TEXT_DOMAIN) -> list[
     return records
 
 
-@gin.configurable
+@gin.configurable(denylist=["path"])
 def load_jsonl(
     path: str,
     *,
@@ -97,6 +97,11 @@ def load_jsonl(
     if not records:
         raise ValueError(f"jsonl file has no records: {path!r}")
     return records
+
+
+# The file comes from the source string; gin binds only the other options.
+load_text_files.gin_set_by = {"pattern": "DataConfig.source = 'text:<glob>'"}
+load_jsonl.gin_set_by = {"path": "DataConfig.source = 'jsonl:<path>'"}
 
 
 def parse_source(source: str) -> tuple[str, str]:

@@ -21,7 +21,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import gin
 import numpy as np
@@ -108,7 +108,7 @@ def _import_sentencepiece() -> Any:
     return sentencepiece
 
 
-@gin.configurable
+@gin.configurable(denylist=["model_path"])
 class SentencePieceTokenizer:
     """A local SentencePiece ``.model`` file.
 
@@ -117,6 +117,10 @@ class SentencePieceTokenizer:
     valid. ``bos_id`` is -1 when the model has no BOS. A model without EOS is
     rejected, since the pipeline appends EOS to every document.
     """
+
+    # Built by `make_tokenizer` from `DataConfig.tokenizer`, which names the file.
+    gin_set_by: ClassVar[dict[str, str]] = {
+        "model_path": "DataConfig.tokenizer = 'sentencepiece:<path>'"}
 
     def __init__(self, model_path: str | os.PathLike[str]):
         if not os.path.isfile(model_path):

@@ -35,6 +35,8 @@ import numpy as np
 from experiments.reporting.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
+# Every run gets this binding from `Sweep.seeds`, after the sweep's own bindings.
+SEED_BINDING = "train.seed"
 
 
 @gin.configurable
@@ -76,6 +78,14 @@ class Sweep:
         for key, values in self.grid.items():
             if not isinstance(values, (list, tuple)) or not values:
                 raise ValueError(f"Sweep.grid[{key!r}] must be a non-empty list, got {values!r}")
+        keys = {"bindings": [b.split("=", 1)[0].strip() for b in self.bindings],
+                "grid": list(self.grid),
+                **{f"variants[{v!r}]": list(b) for v, b in self.variants.items()}}
+        for where, bound in keys.items():
+            if SEED_BINDING in bound:
+                raise ValueError(f"Sweep.{where} binds {SEED_BINDING}, which every run takes "
+                                 f"from Sweep.seeds (the binding would be overridden); "
+                                 f"list the seeds in Sweep.seeds")
 
     def runs(self) -> list[tuple[str, dict[str, Any]]]:
         """`[(variant name, bindings)]`, variants crossed with the grid."""
@@ -108,7 +118,7 @@ def train_command(sweep: Sweep, bindings: Mapping[str, Any], seed: int, workdir:
     args = [sys.executable, str(REPO / "scripts" / "train.py"), "--quiet", f"--workdir={workdir}"]
     args += [f"--gin_file={f}" for f in sweep.gin_files]
     params = list(sweep.bindings) + [f"{k} = {v!r}" for k, v in bindings.items()]
-    params.append(f"train.seed = {seed}")
+    params.append(f"{SEED_BINDING} = {seed}")
     return args + [f"--gin_param={p}" for p in params]
 
 

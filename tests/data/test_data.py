@@ -14,8 +14,10 @@ import pytest
 
 from experiments.data import pipeline as data
 from experiments.data import sources
+from experiments.data.config import DataConfig
 from experiments.data.corpus import select_split
 from experiments.data.tokenizers import ByteTokenizer
+from experiments.runtime import gin_utils
 from tests.helpers import path_with_both_splits
 
 SEQ_LEN = 16
@@ -322,15 +324,54 @@ def test_default_process_shard_comes_from_jax(jsonl_path):
 
 
 def test_gin_configures_the_train_iterator(jsonl_path):
+    # The train and eval iterators take their shared settings from DataConfig.
     try:
-        gin.bind_parameter("make_train_iterator.seq_len", 24)
-        gin.bind_parameter("make_train_iterator.batch_size", 3)
-        kwargs = jsonl_kwargs(jsonl_path)
-        del kwargs["seq_len"], kwargs["batch_size"]
-        batch = next(data.make_train_iterator(**kwargs))
+        gin.bind_parameter("DataConfig.seq_len", 24)
+        gin.bind_parameter("DataConfig.batch_size", 3)
+        config = DataConfig(source=f"jsonl:{jsonl_path}", validation_fraction=0.4)
+        batch = next(config.train_iterator(0, process_index=0, process_count=1))
     finally:
         gin.clear_config()
     check_packing_invariants(batch, 24, 3)
+
+
+@pytest.mark.parametrize("binding, instead", [
+    ("make_train_iterator.seq_len = 24", "DataConfig.seq_len"),
+    ("make_eval_iterator.seq_len = 24", "DataConfig.seq_len"),
+    ("make_train_iterator.batch_size = 3", "DataConfig.batch_size"),
+    ("make_eval_iterator.batch_size = 3", "DataConfig.eval_batch_size"),
+    ("make_train_iterator.source = 'embedded'", "DataConfig.source"),
+    ("load_jsonl.path = 'x.jsonl'", "DataConfig.source = 'jsonl:<path>'"),
+    ("load_text_files.pattern = '*.txt'", "DataConfig.source = 'text:<glob>'"),
+    ("SentencePieceTokenizer.model_path = 'm.model'",
+     "DataConfig.tokenizer = 'sentencepiece:<path>'"),
+])
+def test_binding_a_value_dataconfig_sets_is_an_error_naming_where_to_bind_it(binding, instead):
+    """DataConfig (or the source/tokenizer string) always passes these, so a binding
+    on the iterator would be silently overridden: gin refuses it, and the message
+    says which binding to write instead."""
+    try:
+        with pytest.raises(gin_utils.GinConfigError) as e:
+            gin_utils.parse([], [binding])
+    finally:
+        gin.clear_config()
+    configurable_and_param = binding.split("=")[0].strip()
+    assert f"{configurable_and_param} cannot be bound" in str(e.value)
+    assert f"bind {instead} instead" in str(e.value)
+
+
+def test_iterator_options_dataconfig_does_not_set_stay_bindable(jsonl_path):
+    try:
+        gin_utils.parse([], ["make_train_iterator.add_bos = True",
+                             "make_train_iterator.num_packing_bins = 5"])
+        config = DataConfig(source=f"jsonl:{jsonl_path}", seq_len=SEQ_LEN, batch_size=BATCH,
+                            validation_fraction=0.4)
+        batches = take(config.train_iterator(0, process_index=0, process_count=1), 10)
+        assert "make_train_iterator.add_bos = True" in gin.operative_config_str()
+        assert "make_train_iterator.num_packing_bins = 5" in gin.operative_config_str()
+    finally:
+        gin.clear_config()
+    assert any(np.any(b["inputs"] == BOS) for b in batches)
 
 
 def test_text_file_source(tmp_path):

@@ -36,6 +36,18 @@ def test_errors_name_the_field():
         _sweep(grid={"x": 3})
 
 
+@pytest.mark.parametrize("kwargs, where", [
+    ({"bindings": ["train.seed = 7"]}, r"Sweep.bindings"),
+    ({"grid": {"train.seed": [1, 2]}}, r"Sweep.grid"),
+    ({"variants": {"a": {"train.seed": 1}}}, r"Sweep.variants\['a'\]"),
+])
+def test_a_seed_binding_that_sweep_seeds_would_override_is_refused(kwargs, where):
+    # train_command appends `train.seed = <seed>` after the sweep's bindings, so a
+    # seed bound anywhere else would be silently replaced.
+    with pytest.raises(ValueError, match=where + r" binds train.seed.*Sweep.seeds"):
+        _sweep(**kwargs)
+
+
 def _fake_run(workdir, loss, maxvio):
     # What a finished trainer leaves behind, as far as the report reads it.
     workdir.mkdir(parents=True)
