@@ -211,3 +211,71 @@ def test_every_binding_takes_effect_or_is_refused(case, workdir, files):
     assert not bad, (f"{len(bad)} of {len(outcomes)} bindable parameters in case {case} "
                      f"are accepted by gin but do not reach the object:\n"
                      f"{gin_walk.report(outcomes)}")
+
+
+def _literal(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _literal(v) for k, v in value.items())
+    return False
+
+
+def _record_tiny_run(workdir: Path, files: dict[str, str]) -> gin_walk.Recording:
+    gin_file, bindings = CASES["test_tiny"]
+    gin_utils.parse([str(REPO / gin_file)], [b.format(**files) for b in bindings])
+    recording = gin_walk.Recording()
+    with mock.patch.object(jax.distributed, "initialize", _refuse_distributed), \
+            gin_walk.record_calls(recording):
+        build_run(workdir)
+    return recording
+
+
+def test_operative_config_rebuilds_the_data_config(tmp_path, files):
+    """operative_config.gin, parsed on its own, gives back the DataConfig and the
+    iterator options of the run that wrote it."""
+    recording = _record_tiny_run(tmp_path / "run", files)
+    path = gin_utils.write_operative_config(tmp_path)
+    text = path.read_text(encoding="utf-8")
+    for line in ("DataConfig.seq_len = 32", "DataConfig.batch_size = 8",
+                 "DataConfig.eval_batch_size = 8", "DataConfig.max_bytes_per_domain = 300000",
+                 "DataConfig.tokenizer = 'byte'", "make_train_iterator.add_bos = False"):
+        assert line in text, line
+    (built,) = [c.arguments for c in recording.calls[_full("DataConfig")]]
+    gin.clear_config()
+    gin_utils.parse([str(path)], [])
+    assert DataConfig() == DataConfig(**{k: v for k, v in built.items() if k != "self"})
+
+
+def _full(name: str) -> str:
+    return gin.config._REGISTRY.get_match(name).selector  # pylint: disable=protected-access
+
+
+def test_operative_config_records_every_value_that_shaped_the_run(tmp_path, files):
+    """Every literal argument a configurable received in the run is in
+    operative_config.gin (re-parsed on its own) with that value. A value passed
+    by the caller over a bindable parameter is missing from it: the operative
+    config would not describe the run."""
+    recording = _record_tiny_run(tmp_path / "run", files)
+    path = gin_utils.write_operative_config(tmp_path)
+    gin.clear_config()
+    gin_utils.parse([str(path)], [])
+    entries = gin_walk.registered()
+    missing = []
+    for selector, calls in sorted(recording.calls.items()):
+        bindable = gin_walk.bindable_parameters(entries[selector])
+        for call in calls:
+            for name, value in call.arguments.items():
+                if name not in bindable or not _literal(value):
+                    continue
+                key = f"{call.scope}/{selector}.{name}" if call.scope else f"{selector}.{name}"
+                try:
+                    recorded = gin.query_parameter(key)
+                except ValueError:
+                    recorded = "<absent>"
+                if recorded != value or type(recorded) is not type(value):
+                    missing.append(f"{_minimal(selector)}.{name}: ran with {value!r}, "
+                                   f"operative config has {recorded!r}")
+    assert not missing, "\n".join(sorted(set(missing)))
