@@ -57,17 +57,31 @@ class Recording:
             raise StopBuild(selector)
 
 
-def _gin_wrapper(entry: gin_config.Configurable) -> Callable[..., Any]:
-    """The function gin put in place of the configurable (or of its class's constructor)."""
-    if inspect.isclass(entry.wrapper):
-        return gin_config._find_class_construction_fn(entry.wrapper)  # pylint: disable=protected-access
-    return entry.wrapper
+def _construction_fn(cls: type) -> Callable[..., Any]:
+    return gin_config._find_class_construction_fn(cls)  # pylint: disable=protected-access
+
+
+def _gin_wrapper(entry: gin_config.Configurable) -> tuple[Callable[..., Any], inspect.Signature]:
+    """The function gin put in place of the configurable, and the signature its
+    wrapped function is called with.
+
+    `@gin.configurable` replaces a class's constructor in place;
+    `gin.register`/`external_configurable` wrap the call of a dynamically made
+    metaclass, whose wrapped function takes the class first where `__init__`
+    takes `self`.
+    """
+    if not inspect.isclass(entry.wrapper):
+        return entry.wrapper, inspect.signature(entry.wrapper)
+    construct = _construction_fn(entry.wrapper)
+    if hasattr(construct, "__wrapped__"):
+        return construct, inspect.signature(construct)
+    return type(entry.wrapper).__call__, inspect.signature(_construction_fn(entry.wrapped))
 
 
 def _function_cell(wrapper: Callable[..., Any]):
     """The closure cell of gin's wrapper that holds the wrapped function."""
     inner = getattr(wrapper, "__wrapped__", None)
-    for cell in wrapper.__closure__ or ():
+    for cell in getattr(wrapper, "__closure__", None) or ():
         try:
             if cell.cell_contents is inner:
                 return cell
@@ -89,9 +103,9 @@ def record_calls(recording: Recording) -> Iterator[Recording]:
     swapped = []
     try:
         for selector, entry in registered().items():
-            cell = _function_cell(_gin_wrapper(entry))
+            wrapper, signature = _gin_wrapper(entry)
+            cell = _function_cell(wrapper)
             original = cell.cell_contents
-            signature = inspect.signature(original)
 
             def recorder(*args, __original=original, __signature=signature,
                          __selector=selector, **kwargs):
@@ -119,10 +133,7 @@ def record_calls(recording: Recording) -> Iterator[Recording]:
 def bindable_parameters(entry: gin_config.Configurable) -> list[str]:
     """The parameter names a gin binding may set: the signature minus `self`,
     `*args`/`**kwargs` and gin's denylist (or only the allowlist)."""
-    fn = entry.wrapped
-    if inspect.isclass(fn):
-        fn = gin_config._find_class_construction_fn(fn)  # pylint: disable=protected-access
-        fn = getattr(fn, "__wrapped__", fn)
+    fn = _construction_fn(entry.wrapped) if inspect.isclass(entry.wrapped) else entry.wrapped
     names = []
     for i, p in enumerate(inspect.signature(fn).parameters.values()):
         if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
@@ -153,10 +164,7 @@ class Sentinel:
 
 
 def _annotation_kinds(entry: gin_config.Configurable, name: str) -> str:
-    fn = entry.wrapped
-    if inspect.isclass(fn):
-        fn = gin_config._find_class_construction_fn(fn)  # pylint: disable=protected-access
-        fn = getattr(fn, "__wrapped__", fn)
+    fn = _construction_fn(entry.wrapped) if inspect.isclass(entry.wrapped) else entry.wrapped
     parameter = inspect.signature(fn).parameters[name]
     annotation = parameter.annotation
     return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
