@@ -186,6 +186,42 @@ def clean_gin():
     gin.clear_config()
 
 
+@gin.configurable(module="gin_walk_toy")
+class _Leaf:
+    def __init__(self, size: int, *, scale: float = 1.0, name: str = "leaf"):
+        self.size, self.scale, self.name = size, scale, name
+
+
+@gin.configurable(module="gin_walk_toy", denylist=["size"])
+class _DeniedLeaf:
+    def __init__(self, size: int, *, scale: float = 1.0):
+        self.size, self.scale = size, scale
+
+
+@gin.configurable(module="gin_walk_toy")
+def _toy_parent(width: int = 4, validated: int = 1):
+    if validated > 1:
+        raise ValueError(f"validated must be <= 1, got {validated}")
+    return _Leaf(width, scale=2.0), _DeniedLeaf(width)
+
+
+def test_the_walk_tells_ignored_from_reached_bindings():
+    """A toy parent passes `_Leaf.size` (positionally) and `_Leaf.scale` itself:
+    both bindings are accepted by gin and overridden, so the walk must call them
+    ignored. `_DeniedLeaf.size` is denylisted: not bindable, so not walked (and
+    gin refuses it). The rest reach their callee, or its validation names them."""
+    _, outcomes = gin_walk.walk(lambda: None, _toy_parent)
+    verdicts = {o.key.replace("gin_walk_toy.", ""): o.verdict for o in outcomes}
+    assert verdicts == {
+        "_toy_parent.width": "reached", "_toy_parent.validated": "reached",
+        "_Leaf.size": "ignored", "_Leaf.scale": "ignored", "_Leaf.name": "reached",
+        "_DeniedLeaf.scale": "reached"}
+    with pytest.raises(ValueError, match="denylisted"):
+        gin.bind_parameter("_DeniedLeaf.size", 3)
+    report = gin_walk.report(outcomes)
+    assert "_Leaf:" in report and ".scale: ignored: bound 2.74, the callee received 2.0" in report
+
+
 # Configurables each case must reach; otherwise the binding test below would pass
 # vacuously (e.g. if the build stopped early or a rename hid a configurable).
 EXPECTED_CALLS = ("train", "DataConfig", "TransformerLM", "MoeLayer", "LossWeights",
