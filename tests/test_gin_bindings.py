@@ -22,19 +22,20 @@ import jax
 import pytest
 from flax import nnx
 
-from experiments.data import sharded as sharded_data
 from experiments.data.config import DataConfig
 from experiments.data.tokenizers import train_sentencepiece
 from experiments.runtime import gin_utils
-from experiments.runtime import mesh as mesh_lib
-from experiments.runtime.checkpoints import Checkpointer
-from experiments.train import loss_free, phases, trainer
-from experiments.train.optim import learning_rate_schedule, make_optimizer
-from experiments.train.train_step import LossWeights
 from tests import gin_walk
 from tests.helpers import path_with_both_splits
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# --- How a run builds its collaborators -------------------------------------
+# THE ONE PLACE THAT KNOWS HOW A TRAINING RUN CONSTRUCTS THINGS FROM GIN. Keep it
+# in step with experiments/train/trainer.py (and scripts/train.py); everything
+# else in this file is generic. Its imports are local so that a rename there
+# breaks only this function.
 
 
 class _Settings(Exception):
@@ -45,7 +46,16 @@ class _Settings(Exception):
         self.settings = settings
 
 
+def register_configurables() -> None:
+    """Imports what scripts/train.py imports, so every configurable is registered."""
+    from experiments.train import trainer  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+
 def _train_settings(workdir: Path) -> dict:
+    """`train(workdir)`'s keyword arguments as gin supplies them (train itself is a
+    configurable, so its bindings are walked too)."""
+    from experiments.train import trainer  # pylint: disable=g-import-not-at-top
+
     def capture(workdir, **settings):
         raise _Settings(settings)
 
@@ -60,13 +70,22 @@ def _train_settings(workdir: Path) -> dict:
 def build_run(workdir: Path) -> None:
     """Builds what a training run builds from gin, in the trainer's order, without a step.
 
-    THE ONE PLACE THAT KNOWS HOW A RUN CONSTRUCTS ITS COLLABORATORS: keep it in
-    step with experiments/train/trainer.py. Today `train()` receives its
-    settings from gin and `_train_locked` constructs DataConfig(), the schedule
-    and optimizer, LossWeights(), LossFreeBalancing(), Sharding(), the
-    Checkpointer, the model (`model_cls(vocab_size=, rngs=)`) and the data
-    iterators. The model is built under `nnx.eval_shape` (no arrays).
+    Today `train()` receives its settings from gin and `_train_locked`
+    constructs DataConfig(), the schedule and optimizer, LossWeights(),
+    LossFreeBalancing(), Sharding(), the Checkpointer, the model
+    (`model_cls(vocab_size=, rngs=)`) and the data iterators. The model is built
+    under `nnx.eval_shape` (shapes only); the data iterators last, since they
+    are the slowest (the walk stops a build once the configurable it tests has
+    been called).
     """
+    # pylint: disable=g-import-not-at-top
+    from experiments.data import sharded as sharded_data
+    from experiments.runtime import mesh as mesh_lib
+    from experiments.runtime.checkpoints import Checkpointer
+    from experiments.train import loss_free, phases
+    from experiments.train.optim import learning_rate_schedule, make_optimizer
+    from experiments.train.train_step import LossWeights
+
     s = _train_settings(workdir)
     data_config = DataConfig()
     vocab_size = data_config.vocab_size()
@@ -81,6 +100,9 @@ def build_run(workdir: Path) -> None:
     data_config.domains()
     sharded_data.make_sharded_train_iterator(data_config, s["seed"])
     sharded_data.eval_batches(data_config)
+
+
+# --- Generic from here on ----------------------------------------------------
 
 
 # Valid alternatives for parameters whose type alone does not give one (strings
@@ -135,6 +157,7 @@ def _walk(case: str, workdir: Path, files: dict[str, str]):
     """(configurables called, outcomes) for one case, computed once per module."""
     if case in _WALKS:
         return _WALKS[case]
+    register_configurables()
     gin_file, bindings = CASES[case]
     setup = functools.partial(gin_utils.parse, [str(REPO / gin_file)],
                               [b.format(**files) for b in bindings])
@@ -260,6 +283,7 @@ def _literal(value) -> bool:
 
 
 def _record_tiny_run(workdir: Path, files: dict[str, str]) -> gin_walk.Recording:
+    register_configurables()
     gin_file, bindings = CASES["test_tiny"]
     gin_utils.parse([str(REPO / gin_file)], [b.format(**files) for b in bindings])
     recording = gin_walk.Recording()
