@@ -43,7 +43,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from experiments.data import corpus
 from experiments.data.corpus import Record
-from experiments.data.sources import load_text_files
+from experiments.data.sources import read_text_files
 from experiments.data.tokenizers import TOKENIZER_SPECS, ByteTokenizer
 
 # tf.data runs on the host; TensorFlow must not take the accelerators JAX uses.
@@ -328,7 +328,7 @@ def register_text_files_mixture(name: str, patterns: Mapping[str, str], *,
     corpus._check_fraction(validation_fraction)  # pylint: disable=protected-access
     sources, preprocessors, texts = {}, {}, {}
     for domain_id, domain in enumerate(sorted(patterns)):
-        records = load_text_files(patterns[domain], domain=domain)  # fails early on no match
+        records = read_text_files(patterns[domain], domain=domain)  # fails early on no match
         texts[domain] = _records_texts(lambda records=records: records, validation_fraction)
         sources[domain] = _records_source(texts[domain])
         preprocessors[domain] = _text_preprocessors(domain_id)

@@ -30,8 +30,7 @@ SOURCE_SCHEMES: tuple[str, ...] = ("embedded", "text", "jsonl")
 DEFAULT_TEXT_DOMAIN = "text"
 
 
-@gin.configurable(denylist=["pattern"])
-def load_text_files(pattern: str, *, domain: str = DEFAULT_TEXT_DOMAIN) -> list[Record]:
+def read_text_files(pattern: str, *, domain: str = DEFAULT_TEXT_DOMAIN) -> list[Record]:
     """One record per file matching ``pattern``, sorted by path.
 
     A record's path is the file path as the glob returns it, so the split is
@@ -50,6 +49,12 @@ def load_text_files(pattern: str, *, domain: str = DEFAULT_TEXT_DOMAIN) -> list[
             raise ValueError(f"text file is not valid UTF-8: {f!r} ({e})") from e
         records.append(Record(text=text, domain=domain, path=f))
     return records
+
+
+@gin.configurable(denylist=["pattern"])
+def load_text_files(pattern: str, *, domain: str = DEFAULT_TEXT_DOMAIN) -> list[Record]:
+    """The ``text:<glob>`` source: :func:`read_text_files` with ``domain`` from gin."""
+    return read_text_files(pattern, domain=domain)
 
 
 @gin.configurable(denylist=["path"])
