@@ -341,21 +341,3 @@ def unigram_entropy(records: Iterable[Record]) -> UnigramEntropy:
     return UnigramEntropy(
         bits_per_byte=nats / math.log(2), nats_per_byte=nats, num_bytes=total
     )
-
-
-def split_unigram_entropy(
-    split: str = "train",
-    *,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    cache_dir: str | os.PathLike[str] | None = None,
-    max_bytes_per_domain: int = DEFAULT_MAX_BYTES_PER_DOMAIN,
-) -> UnigramEntropy:
-    """:func:`unigram_entropy` of one split of the embedded corpus."""
-    return unigram_entropy(
-        corpus_split(
-            split,
-            validation_fraction=validation_fraction,
-            cache_dir=cache_dir,
-            max_bytes_per_domain=max_bytes_per_domain,
-        )
-    )
