@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe import balance
+
 Array = jax.Array
 
 
@@ -273,9 +275,8 @@ def scoped_lbl(probs: Array, expert_index: Array, token_mask: Array, group: Arra
 
 
 def group_max_violation(counts: Array) -> Array:
-    """Mean over non-empty groups of MaxVio = max_i c_i / mean c - 1. `[G, E]` -> scalar."""
+    """Mean over non-empty groups of `moe.balance.max_violation`. `[G, E]` -> scalar."""
     counts = counts.astype(jnp.float32)
-    mean = jnp.mean(counts, axis=-1)
-    violation = jnp.max(counts, axis=-1) / jnp.maximum(mean, 1e-9) - 1.0
-    non_empty = mean > 0
+    violation = jax.vmap(balance.max_violation)(counts)  # [G]
+    non_empty = jnp.sum(counts, axis=-1) > 0
     return jnp.sum(jnp.where(non_empty, violation, 0.0)) / jnp.maximum(jnp.sum(non_empty), 1.0)

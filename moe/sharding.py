@@ -30,9 +30,8 @@ from moe.scoped import ScopedValue
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH = "batch"
-# The expert FFN weights' logical axes (`moe.experts.ExpertFFN`: wi [E, d, f], wo [E, f, d]).
+# The logical axes of the expert FFN input weights (`moe.experts.ExpertFFN`: wi [E, d, f]).
 EXPERT_WI_AXES = ("expert", "embed", "mlp")
-EXPERT_WO_AXES = ("expert", "mlp", "embed")
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, tuple[str, ...]], ...]

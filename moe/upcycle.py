@@ -3,8 +3,8 @@
 A dense FFN is a mapping from weight names to arrays, e.g. `{"wi": [d, f],
 "wi_gate": [d, f] (GLU only), "wo": [f, d]}` plus optional biases. The
 functions here return the same names stacked over experts (`[E, ...]`). Used by
-checkpoint upcycling (`experiments.convert.upcycle_checkpoint`, spec §6) and by EvoMoE's
-expert-diversify step (spec §5.2).
+checkpoint upcycling (`experiments.convert.upcycle_checkpoint`, docs/upcycling.md) and by
+EvoMoE's expert-diversify step (docs/evomoe.md, "Expert diversification").
 
 Weight roles. Transforms that act on the hidden units (Drop-Upcycling, virtual
 groups) need to know where the hidden axis of each weight is; `FFN_ROLES` maps
@@ -17,7 +17,7 @@ the names used in this codebase and common aliases to a role:
 
 Pass `roles=` to use other names.
 
-Virtual groups (NVIDIA, He et al. 2024, spec §6.2): with granularity G the
+Virtual groups (NVIDIA, He et al. 2024; docs/upcycling.md): with granularity G the
 dense hidden units are split into G contiguous shards, expert e = r*G + g gets
 shard g (r in [0, R), R = E / G full copies), the router's R rows are each
 repeated G times, and weights are scaled so that a selected group of G shards
@@ -195,12 +195,13 @@ def spawn_experts(dense: Mapping[str, Array], num_experts: int, *, strategy: str
           array; a constant array, e.g. a zero bias, gets no noise).
         "mask": W_e = W ⊙ M_e with M_e an independent Bernoulli mask per
           expert that *keeps* each entry with probability `ratio` (fraction of
-          zeros ≈ 1 - ratio; EvoMoE's §5.2 "mask ratio" r, the zeroed
-          fraction, is ratio = 1 - r). No rescaling.
+          zeros ≈ 1 - ratio; EvoMoE's "mask ratio" r, the zeroed
+          fraction, is ratio = 1 - r: docs/evomoe.md). No rescaling.
         "drop_upcycling": copy, then per expert re-initialise round(ratio * f)
           randomly chosen hidden units (the same units in fc1/gate columns,
           fc1 biases and fc2 rows) from N(mean(W), std(W)²) of each dense
-          matrix (Nakamura et al. 2025, §6.5; ratio 0.5 worked best there).
+          matrix (Drop-Upcycling, Nakamura et al. 2025; ratio 0.5 worked best
+          there: docs/upcycling.md).
           The output bias is copied.
       rng: PRNG key (required by every strategy but "copy").
       ratio: keep probability ("mask") or re-initialised fraction
@@ -230,7 +231,7 @@ def _spawn_jit(dense, rng, *, strategy, num_experts, ratio, noise_std, roles):
 
 
 # ---------------------------------------------------------------------------
-# Virtual groups and weight scaling (He et al. 2024, spec §6.2).
+# Virtual groups and weight scaling (He et al. 2024; docs/upcycling.md, "Virtual groups").
 
 WEIGHT_SCALINGS = ("balanced", "output", "none")
 # Activations h with h(c x) = c^p h(x) for c > 0: exact under "balanced" scaling.
@@ -284,7 +285,7 @@ def weight_scales(a: float, activation: str, mode: str = "balanced") -> tuple[fl
     """(s_in, s_out): multipliers of the input-side weights (fc1, gate, fc1
     biases) and of fc2 that make an expert's output a times larger.
 
-      "balanced" (Megatron, spec §6.2): s_in = s_out = a^(1/2) for plain
+      "balanced" (Megatron; docs/upcycling.md): s_in = s_out = a^(1/2) for plain
         activations, a^(1/3) for GLU and squared ReLU. Exact only when the
         activation is positively homogeneous (relu, squared_relu, reglu);
         for gelu/silu/swiglu/geglu the output is only approximately a times.
@@ -475,7 +476,8 @@ def exactness_conditions(*, activation: str, granularity: int, k: int, normalize
                          dropless: bool = True, num_shared_experts: int = 0,
                          route_scale: float = 1.0, diversify: str = "copy") -> list[str]:
     """The reasons an upcycled MoE layer is *not* function-preserving at init
-    (empty list = exact in exact arithmetic), following spec §6.2/§6.6."""
+    (empty list = exact in exact arithmetic): the conditions of docs/upcycling.md,
+    "When the upcycled model is exact"."""
     check_activation(activation)
     violated = []
     if diversify != "copy":

@@ -24,48 +24,42 @@
 # `NB_SMOKE=1` runs a micro model for a few steps (the CI runs it that way).
 
 # %%
-# Colab setup: get the code and install it with the JAX build for this runtime
-# (Runtime > Change runtime type: TPU or GPU). Outside Colab this does nothing.
+# Set-up. In a fresh Colab runtime (pick it first: Runtime > Change runtime type: TPU or GPU)
+# this fetches the repository and installs it with the JAX build for the runtime
+# (experiments/runtime/colab.py); elsewhere it only finds the checkout. docs/notebooks.md.
 import os
 import subprocess
 import sys
-
-if "google.colab" in sys.modules:
-    REPO_URL = os.environ.get("SPARSE_MOE_REPO_URL", "")  # git URL of this repository
-    if not os.path.exists("setup.py"):
-        if not os.path.isdir("sparse-moe"):
-            if not REPO_URL:
-                raise RuntimeError("Set SPARSE_MOE_REPO_URL (os.environ) to this repository's git "
-                                   "URL, or upload the repository as ./sparse-moe (see "
-                                   "docs/notebooks.md).")
-            subprocess.run(["git", "clone", "--depth=1", REPO_URL, "sparse-moe"], check=True)
-        os.chdir("sparse-moe")
-    if os.path.exists("/dev/accel0") or "COLAB_TPU_ADDR" in os.environ:
-        extra = "tpu"  # jax[tpu]
-    elif os.path.exists("/dev/nvidia0"):
-        extra = "gpu"  # jax[cuda12]
-    else:
-        extra = None  # CPU runtime: plain jax
-    spec = f".[{extra}]" if extra else "."
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", spec], check=True)
-
-# %%
-import json
-import tempfile
 from pathlib import Path
 
+if "google.colab" in sys.modules and not Path("setup.py").exists():
+    if not Path("sparse-moe").is_dir():  # not uploaded as ./sparse-moe: clone it
+        REPO_URL = os.environ.get("SPARSE_MOE_REPO_URL", "")  # git URL of this repository
+        if not REPO_URL:
+            raise RuntimeError("Set SPARSE_MOE_REPO_URL (os.environ) to this repository's git "
+                               "URL, or upload the repository as ./sparse-moe (see "
+                               "docs/notebooks.md).")
+        subprocess.run(["git", "clone", "--depth=1", REPO_URL, "sparse-moe"], check=True)
+    os.chdir("sparse-moe")
 # The repository root (this notebook lives in notebooks/), importable from here.
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "setup.py").exists())
 sys.path.insert(0, str(ROOT))
+from experiments.runtime import colab  # noqa: E402  (standard library only: safe before JAX)
+
+colab.install(ROOT)
+
+# %%
+import json  # noqa: E402
+import tempfile  # noqa: E402
 
 import gin  # noqa: E402
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.runtime import gin_utils  # noqa: E402
 from experiments.reporting.metrics import read_jsonl  # noqa: E402
 from experiments.reporting.routing_report import analyze_workdir  # noqa: E402
+from experiments.runtime import gin_utils  # noqa: E402
 from experiments.train.trainer import train  # noqa: E402
 
 # One variable sets every size: "smoke" (CI, < 1 min on CPU) or "full" (~3 min on 2

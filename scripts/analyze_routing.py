@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 from experiments.reporting.routing_report import analyze_workdir, parse_run_config
 from experiments.runtime import gin_utils
 

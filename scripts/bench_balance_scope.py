@@ -20,7 +20,6 @@ import time
 import jax
 import numpy as np
 
-import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 from experiments.data.config import DataConfig
 from experiments.runtime import gin_utils
 from experiments.train.optim import learning_rate_schedule, make_optimizer

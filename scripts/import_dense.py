@@ -15,7 +15,6 @@ import argparse
 import logging
 import sys
 
-import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 from experiments.convert.import_dense import import_dense
 
 

@@ -16,9 +16,7 @@ import argparse
 import logging
 import sys
 
-import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 from experiments.convert.upcycle_checkpoint import UpcycleConfig, upcycle
-from experiments.train import trainer  # noqa: F401  registers the trainer's gin bindings
 from moe import upcycle as up
 
 

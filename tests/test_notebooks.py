@@ -1,13 +1,17 @@
 """The notebooks: each .ipynb is in sync with its jupytext py:percent twin and
 stored without outputs, and each runs end to end with NB_SMOKE=1 (as a script,
-on 2 simulated CPU devices so the mesh code really shards)."""
+on 2 simulated CPU devices so the mesh code really shards). Their shared Colab
+set-up helper (experiments/runtime/colab.py) picks the JAX build of the runtime."""
 
 import json
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 
+from experiments.runtime import colab
 from tests.helpers import REPO, script_env
 
 NOTEBOOKS = REPO / "notebooks"
@@ -41,13 +45,40 @@ def test_ipynb_matches_percent_file_and_has_no_outputs(name):
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_notebook_opens_with_a_guarded_colab_setup_cell(name):
+    # The first cell fetches the repository on Colab only, then hands the install to the
+    # shared helper; the rest of the notebook imports the project after it.
     percent = (NOTEBOOKS / f"{name}.py").read_text()
     first_code = percent.split("# %%\n")[1]
-    assert 'if "google.colab" in sys.modules:' in first_code
-    for extra in ('extra = "tpu"', 'extra = "gpu"'):  # jax[tpu], jax[cuda12] via setup.py
-        assert extra in first_code
+    assert 'if "google.colab" in sys.modules and not Path("setup.py").exists():' in first_code
+    assert "from experiments.runtime import colab" in first_code
+    assert first_code.rstrip().endswith("colab.install(ROOT)")
     assert 'print("devices:", jax.devices())' in percent
     assert 'os.environ.get("NB_SMOKE") == "1"' in percent
+
+
+def test_colab_helper_imports_no_jax():
+    # The first cell imports it before the install, which may replace jax.
+    code = "import sys, experiments.runtime.colab; assert 'jax' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), check=True)
+
+
+@pytest.mark.parametrize("devices, env, extra", [
+    ({"/dev/accel0"}, {}, "tpu"), (set(), {"COLAB_TPU_ADDR": "10.0.0.2:8470"}, "tpu"),
+    ({"/dev/nvidia0"}, {}, "gpu"), (set(), {}, None)])
+def test_colab_install_picks_the_jax_build_of_the_runtime(monkeypatch, devices, env, extra):
+    monkeypatch.setattr(colab.os.path, "exists", lambda path: path in devices)
+    monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    commands = []
+    monkeypatch.setattr(colab.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    colab.install(Path("/content/sparse-moe"))
+    assert commands == []  # outside Colab: nothing
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    colab.install(Path("/content/sparse-moe"))
+    spec = "/content/sparse-moe" + (f"[{extra}]" if extra else "")
+    assert commands == [[sys.executable, "-m", "pip", "install", "-q", "-e", spec]]
 
 
 @pytest.mark.parametrize("name", EXPECTED)

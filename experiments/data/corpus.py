@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import sysconfig
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import TypedDict
 
 import numpy as np
 
+from experiments.data.files import write_atomically
 from moe.validation import check_one_of
 
 
@@ -261,21 +261,6 @@ def _cache_file(cache_dir: Path, stdlib_dir: Path, max_bytes_per_domain: int) ->
     )
 
 
-def _write_atomically(path: Path, records: list[Record]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _read_records(path: Path) -> list[Record]:
     with open(path, encoding="utf-8") as f:
         return [Record(**json.loads(line)) for line in f]
@@ -312,7 +297,8 @@ def load_corpus(
     if path.exists():
         return _read_records(path)
     records = build_corpus(stdlib, max_bytes_per_domain)
-    _write_atomically(path, records)
+    write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                   for r in records).encode("utf-8"))
     return records
 
 
@@ -354,22 +340,4 @@ def unigram_entropy(records: Iterable[Record]) -> UnigramEntropy:
     nats = float(-(p * np.log(p)).sum())
     return UnigramEntropy(
         bits_per_byte=nats / math.log(2), nats_per_byte=nats, num_bytes=total
-    )
-
-
-def split_unigram_entropy(
-    split: str = "train",
-    *,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    cache_dir: str | os.PathLike[str] | None = None,
-    max_bytes_per_domain: int = DEFAULT_MAX_BYTES_PER_DOMAIN,
-) -> UnigramEntropy:
-    """:func:`unigram_entropy` of one split of the embedded corpus."""
-    return unigram_entropy(
-        corpus_split(
-            split,
-            validation_fraction=validation_fraction,
-            cache_dir=cache_dir,
-            max_bytes_per_domain=max_bytes_per_domain,
-        )
     )

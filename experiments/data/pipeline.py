@@ -58,7 +58,6 @@ from experiments.data.sources import load_source_split
 from experiments.data.tokenizers import Tokenizer, encode_to_array, make_tokenizer
 
 Batch = dict[str, np.ndarray]
-BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions", "domain")
 DOMAIN_PAD_ID = -1
 _PACKED_FEATURES = ("inputs", "targets", "domain")
 

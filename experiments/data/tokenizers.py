@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -26,6 +25,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import gin
 import numpy as np
 
+from experiments.data.files import write_atomically
 from moe.validation import check_one_of
 
 
@@ -291,15 +291,5 @@ def train_sentencepiece(
         minloglevel=2,
     )
     path = Path(model_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, model.getvalue())
     return SentencePieceTokenizer(path)

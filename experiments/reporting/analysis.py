@@ -10,7 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+
+from moe import balance
 
 
 def _check_counts(counts: Any) -> np.ndarray:
@@ -49,12 +52,11 @@ def mutual_information(counts: Any) -> float:
 
 
 def max_violation(expert_counts: Any) -> float:
-    """MaxVio: `max_e load_e / mean load - 1` (0 when perfectly balanced)."""
-    c = np.asarray(expert_counts, np.float64)
+    """`moe.balance.max_violation` of a `[E]` count vector, as a Python float."""
+    c = np.asarray(expert_counts, np.float32)
     if c.ndim != 1 or c.size == 0:
         raise ValueError(f"expert_counts must be a non-empty vector, got shape {c.shape}")
-    mean = c.mean()
-    return float(c.max() / mean - 1.0) if mean > 0 else 0.0
+    return float(balance.max_violation(jnp.asarray(c)))
 
 
 def layer_report(counts: Any, domains: Sequence[str]) -> dict[str, Any]:

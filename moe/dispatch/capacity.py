@@ -10,6 +10,12 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def ceil_div_float(numerator: float, denominator: float) -> int:
+    """ceil(numerator / denominator) for float operands, robust to float noise:
+    2560.0000000001 (e.g. 2 * 8192 * 1.25 / 8 computed in floats) gives 2560, not 2561."""
+    return math.ceil(numerator / denominator - 1e-9)
+
+
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, *,
                     min_capacity: int = 1, multiple_of: int = 1) -> int:
     """Slots per expert: ceil(k * T * cf / E), then at least `min_capacity`,
@@ -22,8 +28,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     if min_capacity < 1 or multiple_of < 1:
         raise ValueError(
             f"min_capacity and multiple_of must be >= 1, got {min_capacity}, {multiple_of}")
-    # The 1e-9 guards against float noise such as 2560.0000000001 -> 2561.
-    capacity = math.ceil(k * num_tokens * capacity_factor / num_experts - 1e-9)
+    capacity = ceil_div_float(k * num_tokens * capacity_factor, num_experts)
     capacity = max(capacity, min_capacity)
     return -(-capacity // multiple_of) * multiple_of
 

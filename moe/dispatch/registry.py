@@ -1,11 +1,14 @@
 """Dispatch implementations, selected by name.
 
 Adding one is one function plus one `register_dispatch` call; `MoeLayer`
-validates its `dispatch=` argument against `available_dispatches()`.
+validates its `dispatch=` argument against `available_dispatches()`, and
+tests/moe/test_dispatch.py checks every registered dispatch against a
+per-expert loop (filtering only on the declared `DispatchTraits`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -18,13 +21,30 @@ from moe.validation import check_one_of
 
 Dispatcher = Callable[..., DispatchOutput]
 
+
+@dataclasses.dataclass(frozen=True)
+class DispatchTraits:
+    """What a dispatch guarantees beyond the common interface.
+
+    Attributes:
+      exact_dropless: with `capacity=None` every assignment is computed (keep
+        is all True). False for a dispatch whose dropless mode uses bounded
+        buffers and reports the overflow as dropped (keep=False).
+    """
+
+    exact_dropless: bool = True
+
+
 _DISPATCHERS: dict[str, Dispatcher] = {}
+_TRAITS: dict[str, DispatchTraits] = {}
 
 
-def register_dispatch(name: str, fn: Dispatcher) -> Dispatcher:
+def register_dispatch(name: str, fn: Dispatcher,
+                      traits: DispatchTraits = DispatchTraits()) -> Dispatcher:
     if name in _DISPATCHERS:
         raise ValueError(f"dispatch {name!r} is already registered")
     _DISPATCHERS[name] = fn
+    _TRAITS[name] = traits
     return fn
 
 
@@ -35,6 +55,11 @@ def available_dispatches() -> tuple[str, ...]:
 def get_dispatch(name: str) -> Dispatcher:
     check_one_of("dispatch", name, _DISPATCHERS)
     return _DISPATCHERS[name]
+
+
+def dispatch_traits(name: str) -> DispatchTraits:
+    check_one_of("dispatch", name, _DISPATCHERS)
+    return _TRAITS[name]
 
 
 def _ragged_dot(lhs, rhs, group_sizes):
@@ -51,4 +76,6 @@ register_dispatch("ragged_dot", make_sort_dispatch(_ragged_dot, "ragged_dot"))
 register_dispatch("pallas", make_sort_dispatch(kernel_api.dispatch_gmm, "pallas"))
 # Expert parallelism over the context mesh (all_to_all in shard_map); MoeLayer switches to it
 # whenever the "expert" rule maps to mesh axes of size > 1 (moe/dispatch/expert_parallel.py).
-register_dispatch("expert_parallel", expert_parallel_dispatch)
+# Its default dropless mode ("padded") drops what overflows its buffers, reported in keep.
+register_dispatch("expert_parallel", expert_parallel_dispatch,
+                  DispatchTraits(exact_dropless=False))

@@ -40,3 +40,18 @@ def pad_axis(x: Array, axis: int, multiple: int) -> Array:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
     return jnp.pad(x, widths)
+
+
+def pad_gmm_operands(lhs: Array, rhs: Array, tiling: Tiling, *,
+                     transpose_rhs: bool) -> tuple[Array, Array, int, int]:
+    """The operands of a grouped matmul zero-padded to whole tiles.
+
+    lhs `[M, K]` -> `[M_p, K_p]` (multiples of tm and tk); rhs `[E, K, N]` (or
+    `[E, N, K]` with `transpose_rhs`) -> K padded to K_p and N to N_p, a
+    multiple of tn. Returns `(lhs_p, rhs_p, tiles_k, tiles_n)`.
+    """
+    tm, tk, tn = tiling
+    k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
+    lhs_p = pad_axis(pad_axis(lhs, 0, tm), 1, tk)
+    rhs_p = pad_axis(pad_axis(rhs, k_axis, tk), n_axis, tn)
+    return lhs_p, rhs_p, lhs_p.shape[1] // tk, rhs_p.shape[n_axis] // tn

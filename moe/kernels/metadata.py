@@ -71,3 +71,12 @@ def group_metadata(group_sizes: Array, num_rows: int, tile_m: int, *,
     last_tile = num_tiles(num_rows, tile_m) - 1
     tile = jnp.clip(tile, 0, last_tile).astype(jnp.int32)
     return GroupMetadata(offsets, group, tile, total.astype(jnp.int32))
+
+
+def metadata_with_tail(group_sizes: Array, num_rows: int, tile_m: int) -> GroupMetadata:
+    """`group_metadata` with one extra group E holding the rows past the real
+    groups, so that every row tile is visited and its rows are written (as
+    zeros by the tail's visits)."""
+    group_sizes = group_sizes.astype(jnp.int32)
+    tail = jnp.maximum(num_rows - jnp.sum(group_sizes), 0)
+    return group_metadata(jnp.concatenate([group_sizes, tail[None]]), num_rows, tile_m)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from moe.kernels.common import Array, Tiling, pad_axis
+from moe.kernels.common import Array, Tiling, pad_axis, pad_gmm_operands
 from moe.kernels.metadata import group_metadata, num_tiles
 
 
@@ -65,13 +65,11 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, tiling: Tiling, *,
     come out zero.
     """
     tm, tk, tn = tiling
-    num_rows = lhs.shape[0]
-    k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
-    n = rhs.shape[n_axis]
+    num_rows, n = lhs.shape[0], rhs.shape[1 if transpose_rhs else 2]
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-    lhs_p = pad_axis(pad_axis(lhs, 0, tm), 1, tk)
-    rhs_p = pad_axis(pad_axis(rhs, k_axis, tk), n_axis, tn)
-    rows_p, tiles_k, tiles_n = lhs_p.shape[0], lhs_p.shape[1] // tk, rhs_p.shape[n_axis] // tn
+    lhs_p, rhs_p, tiles_k, tiles_n = pad_gmm_operands(lhs, rhs, tiling,
+                                                      transpose_rhs=transpose_rhs)
+    rows_p = lhs_p.shape[0]
     offsets, visit_group, starts = tile_visit_starts(group_sizes.astype(jnp.int32), rows_p, tm)
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 

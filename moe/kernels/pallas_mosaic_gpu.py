@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from moe.kernels.common import Array, Tiling, pad_axis, round_up
-from moe.kernels.metadata import group_metadata
+from moe.kernels.common import Array, Tiling, pad_gmm_operands, round_up
+from moe.kernels.metadata import metadata_with_tail
 
 DEFAULT_TILING: Tiling = (128, 64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -102,13 +102,9 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, tiling: Tiling, *,
         rhs = jnp.swapaxes(rhs, 1, 2)
     num_rows, (num_groups, _, n) = lhs.shape[0], rhs.shape
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-    lhs_p = pad_axis(pad_axis(lhs, 0, tm), 1, tk)
-    rhs_p = pad_axis(pad_axis(rhs, 1, tk), 2, tn)
-    rows_p, tiles_k, tiles_n = lhs_p.shape[0], lhs_p.shape[1] // tk, rhs_p.shape[2] // tn
-
-    group_sizes = group_sizes.astype(jnp.int32)
-    tail = jnp.maximum(rows_p - jnp.sum(group_sizes), 0)
-    meta = group_metadata(jnp.concatenate([group_sizes, tail[None]]), rows_p, tm)
+    lhs_p, rhs_p, tiles_k, tiles_n = pad_gmm_operands(lhs, rhs, tiling, transpose_rhs=False)
+    rows_p = lhs_p.shape[0]
+    meta = metadata_with_tail(group_sizes, rows_p, tm)
     num_visits = meta.num_visits.reshape(1)
     stages = max(1, min(_MAX_STAGES, tiles_k))
 

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moe.kernels.common import Array, Tiling, pad_axis
-from moe.kernels.metadata import group_metadata
+from moe.kernels.common import Array, Tiling, pad_axis, pad_gmm_operands
+from moe.kernels.metadata import group_metadata, metadata_with_tail
 
 _MIB = 1 << 20
 
@@ -62,16 +62,12 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, tiling: Tiling, *,
     """
     tm, tk, tn = tiling
     num_rows, num_groups = lhs.shape[0], rhs.shape[0]
-    k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
-    n = rhs.shape[n_axis]
+    n = rhs.shape[1 if transpose_rhs else 2]
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-    lhs_p = pad_axis(pad_axis(lhs, 0, tm), 1, tk)
-    rhs_p = pad_axis(pad_axis(rhs, k_axis, tk), n_axis, tn)
-    rows_p, tiles_k, tiles_n = lhs_p.shape[0], lhs_p.shape[1] // tk, rhs_p.shape[n_axis] // tn
-
-    group_sizes = group_sizes.astype(jnp.int32)
-    tail = jnp.maximum(rows_p - jnp.sum(group_sizes), 0)
-    meta = group_metadata(jnp.concatenate([group_sizes, tail[None]]), rows_p, tm)
+    lhs_p, rhs_p, tiles_k, tiles_n = pad_gmm_operands(lhs, rhs, tiling,
+                                                      transpose_rhs=transpose_rhs)
+    rows_p = lhs_p.shape[0]
+    meta = metadata_with_tail(group_sizes, rows_p, tm)
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
     def kernel(offsets, visit_group, visit_tile, lhs_ref, rhs_ref, out_ref, acc_ref):

@@ -125,8 +125,8 @@ def test_unigram_entropy():
 
 
 def test_split_unigram_entropy_is_plausible_for_text(cache_dir):
-    stats = corpus.split_unigram_entropy(
-        "train", cache_dir=cache_dir, max_bytes_per_domain=MAX_BYTES
+    stats = corpus.unigram_entropy(
+        corpus.corpus_split("train", cache_dir=cache_dir, max_bytes_per_domain=MAX_BYTES)
     )
     assert 3.5 < stats.bits_per_byte < 6.0
     assert stats.num_bytes > 0

@@ -119,7 +119,7 @@ def check_packing_invariants(batch, seq_len, batch_size, pad_id=PAD):
         "positions": np.int32,
         "domain": np.int32,
     }
-    assert set(batch) == set(data.BATCH_KEYS) == set(expected)
+    assert set(batch) == set(expected)
     for k, dtype in expected.items():
         assert batch[k].shape == (batch_size, seq_len), k
         assert batch[k].dtype == dtype, k

@@ -161,6 +161,28 @@ def test_loss_is_one_at_balance_for_every_scope_and_layout():
                 1.0, abs=1e-6), (spec, layout)
 
 
+def _sequence_loss(probs, expert_index, batch_size):
+    """The DeepSeek-V3 sequence-wise balance loss as the training step computes it
+    (`experiments.train.balance_loss`): the scoped LBL with one group per row."""
+    seq_len = probs.shape[0] // batch_size
+    group, num_groups = bs.group_ids(bs.parse_lbl_scope("sequence"),
+                                     bs.BatchLayout(batch_size, seq_len))
+    return bs.scoped_lbl(probs, expert_index, jnp.ones(probs.shape[0]), group.reshape(-1),
+                         num_groups)
+
+
+def test_sequence_scope_is_the_deepseek_sequence_wise_loss():
+    # Two sequences of 4 tokens; within each, k=1 choices cover all 4 experts.
+    expert_index = jnp.array([[0], [1], [2], [3], [3], [2], [1], [0]])
+    probs = jnp.full((8, 4), 0.25)
+    np.testing.assert_allclose(_sequence_loss(probs, expert_index, 2), 1.0, rtol=1e-6)
+    # Sequence 0 collapses onto expert 0 with scores concentrated there: E = 4.
+    collapsed_idx = jnp.zeros((4, 1), jnp.int32)
+    collapsed_probs = jnp.zeros((4, 4)).at[:, 0].set(1.0)
+    np.testing.assert_allclose(_sequence_loss(collapsed_probs, collapsed_idx, 1), 4.0,
+                               rtol=1e-6)
+
+
 def test_counts_carry_no_gradient_and_exclude_padding():
     index = jnp.array([[0, 1], [1, 2], [3, 0]])
     counts = bs.group_counts(index, jnp.array([1, 1, 0]), jnp.array([0, 1, 1]), 2, 4)

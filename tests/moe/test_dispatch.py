@@ -1,4 +1,9 @@
-"""Capacity, slot assignment and dispatch implementations (spec §1.3-§1.5, §1.8)."""
+"""Capacity, slot assignment and dispatch implementations (the dispatch interface and the
+capacity and drop-order conventions of docs/architecture.md).
+
+The dispatch checks run over every registered dispatch (`available_dispatches()`); a
+new dispatch is tested by registering it. The only filter is a declared
+`DispatchTraits` property, never a list of names."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +11,8 @@ import numpy as np
 import pytest
 
 from moe import dispatch, routing
+from moe.dispatch.capacity import ceil_div_float
+from moe.dispatch.registry import DispatchTraits, dispatch_traits
 from moe.experts import ExpertFFN
 
 # --------------------------------------------------------------------------- capacity
@@ -19,6 +26,13 @@ def test_expert_capacity_formula_and_rounding():
         capacity = dispatch.expert_capacity(num_tokens, num_experts, k, cf)
         assert isinstance(capacity, int) and capacity >= 1
         assert capacity * num_experts >= k * num_tokens * cf - 1e-6
+
+
+def test_ceil_div_float_ignores_float_noise():
+    assert ceil_div_float(2 * 8192 * 1.25, 8) == 2560  # exact quotient
+    assert ceil_div_float(2560.0000000001, 1) == 2560  # noise above it
+    assert ceil_div_float(2560.001, 1) == 2561  # a real excess
+    assert ceil_div_float(10, 4) == 3
 
 
 @pytest.mark.parametrize("cf", [0, -1.0, None])
@@ -106,7 +120,29 @@ def _routing(key=1):
     return x, gating.expert_index, gating.weights
 
 
-@pytest.mark.parametrize("name", ["einsum", "sort", "ragged_dot"])
+def _toy_dispatch(x, expert_index, weights, ffn, *, capacity, priority=None, mask=None):
+    """A dispatch defined by this test module: every expert on every token, then each
+    token gathers its k outputs (E times the work)."""
+    if capacity is None:
+        keep = jnp.ones(expert_index.shape, bool)
+    else:
+        _, keep = dispatch.assign_slots(expert_index, ffn.num_experts, capacity,
+                                        priority=priority, mask=mask)
+    outputs = ffn.all_experts(x)  # [E, T, d]
+    chosen = outputs[expert_index, jnp.arange(x.shape[0])[:, None]]  # [T, k, d]
+    y = jnp.einsum("tk,tkd->td", jnp.where(keep, weights, 0.0).astype(x.dtype), chosen)
+    return dispatch.DispatchOutput(y, keep)
+
+
+# Registered at import, before the parametrisations below read the registry.
+TOY = "toy_gather_all"
+if TOY not in dispatch.available_dispatches():
+    dispatch.register_dispatch(TOY, _toy_dispatch)
+DISPATCHES = dispatch.available_dispatches()
+EXACT_DROPLESS = tuple(name for name in DISPATCHES if dispatch_traits(name).exact_dropless)
+
+
+@pytest.mark.parametrize("name", DISPATCHES)
 @pytest.mark.parametrize("capacity", [None, NUM_TOKENS])
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_all_dispatches_match_per_expert_loop_when_nothing_dropped(name, capacity, activation):
@@ -129,7 +165,7 @@ def test_all_dispatches_match_per_expert_loop_when_nothing_dropped(name, capacit
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["einsum", "sort"])
+@pytest.mark.parametrize("name", DISPATCHES)
 def test_capacity_dispatch_drops_exactly_the_overflow(name):
     x, expert_index, weights = _routing(key=5)
     ffn = _ffn()
@@ -152,23 +188,30 @@ def test_capacity_dispatch_drops_exactly_the_overflow(name):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_huge_capacity_equals_dropless():
+@pytest.mark.parametrize("name", EXACT_DROPLESS)
+def test_huge_capacity_equals_dropless(name):
     x, expert_index, weights = _routing(key=7)
     ffn = _ffn()
-    fn = dispatch.get_dispatch("sort")
+    fn = dispatch.get_dispatch(name)
     capacity = dispatch.expert_capacity(NUM_TOKENS, NUM_EXPERTS, K, NUM_EXPERTS / K)
     np.testing.assert_allclose(fn(x, expert_index, weights, ffn, capacity=capacity).y,
                                fn(x, expert_index, weights, ffn, capacity=None).y, atol=1e-5)
 
 
-def test_sort_dropless_with_empty_and_skewed_groups():
+@pytest.mark.parametrize("name", DISPATCHES)
+def test_dropless_with_empty_and_skewed_groups(name):
     # Everything on expert 2 except one token on expert 0: experts 1 and 3 empty.
+    # An exact-dropless dispatch keeps all 24 assignments; any other may drop only
+    # what it reports in keep.
     x = jax.random.normal(jax.random.key(3), (NUM_TOKENS, D_MODEL))
     expert_index = jnp.full((NUM_TOKENS, 1), 2, jnp.int32).at[0, 0].set(0)
     weights = jnp.ones((NUM_TOKENS, 1))
     ffn = _ffn()
-    out = dispatch.get_dispatch("sort")(x, expert_index, weights, ffn, capacity=None)
-    np.testing.assert_allclose(out.y, _reference(x, expert_index, weights, ffn), atol=1e-5)
+    out = dispatch.get_dispatch(name)(x, expert_index, weights, ffn, capacity=None)
+    if dispatch_traits(name).exact_dropless:
+        assert bool(jnp.all(out.keep))
+    np.testing.assert_allclose(out.y, _reference(x, expert_index, weights, ffn, out.keep),
+                               atol=1e-5)
 
 
 def test_expert_choice_dispatch_matches_loop():
@@ -188,5 +231,19 @@ def test_expert_choice_dispatch_matches_loop():
 def test_unknown_dispatch_and_duplicate_registration():
     with pytest.raises(ValueError, match="dispatch must be one of"):
         dispatch.get_dispatch("magic")
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        dispatch_traits("magic")
     with pytest.raises(ValueError, match="already registered"):
         dispatch.register_dispatch("einsum", dispatch.einsum_dispatch)
+
+
+def test_a_dispatch_registered_in_a_test_module_is_checked_like_the_others():
+    # The toy registered above, with the default traits, is among the names every
+    # dispatch check of this module is parametrised with.
+    assert dispatch_traits(TOY) == DispatchTraits(exact_dropless=True)
+    checks = [test_all_dispatches_match_per_expert_loop_when_nothing_dropped,
+              test_capacity_dispatch_drops_exactly_the_overflow,
+              test_huge_capacity_equals_dropless, test_dropless_with_empty_and_skewed_groups]
+    for check in checks:
+        names = [mark.args[1] for mark in check.pytestmark if mark.args[0] == "name"]
+        assert names and TOY in names[0], check.__name__
