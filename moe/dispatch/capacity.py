@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
+
+from moe.numeric import safe_ceil
 
 Array = jax.Array
 
@@ -22,8 +22,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     if min_capacity < 1 or multiple_of < 1:
         raise ValueError(
             f"min_capacity and multiple_of must be >= 1, got {min_capacity}, {multiple_of}")
-    # The 1e-9 guards against float noise such as 2560.0000000001 -> 2561.
-    capacity = math.ceil(k * num_tokens * capacity_factor / num_experts - 1e-9)
+    capacity = safe_ceil(k * num_tokens * capacity_factor / num_experts)
     capacity = max(capacity, min_capacity)
     return -(-capacity // multiple_of) * multiple_of
 

@@ -47,6 +47,7 @@ from moe import sharding
 from moe.dispatch.dispatchers import DispatchOutput
 from moe.dispatch.layout import capacity_layout, combine_from_rows, gather_to_rows, sorted_layout
 from moe.experts import ExpertFFN
+from moe.numeric import safe_ceil
 from moe.scoped import ScopedValue
 from moe.validation import check_one_of
 
@@ -151,8 +152,8 @@ def expert_parallel_dispatch(x: Array, expert_index: Array, weights: Array, ffn:
         mode, shard_capacity = "capacity", -(-capacity // shards)
     else:
         mode = options.dropless
-        shard_capacity = max(1, math.ceil(options.buffer_factor * k * shard_tokens / num_experts
-                                          - 1e-9)) if mode == "padded" else None
+        shard_capacity = (max(1, safe_ceil(options.buffer_factor * k * shard_tokens / num_experts))
+                          if mode == "padded" else None)
         if mode == "ragged" and ep > 1 and _mesh_platform(mesh) == "cpu":
             raise ValueError("expert-parallel dropless='ragged' needs lax.ragged_all_to_all, "
                              "which is not implemented on CPU; use dropless='padded' (or "
