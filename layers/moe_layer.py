@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ from layers.mlp import DenseMLP
 from layers.routers import BaseRouter, Routing, TopKRouter, get_router
 from moe import balance
 from moe.dispatch import available_dispatches, expert_choice_dispatch, get_dispatch
+from moe.dispatch import expert_parallel as ep_lib
 from moe.layer_aux import MoeAux
 from moe.validation import check_one_of
 
@@ -88,6 +90,9 @@ class MoeLayer(nnx.Module):
                                      else eval_capacity_factor)
         self.min_capacity, self.capacity_multiple_of = min_capacity, capacity_multiple_of
         self.dtype = dtype
+        # Set by `use_expert_parallel` (the sharding config), never by gin.
+        self.expert_parallel: ep_lib.ExpertParallelOptions | None = None
+        self.dispatch_shards = 1
         self.router = router(d_model, num_experts, k, causal=causal, param_dtype=param_dtype,
                              rngs=rngs)
         if not isinstance(self.router, BaseRouter):
@@ -103,6 +108,17 @@ class MoeLayer(nnx.Module):
     @property
     def activation(self) -> str:
         return self.experts.activation
+
+    def use_expert_parallel(self, options: ep_lib.ExpertParallelOptions, shards: int) -> bool:
+        """Switches this layer to the expert-parallel dispatch over `shards` batch
+        shards, if its router allows it; returns whether it did. Called by the
+        sharding config (`experiments.runtime.mesh.Sharding.configure_dispatch`)
+        before the model is split, so the choice is part of the model's graph."""
+        if not self.router.expert_parallel_ok:
+            return False
+        self.dispatch, self.expert_parallel, self.dispatch_shards = (
+            "expert_parallel", options, shards)
+        return True
 
     def capacity(self, num_tokens: int, deterministic: bool) -> int | None:
         """Static per-expert capacity for a group of `num_tokens` (None = dropless)."""
@@ -142,9 +158,12 @@ class MoeLayer(nnx.Module):
     def _token_choice(self, tokens: Array, decision: Routing, token_mask: Array, ffn,
                       capacity: int | None) -> tuple[Array, dict[str, Array]]:
         index, num_experts = decision.expert_index, self.num_experts
-        out = get_dispatch(self.dispatch)(tokens, index, decision.weights, ffn,
-                                          capacity=capacity, priority=decision.priority,
-                                          mask=token_mask)
+        options = (contextlib.nullcontext() if self.expert_parallel is None
+                   else ep_lib.use_options(self.expert_parallel))
+        with options:
+            out = get_dispatch(self.dispatch)(tokens, index, decision.weights, ffn,
+                                              capacity=capacity, priority=decision.priority,
+                                              mask=token_mask)
         counts = balance.expert_counts(index, num_experts, mask=token_mask)
         valid = index < num_experts  # the sentinel E marks "no expert"
         kept = out.keep & valid & (token_mask[:, None] > 0)
