@@ -16,6 +16,7 @@ from layers.mlp import DenseMLP
 from layers.moe_layer import MoeLayer, active_ffn
 from layers.norms import RMSNorm
 from layers.params import EMBED, VOCAB, fan_in_init, make_param, normal_init
+from moe.experts import is_glu
 from moe.layer_aux import MoeAux
 from moe.router_state import RouterState
 
@@ -130,6 +131,7 @@ class TransformerLM(nnx.Module):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.moe_every, self.moe_layers = moe_every, _check_moe_layers(moe_every, moe_layers,
                                                                         num_layers)
+        is_glu(activation)  # validates the name even when every FFN is a MoE block
         moe_block = renamed.moe_block_from_old_args(moe_block, dict(
             num_experts=num_experts, k=k, expert_d_ff=expert_d_ff, moe_kwargs=moe_kwargs))
         dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
