@@ -1,4 +1,4 @@
-"""Routing invariants on small hand-written gate matrices (conventions: moe/routing.py, docs/model.md)."""
+"""Routing invariants on small hand-written gate matrices (conventions: moe/routing.py)."""
 
 import jax
 import jax.numpy as jnp
