@@ -136,41 +136,11 @@ def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Arr
     return out
 
 
-def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransformation, *,
-                    loss_weights: LossWeights, num_microbatches: int, num_domains: int,
-                    data_parallel_size: int = 1,
-                    ) -> Callable[..., tuple[Any, Any, dict[str, Any]]]:
-    """Builds `step(params, opt_state, batch, rng, router_state=None) -> (params,
-    opt_state, metrics)`, a plain function: the caller jits it once
-    (`experiments.runtime.mesh.Sharding.wrap_train_step`, or `jax.jit`).
-
-    `batch` holds `inputs, targets, weights, segment_ids, positions, domain`
-    `[B, S]`; `rng` is this step's key (the caller folds the step in).
-    `router_state`: the step's `moe.router_state.RouterState` (traced; e.g.
-    loss-free selection biases, the EvoMoE gate temperature), the same for
-    every micro-batch.
-    `data_parallel_size`: devices the batch dimension is sharded over (defines
-    the `micro_batch` balance scope).
-    `metrics`: loss, ce, lbl (the scoped LBL), seq_balance, z_loss, dts_loss,
-    grad_norm, num_tokens, domain_ce_sum `[D]`, domain_tokens `[D]`, and
-    `moe`: `{layer: MoeAux}` statistics reduced over micro-batches as each
-    field declares, with `batch_max_violation` (MaxVio of the step's counts).
-    """
-    if num_microbatches < 1:
-        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
-    step_balance = StepBalance(loss_weights.lbl_scope, loss_weights.lbl_global_mode,
-                               num_microbatches, data_parallel_size)
+def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weights: LossWeights,
+                        num_microbatches: int, num_domains: int) -> Callable:
+    """`loss(params, mb, rng, total_tokens, router_state, groups, prior, add_own) ->
+    (loss, outputs)` of one micro-batch: its share of the step's loss."""
     reduction = loss_weights.layer_reduction
-
-    def forward(params, mb, rng, router_state):
-        model = nnx.merge(graphdef, params, rest)
-        return model(mb["inputs"], segment_ids=mb["segment_ids"], positions=mb["positions"],
-                     deterministic=False, rng=rng, router_state=router_state)
-
-    def microbatch_counts(params, mb, rng, router_state, num_groups):
-        """Forward only: `{layer: [G, E]}` balance-group counts of one micro-batch."""
-        _, aux = forward(params, mb, rng, router_state)
-        return StepBalance.layer_counts(aux, mb["lbl_group"], num_groups)
 
     def microbatch_loss(params, mb, rng, total_tokens, router_state, groups, prior, add_own):
         logits, aux = forward(params, mb, rng, router_state)
@@ -197,27 +167,89 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
                "domain_tokens": domain_tokens, "moe": moe_stats(aux), "own_counts": own_counts}
         return loss, jax.lax.stop_gradient(out)
 
-    grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
+    return microbatch_loss
 
-    def prior_counts(params, microbatches, keys, router_state, groups):
-        """(counts known before the gradient pass, add each micro-batch's own counts)."""
-        if groups.count_source == "local":
-            return None, True
-        count_shapes = jax.eval_shape(
-            lambda p, mb, key, st: microbatch_counts(p, mb, key, st, groups.num_groups),
-            params, jax.tree.map(lambda x: x[0], microbatches), keys[0], router_state)
-        prior = zeros_like_counts(count_shapes)
-        if groups.count_source == "causal":
-            return prior, True
 
-        # 'exact': a first pass collects the counts of the whole step.
-        def count_body(total, xs):
-            key, mb = xs
-            counts = microbatch_counts(params, mb, key, router_state, groups.num_groups)
-            return jax.tree.map(jnp.add, total, counts), None
+def _step_metrics(losses: jax.Array, outs: Mapping[str, Any], grads: Any, batch: Batch,
+                  total_tokens: jax.Array) -> dict[str, Any]:
+    """The step's metrics from the per-micro-batch outputs stacked by the scan."""
+    moe = {layer: s.replace(batch_max_violation=balance.max_violation(s.counts))
+           for layer, s in combine_microbatch_stats(outs["moe"]).items()}
+    return {
+        "loss": jnp.sum(losses),
+        "ce": jnp.sum(outs["ce_sum"]) / total_tokens,
+        "lbl": jnp.mean(outs["lbl"]),
+        "seq_balance": jnp.mean(outs["seq_balance"]),
+        "z_loss": jnp.mean(outs["z_loss"]),
+        "dts_loss": jnp.mean(outs["dts_loss"]),
+        "grad_norm": optax.global_norm(grads),
+        "num_tokens": jnp.sum(batch["weights"]),
+        "domain_ce_sum": jnp.sum(outs["domain_ce_sum"], axis=0),
+        "domain_tokens": jnp.sum(outs["domain_tokens"], axis=0),
+        "moe": moe,
+    }
 
-        prior, _ = jax.lax.scan(count_body, prior, (keys, microbatches))
-        return prior, False
+
+def _prior_counts(microbatch_counts: Callable, params: Any, microbatches: Any, keys: jax.Array,
+                  router_state: RouterState | None, groups: Any) -> tuple[Any, bool]:
+    """(counts known before the gradient pass, add each micro-batch's own counts)."""
+    if groups.count_source == "local":
+        return None, True
+    count_shapes = jax.eval_shape(
+        lambda p, mb, key, st: microbatch_counts(p, mb, key, st, groups.num_groups),
+        params, jax.tree.map(lambda x: x[0], microbatches), keys[0], router_state)
+    prior = zeros_like_counts(count_shapes)
+    if groups.count_source == "causal":
+        return prior, True
+
+    # 'exact': a first pass collects the counts of the whole step.
+    def count_body(total, xs):
+        key, mb = xs
+        counts = microbatch_counts(params, mb, key, router_state, groups.num_groups)
+        return jax.tree.map(jnp.add, total, counts), None
+
+    prior, _ = jax.lax.scan(count_body, prior, (keys, microbatches))
+    return prior, False
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransformation, *,
+                    loss_weights: LossWeights, num_microbatches: int, num_domains: int,
+                    data_parallel_size: int = 1,
+                    ) -> Callable[..., tuple[Any, Any, dict[str, Any]]]:
+    """Builds `step(params, opt_state, batch, rng, router_state=None) -> (params,
+    opt_state, metrics)`, a plain function: the caller jits it once
+    (`experiments.runtime.mesh.Sharding.wrap_train_step`, or `jax.jit`).
+
+    `batch` holds `inputs, targets, weights, segment_ids, positions, domain`
+    `[B, S]`; `rng` is this step's key (the caller folds the step in).
+    `router_state`: the step's `moe.router_state.RouterState` (traced; e.g.
+    loss-free selection biases, the EvoMoE gate temperature), the same for
+    every micro-batch.
+    `data_parallel_size`: devices the batch dimension is sharded over (defines
+    the `micro_batch` balance scope).
+    `metrics`: loss, ce, lbl (the scoped LBL), seq_balance, z_loss, dts_loss,
+    grad_norm, num_tokens, domain_ce_sum `[D]`, domain_tokens `[D]`, and
+    `moe`: `{layer: MoeAux}` statistics reduced over micro-batches as each
+    field declares, with `batch_max_violation` (MaxVio of the step's counts).
+    """
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    step_balance = StepBalance(loss_weights.lbl_scope, loss_weights.lbl_global_mode,
+                               num_microbatches, data_parallel_size)
+
+    def forward(params, mb, rng, router_state):
+        model = nnx.merge(graphdef, params, rest)
+        return model(mb["inputs"], segment_ids=mb["segment_ids"], positions=mb["positions"],
+                     deterministic=False, rng=rng, router_state=router_state)
+
+    def microbatch_counts(params, mb, rng, router_state, num_groups):
+        """Forward only: `{layer: [G, E]}` balance-group counts of one micro-batch."""
+        _, aux = forward(params, mb, rng, router_state)
+        return StepBalance.layer_counts(aux, mb["lbl_group"], num_groups)
+
+    grad_fn = jax.value_and_grad(
+        _microbatch_loss_fn(forward, step_balance, loss_weights, num_microbatches, num_domains),
+        has_aux=True)
 
     def step(params, opt_state, batch, rng, router_state: RouterState | None = None):
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -228,7 +260,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
         microbatches = split_microbatches(
             dict(batch, lbl_group=groups.lbl_group, row_group=groups.row_group), num_microbatches)
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(num_microbatches))
-        prior, add_own = prior_counts(params, microbatches, keys, router_state, groups)
+        prior, add_own = _prior_counts(microbatch_counts, params, microbatches, keys,
+                                       router_state, groups)
 
         def body(carry, xs):
             grad_acc, running = carry
@@ -245,21 +278,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
         (grads, _), (losses, outs) = jax.lax.scan(body, (zeros, prior), (keys, microbatches))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        moe = {layer: s.replace(batch_max_violation=balance.max_violation(s.counts))
-               for layer, s in combine_microbatch_stats(outs["moe"]).items()}
-        metrics = {
-            "loss": jnp.sum(losses),
-            "ce": jnp.sum(outs["ce_sum"]) / total_tokens,
-            "lbl": jnp.mean(outs["lbl"]),
-            "seq_balance": jnp.mean(outs["seq_balance"]),
-            "z_loss": jnp.mean(outs["z_loss"]),
-            "dts_loss": jnp.mean(outs["dts_loss"]),
-            "grad_norm": optax.global_norm(grads),
-            "num_tokens": jnp.sum(batch["weights"]),
-            "domain_ce_sum": jnp.sum(outs["domain_ce_sum"], axis=0),
-            "domain_tokens": jnp.sum(outs["domain_tokens"], axis=0),
-            "moe": moe,
-        }
+        metrics = _step_metrics(losses, outs, grads, batch, total_tokens)
         return params, opt_state, metrics
 
     return step
