@@ -171,22 +171,26 @@ class Sharding:
         layers = {name: getattr(model, name).ffn for name in getattr(model, "moe_layer_names", ())}
         if not layers:
             return "dispatch: no MoE layers"
-        if not (self.ep_options.enabled and ep > 1):
+        enabled = self.ep_options.enabled and ep > 1
+        # Layers configured with dispatch='expert_parallel' get this config's shards too.
+        switched = [name for name, moe in layers.items()
+                    if (enabled or moe.dispatch == "expert_parallel")
+                    and moe.use_expert_parallel(self.ep_options, self.batch_shards)]
+        if not switched:
             why = "off" if not self.ep_options.enabled else "expert rule spans 1 device"
             line = (f"dispatch: {sorted({m.dispatch for m in layers.values()})} (expert "
                     f"parallelism {why})")
             _log.info(line)
             return line
-        switched = [name for name, moe in layers.items()
-                    if moe.use_expert_parallel(self.ep_options, self.batch_shards)]
-        moe = layers[switched[0]] if switched else None
+        moe = layers[switched[0]]
         capacity = None
-        if moe is not None and tokens_per_call is not None:
+        if tokens_per_call is not None:
             capacity = ep_lib.shard_capacity(
                 tokens_per_call, moe.k, moe.num_experts, moe.capacity(tokens_per_call, False),
                 shards=self.batch_shards, options=self.ep_options)
         axes = sharding.mesh_axes_for("expert", self.rules)
-        line = ep_lib.describe(axes, ep, capacity, self.ep_options)
+        line = ep_lib.describe(axes, ep, capacity, self.ep_options,
+                               known=tokens_per_call is not None)
         line += f" in layers {switched}"
         kept = sorted(set(layers) - set(switched))
         if kept:

@@ -123,10 +123,17 @@ def dispatch_rows(num_tokens: int, k: int, num_experts: int, capacity: int | Non
 
 
 def describe(ep_axes: tuple[str, ...], ep: int, shard_capacity_: int | None,
-             options: ExpertParallelOptions) -> str:
-    """One log line: "dispatch: expert_parallel over mesh axes (...), capacity per shard C"."""
-    capacity = ("exact (ragged)" if shard_capacity_ is None and options.dropless != "padded"
-                else shard_capacity_)
+             options: ExpertParallelOptions, *, known: bool = True) -> str:
+    """One log line: "dispatch: expert_parallel over mesh axes (...), capacity per shard C".
+
+    `known=False`: the tokens per call are not known yet, so neither is C.
+    """
+    if not known:
+        capacity = "set per call"
+    elif shard_capacity_ is None:
+        capacity = "exact (ragged exchange)"
+    else:
+        capacity = str(shard_capacity_)
     return (f"dispatch: expert_parallel over mesh axes {ep_axes} (ep={ep}), capacity per shard "
             f"{capacity}, dropless mode {options.dropless!r}")
 
