@@ -10,6 +10,7 @@ ValueError naming the new one (`TopKRouter.<name>`).
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,8 +28,6 @@ _ROUTER_ARGS = {
     "dts_threshold": "threshold", "dts_gumbel_weights": "gumbel_weights",
 }
 _ROUTER_CHOICE = ("routing_type", "gating")
-_CLASS_OF = {"top_k": "TopKRouter", "expert_choice": "ExpertChoiceRouter",
-             "dense_to_sparse": "DenseToSparseRouter"}
 # Old TransformerLM argument -> new MoeLayer argument.
 _MODEL_ARGS = {"num_experts": "num_experts", "k": "k", "expert_d_ff": "d_ff"}
 # Arguments of the removed `Router` configurable.
@@ -62,15 +61,20 @@ def router_from_old_args(old: Mapping[str, Any], owner: str) -> Callable[..., An
     unknown = sorted(set(old) - set(_ROUTER_ARGS) - set(_ROUTER_CHOICE))
     if unknown:
         raise ValueError(f"{owner} got unknown arguments {unknown}")
-    name = router_name(old)
-    cls_name = _CLASS_OF[name]
+    router = get_router(router_name(old))
+    cls_name = router.__name__
     for key in old:
         if key in _ROUTER_CHOICE:
             _warn(f"{owner}.{key}", f"MoeLayer.router = @{cls_name}")
         else:
             _warn(f"{owner}.{key}", f"{cls_name}.{_ROUTER_ARGS[key]}")
     kwargs = {_ROUTER_ARGS[k]: v for k, v in old.items() if k in _ROUTER_ARGS}
-    return functools.partial(get_router(name), **kwargs)
+    accepted = inspect.signature(router.__init__).parameters
+    for old_name, new in _ROUTER_ARGS.items():
+        if old_name in old and new not in accepted:
+            raise ValueError(f"{owner}.{old_name} does not apply to {cls_name} (the router the "
+                             f"old routing_type/gating arguments select)")
+    return functools.partial(router, **kwargs)
 
 
 def moe_block_from_old_args(moe_block: Callable[..., Any], old: Mapping[str, Any]
