@@ -2,10 +2,18 @@
 
 from layers.experts import Experts
 from layers.mlp import DenseMLP
-from layers.moe_layer import MoeLayer
+from layers.moe_layer import MoeLayer, active_ffn
 from layers.params import logical_axes_of
-from layers.router import Router
+from layers.routers import (
+    BaseRouter,
+    DenseToSparseRouter,
+    ExpertChoiceRouter,
+    Routing,
+    TopKRouter,
+    register_router,
+)
 from layers.transformer import TransformerLM, mask_tokens
 
-__all__ = ["DenseMLP", "Experts", "MoeLayer", "Router", "logical_axes_of"]
-__all__ += ["TransformerLM", "mask_tokens"]
+__all__ = ["BaseRouter", "DenseMLP", "DenseToSparseRouter", "ExpertChoiceRouter", "Experts",
+           "MoeLayer", "Routing", "TopKRouter", "TransformerLM", "active_ffn",
+           "logical_axes_of", "mask_tokens", "register_router"]

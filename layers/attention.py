@@ -57,7 +57,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float) -> jax
     return out.astype(x.dtype)
 
 
-@gin.configurable
+# Every argument is set by the parent module (sizes, dtypes, rngs), so none is bindable.
+@gin.configurable(denylist=["d_model", "num_heads", "num_kv_heads", "head_dim", "rope_max_wavelength",
+                             "dtype", "param_dtype", "rngs"])
 class Attention(nnx.Module):
     """Self-attention x `[B, S, d_model]` -> `[B, S, d_model]` in `dtype`.
 

@@ -10,7 +10,8 @@ from layers.params import EMBED, EXPERT, MLP, fan_in_init, make_param
 from moe.experts import ExpertFFN, is_glu
 
 
-@gin.configurable
+# Every argument is set by the parent module (sizes, dtypes, rngs), so none is bindable.
+@gin.configurable(denylist=["num_experts", "d_model", "d_ff", "activation", "param_dtype", "rngs"])
 class Experts(nnx.Module):
     """E expert FFNs with weights `[E, d_model, d_ff]` and `[E, d_ff, d_model]`."""
 

@@ -11,7 +11,8 @@ from layers.params import EMBED, MLP, fan_in_init, make_param
 from moe.experts import activation_fn, is_glu
 
 
-@gin.configurable
+# Every argument is set by the parent module (sizes, dtypes, rngs), so none is bindable.
+@gin.configurable(denylist=["d_model", "d_ff", "activation", "dtype", "param_dtype", "rngs"])
 class DenseMLP(nnx.Module):
     """x `[..., d_model]` -> `[..., d_model]`: act(x W_i) W_o, or act(x W_g) * (x W_i) W_o for GLU."""
 

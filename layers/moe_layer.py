@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gin
@@ -9,143 +13,122 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import renamed
 from layers.experts import Experts
 from layers.mlp import DenseMLP
-from layers.router import Router
-from moe import balance, dense_to_sparse, routing
-from moe.dispatch import (
-    available_dispatches,
-    expert_capacity,
-    expert_choice_dispatch,
-    expert_parallel,
-    get_dispatch,
-)
+from layers.routers import BaseRouter, Routing, TopKRouter, get_router
+from moe import balance
+from moe.dispatch import available_dispatches, expert_choice_dispatch, get_dispatch
+from moe.dispatch import expert_parallel as ep_lib
+from moe.layer_aux import MoeAux
 from moe.validation import check_one_of
 
-ROUTING_TYPES = ("token_choice", "expert_choice")
-GATINGS = ("top_k", "dense_to_sparse")
+Array = jax.Array
+# Arguments TransformerLM passes to its MoE block; not bindable in gin.
+MOE_BLOCK_DENYLIST = ("d_model", "causal", "dtype", "param_dtype", "rngs")
 
 
-@gin.configurable
+@gin.configurable(denylist=list(MOE_BLOCK_DENYLIST))
 class MoeLayer(nnx.Module):
     """Sparse MoE feed-forward block.
 
     Called on x `[B, S, d_model]` (optionally with `mask [B, S]`, 1 = real
-    token), returns `(y [B, S, d_model], aux)`. The routing group is the whole
-    call: all B*S tokens, flattened batch-major. `aux` is a dict of functional
-    outputs (never mutable state), all float32:
+    token, and the layer's router state), returns `(y [B, S, d_model],
+    MoeAux)`. The routing group is the whole call: all B*S tokens, flattened
+    batch-major. The router fills its part of the aux (losses, P_i, per-token
+    routing); the layer adds counts before and after dropping, the dropped
+    fraction, MaxVio, experts per token and the number of real tokens.
 
-      lbl: load-balancing loss E * sum f_i P_i over this call (1.0 at balance;
-        0 for expert choice, which is balanced by construction).
-      z_loss: router z-loss.
-      counts `[E]`: assignments per expert before dropping, padding excluded.
-      mean_probs `[E]`: P_i, the mean unbiased router probability (differentiable;
-        global-batch balancing recombines it with global counts).
-      num_tokens: real tokens routed.
-      kept_counts `[E]`: assignments per expert after dropping.
-      token_probs `[T, E]`, token_experts `[T, k] int32`, token_mask `[T]`
-        (token choice only): per-token unbiased scores (sigmoid scores
-        normalised to sum 1), selected experts and padding mask, from which
-        the training step builds balance losses over other token groups.
-      dropped_fraction, max_violation, router_entropy, active_experts
-        (mean experts per token after dropping).
-
-    Args:
-      d_model, d_ff: model and expert hidden sizes.
+    Args (gin: `MoeLayer.<name>`):
+      d_ff: hidden size of each routed expert.
       num_experts: E routed experts.
       k: experts per token (token choice); for expert choice the average
         experts per token when `capacity_factor` is None.
-      dispatch: one of `moe.dispatch.available_dispatches()`.
-      capacity_factor: None = dropless (token choice). Otherwise C =
-        ceil(k * T * cf / E). For expert choice, C = ceil(T * cf / E) with
-        cf defaulting to k.
+      router: router factory (a registered router class, e.g. `@TopKRouter`,
+        or its registry name); called as `router(d_model, num_experts, k,
+        causal=, param_dtype=, rngs=)`. Its options are bindings on its class.
+      experts: expert-weights factory, called as `experts(num_experts, d_model,
+        d_ff, activation=, param_dtype=, rngs=)`.
+      dispatch: one of `moe.dispatch.available_dispatches()`. Under a mesh
+        whose "expert" rule spans devices, `Sharding.configure_dispatch` sets
+        it to "expert_parallel" (experiments/runtime/mesh.py).
+      capacity_factor: None = dropless. Otherwise the router's capacity, for
+        token choice C = ceil(k * T * cf / E).
       eval_capacity_factor: capacity factor when `deterministic=True`
         (defaults to `capacity_factor`).
-      routing_type: "token_choice" or "expert_choice".
-      normalize: renormalise the top-k weights (variant B/C).
-      score: "softmax" or "sigmoid".
-      route_scale: multiplies the combine weights.
-      activation: expert activation (see `moe.experts.ACTIVATIONS`).
+      min_capacity, capacity_multiple_of: capacity rounding.
+      activation: activation of the routed and shared experts.
       num_shared_experts, shared_d_ff: dense experts every token goes through;
         hidden size shared_d_ff (default d_ff) per shared expert.
-      causal: the layer sits in a causal decoder; refuses expert choice and
-        batch-prioritized routing, which look at future tokens.
-      batch_prioritized: capacity slots go to tokens with the highest top-1
-        probability first (V-MoE BPR; encoders only).
-      router_jitter, router_noise_std: training-only router noise
-        (multiplicative input jitter; additive Gaussian on the logits).
-      num_groups, top_groups: DeepSeek-V3 group-limited routing.
-      gating: "top_k", or "dense_to_sparse" (EvoMoE DTS gate, training only:
-        Gumbel-softmax active set, dropless, `dts_state` required; evaluation
-        stays deterministic top-k on softmax(z) with `eval_capacity_factor`).
-        In the DTS hard phase k is the number of experts per token.
-      dts_threshold, dts_gumbel_weights: DTS threshold theta and weights
-        mask * g instead of mask * softmax(z) (see `moe.dense_to_sparse`).
-      min_capacity, capacity_multiple_of: capacity rounding.
-      dtype: compute dtype of the experts; the router is always float32.
-      param_dtype: parameter dtype.
+    Set by the parent (refused in gin): d_model, causal (a causal decoder
+    refuses routers that look at future tokens), dtype (compute dtype of the
+    experts; the router is always float32), param_dtype, rngs.
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int, *,
-                 dispatch: str = "sort", capacity_factor: float | None = None,
-                 eval_capacity_factor: float | None = None,
-                 routing_type: str = "token_choice", normalize: bool = False,
-                 score: str = "softmax", route_scale: float = 1.0, activation: str = "relu",
+    def __init__(self, d_model: int, d_ff: int | None = None, num_experts: int = 8, k: int = 2, *,
+                 router: Callable[..., BaseRouter] | str = TopKRouter,
+                 experts: Callable[..., Experts] = Experts, dispatch: str = "sort",
+                 capacity_factor: float | None = None,
+                 eval_capacity_factor: float | None = None, min_capacity: int = 1,
+                 capacity_multiple_of: int = 1, activation: str = "relu",
                  num_shared_experts: int = 0, shared_d_ff: int | None = None,
-                 causal: bool = True, batch_prioritized: bool = False,
-                 router_jitter: float = 0.0, router_noise_std: float = 0.0,
-                 router_init_std: float = 0.02, num_groups: int | None = None,
-                 top_groups: int | None = None, min_capacity: int = 1,
-                 capacity_multiple_of: int = 1, gating: str = "top_k",
-                 dts_threshold: float = dense_to_sparse.DEFAULT_THRESHOLD,
-                 dts_gumbel_weights: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        _validate(num_experts=num_experts, k=k, dispatch=dispatch,
+                 causal: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs, **old_router_args: Any):
+        renamed.refuse_removed_router_bindings()
+        if old_router_args:
+            router = renamed.router_from_old_args(old_router_args, "MoeLayer")
+        _validate(d_ff=d_ff, num_experts=num_experts, k=k, dispatch=dispatch,
                   capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                  routing_type=routing_type, score=score, causal=causal,
-                  batch_prioritized=batch_prioritized, num_shared_experts=num_shared_experts,
-                  router_noise_std=router_noise_std, route_scale=route_scale)
+                  num_shared_experts=num_shared_experts)
+        if isinstance(router, str):
+            router = get_router(router)
         self.d_model, self.d_ff = d_model, d_ff
         self.num_experts, self.k = num_experts, k
         self.dispatch = dispatch
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
                                      else eval_capacity_factor)
-        self.routing_type = routing_type
-        self.normalize, self.score, self.route_scale = normalize, score, route_scale
-        self.causal, self.batch_prioritized = causal, batch_prioritized
-        self.router_noise_std = router_noise_std
-        self.num_groups, self.top_groups = num_groups, top_groups
         self.min_capacity, self.capacity_multiple_of = min_capacity, capacity_multiple_of
-        _validate_gating(gating, routing_type, num_experts, dts_threshold)
-        self.gating, self.dts_threshold = gating, dts_threshold
-        self.dts_gumbel_weights = dts_gumbel_weights
         self.dtype = dtype
-        self.router = Router(d_model, num_experts, init_std=router_init_std,
-                             jitter_eps=router_jitter, param_dtype=param_dtype, rngs=rngs)
-        self.experts = Experts(num_experts, d_model, d_ff, activation=activation,
+        # Set by `use_expert_parallel` (the sharding config), never by gin.
+        self.expert_parallel: ep_lib.ExpertParallelOptions | None = None
+        self.dispatch_shards = 1
+        self.router = router(d_model, num_experts, k, causal=causal, param_dtype=param_dtype,
+                             rngs=rngs)
+        if not isinstance(self.router, BaseRouter):
+            raise ValueError(f"MoeLayer.router must build a layers.routers.BaseRouter, got "
+                             f"{type(self.router).__name__}")
+        self.router.check_capacity_factor(capacity_factor)
+        self.experts = experts(num_experts, d_model, d_ff, activation=activation,
                                param_dtype=param_dtype, rngs=rngs)
         self.shared = (DenseMLP(d_model, (shared_d_ff or d_ff) * num_shared_experts,
                                 activation=activation, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs) if num_shared_experts else None)
 
+    @property
+    def activation(self) -> str:
+        return self.experts.activation
+
+    def use_expert_parallel(self, options: ep_lib.ExpertParallelOptions, shards: int) -> bool:
+        """Switches this layer to the expert-parallel dispatch over `shards` batch
+        shards, if its router allows it; returns whether it did. Called by the
+        sharding config (`experiments.runtime.mesh.Sharding.configure_dispatch`)
+        before the model is split, so the choice is part of the model's graph."""
+        if not self.router.expert_parallel_ok:
+            return False
+        self.dispatch, self.expert_parallel, self.dispatch_shards = (
+            "expert_parallel", options, shards)
+        return True
+
     def capacity(self, num_tokens: int, deterministic: bool) -> int | None:
         """Static per-expert capacity for a group of `num_tokens` (None = dropless)."""
         cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-        if self.routing_type == "expert_choice":
-            return routing.expert_choice_capacity(num_tokens, self.num_experts,
-                                                  self.k if cf is None else cf)
-        if cf is None:
-            return None
-        return expert_capacity(num_tokens, self.num_experts, self.k, cf,
-                               min_capacity=self.min_capacity,
-                               multiple_of=self.capacity_multiple_of)
+        return self.router.capacity(num_tokens, cf, min_capacity=self.min_capacity,
+                                    multiple_of=self.capacity_multiple_of)
 
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
-                 deterministic: bool = True, rng: jax.Array | None = None,
-                 selection_bias: jax.Array | None = None,
-                 dts_state: dense_to_sparse.DtsState | None = None,
-                 ) -> tuple[jax.Array, dict[str, Any]]:
+    def __call__(self, x: Array, *, mask: Array | None = None, deterministic: bool = True,
+                 rng: Array | None = None, router_state: Mapping[str, Array] | None = None,
+                 ) -> tuple[Array, MoeAux]:
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [batch, seq, d_model={self.d_model}], got {x.shape}")
         batch, seq, _ = x.shape
@@ -155,116 +138,69 @@ class MoeLayer(nnx.Module):
         tokens = x.reshape(num_tokens, self.d_model)
         token_mask = (jnp.ones((num_tokens,), jnp.float32) if mask is None
                       else mask.reshape(num_tokens).astype(jnp.float32))
-        jitter_rng, noise_rng = (None, None) if rng is None else jax.random.split(rng)
-
-        logits = self.router(tokens, deterministic=deterministic, rng=jitter_rng)
         capacity = self.capacity(num_tokens, deterministic)
+        decision = self.router(tokens, mask=token_mask, capacity=capacity,
+                               deterministic=deterministic, rng=rng,
+                               state=dict(router_state or {}))
         ffn = self.experts.ffn(self.dtype)
         compute_tokens = tokens.astype(self.dtype)
-        if self.gating == "dense_to_sparse" and not deterministic:
-            y, aux = self._dense_to_sparse(compute_tokens, logits, token_mask, ffn, noise_rng,
-                                           dts_state)
-        elif self.routing_type == "expert_choice":
-            y, aux = self._expert_choice(compute_tokens, logits, token_mask, ffn, capacity)
+        if decision.expert_choice:
+            y, stats = _expert_choice(compute_tokens, decision, token_mask, ffn)
         else:
-            y, aux = self._token_choice(compute_tokens, logits, token_mask, ffn, capacity,
-                                        deterministic, noise_rng, selection_bias)
-        aux["z_loss"] = balance.router_z_loss(logits, mask=token_mask)
-        aux["num_tokens"] = jnp.sum(token_mask)
+            y, stats = self._token_choice(compute_tokens, decision, token_mask, ffn,
+                                          None if decision.dropless else capacity)
+        aux = decision.aux.replace(**stats, num_tokens=jnp.sum(token_mask))
         y = y.reshape(batch, seq, self.d_model)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.astype(x.dtype), aux
 
-    def _token_choice(self, tokens, logits, token_mask, ffn, capacity, deterministic,
-                      noise_rng, selection_bias):
-        noise_std = 0.0 if deterministic else self.router_noise_std
-        if noise_std > 0 and noise_rng is None:
-            raise ValueError("router_noise_std > 0 in training needs an rng key")
-        gating = routing.top_k_gating(
-            logits, self.k, normalize=self.normalize, score=self.score,
-            selection_bias=selection_bias, route_scale=self.route_scale, noise_std=noise_std,
-            rng=noise_rng, num_groups=self.num_groups, top_groups=self.top_groups)
-        weights = gating.weights * token_mask[:, None]
-        priority = jnp.max(gating.probs, axis=-1) if self.batch_prioritized else None
-        # Under a mesh whose "expert" rule spans > 1 devices: all-to-all expert parallelism.
-        dispatch = "expert_parallel" if expert_parallel.is_active() else self.dispatch
-        out = get_dispatch(dispatch)(tokens, gating.expert_index, weights, ffn,
-                                     capacity=capacity, priority=priority, mask=token_mask)
-        counts = balance.expert_counts(gating.expert_index, self.num_experts, mask=token_mask)
-        kept = out.keep & (token_mask[:, None] > 0)
+    def _token_choice(self, tokens: Array, decision: Routing, token_mask: Array, ffn,
+                      capacity: int | None) -> tuple[Array, dict[str, Array]]:
+        index, num_experts = decision.expert_index, self.num_experts
+        options = (contextlib.nullcontext() if self.expert_parallel is None
+                   else ep_lib.use_options(self.expert_parallel))
+        with options:
+            out = get_dispatch(self.dispatch)(tokens, index, decision.weights, ffn,
+                                              capacity=capacity, priority=decision.priority,
+                                              mask=token_mask)
+        counts = balance.expert_counts(index, num_experts, mask=token_mask)
+        valid = index < num_experts  # the sentinel E marks "no expert"
+        kept = out.keep & valid & (token_mask[:, None] > 0)
         kept_counts = jax.lax.stop_gradient(jnp.einsum(
-            "tke,tk->e", jax.nn.one_hot(gating.expert_index, self.num_experts), kept))
-        aux = dict(
-            lbl=balance.load_balancing_loss(gating.probs, counts, mask=token_mask),
+            "tke,tk->e", jax.nn.one_hot(index, num_experts), kept))
+        return out.y, dict(
             counts=counts,
-            mean_probs=balance.mean_probs(gating.probs, mask=token_mask),
             kept_counts=kept_counts,
-            dropped_fraction=balance.dropped_fraction(out.keep, mask=token_mask),
+            dropped_fraction=balance.dropped_fraction(out.keep, mask=token_mask, valid=valid),
             max_violation=balance.max_violation(counts),
-            router_entropy=balance.router_entropy(gating.probs, mask=token_mask),
             active_experts=jnp.sum(kept) / jnp.maximum(jnp.sum(token_mask), 1.0),
-            # Per-token routing for balance scopes other than this call (experiments.train.balance_loss).
-            token_probs=_balance_probs(gating.probs, self.score),
-            token_experts=gating.expert_index,
-            token_mask=token_mask,
         )
-        return out.y, aux
-
-    def _dense_to_sparse(self, tokens, logits, token_mask, ffn, noise_rng, dts_state):
-        if dts_state is None or noise_rng is None:
-            raise ValueError("gating='dense_to_sparse' in training needs dts_state "
-                             "(temperature, hard) and an rng key")
-        return dense_to_sparse.dense_to_sparse_moe(
-            tokens, logits, ffn, get_dispatch(self.dispatch), state=dts_state,
-            threshold=self.dts_threshold, rng=noise_rng, k=self.k,
-            gumbel_weights=self.dts_gumbel_weights, mask=token_mask)
-
-    def _expert_choice(self, tokens, logits, token_mask, ffn, capacity):
-        # Padding tokens must not be chosen: push their logits far down.
-        masked_logits = jnp.where(token_mask[:, None] > 0, logits, -1e9)
-        gating = routing.expert_choice_gating(masked_logits, capacity)
-        picked_real = token_mask[gating.token_index]  # [E, C]
-        weights = gating.weights * picked_real
-        y = expert_choice_dispatch(tokens, gating.token_index, weights, ffn)
-        kept_counts = jax.lax.stop_gradient(jnp.sum(picked_real, axis=1))
-        per_token = jnp.zeros(token_mask.shape).at[gating.token_index.reshape(-1)].add(
-            picked_real.reshape(-1))
-        probs = routing.score_probs(logits)
-        aux = dict(
-            lbl=jnp.zeros((), jnp.float32),
-            counts=kept_counts,
-            mean_probs=balance.mean_probs(probs, mask=token_mask),
-            kept_counts=kept_counts,
-            dropped_fraction=jnp.sum((per_token == 0) * token_mask)
-            / jnp.maximum(jnp.sum(token_mask), 1.0),
-            max_violation=balance.max_violation(kept_counts),
-            router_entropy=balance.router_entropy(probs, mask=token_mask),
-            active_experts=jnp.sum(per_token * token_mask) / jnp.maximum(jnp.sum(token_mask), 1.0),
-        )
-        return y, aux
 
 
-def _balance_probs(probs: jax.Array, score: str) -> jax.Array:
-    """Scores entering P of the balance losses: softmax as is, sigmoid normalised per token."""
-    if score == "sigmoid":
-        return probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-9)
-    return probs
+def _expert_choice(tokens: Array, decision: Routing, token_mask: Array,
+                   ffn) -> tuple[Array, dict[str, Array]]:
+    """Expert e processes its C picked tokens; counts are the picked real tokens."""
+    y = expert_choice_dispatch(tokens, decision.token_index, decision.expert_weights, ffn)
+    picked_real = token_mask[decision.token_index]  # [E, C]
+    kept_counts = jax.lax.stop_gradient(jnp.sum(picked_real, axis=1))
+    per_token = jnp.zeros(token_mask.shape).at[decision.token_index.reshape(-1)].add(
+        picked_real.reshape(-1))
+    num_real = jnp.maximum(jnp.sum(token_mask), 1.0)
+    return y, dict(
+        counts=kept_counts,
+        kept_counts=kept_counts,
+        dropped_fraction=jnp.sum((per_token == 0) * token_mask) / num_real,
+        max_violation=balance.max_violation(kept_counts),
+        active_experts=jnp.sum(per_token * token_mask) / num_real,
+    )
 
 
-def _validate_gating(gating, routing_type, num_experts, dts_threshold) -> None:
-    check_one_of("gating", gating, GATINGS)
-    if gating == "dense_to_sparse" and routing_type != "token_choice":
-        raise ValueError("gating='dense_to_sparse' needs routing_type='token_choice', "
-                         f"got {routing_type!r}")
-    if not 0.0 <= dts_threshold < 1.0 / num_experts:
-        raise ValueError(f"dts_threshold must be in [0, 1/num_experts={1.0 / num_experts:g}), "
-                         f"got {dts_threshold}")
-
-
-def _validate(*, num_experts, k, dispatch, capacity_factor, eval_capacity_factor, routing_type,
-              score, causal, batch_prioritized, num_shared_experts, router_noise_std,
-              route_scale) -> None:
+def _validate(*, d_ff, num_experts, k, dispatch, capacity_factor, eval_capacity_factor,
+              num_shared_experts) -> None:
+    if d_ff is None or d_ff < 1:
+        raise ValueError(f"MoeLayer.d_ff (the hidden size of each expert) must be set and >= 1, "
+                         f"got {d_ff}")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if not 1 <= k <= num_experts:
@@ -274,20 +210,42 @@ def _validate(*, num_experts, k, dispatch, capacity_factor, eval_capacity_factor
                         ("eval_capacity_factor", eval_capacity_factor)):
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be > 0 or None (dropless), got {value}")
-    check_one_of("routing_type", routing_type, ROUTING_TYPES)
-    check_one_of("score", score, routing.SCORE_FUNCTIONS)
-    if causal and routing_type == "expert_choice":
-        raise ValueError("routing_type='expert_choice' looks at future tokens; it is not allowed "
-                         "in a causal layer (causal=True). Use it in encoders (causal=False).")
-    if causal and batch_prioritized:
-        raise ValueError("batch_prioritized=True orders tokens by router probability across the "
-                         "sequence; it is not allowed in a causal layer (causal=True).")
-    if batch_prioritized and capacity_factor is None:
-        raise ValueError("batch_prioritized=True needs a capacity_factor (it orders capacity "
-                         "slots); dropless routing drops nothing.")
     if num_shared_experts < 0:
         raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
-    if router_noise_std < 0:
-        raise ValueError(f"router_noise_std must be >= 0, got {router_noise_std}")
-    if route_scale <= 0:
-        raise ValueError(f"route_scale must be > 0, got {route_scale}")
+
+
+def active_ffn(moe_block: Callable[..., Any], k: int | None = None) -> tuple[int, str]:
+    """`(d_ff, activation)` of a dense FFN with the active parameters per token of
+    the MoE block `moe_block` would build (router excepted): k * d_ff +
+    num_shared_experts * shared_d_ff, with the experts' activation.
+
+    Read from the block's configuration (explicit `functools.partial` arguments
+    over gin bindings over defaults), without building it; `k` overrides the
+    block's experts per token (e.g. 1 for EvoMoE's dense phase).
+    """
+    config = configured_arguments(moe_block)
+    d_ff, num_experts = config.get("d_ff"), config.get("num_experts", 8)
+    k = config.get("k", 2) if k is None else k
+    _validate(d_ff=d_ff, num_experts=num_experts, k=k, dispatch=config.get("dispatch", "sort"),
+              capacity_factor=config.get("capacity_factor"),
+              eval_capacity_factor=config.get("eval_capacity_factor"),
+              num_shared_experts=config.get("num_shared_experts", 0))
+    shared = config.get("num_shared_experts", 0) * (config.get("shared_d_ff") or d_ff)
+    return k * d_ff + shared, config.get("activation", "relu")
+
+
+def configured_arguments(factory: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword arguments a (possibly partial) gin-configurable factory will get:
+    its signature defaults, then its gin bindings, then the partial's arguments."""
+    partial_kwargs: dict[str, Any] = {}
+    while isinstance(factory, functools.partial):
+        partial_kwargs = {**factory.keywords, **partial_kwargs}
+        factory = factory.func
+    init = factory.__init__ if inspect.isclass(factory) else factory
+    defaults = {name: p.default for name, p in inspect.signature(init).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    try:
+        bound = gin.get_bindings(factory)
+    except (ValueError, TypeError):  # not a gin configurable
+        bound = {}
+    return {**defaults, **bound, **partial_kwargs}

@@ -15,7 +15,8 @@ def _ones_init(key: jax.Array, shape, dtype) -> jax.Array:
     return jnp.ones(shape, dtype)
 
 
-@gin.configurable
+# Every argument is set by the parent module (sizes, dtypes, rngs), so none is bindable.
+@gin.configurable(denylist=["dim", "eps", "dtype", "param_dtype", "rngs"])
 class RMSNorm(nnx.Module):
     """x `[..., dim]` -> `[..., dim]` in `dtype`: x / rms(x) * scale, computed in float32."""
 

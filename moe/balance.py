@@ -95,11 +95,20 @@ def router_entropy(probs: Array, *, mask: Array | None = None) -> Array:
     return jnp.sum(entropy * token_mask) / jnp.maximum(jnp.sum(token_mask), 1.0)
 
 
-def dropped_fraction(keep: Array, *, mask: Array | None = None) -> Array:
-    """Fraction of (token, choice) assignments dropped by capacity. `[T, k] bool` -> scalar."""
+def dropped_fraction(keep: Array, *, mask: Array | None = None,
+                     valid: Array | None = None) -> Array:
+    """Fraction of (token, choice) assignments dropped by capacity. `[T, k] bool` -> scalar.
+
+    `valid [T, k] bool` marks the pairs that are assignments at all (routers
+    with a variable number of experts per token fill the rest with a sentinel).
+    """
     token_mask = _token_mask(keep.shape[0], mask)
-    dropped = jnp.sum((1.0 - keep.astype(jnp.float32)) * token_mask[:, None])
-    return dropped / jnp.maximum(jnp.sum(token_mask) * keep.shape[1], 1.0)
+    if valid is None:
+        dropped = jnp.sum((1.0 - keep.astype(jnp.float32)) * token_mask[:, None])
+        return dropped / jnp.maximum(jnp.sum(token_mask) * keep.shape[1], 1.0)
+    pairs = valid.astype(jnp.float32) * token_mask[:, None]
+    dropped = jnp.sum((1.0 - keep.astype(jnp.float32)) * pairs)
+    return dropped / jnp.maximum(jnp.sum(pairs), 1.0)
 
 
 def sequence_balance_loss(probs: Array, expert_index: Array, num_sequences: int, *,

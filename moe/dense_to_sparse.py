@@ -1,6 +1,6 @@
 """EvoMoE dense-to-sparse (DTS) gating, its temperature schedules and its dispatch.
 
-Spec §5.3 (Nie et al., arXiv 2112.14397, as in the released fairseq code).
+Nie et al., arXiv 2112.14397, as in the released fairseq code (docs/evomoe.md).
 For router logits z `[T, E]` and a temperature tau:
 
   g = softmax((z + Gumbel) / tau)
@@ -10,8 +10,8 @@ For router logits z `[T, E]` and a temperature tau:
     `gumbel_weights`), not renormalised
   aux loss = E * sum_i ce_i * me_i, ce_i = mean_t 1[i in A(t)], me_i = mean_t w_ti
 
-Evaluation does not use this gate: it is deterministic top-1 on softmax(z)
-(`moe.routing.top_k_gating`) with a capacity, see `layers.MoeLayer`.
+Evaluation does not use this gate: it is deterministic top-k on softmax(z)
+(`moe.routing.top_k_gating`) with a capacity, see `layers.routers.DenseToSparseRouter`.
 
 Every active (token, expert) pair is one assignment of the dropless dispatch
 (`dispatch_active_pairs`): inactive pairs point at a sentinel expert E that no
@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe import balance
 from moe.experts import ExpertFFN
 from moe.validation import check_one_of
 
@@ -60,12 +59,19 @@ class DenseToSparse(NamedTuple):
 class DtsState(NamedTuple):
     """The per-step inputs of the DTS gate, traced (changing them does not recompile).
 
+    In the model they travel as the router-state keys `dts_temperature` and
+    `dts_hard` (`moe.router_state`); `as_router_state` converts.
+
     temperature: scalar float32 tau of this optimizer step.
     hard: scalar bool, True in the hard (top-k) phase.
     """
 
     temperature: Array
     hard: Array
+
+    def as_router_state(self) -> dict[str, Array]:
+        """The shared router-state entries (`moe.router_state.RouterState.shared`)."""
+        return {"dts_temperature": self.temperature, "dts_hard": self.hard}
 
 
 def dense_to_sparse_gating(logits: Array, *, temperature: float | Array, threshold: float,
@@ -158,34 +164,6 @@ def dispatch_active_pairs(x: Array, active: Array, weights: Array, ffn: ExpertFF
     """
     expert_index, pair_weights = active_pairs_as_assignments(active, weights)
     return dispatcher(x, expert_index, pair_weights, ffn, capacity=None).y
-
-
-def dense_to_sparse_moe(tokens: Array, logits: Array, ffn: ExpertFFN,
-                        dispatcher: Callable[..., Any], *, state: DtsState, threshold: float,
-                        rng: Array, k: int = 1, gumbel_weights: bool = False,
-                        mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """DTS gate plus dispatch for one routing group (training).
-
-    tokens `[T, d]`, logits `[T, E]` -> (y `[T, d]`, aux) with the keys of
-    `layers.MoeLayer`'s aux dict: `lbl` is the DTS aux loss, `counts` and
-    `kept_counts` the active pairs per expert (nothing is dropped).
-    """
-    gate = dense_to_sparse_gating(logits, temperature=state.temperature, threshold=threshold,
-                                  rng=rng, hard=state.hard, gumbel_weights=gumbel_weights, k=k,
-                                  mask=mask)
-    y = dispatch_active_pairs(tokens, gate.active, gate.weights.astype(tokens.dtype), ffn,
-                              dispatcher)
-    aux = dict(
-        lbl=gate.aux_loss,
-        counts=gate.counts,
-        mean_probs=balance.mean_probs(gate.probs, mask=mask),
-        kept_counts=gate.counts,
-        dropped_fraction=jnp.zeros((), jnp.float32),
-        max_violation=balance.max_violation(gate.counts),
-        router_entropy=balance.router_entropy(gate.probs, mask=mask),
-        active_experts=gate.active_experts,
-    )
-    return y, aux
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ class MoeAux:
                                           doc="experts per token after dropping")
     sequence_max_violation: Array | None = _field(
         "mean", "layer_mean", doc="mean MaxVio per sequence (filled by the train step)")
+    batch_max_violation: Array | None = _field(
+        "mean", "layer_mean", doc="MaxVio of the step's summed counts (filled by the train step)")
     # Per-token routing of this call, for balance groups other than the call.
     token_probs: Array | None = _field("per_token", doc="[T, E] unbiased scores (sum 1)")
     token_experts: Array | None = _field("per_token", doc="[T, k] int32 selected experts")

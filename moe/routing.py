@@ -1,7 +1,7 @@
 """Routing: turn router logits into expert assignments and combine weights.
 
 Pure functions over one routing group of T tokens and E experts. The router
-itself (the projection x -> logits, jitter) lives in `layers.router`; this
+itself (the projection x -> logits, jitter) lives in `layers.routers`; this
 module starts from the logits. Every computation here runs in float32.
 
 Conventions (see docs/architecture.md):
@@ -15,15 +15,12 @@ Conventions (see docs/architecture.md):
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-# EvoMoE's dense-to-sparse gate lives in its own module; re-exported here.
-from moe.dense_to_sparse import DenseToSparse as DenseToSparse
-from moe.dense_to_sparse import dense_to_sparse_gating as dense_to_sparse_gating
+from moe.numeric import ceil_div_float
 from moe.validation import check_one_of
 
 Array = jax.Array
@@ -167,7 +164,7 @@ def expert_choice_gating(logits: Array, capacity: int) -> ExpertChoice:
     """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens.
 
     Uses every token of the group to decide, so it leaks future tokens in a
-    causal decoder; `layers.MoeLayer` refuses it there.
+    causal decoder; `layers.routers.ExpertChoiceRouter` refuses it there.
 
     Args:
       logits: `[T, E]` router logits.
@@ -193,7 +190,3 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: f
         raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
     return int(min(num_tokens, max(1, ceil_div_float(num_tokens * capacity_factor, num_experts))))
 
-
-def ceil_div_float(numerator: float, denominator: float) -> int:
-    """ceil(numerator / denominator), robust to float noise such as 2560.0000000001."""
-    return math.ceil(numerator / denominator - 1e-9)

@@ -151,6 +151,53 @@ class Sharding:
         return math.prod(self.mesh.shape[a]
                          for a in sharding.mesh_axes_for(sharding.BATCH, self.rules))
 
+    @property
+    def expert_parallel_size(self) -> int:
+        """ep: the product of the mesh axes the "expert" rule maps to."""
+        return math.prod(self.mesh.shape[a] for a in sharding.mesh_axes_for("expert", self.rules))
+
+    def configure_dispatch(self, model: Any, *, tokens_per_call: int | None = None) -> str:
+        """Chooses the MoE dispatch from this sharding config, before the model is split.
+
+        With `expert_parallel` on and the "expert" rule spanning more than one
+        device, every MoE layer whose router allows it (token choice, k per
+        token) switches to the all-to-all `expert_parallel` dispatch
+        (`MoeLayer.use_expert_parallel`); the FLOP counter then counts that
+        dispatch. Returns the log line (also logged), e.g. "dispatch:
+        expert_parallel over mesh axes ('expert',) (ep=4), capacity per shard 6"
+        for micro-batches of `tokens_per_call` tokens (capacity omitted when None).
+        """
+        ep = self.expert_parallel_size
+        layers = {name: getattr(model, name).ffn for name in getattr(model, "moe_layer_names", ())}
+        if not layers:
+            return "dispatch: no MoE layers"
+        enabled = self.ep_options.enabled and ep > 1
+        # Layers configured with dispatch='expert_parallel' get this config's shards too.
+        switched = [name for name, moe in layers.items()
+                    if (enabled or moe.dispatch == "expert_parallel")
+                    and moe.use_expert_parallel(self.ep_options, self.batch_shards)]
+        if not switched:
+            why = "off" if not self.ep_options.enabled else "expert rule spans 1 device"
+            line = (f"dispatch: {sorted({m.dispatch for m in layers.values()})} (expert "
+                    f"parallelism {why})")
+            _log.info(line)
+            return line
+        moe = layers[switched[0]]
+        capacity = None
+        if tokens_per_call is not None:
+            capacity = ep_lib.shard_capacity(
+                tokens_per_call, moe.k, moe.num_experts, moe.capacity(tokens_per_call, False),
+                shards=self.batch_shards, options=self.ep_options)
+        axes = sharding.mesh_axes_for("expert", self.rules)
+        line = ep_lib.describe(axes, ep, capacity, self.ep_options,
+                               known=tokens_per_call is not None)
+        line += f" in layers {switched}"
+        kept = sorted(set(layers) - set(switched))
+        if kept:
+            line += f"; {kept} keep their dispatch (their router needs another one)"
+        _log.info(line)
+        return line
+
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
         """Mesh, rules and expert-parallel options active for code traced inside."""

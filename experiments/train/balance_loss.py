@@ -17,9 +17,10 @@ Where the counts of a group come from (`count_source`):
   causal  Megatron's running buffer: micro-batch m uses the counts of
           micro-batches 1..m (exact only for the last one); no extra pass.
 
-MoE layers whose aux has no per-token routing (`token_probs`; e.g. expert
-choice, the EvoMoE dense-to-sparse gate) keep their own `lbl`, averaged over
-micro-batches as before; with any scope but 'micro_batch' a warning names them.
+MoE layers whose `MoeAux` has no per-token routing (`token_probs`; e.g. expert
+choice, the EvoMoE dense-to-sparse gate) keep their own `lbl` (0 when the
+router sets none), averaged over micro-batches; with any scope but
+'micro_batch' a warning names them.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ import jax
 import jax.numpy as jnp
 
 from moe import balance_scope as bs
+from moe.layer_aux import MoeAux
 from moe.validation import check_one_of
 
 _log = logging.getLogger(__name__)
 
 GLOBAL_MODES = ("exact", "causal")
-TOKEN_KEYS = ("token_probs", "token_experts", "token_mask")
 
-Aux = Mapping[str, Mapping[str, jax.Array]]
+Aux = Mapping[str, MoeAux]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +103,9 @@ class StepBalance:
     @staticmethod
     def layer_counts(aux: Aux, group: jax.Array, num_groups: int) -> dict[str, jax.Array]:
         """`{layer: [G, E]}` assignments per group of one micro-batch's tokens."""
-        return {layer: bs.group_counts(a["token_experts"], a["token_mask"], group, num_groups,
-                                       a["token_probs"].shape[-1])
-                for layer, a in aux.items() if all(key in a for key in TOKEN_KEYS)}
+        return {layer: bs.group_counts(a.token_experts, a.token_mask, group, num_groups,
+                                       a.token_probs.shape[-1])
+                for layer, a in aux.items() if a.has_token_routing()}
 
     def terms(self, aux: Aux, lbl_group: jax.Array, row_group: jax.Array, groups: StepGroups,
               prior: Mapping[str, jax.Array] | None, add_own: bool,
@@ -128,14 +129,15 @@ class StepBalance:
         for layer, a in aux.items():
             if layer not in own:
                 self._warn_unscoped(layer)
-                out[layer] = {"lbl": a["lbl"] / self.num_microbatches,
+                lbl = jnp.zeros((), jnp.float32) if a.lbl is None else a.lbl
+                out[layer] = {"lbl": lbl / self.num_microbatches,
                               "seq_balance": jnp.zeros((), jnp.float32)}
                 continue
             used = own[layer] if prior is None else (
                 prior[layer] + own[layer] if add_own else prior[layer])
-            probs, mask = a["token_probs"], a["token_mask"]
+            probs, mask = a.token_probs, a.token_mask
             # Rows never span micro-batches: this micro-batch's counts of its rows are complete.
-            rows = bs.group_counts(a["token_experts"], mask, row_group,
+            rows = bs.group_counts(a.token_experts, mask, row_group,
                                    groups.row_tokens.shape[0], probs.shape[-1])
             out[layer] = {
                 "lbl": bs.scoped_lbl_share(probs, mask, lbl_group, used, groups.lbl_tokens),
@@ -151,7 +153,7 @@ class StepBalance:
         if self.lbl_scope == "micro_batch":
             return
         message = (f"LossWeights.lbl_scope={self.lbl_scope!r} does not apply to MoE layer "
-                   f"{layer!r}: its gating reports no per-token routing (expert choice, "
+                   f"{layer!r}: its router reports no per-token routing (expert choice, "
                    f"dense-to-sparse), so it keeps its own per-micro-batch LBL")
         _log.warning(message)
         warnings.warn(message, UserWarning, stacklevel=2)

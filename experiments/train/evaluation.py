@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.train.train_step import domain_sums, moe_stats, token_cross_entropy
+from moe.router_state import RouterState
 
 
 @dataclasses.dataclass
@@ -40,29 +41,30 @@ class EvalResult:
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int) -> Callable:
-    """`eval_step(params, batch) -> dict` of per-domain CE sums and token counts and
-    per-layer MoE statistics, deterministic (no router noise, eval capacity).
-    An optional third argument `model_kwargs` goes to the model call (e.g. the
-    loss-free `selection_biases`)."""
+    """`eval_step(params, batch, router_state=None) -> dict` of per-domain CE sums
+    and token counts and per-layer MoE statistics (`{layer: MoeAux}`),
+    deterministic (no router noise, eval capacity). `router_state` (e.g. the
+    loss-free selection biases) goes to the model call. A plain function: the
+    caller jits it once (`Sharding.wrap_eval_step`, or `jax.jit`)."""
 
-    def eval_step(params, batch, model_kwargs=None):
+    def eval_step(params, batch, router_state: RouterState | None = None):
         model = nnx.merge(graphdef, params, rest)
         logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"],
                             positions=batch["positions"], deterministic=True,
-                            **(model_kwargs or {}))
+                            router_state=router_state)
         ce = token_cross_entropy(logits, batch["targets"])
         domain_ce, domain_tokens = domain_sums(ce, batch["weights"], batch["domain"], num_domains)
         return {"domain_ce_sum": domain_ce, "domain_tokens": domain_tokens,
                     "ce_sum": jnp.sum(ce * batch["weights"]), "tokens": jnp.sum(batch["weights"]),
                     "moe": moe_stats(aux)}
 
-    return jax.jit(eval_step)
+    return eval_step
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
-             domains: Sequence[str], model_kwargs: Mapping[str, Any] | None = None,
+             domains: Sequence[str], router_state: RouterState | None = None,
              ) -> EvalResult:
-    """Runs `eval_step` over `batches` and token-weights the losses (`model_kwargs`, if
+    """Runs `eval_step` over `batches` and token-weights the losses (`router_state`, if
     given, is passed to every call)."""
     ce_sum, tokens = 0.0, 0.0
     domain_ce = np.zeros(len(domains))
@@ -71,7 +73,7 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np
     dropped: dict[str, float] = {}
     num_batches = 0
     for batch in batches:
-        args = () if model_kwargs is None else (model_kwargs,)
+        args = () if router_state is None else (router_state,)
         out = jax.device_get(eval_step(params, dict(batch), *args))
         num_batches += 1
         ce_sum += float(out["ce_sum"])
@@ -79,8 +81,8 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np
         domain_ce += out["domain_ce_sum"]
         domain_tokens += out["domain_tokens"]
         for layer, stats in out["moe"].items():
-            counts[layer] = counts.get(layer, 0) + np.asarray(stats["counts"], np.float64)
-            dropped[layer] = dropped.get(layer, 0.0) + float(stats["dropped_fraction"])
+            counts[layer] = counts.get(layer, 0) + np.asarray(stats.counts, np.float64)
+            dropped[layer] = dropped.get(layer, 0.0) + float(stats.dropped_fraction)
     if tokens == 0:
         raise ValueError("evaluation saw no real tokens (empty validation data?)")
     return EvalResult(
@@ -94,9 +96,9 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np
 
 
 def make_routing_counts_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int) -> Callable:
-    """`step(params, batch[, model_kwargs]) -> {moe layer: [D, E] counts}`: expert
-    assignments of each domain's tokens (`model_kwargs`, e.g. the loss-free
-    `selection_biases`, goes to the model call).
+    """`step(params, batch[, router_state]) -> {moe layer: [D, E] counts}`: expert
+    assignments of each domain's tokens (`router_state`, e.g. the loss-free
+    selection biases, goes to the model call), jitted.
 
     The model runs once per domain with the other domains' tokens marked as
     padding (segment id 0), which excludes them from routing statistics. A
@@ -104,25 +106,25 @@ def make_routing_counts_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int
     the context they see in a normal pass.
     """
 
-    def step(params, batch, model_kwargs=None):
+    def step(params, batch, router_state: RouterState | None = None):
         model = nnx.merge(graphdef, params, rest)
         per_domain = []
         for d in range(num_domains):
             segment_ids = jnp.where(batch["domain"] == d, batch["segment_ids"], 0)
             _, aux = model(batch["inputs"], segment_ids=segment_ids,
                            positions=batch["positions"], deterministic=True,
-                           **(model_kwargs or {}))
-            per_domain.append({layer: a["counts"] for layer, a in aux.items()})
+                           router_state=router_state)
+            per_domain.append({layer: a.counts for layer, a in aux.items()})
         return {layer: jnp.stack([p[layer] for p in per_domain]) for layer in per_domain[0]}
 
     return jax.jit(step)
 
 
 def routing_counts(step: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
-                   model_kwargs: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+                   router_state: RouterState | None = None) -> dict[str, np.ndarray]:
     """Sums `make_routing_counts_step` outputs over `batches`: `{layer: [D, E]}`."""
     total: dict[str, np.ndarray] = {}
-    args = () if model_kwargs is None else (model_kwargs,)
+    args = () if router_state is None else (router_state,)
     for batch in batches:
         for layer, counts in jax.device_get(step(params, dict(batch), *args)).items():
             total[layer] = total.get(layer, 0) + np.asarray(counts, np.float64)

@@ -10,7 +10,9 @@ Counts matmul FLOPs (2 per multiply-add) of one forward pass and multiplies by
     4 x S x heads x head_dim per layer;
   * routed experts pay per row they actually process: 2 x (expert weights)
     per row. Capacity dispatch processes E x C rows whatever the routing;
-    dropless top-k T x k rows (T x E for the einsum reference); the EvoMoE
+    dropless top-k T x k rows (T x E for the einsum reference); the
+    expert-parallel dispatch (`Sharding.configure_dispatch`) every (shard,
+    expert) buffer in full, or T x k rows in its ragged modes; the EvoMoE
     dense-to-sparse gate one row per active (token, expert) pair, read from
     the step's `kept_counts`. Tile padding inside the grouped matmul is
     ignored.
@@ -24,6 +26,8 @@ from typing import Any
 
 import numpy as np
 from flax import nnx
+
+from moe.dispatch import expert_parallel as ep_lib
 
 TRAIN_FACTOR = 3.0
 
@@ -42,14 +46,14 @@ class FlopCounter:
     expert_per_row: dict[str, float]
     static_rows: dict[str, int | None]
 
-    def step_flops(self, moe_stats: Mapping[str, Mapping[str, Any]], *, positions: int,
+    def step_flops(self, moe_stats: Mapping[str, Any], *, positions: int,
                    num_microbatches: int) -> float:
         """Training FLOPs of a step over `positions` token positions (B x S)."""
         total = positions * self.dense_per_position
         for layer, per_row in self.expert_per_row.items():
             rows = self.static_rows[layer]
             if rows is None:
-                num_rows = float(np.sum(moe_stats[layer]["kept_counts"]))
+                num_rows = float(np.sum(moe_stats[layer].kept_counts))
             else:
                 num_rows = float(rows * num_microbatches)
             total += num_rows * per_row
@@ -57,9 +61,14 @@ class FlopCounter:
 
 
 def _moe_rows(moe: Any, tokens: int) -> int | None:
-    if getattr(moe, "gating", "top_k") == "dense_to_sparse":
+    """Expert rows per micro-batch of the dispatch the layer runs (None: from kept_counts)."""
+    if moe.router.variable_assignments:
         return None
     capacity = moe.capacity(tokens, False)
+    if moe.dispatch == "expert_parallel":
+        return ep_lib.dispatch_rows(tokens, moe.k, moe.num_experts, capacity,
+                                    shards=moe.dispatch_shards,
+                                    options=moe.expert_parallel or ep_lib.active_options())
     if capacity is not None:  # capacity buffers, and expert choice
         return moe.num_experts * capacity
     if moe.dispatch == "einsum":

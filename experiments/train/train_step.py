@@ -13,8 +13,10 @@ of the whole batch is
     + lbl_weight * reduce_layers(LBL over lbl_scope groups)
     + seq_balance_weight * reduce_layers(sequence-wise balance loss)
     + z_loss_weight * reduce_layers(z-loss)
+    + dts_weight * reduce_layers(EvoMoE dense-to-sparse loss)
 
-with the z-loss averaged over micro-batches and the balance losses assembled
+over the MoE layers' `MoeAux` loss fields, with the z-loss and the
+dense-to-sparse loss averaged over micro-batches and the balance losses assembled
 from per-micro-batch shares over their balance groups (`experiments.
 balance_loss`, docs/balancing.md), so the loss and gradient equal those of a
 single full-batch pass with the same balance groups.
@@ -33,16 +35,14 @@ import optax
 from flax import nnx
 
 from experiments.train.balance_loss import GLOBAL_MODES, StepBalance, zeros_like_counts
-from moe import balance, sharding
+from moe import balance, layer_aux, sharding
 from moe.balance_scope import parse_lbl_scope
+from moe.layer_aux import MoeAux
+from moe.router_state import RouterState
 from moe.validation import check_one_of
 
 Batch = Mapping[str, jax.Array]
 LAYER_REDUCTIONS = ("sum", "mean")
-# Per-layer MoE statistics that add up over micro-batches; the others are averaged.
-SUMMED_STATS = ("counts", "kept_counts", "num_tokens")
-AVERAGED_STATS = ("lbl", "z_loss", "mean_probs", "dropped_fraction", "max_violation",
-                  "router_entropy", "active_experts", "sequence_max_violation")
 
 
 @gin.configurable
@@ -62,6 +62,8 @@ class LossWeights:
         (Megatron's running buffer over the micro-batches seen so far).
       seq_balance_weight: alpha of the DeepSeek-V3 sequence-wise balance loss
         (LBL per row on normalised scores; 1e-4 in DeepSeek-V3), on top of the LBL.
+      dts_weight: weight of the EvoMoE dense-to-sparse balance loss
+        (`MoeAux.dts_loss`, layers with `DenseToSparseRouter` in training).
     """
 
     lbl_weight: float = 0.01
@@ -70,13 +72,16 @@ class LossWeights:
     lbl_scope: str = "micro_batch"
     lbl_global_mode: str = "exact"
     seq_balance_weight: float = 0.0
+    dts_weight: float = 0.01
 
     def __post_init__(self):
         check_one_of("LossWeights.layer_reduction", self.layer_reduction, LAYER_REDUCTIONS)
-        if self.lbl_weight < 0 or self.z_loss_weight < 0 or self.seq_balance_weight < 0:
+        if min(self.lbl_weight, self.z_loss_weight, self.seq_balance_weight,
+               self.dts_weight) < 0:
             raise ValueError(f"LossWeights weights must be >= 0, got lbl_weight="
                              f"{self.lbl_weight}, z_loss_weight={self.z_loss_weight}, "
-                             f"seq_balance_weight={self.seq_balance_weight}")
+                             f"seq_balance_weight={self.seq_balance_weight}, "
+                             f"dts_weight={self.dts_weight}")
         try:
             parse_lbl_scope(self.lbl_scope)
         except ValueError as e:
@@ -97,28 +102,24 @@ def domain_sums(values: jax.Array, weights: jax.Array, domain: jax.Array,
             jnp.einsum("bs,bsd->d", weights, onehot))
 
 
-def reduce_layers(aux: Mapping[str, Mapping[str, jax.Array]], key: str,
-                  reduction: str) -> jax.Array:
-    """Sum or mean of `aux[layer][key]` over MoE layers (0 without MoE layers)."""
-    values = [layer_aux[key] for layer_aux in aux.values()]
+def sum_layers(values: Mapping[str, jax.Array], reduction: str) -> jax.Array:
+    """Sum or mean of per-layer scalars `{layer: value}` (0 without MoE layers)."""
     if not values:
         return jnp.zeros((), jnp.float32)
-    total = sum(values)
+    total = sum(values.values())
     return total / len(values) if reduction == "mean" else total
 
 
-def moe_stats(aux: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, dict[str, jax.Array]]:
-    """The per-layer statistics the step reports (stop-gradient, float32)."""
-    return {layer: {k: jax.lax.stop_gradient(jnp.asarray(v, jnp.float32))
-                    for k, v in layer_aux.items() if k in SUMMED_STATS + AVERAGED_STATS}
-            for layer, layer_aux in aux.items()}
+def moe_stats(aux: Mapping[str, MoeAux]) -> dict[str, MoeAux]:
+    """The per-layer statistics the step reports (`MoeAux.stats`: per-token
+    fields dropped, stop-gradient, float32)."""
+    return {layer: layer_aux_.stats() for layer, layer_aux_ in aux.items()}
 
 
-def combine_microbatch_stats(stats: dict[str, dict[str, jax.Array]]) -> dict[str, dict[str, jax.Array]]:
-    """Reduces stats stacked over micro-batches `[A, ...]`: counts summed, the rest averaged."""
-    return {layer: {k: (jnp.sum(v, axis=0) if k in SUMMED_STATS else jnp.mean(v, axis=0))
-                    for k, v in layer_stats.items()}
-            for layer, layer_stats in stats.items()}
+def combine_microbatch_stats(stats: Mapping[str, MoeAux]) -> dict[str, MoeAux]:
+    """Reduces stats stacked over micro-batches `[A, ...]` as each field declares
+    (`moe.layer_aux.reduce_microbatches`: counts summed, the rest averaged)."""
+    return {layer: layer_aux.reduce_microbatches(s) for layer, s in stats.items()}
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Array]:
@@ -135,68 +136,122 @@ def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Arr
     return out
 
 
+def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weights: LossWeights,
+                        num_microbatches: int, num_domains: int) -> Callable:
+    """`loss(params, mb, rng, total_tokens, router_state, groups, prior, add_own) ->
+    (loss, outputs)` of one micro-batch: its share of the step's loss."""
+    reduction = loss_weights.layer_reduction
+
+    def microbatch_loss(params, mb, rng, total_tokens, router_state, groups, prior, add_own):
+        logits, aux = forward(params, mb, rng, router_state)
+        ce = token_cross_entropy(logits, mb["targets"])
+        ce_sum = jnp.sum(ce * mb["weights"])
+        terms, own_counts = step_balance.terms(aux, mb["lbl_group"], mb["row_group"], groups,
+                                               prior, add_own)
+        lbl = sum_layers({n: t["lbl"] for n, t in terms.items()}, reduction)
+        seq_balance = sum_layers({n: t["seq_balance"] for n, t in terms.items()}, reduction)
+        z_loss = layer_aux.reduce_layers(aux, "z_loss", reduction)
+        dts_loss = layer_aux.reduce_layers(aux, "dts_loss", reduction)
+        loss = (ce_sum / total_tokens + loss_weights.lbl_weight * lbl
+                + loss_weights.seq_balance_weight * seq_balance
+                + (loss_weights.z_loss_weight * z_loss
+                   + loss_weights.dts_weight * dts_loss) / num_microbatches)
+        domain_ce, domain_tokens = domain_sums(ce, mb["weights"], mb["domain"], num_domains)
+        aux = {layer: (a.replace(sequence_max_violation=terms[layer]["sequence_max_violation"])
+                       if "sequence_max_violation" in terms[layer] else a)
+               for layer, a in aux.items()}
+        # lbl and seq_balance are shares; x num_microbatches so their mean is the step's loss.
+        out = {"ce_sum": ce_sum, "lbl": lbl * num_microbatches,
+               "seq_balance": seq_balance * num_microbatches, "z_loss": z_loss,
+               "dts_loss": dts_loss, "domain_ce_sum": domain_ce,
+               "domain_tokens": domain_tokens, "moe": moe_stats(aux), "own_counts": own_counts}
+        return loss, jax.lax.stop_gradient(out)
+
+    return microbatch_loss
+
+
+def _step_metrics(losses: jax.Array, outs: Mapping[str, Any], grads: Any, batch: Batch,
+                  total_tokens: jax.Array) -> dict[str, Any]:
+    """The step's metrics from the per-micro-batch outputs stacked by the scan."""
+    moe = {layer: s.replace(batch_max_violation=balance.max_violation(s.counts))
+           for layer, s in combine_microbatch_stats(outs["moe"]).items()}
+    return {
+        "loss": jnp.sum(losses),
+        "ce": jnp.sum(outs["ce_sum"]) / total_tokens,
+        "lbl": jnp.mean(outs["lbl"]),
+        "seq_balance": jnp.mean(outs["seq_balance"]),
+        "z_loss": jnp.mean(outs["z_loss"]),
+        "dts_loss": jnp.mean(outs["dts_loss"]),
+        "grad_norm": optax.global_norm(grads),
+        "num_tokens": jnp.sum(batch["weights"]),
+        "domain_ce_sum": jnp.sum(outs["domain_ce_sum"], axis=0),
+        "domain_tokens": jnp.sum(outs["domain_tokens"], axis=0),
+        "moe": moe,
+    }
+
+
+def _prior_counts(microbatch_counts: Callable, params: Any, microbatches: Any, keys: jax.Array,
+                  router_state: RouterState | None, groups: Any) -> tuple[Any, bool]:
+    """(counts known before the gradient pass, add each micro-batch's own counts)."""
+    if groups.count_source == "local":
+        return None, True
+    count_shapes = jax.eval_shape(
+        lambda p, mb, key, st: microbatch_counts(p, mb, key, st, groups.num_groups),
+        params, jax.tree.map(lambda x: x[0], microbatches), keys[0], router_state)
+    prior = zeros_like_counts(count_shapes)
+    if groups.count_source == "causal":
+        return prior, True
+
+    # 'exact': a first pass collects the counts of the whole step.
+    def count_body(total, xs):
+        key, mb = xs
+        counts = microbatch_counts(params, mb, key, router_state, groups.num_groups)
+        return jax.tree.map(jnp.add, total, counts), None
+
+    prior, _ = jax.lax.scan(count_body, prior, (keys, microbatches))
+    return prior, False
+
+
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransformation, *,
                     loss_weights: LossWeights, num_microbatches: int, num_domains: int,
                     data_parallel_size: int = 1,
                     ) -> Callable[..., tuple[Any, Any, dict[str, Any]]]:
-    """Builds `step(params, opt_state, batch, rng, model_kwargs=None) -> (params,
-    opt_state, metrics)`, jitted.
+    """Builds `step(params, opt_state, batch, rng, router_state=None) -> (params,
+    opt_state, metrics)`, a plain function: the caller jits it once
+    (`experiments.runtime.mesh.Sharding.wrap_train_step`, or `jax.jit`).
 
     `batch` holds `inputs, targets, weights, segment_ids, positions, domain`
     `[B, S]`; `rng` is this step's key (the caller folds the step in).
-    `model_kwargs`: optional pytree of per-step model call arguments (arrays,
-    traced: e.g. `dts_state`, the EvoMoE gate temperature), the same for every
-    micro-batch (e.g. `{"selection_biases": {layer: [E]}}` for loss-free balancing).
+    `router_state`: the step's `moe.router_state.RouterState` (traced; e.g.
+    loss-free selection biases, the EvoMoE gate temperature), the same for
+    every micro-batch.
     `data_parallel_size`: devices the batch dimension is sharded over (defines
     the `micro_batch` balance scope).
-    `metrics`: loss, ce, lbl (the scoped LBL), seq_balance, z_loss, grad_norm,
-    num_tokens, domain_ce_sum `[D]`, domain_tokens `[D]`, and `moe`: `{layer:
-    stats}` with counts, kept_counts and num_tokens summed over micro-batches,
-    `batch_max_violation` (MaxVio of the step's counts) and the other
-    statistics (see `AVERAGED_STATS`) averaged.
+    `metrics`: loss, ce, lbl (the scoped LBL), seq_balance, z_loss, dts_loss,
+    grad_norm, num_tokens, domain_ce_sum `[D]`, domain_tokens `[D]`, and
+    `moe`: `{layer: MoeAux}` statistics reduced over micro-batches as each
+    field declares, with `batch_max_violation` (MaxVio of the step's counts).
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     step_balance = StepBalance(loss_weights.lbl_scope, loss_weights.lbl_global_mode,
                                num_microbatches, data_parallel_size)
 
-    def forward(params, mb, rng, model_kwargs):
+    def forward(params, mb, rng, router_state):
         model = nnx.merge(graphdef, params, rest)
         return model(mb["inputs"], segment_ids=mb["segment_ids"], positions=mb["positions"],
-                     deterministic=False, rng=rng, **(model_kwargs or {}))
+                     deterministic=False, rng=rng, router_state=router_state)
 
-    def microbatch_counts(params, mb, rng, model_kwargs, num_groups):
+    def microbatch_counts(params, mb, rng, router_state, num_groups):
         """Forward only: `{layer: [G, E]}` balance-group counts of one micro-batch."""
-        _, aux = forward(params, mb, rng, model_kwargs)
+        _, aux = forward(params, mb, rng, router_state)
         return StepBalance.layer_counts(aux, mb["lbl_group"], num_groups)
 
-    def microbatch_loss(params, mb, rng, total_tokens, model_kwargs, groups, prior, add_own):
-        logits, aux = forward(params, mb, rng, model_kwargs)
-        ce = token_cross_entropy(logits, mb["targets"])
-        ce_sum = jnp.sum(ce * mb["weights"])
-        terms, own_counts = step_balance.terms(aux, mb["lbl_group"], mb["row_group"], groups,
-                                               prior, add_own)
-        lbl = reduce_layers(terms, "lbl", loss_weights.layer_reduction)
-        seq_balance = reduce_layers(terms, "seq_balance", loss_weights.layer_reduction)
-        z_loss = reduce_layers(aux, "z_loss", loss_weights.layer_reduction)
-        loss = (ce_sum / total_tokens + loss_weights.lbl_weight * lbl
-                + loss_weights.seq_balance_weight * seq_balance
-                + loss_weights.z_loss_weight * z_loss / num_microbatches)
-        domain_ce, domain_tokens = domain_sums(ce, mb["weights"], mb["domain"], num_domains)
-        for layer, layer_terms in terms.items():
-            if "sequence_max_violation" in layer_terms:
-                aux[layer] = dict(aux[layer],
-                                  sequence_max_violation=layer_terms["sequence_max_violation"])
-        # lbl and seq_balance are shares; x num_microbatches so their mean is the step's loss.
-        out = {"ce_sum": ce_sum, "lbl": lbl * num_microbatches,
-               "seq_balance": seq_balance * num_microbatches, "z_loss": z_loss,
-               "domain_ce_sum": domain_ce, "domain_tokens": domain_tokens,
-               "moe": moe_stats(aux), "own_counts": own_counts}
-        return loss, jax.lax.stop_gradient(out)
+    grad_fn = jax.value_and_grad(
+        _microbatch_loss_fn(forward, step_balance, loss_weights, num_microbatches, num_domains),
+        has_aux=True)
 
-    grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
-
-    def step(params, opt_state, batch, rng, model_kwargs=None):
+    def step(params, opt_state, batch, rng, router_state: RouterState | None = None):
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         total_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
         # Shuffled balance groups: a fresh draw per step, reproducible from the step key.
@@ -205,27 +260,13 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
         microbatches = split_microbatches(
             dict(batch, lbl_group=groups.lbl_group, row_group=groups.row_group), num_microbatches)
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(num_microbatches))
-
-        prior, add_own = None, True
-        if groups.count_source != "local":
-            count_shapes = jax.eval_shape(
-                lambda p, mb, key, kw: microbatch_counts(p, mb, key, kw, groups.num_groups),
-                params, jax.tree.map(lambda x: x[0], microbatches), keys[0], model_kwargs)
-            prior = zeros_like_counts(count_shapes)
-        if groups.count_source == "exact":
-            # First pass: the counts of the whole step, then the gradient pass uses them.
-            def count_body(total, xs):
-                key, mb = xs
-                counts = microbatch_counts(params, mb, key, model_kwargs, groups.num_groups)
-                return jax.tree.map(jnp.add, total, counts), None
-
-            prior, _ = jax.lax.scan(count_body, prior, (keys, microbatches))
-            add_own = False
+        prior, add_own = _prior_counts(microbatch_counts, params, microbatches, keys,
+                                       router_state, groups)
 
         def body(carry, xs):
             grad_acc, running = carry
             key, mb = xs
-            (loss, out), grads = grad_fn(params, mb, key, total_tokens, model_kwargs, groups,
+            (loss, out), grads = grad_fn(params, mb, key, total_tokens, router_state, groups,
                                          running, add_own)
             grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
             own_counts = out.pop("own_counts")
@@ -237,20 +278,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
         (grads, _), (losses, outs) = jax.lax.scan(body, (zeros, prior), (keys, microbatches))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {
-            "loss": jnp.sum(losses),
-            "ce": jnp.sum(outs["ce_sum"]) / total_tokens,
-            "lbl": jnp.mean(outs["lbl"]),
-            "seq_balance": jnp.mean(outs["seq_balance"]),
-            "z_loss": jnp.mean(outs["z_loss"]),
-            "grad_norm": optax.global_norm(grads),
-            "num_tokens": jnp.sum(batch["weights"]),
-            "domain_ce_sum": jnp.sum(outs["domain_ce_sum"], axis=0),
-            "domain_tokens": jnp.sum(outs["domain_tokens"], axis=0),
-            "moe": combine_microbatch_stats(outs["moe"]),
-        }
-        for stats in metrics["moe"].values():
-            stats["batch_max_violation"] = balance.max_violation(stats["counts"])
+        metrics = _step_metrics(losses, outs, grads, batch, total_tokens)
         return params, opt_state, metrics
 
-    return jax.jit(step)
+    return step

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
+from moe.numeric import safe_ceil
+
 Array = jax.Array
-
-
-def ceil_div_float(numerator: float, denominator: float) -> int:
-    """ceil(numerator / denominator) for float operands, robust to float noise:
-    2560.0000000001 (e.g. 2 * 8192 * 1.25 / 8 computed in floats) gives 2560, not 2561."""
-    return math.ceil(numerator / denominator - 1e-9)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, *,
@@ -28,7 +22,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     if min_capacity < 1 or multiple_of < 1:
         raise ValueError(
             f"min_capacity and multiple_of must be >= 1, got {min_capacity}, {multiple_of}")
-    capacity = ceil_div_float(k * num_tokens * capacity_factor, num_experts)
+    capacity = safe_ceil(k * num_tokens * capacity_factor / num_experts)
     capacity = max(capacity, min_capacity)
     return -(-capacity // multiple_of) * multiple_of
 

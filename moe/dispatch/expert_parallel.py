@@ -47,6 +47,7 @@ from moe import sharding
 from moe.dispatch.dispatchers import DispatchOutput
 from moe.dispatch.layout import capacity_layout, combine_from_rows, gather_to_rows, sorted_layout
 from moe.experts import ExpertFFN
+from moe.numeric import safe_ceil
 from moe.scoped import ScopedValue
 from moe.validation import check_one_of
 
@@ -58,9 +59,10 @@ DROPLESS_MODES = ("padded", "ragged", "ragged_emulated")
 @dataclasses.dataclass(frozen=True)
 class ExpertParallelOptions:
     """Attributes:
-      enabled: route token-choice MoE layers through this dispatch whenever
-        the "expert" rule maps to mesh axes of total size > 1 (False: leave
-        expert-sharded weights to XLA's automatic partitioning).
+      enabled: `experiments.runtime.mesh.Sharding.configure_dispatch` sets
+        token-choice MoE layers to this dispatch whenever the "expert" rule
+        maps to mesh axes of total size > 1 (False: leave expert-sharded
+        weights to XLA's automatic partitioning).
       dropless: how dropless layers (capacity_factor None) exchange tokens:
         one of `DROPLESS_MODES`.
       buffer_factor: padded mode: slots per (device, expert) pair, in units
@@ -96,9 +98,44 @@ def expert_parallel_size() -> int:
     return math.prod(mesh.shape[a] for a in sharding.active_axes("expert")) if mesh else 1
 
 
-def is_active() -> bool:
-    """Whether MoE layers traced now should use `expert_parallel_dispatch`."""
-    return active_options().enabled and expert_parallel_size() > 1
+def shard_capacity(num_tokens: int, k: int, num_experts: int, capacity: int | None, *,
+                   shards: int, options: ExpertParallelOptions) -> int | None:
+    """Slots per (shard, expert) buffer: ceil(C / shards) with a capacity; in
+    padded dropless mode ceil(buffer_factor * k * T_shard / E); None (exact
+    sizes) in the ragged modes."""
+    if capacity is not None:
+        return -(-capacity // shards)
+    if options.dropless == "padded":
+        return max(1, safe_ceil(options.buffer_factor * k * (num_tokens // shards) / num_experts))
+    return None
+
+
+def dispatch_rows(num_tokens: int, k: int, num_experts: int, capacity: int | None, *,
+                  shards: int, options: ExpertParallelOptions) -> int:
+    """Expert rows this dispatch computes over all devices for one call of
+    `num_tokens` tokens: every (shard, expert) buffer in full, or the T * k
+    assignments in the ragged modes (for the FLOP counter)."""
+    per_shard = shard_capacity(num_tokens, k, num_experts, capacity, shards=shards,
+                               options=options)
+    if per_shard is None:
+        return num_tokens * k
+    return shards * num_experts * per_shard
+
+
+def describe(ep_axes: tuple[str, ...], ep: int, shard_capacity_: int | None,
+             options: ExpertParallelOptions, *, known: bool = True) -> str:
+    """One log line: "dispatch: expert_parallel over mesh axes (...), capacity per shard C".
+
+    `known=False`: the tokens per call are not known yet, so neither is C.
+    """
+    if not known:
+        capacity = "set per call"
+    elif shard_capacity_ is None:
+        capacity = "exact (ragged exchange)"
+    else:
+        capacity = str(shard_capacity_)
+    return (f"dispatch: expert_parallel over mesh axes {ep_axes} (ep={ep}), capacity per shard "
+            f"{capacity}, dropless mode {options.dropless!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,18 +183,14 @@ def expert_parallel_dispatch(x: Array, expert_index: Array, weights: Array, ffn:
     if num_tokens % shards:
         raise ValueError(f"{num_tokens} tokens cannot be split over {shards} batch shards "
                          f"(mesh axes {batch_axes})")
-    shard_tokens = num_tokens // shards
-    if capacity is not None:
-        mode, shard_capacity = "capacity", -(-capacity // shards)
-    else:
-        mode = options.dropless
-        shard_capacity = max(1, math.ceil(options.buffer_factor * k * shard_tokens / num_experts
-                                          - 1e-9)) if mode == "padded" else None
+    mode = "capacity" if capacity is not None else options.dropless
+    slots = shard_capacity(num_tokens, k, num_experts, capacity, shards=shards, options=options)
+    if capacity is None:
         if mode == "ragged" and ep > 1 and _mesh_platform(mesh) == "cpu":
             raise ValueError("expert-parallel dropless='ragged' needs lax.ragged_all_to_all, "
                              "which is not implemented on CPU; use dropless='padded' (or "
                              "'ragged_emulated' for a slow reference)")
-    plan = _Plan(mode, num_experts, ep, ep_axes, hidden_axes, shard_capacity)
+    plan = _Plan(mode, num_experts, ep, ep_axes, hidden_axes, slots)
     mask = jnp.ones((num_tokens,), jnp.float32) if mask is None else mask
     args = [x, expert_index.astype(jnp.int32), weights, mask, ffn.wi, ffn.wo]
     glu = ffn.wi_gate is not None

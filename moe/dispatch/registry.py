@@ -74,8 +74,9 @@ register_dispatch("sort", make_sort_dispatch(xla_gmm.gmm, "sort"))
 register_dispatch("ragged_dot", make_sort_dispatch(_ragged_dot, "ragged_dot"))
 # Dropless through moe.kernels.gmm: Pallas on TPU/GPU, the XLA tile loop on CPU.
 register_dispatch("pallas", make_sort_dispatch(kernel_api.dispatch_gmm, "pallas"))
-# Expert parallelism over the context mesh (all_to_all in shard_map); MoeLayer switches to it
-# whenever the "expert" rule maps to mesh axes of size > 1 (moe/dispatch/expert_parallel.py).
+# Expert parallelism over the context mesh (all_to_all in shard_map); the sharding config selects
+# it for the MoE layers when the "expert" rule maps to mesh axes of size > 1
+# (experiments/runtime/mesh.py `Sharding.configure_dispatch`, moe/dispatch/expert_parallel.py).
 # Its default dropless mode ("padded") drops what overflows its buffers, reported in keep.
 register_dispatch("expert_parallel", expert_parallel_dispatch,
                   DispatchTraits(exact_dropless=False))

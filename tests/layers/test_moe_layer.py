@@ -1,18 +1,23 @@
 """The NNX MoeLayer: equivalence of dispatches, aux outputs, dtypes, bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from layers import MoeLayer, Router, logical_axes_of
+from layers import ExpertChoiceRouter, MoeLayer, TopKRouter, logical_axes_of
 
 D_MODEL, D_FF, E, K = 16, 24, 4, 2
 
 
-def _layer(**kwargs):
+def _layer(router_options=None, **kwargs):
+    """A MoeLayer; `router_options` are TopKRouter arguments (`router` may replace it)."""
     kwargs.setdefault("rngs", nnx.Rngs(0))
+    if router_options:
+        kwargs["router"] = functools.partial(TopKRouter, **router_options)
     return MoeLayer(D_MODEL, D_FF, E, K, **kwargs)
 
 
@@ -25,7 +30,7 @@ def _loss_and_grads(layer, x):
 
     def loss(params, x):
         y, aux = nnx.merge(graphdef, params)(x)
-        return jnp.sum(jnp.sin(y)) + aux["lbl"] + aux["z_loss"]
+        return jnp.sum(jnp.sin(y)) + aux.lbl + aux.z_loss
 
     return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
@@ -34,10 +39,10 @@ def _loss_and_grads(layer, x):
 def test_dropless_dispatches_agree_forward_and_gradients(activation):
     x = _x()
     reference = _loss_and_grads(_layer(dispatch="einsum", activation=activation,
-                                       normalize=True), x)
+                                       router_options=dict(normalize=True)), x)
     for name in ("sort", "ragged_dot", "pallas"):
         value, grads = _loss_and_grads(_layer(dispatch=name, activation=activation,
-                                              normalize=True), x)
+                                              router_options=dict(normalize=True)), x)
         np.testing.assert_allclose(value, reference[0], rtol=1e-5, atol=1e-5)
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference[1])):
             np.testing.assert_allclose(got, want, atol=1e-5)
@@ -49,33 +54,33 @@ def test_capacity_dispatches_agree_with_drops():
     for name in ("einsum", "sort"):
         y, aux = _layer(dispatch=name, capacity_factor=0.5)(x)
         outs[name] = (y, aux)
-        assert float(aux["dropped_fraction"]) > 0
+        assert float(aux.dropped_fraction) > 0
     np.testing.assert_allclose(outs["sort"][0], outs["einsum"][0], atol=1e-5)
-    np.testing.assert_allclose(outs["sort"][1]["kept_counts"], outs["einsum"][1]["kept_counts"])
+    np.testing.assert_allclose(outs["sort"][1].kept_counts, outs["einsum"][1].kept_counts)
 
 
 def test_aux_counts_are_before_dropping_and_lbl_uses_them():
     layer = _layer(capacity_factor=0.25)
     _y, aux = layer(_x(3))
     num_tokens = 12
-    assert float(jnp.sum(aux["counts"])) == K * num_tokens
-    assert float(jnp.sum(aux["kept_counts"])) < K * num_tokens
+    assert float(jnp.sum(aux.counts)) == K * num_tokens
+    assert float(jnp.sum(aux.kept_counts)) < K * num_tokens
     capacity = layer.capacity(num_tokens, deterministic=True)
-    assert float(jnp.max(aux["kept_counts"])) <= capacity
-    np.testing.assert_allclose(aux["dropped_fraction"],
-                               1 - jnp.sum(aux["kept_counts"]) / (K * num_tokens), atol=1e-6)
-    expected_lbl = E * jnp.sum(aux["counts"] / jnp.sum(aux["counts"]) * aux["mean_probs"])
-    np.testing.assert_allclose(aux["lbl"], expected_lbl, rtol=1e-6)
+    assert float(jnp.max(aux.kept_counts)) <= capacity
+    np.testing.assert_allclose(aux.dropped_fraction,
+                               1 - jnp.sum(aux.kept_counts) / (K * num_tokens), atol=1e-6)
+    expected_lbl = E * jnp.sum(aux.counts / jnp.sum(aux.counts) * aux.mean_probs)
+    np.testing.assert_allclose(aux.lbl, expected_lbl, rtol=1e-6)
     for key in ("z_loss", "max_violation", "router_entropy", "active_experts", "num_tokens"):
-        assert aux[key].shape == ()
+        assert getattr(aux, key).shape == ()
 
 
 def test_padding_is_excluded_from_statistics_and_output():
     x = _x(4)
     mask = jnp.ones((2, 6)).at[1, 3:].set(0)
     y, aux = _layer(capacity_factor=1.0)(x, mask=mask)
-    assert float(aux["num_tokens"]) == 9
-    assert float(jnp.sum(aux["counts"])) == K * 9
+    assert float(aux.num_tokens) == 9
+    assert float(jnp.sum(aux.counts)) == K * 9
     np.testing.assert_array_equal(y[1, 3:], 0.0)
 
 
@@ -83,42 +88,43 @@ def test_router_is_float32_with_bf16_params_and_activations():
     layer = _layer(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert layer.router.kernel[...].dtype == jnp.bfloat16
     x = _x(5).astype(jnp.bfloat16)
-    logits = layer.router(x.reshape(-1, D_MODEL))
+    logits = layer.router.logits(x.reshape(-1, D_MODEL))
     assert logits.dtype == jnp.float32
     y, aux = layer(x)
     assert y.dtype == jnp.bfloat16
-    assert aux["mean_probs"].dtype == jnp.float32 and aux["lbl"].dtype == jnp.float32
+    assert aux.mean_probs.dtype == jnp.float32 and aux.lbl.dtype == jnp.float32
 
 
 def test_jitter_only_in_training():
-    router = Router(D_MODEL, E, jitter_eps=0.1, rngs=nnx.Rngs(0))
+    router = TopKRouter(D_MODEL, E, K, jitter_eps=0.1, rngs=nnx.Rngs(0)).logits
     x = _x(6).reshape(-1, D_MODEL)
     np.testing.assert_array_equal(router(x, deterministic=True), router(x, deterministic=True))
     trained = router(x, deterministic=False, rng=jax.random.key(0))
     assert not np.allclose(trained, router(x))
     # The multiplier stays within [1 - eps, 1 + eps]: logits move by at most eps * |x W| terms.
-    bound = 0.1 * jnp.abs(x) @ jnp.abs(router.kernel[...])
+    bound = 0.1 * jnp.abs(x) @ jnp.abs(router.__self__.kernel[...])
     assert bool(jnp.all(jnp.abs(trained - router(x)) <= bound + 1e-6))
 
 
 def test_expert_choice_in_encoder_is_balanced():
-    layer = _layer(routing_type="expert_choice", causal=False)
+    layer = _layer(router=ExpertChoiceRouter, causal=False)
     _y, aux = layer(_x(7))
     capacity = layer.capacity(12, deterministic=True)  # ceil(12 * k / E) = 6
     assert capacity == 6
-    np.testing.assert_array_equal(aux["counts"], np.full(E, capacity))
-    assert float(aux["lbl"]) == 0.0 and float(aux["max_violation"]) == 0.0
+    np.testing.assert_array_equal(aux.counts, np.full(E, capacity))
+    assert float(aux.lbl) == 0.0 and float(aux.max_violation) == 0.0
 
 
 def test_batch_prioritized_routing_is_permutation_equivariant():
     # With drops, position-based routing depends on token order; BPR orders
     # tokens by router confidence, so permuting tokens permutes the outputs.
-    layer = _layer(capacity_factor=0.5, batch_prioritized=True, causal=False)
+    layer = _layer(capacity_factor=0.5, router_options=dict(batch_prioritized=True),
+                   causal=False)
     x = _x(8, (1, 12, D_MODEL))
     perm = jax.random.permutation(jax.random.key(0), 12)
     y, aux = layer(x)
     y_perm, _ = layer(x[:, perm])
-    assert float(aux["dropped_fraction"]) > 0
+    assert float(aux.dropped_fraction) > 0
     np.testing.assert_allclose(y_perm, y[:, perm], atol=1e-5)
 
 
@@ -146,11 +152,12 @@ def test_parameters_carry_logical_axes():
     (dict(capacity_factor=0.0), "capacity_factor must be > 0"),
     (dict(capacity_factor=-1.0), "capacity_factor must be > 0"),
     (dict(activation="tanh"), "activation must be one of"),
-    (dict(score="tanh"), "score must be one of"),
+    (dict(router=functools.partial(TopKRouter, score="tanh")), "score must be one of"),
     (dict(dispatch="magic"), "dispatch must be one of"),
-    (dict(routing_type="hash"), "routing_type must be one of"),
-    (dict(routing_type="expert_choice"), "not allowed in a causal layer"),
-    (dict(batch_prioritized=True, capacity_factor=1.0), "not allowed in a causal layer"),
+    (dict(router="hash"), "router must be one of"),
+    (dict(router=ExpertChoiceRouter), "not allowed in a causal layer"),
+    (dict(router=functools.partial(TopKRouter, batch_prioritized=True), capacity_factor=1.0),
+     "not allowed in a causal layer"),
 ])
 def test_bad_configuration_is_refused(kwargs, message):
     kwargs = dict(kwargs)

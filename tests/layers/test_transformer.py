@@ -1,5 +1,8 @@
 """Tests for the transformer LM / encoder (layers/transformer.py, attention.py, norms.py)."""
 
+import functools
+
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +13,9 @@ from layers.attention import attention_mask, segment_positions
 from layers.mlp import DenseMLP
 from layers.moe_layer import MoeLayer
 from layers.params import logical_axes_of
+from layers.routers import ExpertChoiceRouter, TopKRouter
 from layers.transformer import TransformerLM, mask_tokens
+from moe.router_state import RouterState
 
 VOCAB, D, E = 32, 16, 4
 AUX_KEYS = {"lbl", "z_loss", "counts", "mean_probs", "kept_counts", "num_tokens",
@@ -23,9 +28,13 @@ def _statistics(layer_aux):
     return {key: value for key, value in layer_aux.items() if key not in TOKEN_KEYS}
 
 
-def tiny(**kw) -> TransformerLM:
+def tiny(moe=None, router=None, router_cls=TopKRouter, **kw) -> TransformerLM:
+    """A 2-layer model; `moe`: MoeLayer arguments, `router`: `router_cls` arguments."""
+    moe = dict(dict(d_ff=32, num_experts=E, k=2), **(moe or {}))
+    moe["router"] = functools.partial(router_cls, **(router or {}))
     args = dict(vocab_size=VOCAB, d_model=D, num_layers=2, num_heads=2, d_ff=32,
-                moe_every=1, num_experts=E, k=2, dtype="float32", rngs=nnx.Rngs(0))
+                moe_every=1, moe_block=functools.partial(MoeLayer, **moe), dtype="float32",
+                rngs=nnx.Rngs(0))
     args.update(kw)
     return TransformerLM(**args)
 
@@ -33,9 +42,9 @@ def tiny(**kw) -> TransformerLM:
 # Compiled once per model structure; eager calls cost seconds each on CPU.
 @nnx.jit(static_argnames=("deterministic",))
 def forward(model, inputs, segment_ids=None, positions=None, deterministic=True, rng=None,
-            selection_biases=None):
+            router_state=None):
     return model(inputs, segment_ids=segment_ids, positions=positions,
-                 deterministic=deterministic, rng=rng, selection_biases=selection_biases)
+                 deterministic=deterministic, rng=rng, router_state=router_state)
 
 
 def logits_of(model, inputs, segment_ids=None, **kw):
@@ -55,14 +64,14 @@ def test_shapes_float32_logits_and_aux():
     assert model.experts_per_layer == {"layer_1": E, "layer_3": E}
     assert set(aux) == {"layer_1", "layer_3"}
     for layer_aux in aux.values():
-        assert set(layer_aux) == AUX_KEYS | TOKEN_KEYS
+        assert {name for name, _ in layer_aux.items()} == AUX_KEYS | TOKEN_KEYS
         assert all(v.dtype == jnp.float32 for v in _statistics(layer_aux).values())
-        assert layer_aux["token_probs"].dtype == jnp.float32
-        assert layer_aux["token_experts"].dtype == jnp.int32
-        assert layer_aux["counts"].shape == (E,)
-        assert float(layer_aux["num_tokens"]) == 16.0
+        assert layer_aux.token_probs.dtype == jnp.float32
+        assert layer_aux.token_experts.dtype == jnp.int32
+        assert layer_aux.counts.shape == (E,)
+        assert float(layer_aux.num_tokens) == 16.0
         # Dropless top-2: 32 assignments.
-        assert float(jnp.sum(layer_aux["counts"])) == 32.0
+        assert float(jnp.sum(layer_aux.counts)) == 32.0
 
 
 @pytest.mark.parametrize("moe_every,num_layers,expected", [
@@ -145,12 +154,12 @@ def test_segment_positions_and_mask_by_hand():
 
 
 @pytest.mark.parametrize("moe_kwargs", [
-    {"routing_type": "expert_choice"},
-    {"capacity_factor": 2.0, "batch_prioritized": True},
+    dict(router_cls=ExpertChoiceRouter),
+    dict(moe={"capacity_factor": 2.0}, router={"batch_prioritized": True}),
 ])
 def test_encoder_with_encoder_only_routing(moe_kwargs):
-    model = tiny(causal=False, moe_kwargs=moe_kwargs)
-    assert all(not getattr(model, n).ffn.causal for n in model.moe_layer_names)
+    model = tiny(causal=False, **moe_kwargs)
+    assert all(not getattr(model, n).ffn.router.causal for n in model.moe_layer_names)
     x = tokens(5, (1, 8))
     seg = jnp.array([[1, 1, 1, 1, 1, 1, 0, 0]], jnp.int32)
     base, aux = forward(model, x, seg)
@@ -162,18 +171,19 @@ def test_encoder_with_encoder_only_routing(moe_kwargs):
 
 
 @pytest.mark.parametrize("moe_kwargs,match", [
-    ({"routing_type": "expert_choice"}, "expert_choice"),
-    ({"capacity_factor": 2.0, "batch_prioritized": True}, "batch_prioritized"),
+    (dict(router_cls=ExpertChoiceRouter), "ExpertChoiceRouter"),
+    (dict(moe={"capacity_factor": 2.0}, router={"batch_prioritized": True}),
+     "batch_prioritized"),
 ])
-@pytest.mark.parametrize("dense_baseline", [False, True])
-def test_causal_model_refuses_lookahead_routing(moe_kwargs, match, dense_baseline):
+def test_causal_model_refuses_lookahead_routing(moe_kwargs, match):
+    # (A dense baseline builds no router, so there is nothing to refuse there.)
     with pytest.raises(ValueError, match=match):
-        tiny(moe_kwargs=moe_kwargs, dense_baseline=dense_baseline)
+        tiny(**moe_kwargs)
 
 
 def test_dense_baseline_matches_active_params():
     # Baseline hidden = k * expert_d_ff + shared = 2 * 8 + 2 * 8 = 32 = d_ff.
-    kw = dict(moe_every=2, expert_d_ff=8, k=2, moe_kwargs={"num_shared_experts": 2})
+    kw = dict(moe_every=2, moe=dict(d_ff=8, k=2, num_shared_experts=2))
     moe, dense = tiny(**kw), tiny(dense_baseline=True, **kw)
     # By hand: embedding 512 + lm_head 512 + final norm 16; per layer attention 1024
     # + norms 32; layer 0 dense 2*16*32; layer 1 router 16*4, experts 4*2*16*8,
@@ -206,28 +216,28 @@ def test_tied_embeddings_share_the_table():
 
 
 def test_bf16_compute_keeps_logits_and_router_float32():
-    model = tiny(dtype="bfloat16", moe_kwargs={"num_shared_experts": 1})
+    model = tiny(dtype="bfloat16", moe=dict(num_shared_experts=1))
     block = model.layer_0
     assert block.ffn.router.kernel[...].dtype == jnp.float32
     assert model.embedding[...].dtype == jnp.float32
     h = jnp.ones((3, D), jnp.bfloat16)
-    assert block.ffn.router(h).dtype == jnp.float32
+    assert block.ffn.router.logits(h).dtype == jnp.float32
     logits, aux = forward(model, tokens(7), jnp.ones((2, 8), jnp.int32))
     assert logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
-    assert all(v.dtype == jnp.float32 for a in aux.values() for v in _statistics(a).values())
-    assert all(a["token_probs"].dtype == jnp.float32 for a in aux.values())
+    assert all(v.dtype == jnp.float32 for a in aux.values() for _, v in a.stats().items())
+    assert all(a.token_probs.dtype == jnp.float32 for a in aux.values())
     # The residual stream really is bf16 (shape-only trace, nothing compiled).
     y, _ = jax.eval_shape(
         lambda h: block(h, positions=jnp.zeros((2, 8), jnp.int32), mask=None, token_mask=None,
-                        deterministic=True, rng=None, selection_bias=None),
+                        deterministic=True, rng=None, router_state=None),
         jnp.zeros((2, 8, D), jnp.bfloat16))
     assert y.dtype == jnp.bfloat16
 
 
 def test_grad_of_cross_entropy_is_finite():
-    model = tiny(moe_kwargs={"router_jitter": 0.01, "router_noise_std": 0.1,
-                             "activation": "swiglu", "num_shared_experts": 1})
+    model = tiny(moe=dict(activation="swiglu", num_shared_experts=1),
+                 router=dict(jitter_eps=0.01, noise_std=0.1))
     x = tokens(8)
     seg = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
 
@@ -236,7 +246,7 @@ def test_grad_of_cross_entropy_is_finite():
                         rng=jax.random.key(0))
         weights = (seg[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
         ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, 1:, None], -1)[..., 0]
-        lbl = sum(a["lbl"] for a in aux.values())
+        lbl = sum(a.lbl for a in aux.values())
         return jnp.sum(ce * weights) / jnp.sum(weights) + 0.01 * lbl
 
     grads = nnx.jit(nnx.grad(loss_fn))(model)
@@ -247,7 +257,7 @@ def test_grad_of_cross_entropy_is_finite():
 
 
 def test_training_noise_needs_rng_and_uses_it():
-    model = tiny(moe_kwargs={"router_noise_std": 1.0})
+    model = tiny(router=dict(noise_std=1.0))
     x = tokens(9)
     with pytest.raises(ValueError, match="rng"):
         forward(model, x, deterministic=False)
@@ -257,18 +267,20 @@ def test_training_noise_needs_rng_and_uses_it():
 
 
 def test_selection_biases_reach_their_layer():
-    model = tiny(k=1)
+    model = tiny(moe=dict(k=1))
     bias = jnp.array([100.0, 0.0, 0.0, 0.0], jnp.float32)
-    _, aux = forward(model, tokens(10), selection_biases={"layer_1": bias})
-    np.testing.assert_array_equal(aux["layer_1"]["counts"], [16.0, 0.0, 0.0, 0.0])
-    assert float(aux["layer_0"]["counts"][0]) < 16.0
-    with pytest.raises(ValueError, match="selection_biases"):
-        tiny(moe_every=2)(tokens(10), selection_biases={"layer_0": bias})
+    state = RouterState(layers={"layer_1": {"selection_bias": bias}})
+    _, aux = forward(model, tokens(10), router_state=state)
+    np.testing.assert_array_equal(aux["layer_1"].counts, [16.0, 0.0, 0.0, 0.0])
+    assert float(aux["layer_0"].counts[0]) < 16.0
+    with pytest.raises(ValueError, match="router state"):
+        tiny(moe_every=2)(tokens(10),
+                          router_state=RouterState(layers={"layer_0": {"selection_bias": bias}}))
 
 
 def test_every_param_has_logical_axes_of_its_rank():
     model = tiny(num_layers=2, moe_every=2, activation="swiglu",
-                 moe_kwargs={"num_shared_experts": 1})
+                 moe=dict(num_shared_experts=1))
     axes = logical_axes_of(model)
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert set(axes) == set(params)
@@ -290,7 +302,7 @@ def test_every_param_has_logical_axes_of_its_rank():
     (dict(head_dim=5), "head_dim"),
     (dict(moe_every=-1), "moe_every"),
     (dict(d_ff=0), "d_ff"),
-    (dict(k=5), "k must be"),
+    (dict(moe=dict(k=5)), "k must be"),
     (dict(activation="tanh"), "activation"),
     (dict(moe_kwargs={"num_experts": 8}), "num_experts"),
     (dict(moe_kwargs={"capacity": 2}), "capacity"),
@@ -336,19 +348,23 @@ def test_mask_tokens():
 
 
 def test_gin_configures_the_model():
-    import gin
-
-    gin.parse_config("""
-        TransformerLM.moe_every = 2
-        TransformerLM.dtype = "float32"
-        TransformerLM.moe_kwargs = {"dispatch": "einsum", "num_shared_experts": 1,
-                                    "capacity_factor": 1.25, "score": "sigmoid"}
-    """)
+    gin.parse_config("\n".join([
+        "TransformerLM.moe_every = 2",
+        'TransformerLM.dtype = "float32"',
+        "TransformerLM.moe_block = @MoeLayer",
+        f"MoeLayer.num_experts = {E}",
+        "MoeLayer.k = 2",
+        "MoeLayer.d_ff = 32",
+        'MoeLayer.dispatch = "einsum"',
+        "MoeLayer.num_shared_experts = 1",
+        "MoeLayer.capacity_factor = 1.25",
+        'TopKRouter.score = "sigmoid"',
+    ]))
     try:
-        model = TransformerLM(VOCAB, D, 2, 2, 32, num_experts=E, k=2, rngs=nnx.Rngs(0))
+        model = TransformerLM(VOCAB, D, 2, 2, 32, rngs=nnx.Rngs(0))
     finally:
         gin.clear_config()
     moe = model.layer_1.ffn
     assert model.moe_layer_names == ("layer_1",) and model.dtype == jnp.float32
-    assert (moe.dispatch, moe.capacity_factor, moe.score) == ("einsum", 1.25, "sigmoid")
+    assert (moe.dispatch, moe.capacity_factor, moe.router.score) == ("einsum", 1.25, "sigmoid")
     assert moe.shared is not None

@@ -1,4 +1,4 @@
-"""Auxiliary losses and metrics (spec §2.4, §4.5)."""
+"""Auxiliary losses and metrics (docs/balancing.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +90,16 @@ def test_dropped_fraction():
     np.testing.assert_allclose(balance.dropped_fraction(keep), 3 / 6)
     np.testing.assert_allclose(balance.dropped_fraction(keep, mask=jnp.array([1, 1, 0])),
                                1 / 4)
+
+
+def test_dropped_fraction_counts_only_valid_assignments():
+    # A variable number of experts per token: token 0 has one assignment (the second
+    # column is the "no expert" sentinel), token 1 two; of these three, one is dropped.
+    keep = jnp.array([[True, False], [False, True]])
+    valid = jnp.array([[True, False], [True, True]])
+    np.testing.assert_allclose(balance.dropped_fraction(keep, valid=valid), 1 / 3)
+    np.testing.assert_allclose(
+        balance.dropped_fraction(keep, mask=jnp.array([0, 1]), valid=valid), 1 / 2)
 
 
 def test_sequence_balance_loss_is_one_for_balanced_sequences():

@@ -1,6 +1,7 @@
 """EvoMoE dense-to-sparse gate: temperature schedules, gating invariants, dispatch of a
 variable number of experts per token, the MoeLayer integration and the FLOP counter."""
 
+import functools
 import math
 
 import jax
@@ -11,11 +12,12 @@ from flax import nnx
 
 from experiments.train.flops import TRAIN_FACTOR, flop_counter
 from layers.moe_layer import MoeLayer
+from layers.routers import DenseToSparseRouter
 from layers.transformer import TransformerLM
-from moe import routing
 from moe.dense_to_sparse import (
     DtsState,
     active_pairs_as_assignments,
+    dense_to_sparse_gating,
     dispatch_active_pairs,
     exponential_temperature,
     linear_temperature,
@@ -23,6 +25,7 @@ from moe.dense_to_sparse import (
 )
 from moe.dispatch import get_dispatch
 from moe.experts import ExpertFFN
+from moe.layer_aux import MoeAux
 
 KEY = jax.random.PRNGKey(0)
 
@@ -74,7 +77,7 @@ LOGITS = jax.random.normal(KEY, (64, 8)) * 2.0
 
 
 def _gate(temperature, **kwargs):
-    return routing.dense_to_sparse_gating(LOGITS, temperature=temperature, threshold=1e-3,
+    return dense_to_sparse_gating(LOGITS, temperature=temperature, threshold=1e-3,
                                           rng=jax.random.PRNGKey(1), **kwargs)
 
 
@@ -126,7 +129,7 @@ def test_aux_loss_on_hand_made_case_with_padding():
     # ce = me = [2/3, 0, 1/3] (probs ~ 1 at the argmax), aux = 3 * (4/9 + 1/9) = 5/3.
     logits = jnp.array([[40.0, 0, 0], [40.0, 0, 0], [0, 0, 40.0], [0, 40.0, 0]])
     mask = jnp.array([1, 1, 1, 0])
-    gate = routing.dense_to_sparse_gating(logits, temperature=0.5, threshold=1e-3,
+    gate = dense_to_sparse_gating(logits, temperature=0.5, threshold=1e-3,
                                           rng=KEY, hard=True, mask=mask)
     np.testing.assert_array_equal(gate.active, [[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0]])
     np.testing.assert_allclose(gate.counts, [2, 0, 1])
@@ -147,7 +150,7 @@ def test_aux_loss_formula_in_soft_phase():
 
 def test_gate_gradient_flows_to_logits_through_weights():
     def loss(z):
-        return jnp.sum(routing.dense_to_sparse_gating(
+        return jnp.sum(dense_to_sparse_gating(
             z, temperature=1.0, threshold=1e-3, rng=KEY).weights[:, 0])
     grad = jax.grad(loss)(LOGITS)
     assert np.all(np.isfinite(grad)) and np.any(grad != 0)
@@ -162,7 +165,7 @@ def test_gate_validation(kwargs, match):
     args = dict(temperature=1.0, threshold=1e-3, rng=KEY)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        routing.dense_to_sparse_gating(LOGITS, **args)
+        dense_to_sparse_gating(LOGITS, **args)
 
 
 # --- dispatch of a variable number of experts per token ----------------------------------
@@ -218,8 +221,9 @@ def test_dispatch_active_pairs_gradient_matches_einsum():
 
 @pytest.fixture(scope="module")
 def dts_layer():
-    return nnx.jit(lambda: MoeLayer(8, 16, 4, 1, gating="dense_to_sparse", capacity_factor=None,
-                                    eval_capacity_factor=0.5, rngs=nnx.Rngs(0)))()
+    return nnx.jit(lambda: MoeLayer(8, 16, 4, 1, router=DenseToSparseRouter,
+                                    capacity_factor=None, eval_capacity_factor=0.5,
+                                    rngs=nnx.Rngs(0)))()
 
 
 X = jax.random.normal(KEY, (2, 6, 8))
@@ -228,7 +232,7 @@ MASK = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
 
 @nnx.jit
 def _train_call(layer, state):
-    return layer(X, mask=MASK, deterministic=False, rng=KEY, dts_state=state)
+    return layer(X, mask=MASK, deterministic=False, rng=KEY, router_state=state.as_router_state())
 
 
 @nnx.jit
@@ -239,17 +243,17 @@ def _eval_call(layer):
 def test_layer_soft_phase_routes_to_many_experts_and_skips_padding(dts_layer):
     y, aux = _train_call(dts_layer, DtsState(jnp.float32(1e6), jnp.bool_(False)))
     assert y.shape == X.shape
-    assert float(aux["active_experts"]) == 4.0
-    np.testing.assert_allclose(aux["counts"], [9, 9, 9, 9])  # 9 real tokens, all experts
-    np.testing.assert_allclose(aux["kept_counts"], aux["counts"])
-    assert float(aux["dropped_fraction"]) == 0.0
-    assert float(aux["lbl"]) == pytest.approx(4.0, rel=1e-5)  # all active: E * sum me = E
+    assert float(aux.active_experts) == 4.0
+    np.testing.assert_allclose(aux.counts, [9, 9, 9, 9])  # 9 real tokens, all experts
+    np.testing.assert_allclose(aux.kept_counts, aux.counts)
+    assert float(aux.dropped_fraction) == 0.0
+    assert float(aux.dts_loss) == pytest.approx(4.0, rel=1e-5)  # all active: E * sum me = E
 
 
 def test_layer_hard_phase_is_top1(dts_layer):
     _, aux = _train_call(dts_layer, DtsState(jnp.float32(1e6), jnp.bool_(True)))
-    assert float(aux["active_experts"]) == 1.0
-    assert float(np.sum(aux["counts"])) == 9.0
+    assert float(aux.active_experts) == 1.0
+    assert float(np.sum(aux.counts)) == 9.0
 
 
 def test_layer_evaluation_is_deterministic_top1_with_capacity(dts_layer):
@@ -257,14 +261,14 @@ def test_layer_evaluation_is_deterministic_top1_with_capacity(dts_layer):
     y1, aux = _eval_call(dts_layer)
     y2, _ = _eval_call(dts_layer)
     np.testing.assert_array_equal(y1, y2)
-    assert float(np.sum(aux["counts"])) == 12.0
-    assert float(np.sum(aux["kept_counts"])) <= 8.0
+    assert float(np.sum(aux.counts)) == 12.0
+    assert float(np.sum(aux.kept_counts)) <= 8.0
     probs = X.reshape(12, 8) @ dts_layer.router.kernel[...]
-    np.testing.assert_allclose(aux["counts"], np.bincount(np.argmax(probs, 1), minlength=4))
+    np.testing.assert_allclose(aux.counts, np.bincount(np.argmax(probs, 1), minlength=4))
 
 
 def test_layer_training_without_dts_state_is_refused(dts_layer):
-    with pytest.raises(ValueError, match="needs dts_state"):
+    with pytest.raises(ValueError, match="needs the router state keys"):
         dts_layer(X, deterministic=False, rng=KEY)
 
 
@@ -272,7 +276,7 @@ def test_layer_training_without_dts_state_is_refused(dts_layer):
     (dict(gating="soft"), "gating must be one of"),
     (dict(gating="dense_to_sparse", routing_type="expert_choice", causal=False),
      "needs routing_type='token_choice'"),
-    (dict(gating="dense_to_sparse", dts_threshold=0.3), "dts_threshold must be in"),
+    (dict(router=functools.partial(DenseToSparseRouter, threshold=0.3)), "threshold must be in"),
 ])
 def test_layer_gating_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -281,9 +285,10 @@ def test_layer_gating_validation(kwargs, match):
 
 # --- FLOP counter ------------------------------------------------------------------------
 
-def _lm(**kwargs):
+def _lm(moe=None, **kwargs):
+    moe_block = functools.partial(MoeLayer, num_experts=4, k=1, d_ff=12, **(moe or {}))
     args = dict(vocab_size=20, d_model=8, num_layers=2, num_heads=2, d_ff=16, moe_every=2,
-                num_experts=4, k=1, expert_d_ff=12, dtype="float32")
+                moe_block=moe_block, dtype="float32")
     args.update(kwargs)
     return nnx.eval_shape(lambda: TransformerLM(**args, rngs=nnx.Rngs(0)))  # shapes suffice
 
@@ -302,15 +307,15 @@ def test_flops_of_dense_model_by_hand():
 
 def test_flops_of_moe_layers_follow_rows_processed():
     # Capacity: E * C rows whatever the routing; DTS: the active pairs (kept_counts).
-    capacity = flop_counter(_lm(moe_kwargs={"capacity_factor": 1.0}), batch_size=4, seq_len=5,
+    capacity = flop_counter(_lm(moe={"capacity_factor": 1.0}), batch_size=4, seq_len=5,
                             num_microbatches=2)
     per_row = 2 * 2 * 8 * 12
     assert capacity.expert_per_row == {"layer_1": per_row}
     assert capacity.static_rows == {"layer_1": 4 * math.ceil(10 / 4)}
-    dts = flop_counter(_lm(moe_kwargs={"gating": "dense_to_sparse"}), batch_size=4, seq_len=5)
+    dts = flop_counter(_lm(moe={"router": DenseToSparseRouter}), batch_size=4, seq_len=5)
     assert dts.static_rows == {"layer_1": None}
-    few = dts.step_flops({"layer_1": {"kept_counts": np.array([5, 5, 5, 5])}}, positions=20,
+    few = dts.step_flops({"layer_1": MoeAux(kept_counts=np.array([5, 5, 5, 5]))}, positions=20,
                          num_microbatches=1)
-    many = dts.step_flops({"layer_1": {"kept_counts": np.array([20, 20, 20, 20])}},
+    many = dts.step_flops({"layer_1": MoeAux(kept_counts=np.array([20, 20, 20, 20]))},
                           positions=20, num_microbatches=1)
     assert many - few == pytest.approx(TRAIN_FACTOR * 60 * per_row)

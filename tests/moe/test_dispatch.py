@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from moe import dispatch, routing
-from moe.dispatch.capacity import ceil_div_float
 from moe.dispatch.registry import DispatchTraits, dispatch_traits
 from moe.experts import ExpertFFN
+from moe.numeric import ceil_div_float
 
 # --------------------------------------------------------------------------- capacity
 

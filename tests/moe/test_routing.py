@@ -1,4 +1,4 @@
-"""Routing invariants (spec §1.2, §1.8, §7) on small hand-written gate matrices."""
+"""Routing invariants on small hand-written gate matrices (conventions: moe/routing.py)."""
 
 import jax
 import jax.numpy as jnp

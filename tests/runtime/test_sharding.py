@@ -6,6 +6,7 @@ updated parameters compares gradients, expert weights included.
 """
 
 import functools
+import logging
 import re
 
 import jax
@@ -17,8 +18,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from experiments.runtime import mesh as mesh_lib
+from experiments.train.flops import flop_counter
 from experiments.train.train_step import LossWeights, make_train_step
 from experiments.train.trainer import split_model
+from layers.moe_layer import MoeLayer
 from layers.params import logical_axes_of
 from layers.transformer import TransformerLM
 from moe import sharding
@@ -37,9 +40,10 @@ MESHES = [{"data": 8}, {"data": 2, "expert": 4}, {"data": 2, "fsdp": 2, "expert"
 
 def _model(moe_kwargs=None):
     # E = 8 experts so that expert=4 holds 2 per device; 2 heads, mlp 32 for tensor=2.
+    moe_block = functools.partial(MoeLayer, num_experts=8, k=2, d_ff=16, **(moe_kwargs or {}))
     return TransformerLM(vocab_size=48, d_model=16, num_layers=2, num_heads=2, d_ff=32,
-                         moe_every=2, num_experts=8, k=2, expert_d_ff=16, dtype="float32",
-                         moe_kwargs=moe_kwargs, rngs=nnx.Rngs(params=0))
+                         moe_every=2, moe_block=moe_block, dtype="float32",
+                         rngs=nnx.Rngs(params=0))
 
 
 def _batch(batch_size=8, seq=8, seed=0):
@@ -56,17 +60,27 @@ def _batch(batch_size=8, seq=8, seed=0):
 
 
 @functools.cache
-def _split(moe_key=()):
+def _built(moe_key=()):
     model = nnx.jit(lambda: _model(dict(moe_key)))()
     graphdef, params, rest = split_model(model)
     return graphdef, params, rest, logical_axes_of(model)
 
 
+def _split(moe_key=(), sharder=None):
+    """The model's parts, its dispatch chosen by `sharder` (as the trainer does)."""
+    graphdef, params, rest, logical = _built(moe_key)
+    if sharder is not None:
+        model = nnx.merge(graphdef, params, rest)
+        sharder.configure_dispatch(model)
+        graphdef = split_model(model)[0]
+    return graphdef, params, rest, logical
+
+
 def _sharded_step(mesh_shape, moe_key=(), **sharding_kwargs):
     """One SGD(lr=1) step with 2 micro-batches on `mesh_shape` (None = 1 device);
     returns (loss, gradients as numpy, metrics, the Sharding, the wrapped step, args)."""
-    graphdef, params, rest, logical = _split(moe_key)
     sharder = mesh_lib.Sharding(mesh_shape, **sharding_kwargs)
+    graphdef, params, rest, logical = _split(moe_key, sharder)
     tx = optax.sgd(1.0)
     placed = sharder.place_params(params, logical)
     opt_state = sharder.init_opt_state(tx, placed)
@@ -99,9 +113,9 @@ def test_step_matches_single_device(single_device, mesh_shape):
                                    err_msg=jax.tree_util.keystr(path))
     # Expert gradients are not trivially zero (they are part of the comparison).
     assert np.abs(grads["layer_1"]["ffn"]["experts"]["wi"]).max() > 1e-4
-    np.testing.assert_allclose(metrics["moe"]["layer_1"]["counts"],
-                               ref_metrics["moe"]["layer_1"]["counts"])
-    assert float(metrics["moe"]["layer_1"]["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(metrics["moe"]["layer_1"].counts,
+                               ref_metrics["moe"]["layer_1"].counts)
+    assert float(metrics["moe"]["layer_1"].dropped_fraction) == 0.0
     # Updated parameters keep the shardings the rules give them.
     expected = sharder.param_shardings(new_params, _split()[3])
     for leaf, sh in zip(jax.tree.leaves(new_params), jax.tree.leaves(expected)):
@@ -117,7 +131,7 @@ def test_capacity_dispatch_expert_parallel_matches_single_device():
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
-    assert float(metrics["moe"]["layer_1"]["dropped_fraction"]) == 0.0
+    assert float(metrics["moe"]["layer_1"].dropped_fraction) == 0.0
 
 
 def _exchange_all_to_alls(hlo: str) -> list[str]:
@@ -129,11 +143,11 @@ def _exchange_all_to_alls(hlo: str) -> list[str]:
 def test_expert_parallel_step_compiles_to_all_to_all():
     # The same step with expert parallelism on and off on {data: 2, expert: 4}: only the
     # expert-parallel one exchanges [E/ep, C, d] token buffers with all-to-all.
-    graphdef, params, rest, logical = _split()
     tx = optax.sgd(1.0)
 
     def hlo(enabled):
         sharder = mesh_lib.Sharding({"data": 2, "expert": 4}, expert_parallel=enabled)
+        graphdef, params, rest, logical = _split((), sharder)
         placed = sharder.place_params(params, logical)
         step = sharder.wrap_train_step(make_train_step(
             graphdef, rest, tx, loss_weights=LossWeights(), num_microbatches=2,
@@ -143,6 +157,29 @@ def test_expert_parallel_step_compiles_to_all_to_all():
 
     assert _exchange_all_to_alls(hlo(True))
     assert not _exchange_all_to_alls(hlo(False))
+
+
+def test_expert_parallel_is_chosen_by_the_sharding_config_logged_and_counted(caplog):
+    # {data: 2, expert: 4}: the batch is split 8 ways (batch rule: data, fsdp, expert).
+    # 64 tokens per micro-batch -> 8 per shard; padded buffers of ceil(2.0 * k * 8 / E) = 4
+    # slots for each of the 8 experts on each of the 8 shards = 256 expert rows, where
+    # the single-device sort dispatch computes T * k = 128.
+    model = nnx.eval_shape(lambda: _model())
+    plain = flop_counter(model, batch_size=8, seq_len=8)
+    assert model.layer_1.ffn.dispatch == "sort" and plain.static_rows == {"layer_1": 128}
+    sharder = mesh_lib.Sharding({"data": 2, "expert": 4})
+    with caplog.at_level(logging.INFO, logger=mesh_lib.__name__):
+        line = sharder.configure_dispatch(model, tokens_per_call=64)
+    assert line.startswith("dispatch: expert_parallel over mesh axes ('expert',) (ep=4), "
+                           "capacity per shard 4")
+    assert line in caplog.text
+    assert model.layer_1.ffn.dispatch == "expert_parallel"
+    assert flop_counter(model, batch_size=8, seq_len=8).static_rows == {"layer_1": 256}
+    # Turned off in the config, the layers keep their dispatch and the log says why.
+    off = nnx.eval_shape(lambda: _model())
+    line = mesh_lib.Sharding({"data": 2, "expert": 4},
+                             expert_parallel=False).configure_dispatch(off)
+    assert off.layer_1.ffn.dispatch == "sort" and "expert parallelism off" in line
 
 
 def test_every_parameter_sharded_by_its_logical_axes():

@@ -15,17 +15,20 @@ from jax.sharding import PartitionSpec as P
 from experiments.train.balance_loss import StepBalance
 from experiments.train.train_step import LossWeights, make_train_step
 from experiments.train.trainer import split_model
+from layers.moe_layer import MoeLayer
 from layers.transformer import TransformerLM
 from moe import balance
+from moe.layer_aux import MoeAux
 
 NUM_EXPERTS = 4
 
 
 def _model():
     # One layer, a MoE FFN (layer_0), top-2 of 4, dropless.
+    moe_block = functools.partial(MoeLayer, num_experts=NUM_EXPERTS, k=2, d_ff=16)
     return TransformerLM(vocab_size=32, d_model=16, num_layers=1, num_heads=2, d_ff=32,
-                         moe_every=1, num_experts=NUM_EXPERTS, k=2, expert_d_ff=16,
-                         dtype="float32", rngs=nnx.Rngs(params=0))
+                         moe_every=1, moe_block=moe_block, dtype="float32",
+                         rngs=nnx.Rngs(params=0))
 
 
 @functools.cache
@@ -54,9 +57,9 @@ def _step_fn(scope, num_microbatches, mode, data_parallel_size):
     graphdef, _, rest = _split()
     weights = LossWeights(lbl_weight=1.0, z_loss_weight=0.0, lbl_scope=scope,
                           lbl_global_mode=mode)
-    return make_train_step(graphdef, rest, TX, loss_weights=weights,
-                           num_microbatches=num_microbatches, num_domains=1,
-                           data_parallel_size=data_parallel_size)
+    return jax.jit(make_train_step(graphdef, rest, TX, loss_weights=weights,
+                                   num_microbatches=num_microbatches, num_domains=1,
+                                   data_parallel_size=data_parallel_size))
 
 
 def _run(scope, num_microbatches, mode="exact", data_parallel_size=1, params=None,
@@ -91,7 +94,7 @@ def test_global_equals_micro_batch_with_one_microbatch_on_one_device(concatenate
     _assert_same(_run("micro_batch", 1), concatenated, rtol=1e-6, atol=1e-7)
     # ...and both equal the MoE layer's own LBL over the call.
     _, _, metrics = concatenated
-    assert float(metrics["lbl"]) == pytest.approx(float(metrics["moe"]["layer_0"]["lbl"]),
+    assert float(metrics["lbl"]) == pytest.approx(float(metrics["moe"]["layer_0"].lbl),
                                                   rel=1e-6)
 
 
@@ -144,26 +147,26 @@ def test_causal_buffer_uses_running_counts_and_is_exact_at_the_last_microbatch()
                      deterministic=False)[1]["layer_0"]
 
     auxes = [layer_aux({k: v[i * 8:(i + 1) * 8] for k, v in batch.items()}) for i in range(2)]
-    counts = [a["counts"] for a in auxes]
-    lbl_1 = balance.load_balancing_loss(auxes[0]["token_probs"], counts[0],
-                                        mask=auxes[0]["token_mask"])
-    lbl_2 = balance.load_balancing_loss(auxes[1]["token_probs"], counts[0] + counts[1],
-                                        mask=auxes[1]["token_mask"])
+    counts = [a.counts for a in auxes]
+    lbl_1 = balance.load_balancing_loss(auxes[0].token_probs, counts[0],
+                                        mask=auxes[0].token_mask)
+    lbl_2 = balance.load_balancing_loss(auxes[1].token_probs, counts[0] + counts[1],
+                                        mask=auxes[1].token_mask)
     _, _, causal = _run("global_batch", 2, mode="causal")
     assert float(causal["lbl"]) == pytest.approx(float(lbl_1 + lbl_2) / 2, rel=1e-5)
     # The exact mode would use the global counts for micro-batch 1 too: a different value.
-    lbl_1_global = balance.load_balancing_loss(auxes[0]["token_probs"], counts[0] + counts[1],
-                                               mask=auxes[0]["token_mask"])
+    lbl_1_global = balance.load_balancing_loss(auxes[0].token_probs, counts[0] + counts[1],
+                                               mask=auxes[0].token_mask)
     assert abs(float(lbl_1_global) - float(lbl_1)) > 1e-4
 
 
 def test_step_reports_batch_and_sequence_max_violation(concatenated):
     _, _, metrics = concatenated
     stats = metrics["moe"]["layer_0"]
-    expected = float(balance.max_violation(stats["counts"]))
-    assert float(stats["batch_max_violation"]) == pytest.approx(expected, rel=1e-6)
+    expected = float(balance.max_violation(stats.counts))
+    assert float(stats.batch_max_violation) == pytest.approx(expected, rel=1e-6)
     # Per-sequence MaxVio is at least the batch one on average (fewer tokens per group).
-    assert float(stats["sequence_max_violation"]) >= expected - 1e-6
+    assert float(stats.sequence_max_violation) >= expected - 1e-6
 
 
 def test_scope_errors_name_the_option():
@@ -179,7 +182,7 @@ def test_layers_without_token_routing_keep_their_lbl_and_the_scope_warns():
     # An expert-choice layer's aux has an `lbl` but no per-token routing: a
     # global-batch scope cannot regroup it, so its own LBL is kept (averaged over
     # the 2 micro-batches) and a warning names the layer; 'micro_batch' is silent.
-    aux = {"layer_1": {"lbl": jnp.float32(3.0)}}
+    aux = {"layer_1": MoeAux(lbl=jnp.float32(3.0))}
     segment_ids = jnp.ones((4, 8), jnp.int32)
     for scope, expect_warning in (("global_batch", True), ("micro_batch", False)):
         balance = StepBalance(scope, num_microbatches=2)

@@ -17,14 +17,11 @@ from experiments.reporting import sweep  # noqa: F401  sweep: registers Sweep
 from experiments.reporting.metrics import read_jsonl
 from experiments.runtime import gin_utils
 from experiments.train import optim
-from experiments.train.train_step import (
-    LossWeights,
-    make_train_step,
-    reduce_layers,
-    split_microbatches,
-)
+from experiments.train.train_step import LossWeights, make_train_step, split_microbatches
 from experiments.train.trainer import split_model
+from layers.moe_layer import MoeLayer
 from layers.transformer import TransformerLM
+from moe.layer_aux import MoeAux, reduce_layers
 from tests.helpers import REPO, run_script, shared_training_run
 
 TINY_GIN = "gin_configs/experiments/test_tiny.gin"
@@ -32,9 +29,10 @@ NUM_DOMAINS = 2
 
 
 def _micro_model(moe_every=1):
+    moe_block = functools.partial(MoeLayer, num_experts=4, k=2, d_ff=16)
     return TransformerLM(vocab_size=40, d_model=16, num_layers=2, num_heads=2, d_ff=32,
-                         moe_every=moe_every, num_experts=4, k=2, expert_d_ff=16,
-                         dtype="float32", rngs=nnx.Rngs(params=0))
+                         moe_every=moe_every, moe_block=moe_block, dtype="float32",
+                         rngs=nnx.Rngs(params=0))
 
 
 def _batch(batch_size=4, seq=8, seed=0):
@@ -58,8 +56,8 @@ def _micro_split():
 def _step(num_microbatches, loss_weights, tx=None):
     graphdef, params, rest = _micro_split()
     tx = tx or optax.sgd(0.1)
-    step = make_train_step(graphdef, rest, tx, loss_weights=loss_weights,
-                           num_microbatches=num_microbatches, num_domains=NUM_DOMAINS)
+    step = jax.jit(make_train_step(graphdef, rest, tx, loss_weights=loss_weights,
+                                   num_microbatches=num_microbatches, num_domains=NUM_DOMAINS))
     return step(params, tx.init(params), _batch(), jax.random.PRNGKey(0))
 
 
@@ -89,11 +87,11 @@ def test_step_outputs_moe_statistics_summed_over_microbatches(full_and_accumulat
     assert float(metrics["num_tokens"]) == real
     assert set(metrics["moe"]) == {"layer_0", "layer_1"}
     for stats in metrics["moe"].values():
-        assert stats["counts"].shape == (4,)
-        assert float(stats["counts"].sum()) == pytest.approx(2 * real)  # k=2, dropless
-        assert float(stats["kept_counts"].sum()) == pytest.approx(2 * real)
-        assert float(stats["num_tokens"]) == real
-        assert float(stats["dropped_fraction"]) == 0.0
+        assert stats.counts.shape == (4,)
+        assert float(stats.counts.sum()) == pytest.approx(2 * real)  # k=2, dropless
+        assert float(stats.kept_counts.sum()) == pytest.approx(2 * real)
+        assert float(stats.num_tokens) == real
+        assert float(stats.dropped_fraction) == 0.0
     # loss = CE + 0 * LBL + 1e-3 * sum of the layers' z-losses.
     assert float(metrics["lbl"]) > 0
     expected = float(metrics["ce"]) + 1e-3 * float(metrics["z_loss"])
@@ -105,7 +103,7 @@ def test_step_outputs_moe_statistics_summed_over_microbatches(full_and_accumulat
 
 
 def test_layer_reduction_sum_and_mean():
-    aux = {"layer_1": {"lbl": jnp.array(1.0)}, "layer_3": {"lbl": jnp.array(3.0)}}
+    aux = {"layer_1": MoeAux(lbl=jnp.array(1.0)), "layer_3": MoeAux(lbl=jnp.array(3.0))}
     assert float(reduce_layers(aux, "lbl", "sum")) == 4.0
     assert float(reduce_layers(aux, "lbl", "mean")) == 2.0
     assert float(reduce_layers({}, "lbl", "sum")) == 0.0
