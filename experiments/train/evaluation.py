@@ -11,7 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.train.train_step import domain_sums, moe_stats, token_cross_entropy
+from experiments.train.train_step import (  # SHIM(rewire-b): _model_kwargs
+    _model_kwargs,
+    domain_sums,
+    moe_stats,
+    token_cross_entropy,
+)
+from moe.router_state import RouterState
 
 
 @dataclasses.dataclass
@@ -45,11 +51,11 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int) -> Calla
     An optional third argument `model_kwargs` goes to the model call (e.g. the
     loss-free `selection_biases`)."""
 
-    def eval_step(params, batch, model_kwargs=None):
+    def eval_step(params, batch, router_state=None):
         model = nnx.merge(graphdef, params, rest)
         logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"],
                             positions=batch["positions"], deterministic=True,
-                            **(model_kwargs or {}))
+                            **_model_kwargs(router_state))  # SHIM(rewire-b)
         ce = token_cross_entropy(logits, batch["targets"])
         domain_ce, domain_tokens = domain_sums(ce, batch["weights"], batch["domain"], num_domains)
         return {"domain_ce_sum": domain_ce, "domain_tokens": domain_tokens,
@@ -60,9 +66,9 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int) -> Calla
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
-             domains: Sequence[str], model_kwargs: Mapping[str, Any] | None = None,
+             domains: Sequence[str], router_state: RouterState | None = None,
              ) -> EvalResult:
-    """Runs `eval_step` over `batches` and token-weights the losses (`model_kwargs`, if
+    """Runs `eval_step` over `batches` and token-weights the losses (`router_state`, if
     given, is passed to every call)."""
     ce_sum, tokens = 0.0, 0.0
     domain_ce = np.zeros(len(domains))
@@ -71,7 +77,7 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np
     dropped: dict[str, float] = {}
     num_batches = 0
     for batch in batches:
-        args = () if model_kwargs is None else (model_kwargs,)
+        args = () if router_state is None else (router_state,)
         out = jax.device_get(eval_step(params, dict(batch), *args))
         num_batches += 1
         ce_sum += float(out["ce_sum"])
@@ -79,8 +85,8 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np
         domain_ce += out["domain_ce_sum"]
         domain_tokens += out["domain_tokens"]
         for layer, stats in out["moe"].items():
-            counts[layer] = counts.get(layer, 0) + np.asarray(stats["counts"], np.float64)
-            dropped[layer] = dropped.get(layer, 0.0) + float(stats["dropped_fraction"])
+            counts[layer] = counts.get(layer, 0) + np.asarray(stats.counts, np.float64)
+            dropped[layer] = dropped.get(layer, 0.0) + float(stats.dropped_fraction)
     if tokens == 0:
         raise ValueError("evaluation saw no real tokens (empty validation data?)")
     return EvalResult(

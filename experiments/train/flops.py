@@ -49,7 +49,7 @@ class FlopCounter:
         for layer, per_row in self.expert_per_row.items():
             rows = self.static_rows[layer]
             if rows is None:
-                num_rows = float(np.sum(moe_stats[layer]["kept_counts"]))
+                num_rows = float(np.sum(moe_stats[layer].kept_counts))  # SHIM(rewire-b): MoeAux
             else:
                 num_rows = float(rows * num_microbatches)
             total += num_rows * per_row

@@ -33,8 +33,11 @@ import optax
 from flax import nnx
 
 from experiments.train.balance_loss import GLOBAL_MODES, StepBalance, zeros_like_counts
-from moe import balance, sharding
+from moe import sharding
 from moe.balance_scope import parse_lbl_scope
+from moe.dense_to_sparse import DtsState  # SHIM(rewire-b)
+from moe.layer_aux import MoeAux, reduce_microbatches
+from moe.router_state import DTS_HARD, DTS_TEMPERATURE, SELECTION_BIAS, RouterState
 from moe.validation import check_one_of
 
 Batch = Mapping[str, jax.Array]
@@ -107,18 +110,32 @@ def reduce_layers(aux: Mapping[str, Mapping[str, jax.Array]], key: str,
     return total / len(values) if reduction == "mean" else total
 
 
-def moe_stats(aux: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, dict[str, jax.Array]]:
+def moe_stats(aux: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, MoeAux]:
     """The per-layer statistics the step reports (stop-gradient, float32)."""
-    return {layer: {k: jax.lax.stop_gradient(jnp.asarray(v, jnp.float32))
-                    for k, v in layer_aux.items() if k in SUMMED_STATS + AVERAGED_STATS}
+    # SHIM(rewire-b): today's layers return dicts; rewire-a's return MoeAux.
+    return {layer: MoeAux(**{k: v for k, v in layer_aux.items()
+                             if k in MoeAux.stat_names()}).stats()
             for layer, layer_aux in aux.items()}
 
 
-def combine_microbatch_stats(stats: dict[str, dict[str, jax.Array]]) -> dict[str, dict[str, jax.Array]]:
-    """Reduces stats stacked over micro-batches `[A, ...]`: counts summed, the rest averaged."""
-    return {layer: {k: (jnp.sum(v, axis=0) if k in SUMMED_STATS else jnp.mean(v, axis=0))
-                    for k, v in layer_stats.items()}
-            for layer, layer_stats in stats.items()}
+def combine_microbatch_stats(stats: dict[str, MoeAux]) -> dict[str, MoeAux]:
+    """Reduces stats stacked over micro-batches `[A, ...]` (`MoeAux` declarations)."""
+    return {layer: reduce_microbatches(layer_stats) for layer, layer_stats in stats.items()}
+
+
+def _model_kwargs(router_state: RouterState | None) -> dict[str, Any]:
+    """SHIM(rewire-b): `RouterState` -> today's model call arguments."""
+    if router_state is None:
+        return {}
+    kwargs: dict[str, Any] = {}
+    biases = {layer: values[SELECTION_BIAS] for layer, values in router_state.layers.items()
+              if SELECTION_BIAS in values}
+    if biases:
+        kwargs["selection_biases"] = biases
+    if DTS_TEMPERATURE in router_state.shared:
+        kwargs["dts_state"] = DtsState(temperature=router_state.shared[DTS_TEMPERATURE],
+                                       hard=router_state.shared[DTS_HARD])
+    return kwargs
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Array]:
@@ -196,7 +213,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
 
     grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 
-    def step(params, opt_state, batch, rng, model_kwargs=None):
+    def step(params, opt_state, batch, rng, router_state=None):
+        model_kwargs = _model_kwargs(router_state)  # SHIM(rewire-b)
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         total_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
         # Shuffled balance groups: a fresh draw per step, reproducible from the step key.
@@ -249,8 +267,6 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
             "domain_tokens": jnp.sum(outs["domain_tokens"], axis=0),
             "moe": combine_microbatch_stats(outs["moe"]),
         }
-        for stats in metrics["moe"].values():
-            stats["batch_max_violation"] = balance.max_violation(stats["counts"])
         return params, opt_state, metrics
 
     return jax.jit(step)
