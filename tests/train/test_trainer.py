@@ -89,11 +89,11 @@ def test_step_outputs_moe_statistics_summed_over_microbatches(full_and_accumulat
     assert float(metrics["num_tokens"]) == real
     assert set(metrics["moe"]) == {"layer_0", "layer_1"}
     for stats in metrics["moe"].values():
-        assert stats["counts"].shape == (4,)
-        assert float(stats["counts"].sum()) == pytest.approx(2 * real)  # k=2, dropless
-        assert float(stats["kept_counts"].sum()) == pytest.approx(2 * real)
-        assert float(stats["num_tokens"]) == real
-        assert float(stats["dropped_fraction"]) == 0.0
+        assert stats.counts.shape == (4,)
+        assert float(stats.counts.sum()) == pytest.approx(2 * real)  # k=2, dropless
+        assert float(stats.kept_counts.sum()) == pytest.approx(2 * real)
+        assert float(stats.num_tokens) == real
+        assert float(stats.dropped_fraction) == 0.0
     # loss = CE + 0 * LBL + 1e-3 * sum of the layers' z-losses.
     assert float(metrics["lbl"]) > 0
     expected = float(metrics["ce"]) + 1e-3 * float(metrics["z_loss"])
@@ -281,8 +281,8 @@ def test_trainer_holds_one_copy_of_the_training_state(tmp_path, clean_gin, monke
     from experiments.train import trainer
 
     gin_utils.parse([str(REPO / TINY_GIN)], [
-        "train.num_steps = 3", "train.eval_every = 3", "train.checkpoint_every = 100",
-        "train.async_checkpoints = False"])
+        "train.num_steps = 3", "train.eval_every = 3", "Checkpointer.save_every = 100",
+        "Checkpointer.async_save = False"])
     embedding_shape = (259, 32)  # byte vocabulary x test_tiny's d_model
     counts = []
     real_write = MetricsWriter.write
