@@ -121,6 +121,8 @@ def test_second_trainer_on_same_workdir_is_refused(tmp_path):
 def test_cli_names_unknown_binding_and_missing_file(tmp_path):
     result = _train(tmp_path, "train.num_stepz = 3")
     assert result.returncode == 2 and "num_stepz" in result.stderr
+    result = _train(tmp_path, "train.checkpoint_every = 3")  # moved to the Checkpointer
+    assert result.returncode == 2 and "bind Checkpointer.save_every" in result.stderr
     result = run_script("scripts/train.py", "--gin_file=gin_configs/experiments/nope.gin",
                         f"--workdir={tmp_path}")
     assert result.returncode == 2 and "nope.gin" in result.stderr
