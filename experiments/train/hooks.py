@@ -1,6 +1,6 @@
 """Step hooks: what a training feature adds to the loop, behind one interface.
 
-A step hook is one class (docs/architecture.md has a worked example). The
+A step hook is one class (docs/training.md, "Step hooks", has a worked example). The
 trainer calls, for every optimizer step `step` (1-based):
 
   batch = hook.before_step(step, batch)                       # e.g. test fault injection
