@@ -1,4 +1,4 @@
-"""Dense checkpoint -> MoE checkpoint (sparse upcycling, spec §6), and `--verify`.
+"""Dense checkpoint -> MoE checkpoint (sparse upcycling, docs/upcycling.md), and `--verify`.
 
 `upcycle(dense_workdir, out_workdir, ...)` reads the latest (or a chosen)
 checkpoint of a dense run of our trainer, builds the MoE model described by the
