@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, traverse_util
+from flax import nnx
 
 from experiments.convert import dense_to_moe
 from experiments.data.config import DataConfig
@@ -504,7 +504,7 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
         restored = checkpointer.restore_step(step, dense_abstract, dense_abstract_opt)
     finally:
         checkpointer.close()
-    flat_dense = traverse_util.flatten_dict(restored.params)
+    flat_dense = dense_to_moe.flatten(restored.params)
     if any("router" in path or "experts" in path for path in flat_dense):
         raise NotDenseError(f"the checkpoint in {dense_workdir} is not dense: it holds router "
                             f"or expert parameters")
