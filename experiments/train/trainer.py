@@ -110,6 +110,7 @@ def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
             metrics = jax.device_get(metrics)
             _check_finite(metrics, step, checkpointer)
             run.train = run.train._replace(params=params, opt_state=opt_state)
+            del params, opt_state  # one reference: a structure switch frees the old state
             # `batch` holds this process's rows; the MoE counts are global already.
             step_flops = current.flops.step_flops(
                 metrics["moe"], positions=batch["inputs"].size * jax.process_count(),
