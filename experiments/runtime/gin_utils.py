@@ -1,8 +1,19 @@
 """Gin set-up: parse config files and bindings with errors that name the culprit,
-and write the resulting configs into the workdir."""
+and write the resulting configs into the workdir.
+
+Parameters a configurable's caller always passes are denylisted in gin (so a
+binding on them is an error, not silently overridden). A configurable may say
+where such a value is set with a `gin_set_by` attribute, `{parameter: the
+binding to write instead}`; `parse` then names that binding in its error:
+
+    @gin.configurable(denylist=["seq_len"])
+    def make_train_iterator(source, *, seq_len, ...): ...
+    make_train_iterator.gin_set_by = {"seq_len": "DataConfig.seq_len"}
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Sequence
@@ -17,6 +28,7 @@ CONFIG_FILE = "config.gin"
 OPERATIVE_CONFIG_FILE = "operative_config.gin"
 
 _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
+_DENIED = re.compile(r"Configurable '([^']+)' has denylisted kwarg '([^']+)'\.")
 
 
 class GinConfigError(ValueError):
@@ -45,12 +57,62 @@ def parse(gin_files: Sequence[str], gin_params: Sequence[str],
     quiet = _DropMessages("Path not found")
     logging.getLogger().addFilter(quiet)
     try:
-        gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
-                                            skip_unknown=False, finalize_config=False)
+        with _tolerant_existence_checks():
+            gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
+                                                skip_unknown=False, finalize_config=False)
     except (ValueError, OSError, SyntaxError) as e:
-        raise GinConfigError(f"invalid gin configuration: {e}") from e
+        raise GinConfigError(f"invalid gin configuration: {explain_denied(str(e))}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
+
+
+def set_by(selector: str, parameter: str) -> str | None:
+    """The binding that sets `selector.parameter` instead (its `gin_set_by`), if declared."""
+    entry = gin.config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+    if entry is None:
+        return None
+    for obj in (entry.wrapper, entry.wrapped):
+        where = getattr(obj, "gin_set_by", None)
+        if where and parameter in where:
+            return where[parameter]
+    return None
+
+
+def explain_denied(message: str) -> str:
+    """Rewrites gin's "Configurable 'C' has denylisted kwarg 'p'." into what to do."""
+    match = _DENIED.search(message)
+    if match is None:
+        return message
+    selector, parameter = match.groups()
+    instead = set_by(selector, parameter)
+    text = (f"{selector}.{parameter} cannot be bound: the caller of {selector} always "
+            f"sets it" + (f"; bind {instead} instead." if instead else "."))
+    return message.replace(match.group(0), text)
+
+
+@contextlib.contextmanager
+def _tolerant_existence_checks():
+    """gin asks each registered file reader whether an include exists; its
+    package-resource reader raises TypeError instead of answering no when the
+    include's first directory is a namespace package on `sys.path` (e.g. a
+    `data/` folder in the working directory of a notebook: `include
+    'data/x.gin'`). Treat that as "not here" so the search paths are tried."""
+    readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+    saved = list(readers)
+
+    def tolerant(check):
+        def exists(path: str) -> bool:
+            try:
+                return bool(check(path))
+            except (TypeError, ValueError, ImportError):
+                return False
+        return exists
+
+    readers[:] = [(reader, tolerant(check)) for reader, check in saved]
+    try:
+        yield
+    finally:
+        readers[:] = saved
 
 
 class _DropMessages(logging.Filter):

@@ -37,8 +37,9 @@ _MOVED = {"checkpoint_every": "Checkpointer.save_every",
 _MOVED_CHECKPOINT_EVERY, _MOVED_MAX_TO_KEEP, _MOVED_ASYNC = (_Moved(v) for v in _MOVED.values())
 
 
-# The gin name stays `train`: configs bind `train.num_steps = 800` as before.
-@gin.configurable("train")
+# The gin name stays `train`: configs bind `train.num_steps = 800` as before. The
+# moved names are denylisted: gin refuses them while parsing, naming the new binding.
+@gin.configurable("train", denylist=list(_MOVED))
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The trainer's own settings.
@@ -61,7 +62,7 @@ class TrainConfig:
         the loss-free and EvoMoE ones.
       checkpoint_every, max_to_keep, async_checkpoints: moved to
         `Checkpointer.save_every`, `max_to_keep`, `async_save`; binding them
-        is an error naming the new binding.
+        (or passing them) is an error naming the new binding.
     """
 
     model_cls: Callable[..., Any] = TransformerLM
@@ -88,6 +89,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         object.__setattr__(self, "hooks", tuple(self.hooks))
+
+
+TrainConfig.gin_set_by = dict(_MOVED)  # read by gin_utils.parse to name the new binding
 
 
 @dataclasses.dataclass(frozen=True)

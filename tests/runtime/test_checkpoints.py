@@ -229,8 +229,10 @@ def test_checkpointer_gin_settings_and_refusals(tmp_path):
                          ("max_to_keep", "Checkpointer.max_to_keep"),
                          ("async_checkpoints", "Checkpointer.async_save")):
             gin.clear_config()
-            gin_utils.parse([], [f"train.{old} = 5"])
+            with pytest.raises(gin_utils.GinConfigError,
+                               match=f"train.{old} cannot be bound.*bind {new} instead"):
+                gin_utils.parse([], [f"train.{old} = 5"])
             with pytest.raises(ValueError, match=f"train.{old} was removed: bind {new}"):
-                TrainConfig()
+                TrainConfig(**{old: 5})
     finally:
         gin.clear_config()
