@@ -88,7 +88,7 @@ common = [
     f"train.eval_every = {CFG['eval_every']}",
     f"train.log_every = {CFG['log_every']}",
     "train.num_microbatches = 1",
-    "train.async_checkpoints = False",
+    "Checkpointer.async_save = False",
     f"DataConfig.batch_size = {batch_size}",
     f"DataConfig.eval_batch_size = {batch_size}",
     "MESH_SHAPE = {'data': -1}",
@@ -97,7 +97,7 @@ gin.clear_config()
 gin_utils.parse([str(ROOT / "gin_configs" / "experiments" / CFG["gin_file"])],
                 [*common, "TransformerLM.moe_every = 0",
                  f"train.num_steps = {CFG['dense_steps']}",
-                 f"train.checkpoint_every = {CFG['dense_steps']}"])
+                 f"Checkpointer.save_every = {CFG['dense_steps']}"])
 dense_summary = train(DENSE, quiet=True)
 print("dense validation loss:", dense_summary["valid_loss"])
 
@@ -139,7 +139,7 @@ def continue_run(workdir: Path) -> dict:
     gin.clear_config()
     gin_utils.parse([str(workdir / "config.gin")],
                     [*common, f"train.num_steps = {CFG['total_steps']}",
-                     f"train.checkpoint_every = {CFG['total_steps']}"])
+                     f"Checkpointer.save_every = {CFG['total_steps']}"])
     return train(workdir, quiet=True)
 
 

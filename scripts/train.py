@@ -21,7 +21,7 @@ from pathlib import Path
 import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 from experiments.runtime import gin_utils
 from experiments.runtime.workdir_lock import WorkdirLockedError
-from experiments.train.trainer import NonFiniteLossError, train
+from experiments.train.trainer import NonFiniteLossError, TrainSetup, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        train(args.workdir, **({"quiet": True} if args.quiet else {}))
+        setup = TrainSetup.from_gin(**({"quiet": True} if args.quiet else {}))
+    except ValueError as e:  # a binding refused by its configurable (e.g. a moved name)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(args.workdir, setup)
     except WorkdirLockedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -3,7 +3,7 @@
   python scripts/upcycling_sweep.py --root=workdirs/upcycling --seeds=0,1,2 \
       --json=docs/experiments/upcycling.json --plot=docs/experiments/upcycling.png
 
-Per seed, from gin_configs/sweeps/upcycling.gin (N = train.checkpoint_every,
+Per seed, from gin_configs/sweeps/upcycling.gin (N = Checkpointer.save_every,
 N + M = train.num_steps):
   dense     the dense model trained N + M steps (its steps N..N+M are the dense
             continuation of the checkpoint at N);
@@ -65,7 +65,7 @@ def run_seed(root: Path, seed: int, extra: list[str]) -> dict:
     _train(dense, [str(SWEEP_GIN)], [f"train.seed = {seed}", *extra])
     gin.clear_config()
     gin_utils.parse([str(SWEEP_GIN)], extra)
-    upcycle_step = gin.query_parameter("train.checkpoint_every")
+    upcycle_step = gin.query_parameter("Checkpointer.save_every")
     out = {"dense": _curves(dense), "upcycle_step": upcycle_step}
     for name, (config, params) in UPCYCLED.items():
         workdir = seed_dir / name

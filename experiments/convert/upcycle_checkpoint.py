@@ -1,4 +1,4 @@
-"""Dense checkpoint -> MoE checkpoint (sparse upcycling, spec §6), and `--verify`.
+"""Dense checkpoint -> MoE checkpoint (sparse upcycling, docs/upcycling.md), and `--verify`.
 
 `upcycle(dense_workdir, out_workdir, ...)` reads the latest (or a chosen)
 checkpoint of a dense run of our trainer, builds the MoE model described by the
@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, traverse_util
+from flax import nnx
 
+from experiments.convert import dense_to_moe
 from experiments.data.config import DataConfig
 from experiments.runtime import gin_utils
 from experiments.runtime import mesh as mesh_lib
@@ -284,49 +285,47 @@ def plan_layers(dense: TransformerLM, target: TransformerLM, config: UpcycleConf
 # Parameter and optimizer-state conversion.
 
 
-def _is_moe_ffn_path(path: tuple, moe_names: set[str]) -> bool:
-    return len(path) >= 2 and path[0] in moe_names and path[1] == "ffn"
-
-
 def _convert_tree(dense: Mapping, target_abstract: Mapping, plans: Sequence[LayerPlan],
                   experts_for, router_for) -> dict:
     """A target-shaped tree: MoE FFN leaves from `experts_for(plan, dense_ffn)`
     (`{name: [E, ...]}`) and `router_for(plan, leaf_name, abstract)`, every
-    other leaf copied from `dense` (same path, same shape)."""
-    flat_dense = traverse_util.flatten_dict(dense)
-    flat_target = traverse_util.flatten_dict(target_abstract)
+    other leaf copied from `dense` (same path, same shape), cast to the target dtype."""
     by_name = {p.name: p for p in plans}
-    experts = {}
-    out = {}
-    for path, abstract in flat_target.items():
-        if _is_moe_ffn_path(path, set(by_name)):
-            plan = by_name[path[0]]
-            if path[2] == "experts":
-                if plan.name not in experts:
-                    ffn = {w: flat_dense[(plan.name, "ffn", w)] for w in _FFN_WEIGHTS
-                           if (plan.name, "ffn", w) in flat_dense}
-                    experts[plan.name] = experts_for(plan, ffn)
-                value = experts[plan.name][path[3]]
-            elif path[2] == "router":
-                value = router_for(plan, path[3], abstract)
-            else:
-                raise ValueError(f"target parameter {'/'.join(path)} has no upcycling rule")
-        else:
-            if path not in flat_dense:
-                raise ValueError(f"target parameter {'/'.join(path)} {abstract.shape} does not "
-                                 f"exist in the dense checkpoint")
-            value = flat_dense[path]
+    flat_dense = dense_to_moe.flatten(dense)
+
+    def checked(path, value, abstract):
         if tuple(value.shape) != tuple(abstract.shape):
-            raise ValueError(f"shape mismatch for {'/'.join(path)}: the target config wants "
-                             f"{tuple(abstract.shape)}, the upcycled dense checkpoint gives "
-                             f"{tuple(value.shape)}")
-        out[path] = jnp.asarray(value).astype(abstract.dtype)
-    missing = [p for p in flat_dense if p not in flat_target and not _is_moe_ffn_path(
-        p, set(by_name))]
-    if missing:
+            raise ValueError(f"shape mismatch for {dense_to_moe.path_str(path)}: the target "
+                             f"config wants {tuple(abstract.shape)}, the upcycled dense "
+                             f"checkpoint gives {tuple(value.shape)}")
+        return jnp.asarray(value).astype(abstract.dtype)
+
+    def experts(layer, ffn, targets):
+        ffn = {w: ffn[w] for w in _FFN_WEIGHTS if w in ffn}
+        out = experts_for(by_name[layer], ffn)
+        return {w: checked((layer, dense_to_moe.FFN, dense_to_moe.EXPERTS, w), out[w], t)
+                for w, t in targets.items()}
+
+    def missing(path, abstract):
+        part = dense_to_moe.moe_ffn_part(path, list(by_name))
+        if part == "router":
+            return checked(path, router_for(by_name[path[0]], path[3], abstract), abstract)
+        if part is not None:
+            raise ValueError(f"target parameter {dense_to_moe.path_str(path)} has no "
+                             f"upcycling rule")
+        if path not in flat_dense:
+            raise ValueError(f"target parameter {dense_to_moe.path_str(path)} {abstract.shape} "
+                             f"does not exist in the dense checkpoint")
+        return checked(path, flat_dense[path], abstract)
+
+    out = dense_to_moe.map_tree(dense, target_abstract, list(by_name), experts_for=experts,
+                                missing=missing,
+                                copy=lambda source, abstract: checked((), source, abstract))
+    unmapped = dense_to_moe.unmapped_dense_paths(dense, target_abstract, list(by_name))
+    if unmapped:
         raise ValueError(f"the target config has no place for dense parameters "
-                         f"{['/'.join(p) for p in missing[:5]]}: shapes don't match")
-    return traverse_util.unflatten_dict(out)
+                         f"{[dense_to_moe.path_str(p) for p in unmapped[:5]]}: shapes don't match")
+    return out
 
 
 def _layer_index(name: str) -> int:
@@ -387,27 +386,12 @@ def upcycle_opt_state(dense_opt_state: Any, moe_opt_template: Any, target_abstra
     always carried over so the learning-rate schedule continues.
     """
     check_one_of("optimizer_state", mode, OPTIMIZER_STATE_MODES)
-    top_keys = set(target_abstract)
-
-    def special(x) -> bool:
-        return (isinstance(x, optax.ScaleByScheduleState)
-                or (isinstance(x, dict) and set(x) == top_keys))
-
-    dense_leaves = jax.tree_util.tree_flatten(dense_opt_state, is_leaf=special)[0]
-    moe_leaves, treedef = jax.tree_util.tree_flatten(moe_opt_template, is_leaf=special)
-    if len(dense_leaves) != len(moe_leaves):
-        raise ValueError("the dense optimizer state does not match this optimizer's structure "
-                         f"({len(dense_leaves)} vs {len(moe_leaves)} leaves)")
-    out = []
-    for dense_leaf, moe_leaf in zip(dense_leaves, moe_leaves):
-        if isinstance(moe_leaf, optax.ScaleByScheduleState):
-            out.append(dense_leaf)
-        elif isinstance(moe_leaf, dict):
-            out.append(_moments(dense_leaf, target_abstract, plans) if mode == "copy"
-                       else moe_leaf)
-        else:
-            out.append(dense_leaf if mode == "copy" else moe_leaf)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    copy = mode == "copy"
+    return dense_to_moe.map_opt_state(
+        dense_opt_state, moe_opt_template, set(target_abstract),
+        moments=lambda dense, fresh: (_moments(dense, target_abstract, plans) if copy
+                                      else fresh),
+        other=lambda dense, fresh: dense if copy else fresh)
 
 
 def _count(tree: Any) -> int:
@@ -520,7 +504,7 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
         restored = checkpointer.restore_step(step, dense_abstract, dense_abstract_opt)
     finally:
         checkpointer.close()
-    flat_dense = traverse_util.flatten_dict(restored.params)
+    flat_dense = dense_to_moe.flatten(restored.params)
     if any("router" in path or "experts" in path for path in flat_dense):
         raise NotDenseError(f"the checkpoint in {dense_workdir} is not dense: it holds router "
                             f"or expert parameters")

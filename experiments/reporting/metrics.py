@@ -16,21 +16,50 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from moe import balance
+from moe.layer_aux import LayerAux, MoeAux, layer_means
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def moe_scalars(layer_stats: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """TensorBoard scalars of the per-layer MoE statistics of one step."""
+def moe_scalars(layer_stats: LayerAux) -> dict[str, float]:
+    """TensorBoard scalars of the per-layer MoE statistics of one step: each
+    expert's load share and every per-layer scalar `MoeAux` reports
+    (its `layer_mean` fields)."""
     out: dict[str, float] = {}
     for layer, stats in layer_stats.items():
-        for i, fraction in enumerate(load_fractions(stats["counts"])):
-            out[f"moe/{layer}/load/expert_{i}"] = float(fraction)
-        for name in ("dropped_fraction", "max_violation", "router_entropy", "active_experts"):
-            if name in stats:
-                out[f"moe/{layer}/{name}"] = float(stats[name])
+        if stats.counts is not None:
+            for i, fraction in enumerate(load_fractions(stats.counts)):
+                out[f"moe/{layer}/load/expert_{i}"] = float(fraction)
+        for name in MoeAux.field_names(over_layers="layer_mean"):
+            value = getattr(stats, name)
+            if value is not None:
+                out[f"moe/{layer}/{name}"] = float(value)
+    return out
+
+
+def train_moe_scalars(layer_stats: LayerAux) -> dict[str, float]:
+    """Train-record scalars of a step: the mean over layers of each `layer_mean`
+    field and `batch_max_violation`, the MaxVio of each layer's step counts
+    (every micro-batch and device), mean over layers."""
+    out = layer_means(layer_stats)
+    values = [float(balance.max_violation(jnp.asarray(a.counts)))
+              for a in layer_stats.values() if a.counts is not None]
+    if values:
+        out["batch_max_violation"] = float(np.mean(values))
+    return out
+
+
+def valid_moe_scalars(expert_counts: dict[str, Any]) -> dict[str, float]:
+    """Validation scalars: MaxVio of the whole pass's counts, per layer and mean."""
+    out = {f"{layer}/max_violation": float(balance.max_violation(jnp.asarray(counts)))
+           for layer, counts in expert_counts.items()}
+    if out:
+        out["max_violation"] = float(np.mean(list(out.values())))
     return out
 
 

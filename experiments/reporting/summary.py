@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.reporting.metrics import load_fractions
+from moe import balance
 
 
 class DomainLossWindow:
@@ -65,9 +67,8 @@ def render(summary: dict[str, Any]) -> str:
 
 def moe_summary(expert_counts: dict[str, np.ndarray],
                 dropped: dict[str, float]) -> dict[str, dict[str, Any]]:
-    out = {}
-    for layer, counts in expert_counts.items():
-        load = load_fractions(counts)
-        out[layer] = {"load": load.tolist(), "dropped_fraction": float(dropped.get(layer, 0.0)),
-                          "max_violation": float(load.max() * len(load) - 1.0)}
-    return out
+    """Per MoE layer: expert load shares, dropped fraction and MaxVio of the counts."""
+    return {layer: {"load": load_fractions(counts).tolist(),
+                    "dropped_fraction": float(dropped.get(layer, 0.0)),
+                    "max_violation": float(balance.max_violation(jnp.asarray(counts)))}
+            for layer, counts in expert_counts.items()}

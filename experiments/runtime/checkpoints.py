@@ -5,10 +5,16 @@ A checkpoint at step N is the directory `<checkpoint_dir>/N` with four items:
   params     model parameters (plain pytree, `ocp.args.StandardSave`)
   opt_state  optimizer state (`StandardSave`)
   data       the training iterator's position (JSON)
-  meta       JSON: step, the base RNG key, the loss-free selection biases (if
-             any), and digests of params, opt_state and the biases
-             (`experiments.runtime.checksums.tree_digest`: sharding-invariant, computed
-             where the arrays live, never gathered onto one host).
+  meta       JSON: step, the base RNG key, the state of the run's step hooks
+             (`experiments.train.hooks`: `{hook name: {key: array}}`, e.g. the
+             loss-free selection biases), and digests of params, opt_state and the
+             hook state (`experiments.runtime.checksums.tree_digest`:
+             sharding-invariant, computed where the arrays live, never gathered
+             onto one host).
+
+Format versions: 3 stores hook state as `meta.hook_state`; 2 stored only the
+loss-free biases, as `meta.balance_state`, which is read back as the state of
+the hook named `LOSS_FREE_HOOK`; 1 had CRC32 checksums. All three restore.
 
 Saves are asynchronous; orbax writes into a temporary directory and renames it
 when the save is finalised, so a trainer killed mid-save leaves no step
@@ -40,11 +46,17 @@ from experiments.runtime.checksums import tree_digest
 _log = logging.getLogger(__name__)
 
 ITEMS = ("params", "opt_state", "data", "meta")
-# 2: `<item>_digest` (tree_digest). 1: `<item>_crc32` (legacy_crc32), still verified.
-FORMAT_VERSION = 2
+# 3: hook state in `meta.hook_state`. 2: `<item>_digest` (tree_digest).
+# 1: `<item>_crc32` (legacy_crc32), still verified.
+FORMAT_VERSION = 3
 # (meta key suffix, function); the lambdas look the functions up when called.
 _DIGESTS = {1: ("crc32", lambda tree: legacy_crc32(tree)),
-            2: ("digest", lambda tree: tree_digest(tree))}
+            2: ("digest", lambda tree: tree_digest(tree)),
+            3: ("digest", lambda tree: tree_digest(tree))}
+# Formats 1-2 kept the loss-free selection biases in `meta.balance_state`; they
+# are the state of the step hook of this name (`experiments.train.loss_free`).
+LOSS_FREE_HOOK = "loss_free_balancing"
+HookStates = dict[str, dict[str, np.ndarray]]
 
 
 def legacy_crc32(tree: Any) -> int:
@@ -94,16 +106,34 @@ class Restored:
     opt_state: Any
     data_state: dict[str, Any]
     rng_key_data: np.ndarray
-    balance_state: dict[str, np.ndarray] | None = None  # loss-free selection biases
+    hook_state: HookStates = dataclasses.field(default_factory=dict)  # {hook: {key: array}}
+
+    @property
+    def balance_state(self) -> dict[str, np.ndarray] | None:
+        """The loss-free selection biases `{layer: [E] float32}`, if the run had them."""
+        return self.hook_state.get(LOSS_FREE_HOOK)
+
+
+def _encode(array: np.ndarray) -> dict[str, Any]:
+    """An array as JSON; float32 values become exact float64 numbers."""
+    return {"dtype": array.dtype.name, "shape": list(array.shape),
+            "values": array.reshape(-1).tolist()}
+
+
+def _decode(data: dict[str, Any]) -> np.ndarray:
+    return np.asarray(data["values"], data["dtype"]).reshape(data["shape"])
 
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint could not be read back intact."""
 
 
-@gin.configurable
+@gin.configurable(denylist=["directory", "read_only"])
 class Checkpointer:
     """Saves every `save_every` steps and restores the latest intact checkpoint.
+
+    In gin, `Checkpointer.save_every`, `max_to_keep` and `async_save` configure
+    the trainer's checkpoints (the trainer sets only `directory`).
 
     Args:
       directory: where step directories live (created if missing).
@@ -117,7 +147,7 @@ class Checkpointer:
         temporary directories, which may be a live trainer's save in flight.
     """
 
-    def __init__(self, directory: str | Path, *, save_every: int = 200,
+    def __init__(self, directory: str | Path, *, save_every: int = 250,
                  max_to_keep: int | None = 3, async_save: bool = True,
                  corrupt_dir: str | Path | None = None, read_only: bool = False):
         if save_every < 1:
@@ -145,11 +175,11 @@ class Checkpointer:
 
     def save(self, step: int, *, params: Any, opt_state: Any, data_state: dict[str, Any],
              rng_key_data: np.ndarray, force: bool = False,
-             balance_state: dict[str, Any] | None = None) -> bool:
+             hook_state: HookStates | None = None) -> bool:
         """Starts saving step `step` if due (or forced); returns whether it did.
 
-        `balance_state`: `{layer: [E] float32}` loss-free selection biases, kept
-        in `meta` (JSON floats hold float32 exactly) with their own digest."""
+        `hook_state`: `{hook name: {key: array}}`, the step hooks' state, kept
+        in `meta` (JSON numbers hold float32 exactly) with its own digest."""
         if self.read_only:
             raise ValueError(f"Checkpointer for {self.directory} is read_only; it cannot save")
         if not force and step % self.save_every != 0:
@@ -159,10 +189,12 @@ class Checkpointer:
         meta = {"step": int(step), "format_version": FORMAT_VERSION,
                     "rng_key_data": np.asarray(rng_key_data).tolist(),
                     "params_digest": tree_digest(params), "opt_state_digest": tree_digest(opt_state)}
-        if balance_state is not None:
-            biases = {k: np.asarray(v, np.float32) for k, v in balance_state.items()}
-            meta["balance_state"] = {k: v.astype(np.float64).tolist() for k, v in biases.items()}
-            meta["balance_state_digest"] = tree_digest(biases)
+        if hook_state:
+            states = {hook: {k: np.asarray(v) for k, v in state.items()}
+                      for hook, state in hook_state.items()}
+            meta["hook_state"] = {hook: {k: _encode(v) for k, v in state.items()}
+                                  for hook, state in states.items()}
+            meta["hook_state_digest"] = tree_digest(states)
         self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -195,11 +227,15 @@ class Checkpointer:
                              f"{version!r}; this code reads {sorted(_DIGESTS)}")
         suffix, digest = _DIGESTS[version]
         trees = {item: out[item] for item in ("params", "opt_state") if item in items}
-        balance_state = None
-        if "balance_state" in meta:
-            balance_state = {k: np.asarray(v, np.float32)
-                             for k, v in meta["balance_state"].items()}
-            trees["balance_state"] = balance_state
+        hook_state = {}
+        if "hook_state" in meta:
+            hook_state = {hook: {k: _decode(v) for k, v in state.items()}
+                          for hook, state in meta["hook_state"].items()}
+            trees["hook_state"] = hook_state
+        elif "balance_state" in meta:  # formats 1-2
+            trees["balance_state"] = {k: np.asarray(v, np.float32)
+                                      for k, v in meta["balance_state"].items()}
+            hook_state = {LOSS_FREE_HOOK: trees["balance_state"]}
         for item, tree in trees.items():
             stored, read = meta.get(f"{item}_{suffix}"), digest(tree)
             if read != stored:
@@ -208,7 +244,7 @@ class Checkpointer:
         return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"),
                         data_state=out["data"],
                         rng_key_data=np.asarray(meta["rng_key_data"], np.uint32),
-                        balance_state=balance_state)
+                        hook_state=hook_state)
 
     def restore_latest(self, abstract_params: Any, abstract_opt_state: Any | None,
                        *, quarantine: bool = True,

@@ -1,12 +1,11 @@
-"""Auxiliary-loss-free balancing in the trainer: the per-layer selection biases.
+"""Auxiliary-loss-free balancing as a step hook: the per-layer selection biases.
 
 The biases `{moe layer: [E] float32}` live outside the trainable parameters:
-the trainer holds them as a plain dict, passes them to the step as
-`model_kwargs["selection_biases"]` (selection only, no gradient, no weight
-decay, no optimizer state), updates them once per optimizer step from the
-step's counts (`metrics["moe"][layer]["counts"]`: every micro-batch, and under
-`jit` over a mesh every device) and saves them in the checkpoint's `meta`
-(float32 values survive JSON exactly). See docs/balancing.md.
+they are the hook's state, which the trainer checkpoints. Each step they
+reach the routers as the `selection_bias` of the step's `RouterState`
+(selection only, no gradient, no weight decay, no optimizer state); after the
+step they move against its load, `metrics["moe"][layer].counts` (every
+micro-batch and, under `jit` over a mesh, every device). See docs/balancing.md.
 """
 
 from __future__ import annotations
@@ -21,61 +20,70 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.reporting import analysis
+from experiments.runtime.checkpoints import LOSS_FREE_HOOK
+from experiments.train.hooks import HookContext, HookState, StepHook, TrainState
 from moe import bias_balancing
+from moe.layer_aux import MoeAux
+from moe.router_state import SELECTION_BIAS, RouterState
 
 Biases = dict[str, np.ndarray]
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class LossFreeBalancing:
-    """Gin configuration of the bias update (`moe.bias_balancing.BiasUpdate`).
+class LossFreeBalancing(bias_balancing.BiasUpdate, StepHook):
+    """The bias update (`moe.bias_balancing.BiasUpdate`: rule, rate, schedule,
+    decay_steps, freeze_fraction, recenter) as a step hook.
 
     Attributes:
-      enabled: turn auxiliary-loss-free balancing on.
-      rule: 'sign' (DeepSeek), 'proportional' or 'dual_subgradient'.
-      rate: u per optimizer step (1e-3 in the papers; ~1e-2 for runs of a few
-        hundred steps).
-      schedule: 'constant', 'inverse' or 'inverse_sqrt'.
-      decay_steps: tau of the decaying schedules.
-      freeze_fraction: updates stop from this fraction of `train.num_steps` on.
-      recenter: keep sum_i b_i = 0.
+      enabled: add this hook to the run (`experiments.train.config.TrainSetup.
+        from_gin`); the fields of `BiasUpdate` configure it.
     """
 
     enabled: bool = False
-    rule: str = "sign"
-    rate: float = 1e-3
-    schedule: str = "constant"
-    decay_steps: float = 100.0
-    freeze_fraction: float = 1.0
-    recenter: bool = False
+    name = LOSS_FREE_HOOK
 
     def __post_init__(self):
         try:
-            _ = self.update_config
+            super().__post_init__()
         except ValueError as e:
             raise ValueError(f"LossFreeBalancing: {e}") from None
 
-    @property
-    def update_config(self) -> bias_balancing.BiasUpdate:
-        return bias_balancing.BiasUpdate(
-            rule=self.rule, rate=self.rate, schedule=self.schedule,
-            decay_steps=self.decay_steps, freeze_fraction=self.freeze_fraction,
-            recenter=self.recenter)
+    def init_state(self, ctx: HookContext) -> HookState:
+        """Zero biases for every MoE layer of the current model."""
+        return {layer: np.zeros((e,), np.float32) for layer, e in ctx.experts_per_layer.items()}
 
-    def init(self, experts_per_layer: Mapping[str, int]) -> Biases:
-        """Zero biases for every MoE layer."""
-        return {layer: np.zeros((e,), np.float32) for layer, e in experts_per_layer.items()}
+    def restore_state(self, saved: HookState | None, step: int, ctx: HookContext) -> HookState:
+        if saved is None:
+            raise ValueError(f"LossFreeBalancing.enabled but the checkpoint at step {step} holds "
+                             f"no selection biases; resume with the configuration it was "
+                             f"trained with")
+        return dict(saved)
 
-    def update(self, biases: Biases, moe_stats: Mapping[str, Mapping[str, Any]], step: int,
+    def _current(self, state: HookState, ctx: HookContext) -> Biases:
+        """The biases of the current model's MoE layers (zeros for layers not seen yet)."""
+        return {layer: state[layer] if layer in state else np.zeros((e,), np.float32)
+                for layer, e in ctx.experts_per_layer.items()}
+
+    def router_state(self, step: int, state: HookState, ctx: HookContext, *,
+                     for_eval: bool = False) -> RouterState:
+        return RouterState(layers={layer: {SELECTION_BIAS: bias}
+                                   for layer, bias in self._current(state, ctx).items()})
+
+    def after_step(self, step: int, state: HookState, train: TrainState,
+                   metrics: Mapping[str, Any], ctx: HookContext) -> tuple[HookState, TrainState]:
+        biases = self._current(state, ctx)
+        if biases:
+            state = {**state, **self.update(biases, metrics["moe"], step, ctx.num_steps)}
+        return state, train
+
+    def update(self, biases: Biases, moe_stats: Mapping[str, MoeAux], step: int,
                num_steps: int) -> Biases:
         """Biases after optimizer step `step` (1-based), from that step's counts."""
-        config = self.update_config
         return {layer: np.asarray(_update(
-            jnp.asarray(bias), jnp.asarray(moe_stats[layer]["counts"], jnp.float32),
-            config.rate_at(step - 1, num_steps), jnp.asarray(moe_stats[layer]["num_tokens"]),
-            rule=config.rule, recenter=config.recenter))
+            jnp.asarray(bias), jnp.asarray(moe_stats[layer].counts, jnp.float32),
+            self.rate_at(step - 1, num_steps), jnp.asarray(moe_stats[layer].num_tokens),
+            rule=self.rule, recenter=self.recenter))
             for layer, bias in biases.items()}
 
 
@@ -83,39 +91,3 @@ class LossFreeBalancing:
 def _update(bias, counts, rate, num_tokens, *, rule, recenter):
     return bias_balancing.update_bias(bias, counts, rate, rule=rule, recenter=recenter,
                                       num_tokens=num_tokens)
-
-
-def experts_per_layer(params: Mapping[str, Any], moe_layers: list[str]) -> dict[str, int]:
-    """`{layer: E}` read from the routers' kernels `[d_model, E]` of `TransformerLM` params."""
-    return {layer: int(params[layer]["ffn"]["router"]["kernel"].shape[-1])
-            for layer in moe_layers}
-
-
-def to_json(biases: Biases) -> dict[str, list[float]]:
-    """float32 -> Python floats (float64): exact, and exact again on the way back."""
-    return {layer: np.asarray(b, np.float32).astype(np.float64).tolist()
-            for layer, b in biases.items()}
-
-
-def from_json(data: Mapping[str, list[float]]) -> Biases:
-    return {layer: np.asarray(values, np.float32) for layer, values in data.items()}
-
-
-def balance_scalars(moe_stats: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Train scalars: MaxVio of the step's global counts and per sequence, mean over layers."""
-    out = {}
-    for name in ("batch_max_violation", "sequence_max_violation"):
-        values = [float(s[name]) for s in moe_stats.values() if name in s]
-        if values:
-            out[name] = float(np.mean(values))
-    return out
-
-
-def valid_balance_scalars(expert_counts: Mapping[str, Any]) -> dict[str, float]:
-    """Validation scalars: MaxVio over the whole validation pass, per layer and mean."""
-    out = {}
-    for layer, counts in expert_counts.items():
-        out[f"{layer}/max_violation"] = analysis.max_violation(counts)
-    if out:
-        out["max_violation"] = float(np.mean(list(out.values())))
-    return out

@@ -18,10 +18,13 @@ A `PhasePlan` (gin) splits the optimizer steps 1..num_steps of one run:
   steps soft_until+1..num_steps        "hard": top-k of the Gumbel-softmax (k of
                                        the model, 1 in the paper).
 
-Everything is a pure function of the step, so a checkpoint taken in any phase
-resumes into that phase: the state saved after step s has the dense structure
-iff s < dense_steps, and the gate inputs of step s come from `dts_state(s)`.
-Without a plan (`train.phase_plan = None`) there is a single structure, "model".
+`PhasePlan` is a step hook (`experiments.train.hooks`): it names the model
+structure of every step ("dense" or "moe"), builds both, feeds the DTS gate its
+temperature and hard flag through the step's `RouterState`, and performs the
+diversify switch in `after_step`. Everything is a pure function of the step,
+so a checkpoint taken in any phase resumes into that phase: the state saved
+after step s has the dense structure iff s < dense_steps, and the gate inputs
+of step s come from `dts_state(s)`. The hook keeps no state of its own.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import gin
 import jax
@@ -38,20 +41,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.convert import dense_to_moe
+from experiments.train.hooks import HookContext, HookState, StepHook, TrainState
 from moe import upcycle
 from moe.dense_to_sparse import TEMPERATURE_SCHEDULES, DtsState, temperature_schedule
+from moe.router_state import DTS_HARD, DTS_TEMPERATURE, RouterState
 from moe.validation import check_one_of
 
 _log = logging.getLogger(__name__)
 
-DENSE, MOE, SINGLE = "dense", "moe", "model"
+DENSE, MOE = "dense", "moe"
 PHASES = ("dense", "soft", "hard")
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class PhasePlan:
-    """The EvoMoE schedule (spec §5). Values marked [U] in the spec are fields here.
+class PhasePlan(StepHook):
+    """The EvoMoE schedule (docs/evomoe.md), a step hook (`train.phase_plan = @PhasePlan()`).
 
     Attributes:
       dense_steps: N, steps of dense warm-up (0 = start from the MoE model,
@@ -79,6 +85,7 @@ class PhasePlan:
     min_temperature: float = 0.3
     temperature_decay_steps: int = 1
     copy_moments: bool = False
+    name = "evomoe_phases"
 
     def __post_init__(self):
         if self.dense_steps < 0:
@@ -111,65 +118,52 @@ class PhasePlan:
         return DtsState(temperature=np.float32(self.temperature(step)),
                         hard=np.bool_(self.phase(step) == "hard"))
 
+    # -- the step-hook interface ----------------------------------------------
+    def structure_after(self, step: int) -> str:
+        """Model structure of the state after `step` optimizer steps (0 = initial state)."""
+        return DENSE if step < self.dense_steps else MOE
 
-class Runtime(NamedTuple):
-    """What the trainer holds per model structure.
+    def model_for(self, structure: str, model_cls: Callable[..., Any]) -> Callable[..., Any] | None:
+        """`model_cls` for "moe"; for "dense" the same model with an expert-sized
+        dense FFN at every MoE position."""
+        if structure == DENSE:
+            return functools.partial(model_cls, dense_baseline=True, k=1)
+        return model_cls if structure == MOE else None
 
-    structure: "dense", "moe" or "model"; params, opt_state: its initial state,
-    or only its shapes (`jax.ShapeDtypeStruct`) once the trainer has taken it;
-    moe_layers: its MoE layer names; train_step, eval_step: jitted steps;
-    flops: its `experiments.train.flops.FlopCounter`.
-    """
+    def check_model(self, structure: str, model: Any) -> None:
+        if structure == MOE:
+            check_moe_model(self, model)
 
-    structure: str
-    params: Any
-    opt_state: Any
-    moe_layers: list[str]
-    train_step: Callable[..., Any]
-    eval_step: Callable[..., Any]
-    flops: Any
+    def router_state(self, step: int, state: HookState, ctx: HookContext, *,
+                     for_eval: bool = False) -> RouterState:
+        """The gate's temperature and hard flag in training steps after the dense phase
+        (evaluation routes without them: the deterministic top-k of the gate)."""
+        if for_eval or self.phase(step) == "dense":
+            return RouterState()
+        dts = self.dts_state(step)
+        return RouterState(shared={DTS_TEMPERATURE: dts.temperature, DTS_HARD: dts.hard})
 
+    def after_step(self, step: int, state: HookState, train: TrainState,
+                   metrics: Mapping[str, Any], ctx: HookContext) -> tuple[HookState, TrainState]:
+        """The diversify switch after the last dense step."""
+        if self.structure_after(step) == train.structure:
+            return state, train
+        fresh_params, _ = ctx.initial_state(MOE)
+        moe_layers = list(ctx.experts_of(MOE))
+        params = diversify_params(train.params, fresh_params, moe_layers, self,
+                                  diversify_key(ctx.base_key, step))
+        del fresh_params
+        opt_state = transfer_opt_state(train.opt_state, params, ctx.tx, moe_layers,
+                                       copy_moments=self.copy_moments)
+        return state, TrainState(MOE, params, opt_state)
 
-def structure_after(plan: PhasePlan | None, step: int) -> str:
-    """Model structure of the state after `step` optimizer steps (0 = initial state)."""
-    if plan is None:
-        return SINGLE
-    return DENSE if step < plan.dense_steps else MOE
-
-
-def model_factory(model_cls: Callable[..., Any], structure: str) -> Callable[..., Any]:
-    """`model_cls` for "model"/"moe"; for "dense" the same model with an
-    expert-sized dense FFN at every MoE position."""
-    if structure == DENSE:
-        return functools.partial(model_cls, dense_baseline=True, k=1)
-    if structure in (MOE, SINGLE):
-        return model_cls
-    raise ValueError(f"structure must be one of {(DENSE, MOE, SINGLE)}, got {structure!r}")
-
-
-def step_kwargs(plan: PhasePlan | None, step: int) -> dict[str, Any]:
-    """Extra arguments of the train step for step `step`."""
-    if plan is None or plan.phase(step) == "dense":
-        return {}
-    return {"model_kwargs": {"dts_state": plan.dts_state(step)}}
-
-
-def step_scalars(plan: PhasePlan | None, step: int,
-                 moe_stats: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Train scalars of step `step`: `active_experts` (mean over MoE layers of the
-    experts per token) when the step ran MoE layers; with a plan, `phase` (0
-    dense, 1 soft, 2 hard) and, after the dense phase, `gate_temperature`."""
-    out = {}
-    if moe_stats:
-        out["active_experts"] = float(np.mean([float(s["active_experts"])
-                                               for s in moe_stats.values()]))
-    if plan is None:
+    def scalars(self, step: int, state: HookState, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """`phase` (0 dense, 1 soft, 2 hard) and, after the dense phase, `gate_temperature`."""
+        phase = self.phase(step)
+        out = {"phase": float(PHASES.index(phase))}
+        if phase != "dense":
+            out["gate_temperature"] = self.temperature(step)
         return out
-    phase = plan.phase(step)
-    out["phase"] = float(PHASES.index(phase))
-    if phase != "dense":
-        out["gate_temperature"] = plan.temperature(step)
-    return out
 
 
 def check_moe_model(plan: PhasePlan | None, model: Any) -> None:
@@ -200,23 +194,12 @@ def diversify_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, A
     `ffn` weights of that layer; what is left (the routers) keeps its value in
     `moe_params`, a freshly initialised MoE model.
     """
-    dense_flat = dict(_flatten(dense_params))
-    out = {}
     fresh = []
-    for path, value in _flatten(moe_params):
-        source = dense_flat.get(path)
-        if source is not None and source.shape == value.shape:
-            out[path] = source
-        else:
-            out[path] = value
-            if not (len(path) > 2 and path[0] in moe_layers and path[1:3] == ("ffn", "experts")):
-                fresh.append("/".join(path))
-    for i, layer in enumerate(moe_layers):
-        dense_ffn = {name: w for name, w in dense_params[layer]["ffn"].items()}
-        experts = moe_params[layer]["ffn"]["experts"]
-        num_experts = next(iter(experts.values())).shape[0]
-        spawned = upcycle.spawn_experts(dense_ffn, num_experts, strategy=plan.diversify,
-                                        rng=jax.random.fold_in(rng, i),
+
+    def experts_for(layer: str, dense_ffn: dict[str, Any], experts: dict[str, Any]) -> dict:
+        spawned = upcycle.spawn_experts(dense_ffn, next(iter(experts.values())).shape[0],
+                                        strategy=plan.diversify,
+                                        rng=jax.random.fold_in(rng, moe_layers.index(layer)),
                                         ratio=plan.diversify_ratio,
                                         noise_std=plan.diversify_noise_std)
         if set(spawned) != set(experts):
@@ -227,10 +210,17 @@ def diversify_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, A
                 raise ValueError(f"{layer}/ffn/experts/{name}: spawned shape {w.shape} != "
                                  f"expert shape {experts[name].shape} (the dense FFN must be "
                                  f"expert-sized)")
-            out[(layer, "ffn", "experts", name)] = w.astype(experts[name].dtype)
+        return {name: w.astype(experts[name].dtype) for name, w in spawned.items()}
+
+    def missing(path: tuple[str, ...], leaf: Any) -> Any:
+        fresh.append(dense_to_moe.path_str(path))
+        return leaf
+
+    out = dense_to_moe.map_tree(dense_params, moe_params, moe_layers,
+                                experts_for=experts_for, missing=missing)
     _log.info("diversify: %d layers spawned with %r; fresh parameters: %s", len(moe_layers),
               plan.diversify, fresh)
-    return _unflatten(out)
+    return out
 
 
 def transfer_opt_state(old_state: Any, new_params: Any, tx: optax.GradientTransformation,
@@ -243,40 +233,24 @@ def transfer_opt_state(old_state: Any, new_params: Any, tx: optax.GradientTransf
     layer's `ffn/experts/<w>` are the dense `ffn/<w>` moments broadcast over
     experts; otherwise, like the router's, they start at zero.
     """
-    fresh = tx.init(new_params)
-    old = {jax.tree_util.keystr(p): leaf
-           for p, leaf in jax.tree_util.tree_flatten_with_path(old_state)[0]}
+    def cast(source: Any, leaf: Any) -> Any:
+        return jnp.asarray(source, leaf.dtype)
 
-    def pick(path, leaf):
-        key = jax.tree_util.keystr(path)
-        source = old.get(key)
-        if source is not None and np.shape(source) == np.shape(leaf):
-            return jnp.asarray(source, leaf.dtype)
+    def experts_for(layer: str, dense_ffn: dict[str, Any], experts: dict[str, Any]) -> dict:
+        out = dict(experts)
         if copy_moments:
-            for layer in moe_layers:
-                prefix = f"['{layer}']['ffn']['experts']"
-                if prefix in key:
-                    dense = old.get(key.replace(prefix, f"['{layer}']['ffn']"))
-                    if dense is not None and np.shape(dense) == np.shape(leaf)[1:]:
-                        return jnp.broadcast_to(jnp.asarray(dense, leaf.dtype), leaf.shape)
-        return leaf
+            for name, leaf in experts.items():
+                dense = dense_ffn.get(name)
+                if dense is not None and np.shape(dense) == np.shape(leaf)[1:]:
+                    out[name] = jnp.broadcast_to(jnp.asarray(dense, leaf.dtype), leaf.shape)
+        return out
 
-    return jax.tree_util.tree_map_with_path(pick, fresh)
+    def moments(dense: Any, fresh: Any) -> Any:
+        return dense_to_moe.map_tree(dense, fresh, moe_layers, experts_for=experts_for,
+                                     missing=lambda path, leaf: leaf, copy=cast)
 
+    def other(dense: Any, fresh: Any) -> Any:
+        return cast(dense, fresh) if np.shape(dense) == np.shape(fresh) else fresh
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value, prefix + (str(key),))
-        else:
-            yield prefix + (str(key),), value
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
+    return dense_to_moe.map_opt_state(old_state, tx.init(new_params), set(new_params),
+                                      moments=moments, other=other)

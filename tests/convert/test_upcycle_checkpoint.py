@@ -32,8 +32,8 @@ def dense_run(tmp_path_factory):
     workdir, _ = shared_training_run(
         tmp_path_factory, "upcycle_dense", f"--gin_file={TINY_GIN}",
         "--gin_param=TransformerLM.moe_every = 0", f"--gin_param=train.num_steps = {DENSE_STEPS}",
-        "--gin_param=train.checkpoint_every = 3", "--gin_param=train.eval_every = 6",
-        "--gin_param=train.async_checkpoints = False", "--quiet")
+        "--gin_param=Checkpointer.save_every = 3", "--gin_param=train.eval_every = 6",
+        "--gin_param=Checkpointer.async_save = False", "--quiet")
     return workdir
 
 

@@ -248,7 +248,7 @@ SEQIO_SOURCE = "--gin_param=DataConfig.source = 'seqio:sparse_moe_embedded'"
 def _train(workdir, steps):
     result = run_script("scripts/train.py", f"--gin_file={TINY_GIN}", SEQIO_SOURCE,
                         f"--gin_param=train.num_steps = {steps}",
-                        "--gin_param=train.async_checkpoints = False",
+                        "--gin_param=Checkpointer.async_save = False",
                         f"--workdir={workdir}", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return read_jsonl(workdir / "metrics.jsonl", "train"), result.stderr

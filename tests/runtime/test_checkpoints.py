@@ -167,3 +167,72 @@ def test_lock_refuses_second_holder_and_names_pid(tmp_path):
     with WorkdirLock(tmp_path):
         assert (tmp_path / "train.lock").read_text().strip() == str(os.getpid())
     assert (tmp_path / "train.lock").read_text() == ""
+
+
+def test_hook_state_round_trip_and_legacy_balance_state(tmp_path):
+    # Format 3 keeps each step hook's {key: array} state in meta, bit for bit and with
+    # its dtype; a format-2 checkpoint (biases in meta.balance_state) restores them as
+    # the state of the loss-free hook.
+    import json
+
+    from experiments.runtime.checkpoints import LOSS_FREE_HOOK
+
+    params, opt_state = _state()
+    hook_state = {"toy": {"count": np.int32(7).reshape(()), "hit": np.array([True, False])},
+                  LOSS_FREE_HOOK: {"layer_1": np.float32([1 / 3, -2e-7, 0.1, 7.0])}}
+    ck = Checkpointer(tmp_path / "checkpoints", save_every=1, async_save=False)
+    ck.save(1, params=params, opt_state=opt_state, data_state={}, rng_key_data=np.zeros(2),
+            hook_state=hook_state)
+    ck.save(2, params=params, opt_state=opt_state, data_state={}, rng_key_data=np.zeros(2),
+            hook_state=hook_state)
+    ck.close()
+    meta_path = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_path.read_text())
+    biases = hook_state[LOSS_FREE_HOOK]
+    del meta["hook_state"], meta["hook_state_digest"]
+    meta.update(format_version=2, balance_state={k: v.astype(np.float64).tolist()
+                                                 for k, v in biases.items()},
+                balance_state_digest=tree_digest(biases))
+    meta_path.write_text(json.dumps(meta))
+
+    ck = Checkpointer(tmp_path / "checkpoints", save_every=1)
+    new = ck.restore_step(1, *_abstract()).hook_state
+    assert set(new) == {"toy", LOSS_FREE_HOOK}
+    for hook, state in hook_state.items():
+        for key, value in state.items():
+            assert new[hook][key].dtype == value.dtype and new[hook][key].shape == value.shape
+            np.testing.assert_array_equal(new[hook][key], value)
+    old = ck.restore_step(2, *_abstract())
+    assert set(old.hook_state) == {LOSS_FREE_HOOK}
+    np.testing.assert_array_equal(old.balance_state["layer_1"].view(np.uint32),
+                                  biases["layer_1"].view(np.uint32))
+    ck.close()
+
+
+def test_checkpointer_gin_settings_and_refusals(tmp_path):
+    # The Checkpointer owns save_every / max_to_keep / async_save; the trainer sets
+    # the directory, so binding it is refused; the old train.* names name the new ones.
+    import gin
+
+    from experiments.runtime import gin_utils
+    from experiments.train.config import TrainConfig
+
+    gin.clear_config()
+    try:
+        gin_utils.parse([], ["Checkpointer.save_every = 7"])
+        ck = Checkpointer(tmp_path / "checkpoints")  # as the trainer builds it
+        assert ck.save_every == 7
+        ck.close()
+        with pytest.raises(gin_utils.GinConfigError, match="directory"):
+            gin_utils.parse([], ["Checkpointer.directory = '/tmp/elsewhere'"])
+        for old, new in (("checkpoint_every", "Checkpointer.save_every"),
+                         ("max_to_keep", "Checkpointer.max_to_keep"),
+                         ("async_checkpoints", "Checkpointer.async_save")):
+            gin.clear_config()
+            with pytest.raises(gin_utils.GinConfigError,
+                               match=f"train.{old} cannot be bound.*bind {new} instead"):
+                gin_utils.parse([], [f"train.{old} = 5"])
+            with pytest.raises(ValueError, match=f"train.{old} was removed: bind {new}"):
+                TrainConfig(**{old: 5})
+    finally:
+        gin.clear_config()

@@ -24,8 +24,8 @@ TINY = [
     "--gin_param=TransformerLM.num_experts = 8",
     "--gin_param=train.num_microbatches = 1",
     "--gin_param=train.eval_every = 4",
-    "--gin_param=train.checkpoint_every = 2",
-    "--gin_param=train.async_checkpoints = False",
+    "--gin_param=Checkpointer.save_every = 2",
+    "--gin_param=Checkpointer.async_save = False",
     "--gin_param=Sharding.ep_buffer_factor = 4.0",
     "--gin_param=make_sharded_train_iterator.data_shards = 2",
     # A constant learning rate: the runs below stop at different num_steps, and the

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from experiments.reporting.metrics import read_jsonl
-from experiments.runtime.checkpoints import Checkpointer
+from experiments.runtime.checkpoints import LOSS_FREE_HOOK, Checkpointer
 from experiments.runtime.checksums import tree_digest
 from experiments.train import loss_free
 from experiments.train.trainer import split_model
@@ -27,7 +27,7 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     params = {"w": np.ones((2, 2), np.float32)}
     ckpt = Checkpointer(tmp_path, save_every=1, async_save=False)
     ckpt.save(1, params=params, opt_state={"m": np.zeros(2, np.float32)}, data_state={},
-              rng_key_data=np.zeros(2, np.uint32), balance_state=biases)
+              rng_key_data=np.zeros(2, np.uint32), hook_state={LOSS_FREE_HOOK: biases})
     ckpt.save(2, params=params, opt_state={"m": np.zeros(2, np.float32)}, data_state={},
               rng_key_data=np.zeros(2, np.uint32))
     ckpt.close()
@@ -73,8 +73,8 @@ def biased_run(tmp_path_factory):
             "--gin_param=LossFreeBalancing.enabled = True",
             f"--gin_param=LossFreeBalancing.rate = {RATE}",
             "--gin_param=LossWeights.lbl_scope = 'global_batch'",
-            "--gin_param=train.num_steps = 6", "--gin_param=train.checkpoint_every = 3",
-            "--gin_param=train.eval_every = 6", "--gin_param=train.async_checkpoints = False",
+            "--gin_param=train.num_steps = 6", "--gin_param=Checkpointer.save_every = 3",
+            "--gin_param=train.eval_every = 6", "--gin_param=Checkpointer.async_save = False",
             "--quiet", f"--workdir={workdir}"]
     result = run_script("scripts/train.py", *args, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -85,9 +85,15 @@ def _meta(workdir, step):
     return json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
 
 
+def _biases(workdir, step):
+    """The loss-free hook's state saved at `step`: `{layer: [E] values}`."""
+    state = _meta(workdir, step)["hook_state"][LOSS_FREE_HOOK]
+    return {layer: entry["values"] for layer, entry in state.items()}
+
+
 def test_biases_move_by_multiples_of_u_and_are_logged(biased_run):
     workdir, _ = biased_run
-    bias = np.asarray(_meta(workdir, 6)["balance_state"]["layer_1"])
+    bias = np.asarray(_biases(workdir, 6)["layer_1"])
     assert np.any(bias != 0)
     np.testing.assert_allclose(bias / RATE, np.round(bias / RATE), atol=1e-4)
     assert np.all(np.abs(bias) <= 6 * RATE + 1e-6)
@@ -107,7 +113,7 @@ def test_resume_restores_biases_exactly(biased_run, tmp_path):
     args = [a for a in args if not a.startswith("--workdir")] + [f"--workdir={copy}"]
     result = run_script("scripts/train.py", *args, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _meta(copy, 6)["balance_state"] == _meta(workdir, 6)["balance_state"]
+    assert _biases(copy, 6) == _biases(workdir, 6)
     first = {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl", "train")}
     second = {r["step"]: r["loss"] for r in read_jsonl(copy / "metrics.jsonl", "train")}
     assert second == pytest.approx(first, rel=1e-6)
@@ -122,8 +128,10 @@ def test_routing_analysis_routes_with_the_checkpointed_biases(biased_run, tmp_pa
     meta_path = copy / "checkpoints" / "6" / "meta" / "metadata"
     meta = json.loads(meta_path.read_text())
     biases = {"layer_1": np.float32([0.0, 0.0, 100.0, 100.0])}
-    meta["balance_state"] = {k: v.astype(np.float64).tolist() for k, v in biases.items()}
-    meta["balance_state_digest"] = tree_digest(biases)
+    meta["hook_state"] = {LOSS_FREE_HOOK: {
+        k: {"dtype": "float32", "shape": [4], "values": v.astype(np.float64).tolist()}
+        for k, v in biases.items()}}
+    meta["hook_state_digest"] = tree_digest({LOSS_FREE_HOOK: biases})
     meta_path.write_text(json.dumps(meta))
     out = tmp_path / "analysis"
     result = run_script("scripts/analyze_routing.py", f"--workdir={copy}",

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from experiments.reporting.metrics import read_jsonl
-from experiments.train import optim, phases
+from experiments.train import hooks, optim, phases
 from experiments.train.phases import PhasePlan
 from experiments.train.trainer import split_model
 from layers.transformer import TransformerLM
@@ -27,18 +27,18 @@ PLAN = PhasePlan(dense_steps=4, soft_until=8, max_temperature=2.0, min_temperatu
 def test_phase_boundaries():
     assert [PLAN.phase(s) for s in range(1, 11)] == ["dense"] * 4 + ["soft"] * 4 + ["hard"] * 2
     # The state after step s is dense iff s < dense_steps (diversify runs after step 4).
-    assert [phases.structure_after(PLAN, s) for s in (0, 3, 4, 9)] == \
+    assert [PLAN.structure_after(s) for s in (0, 3, 4, 9)] == \
         ["dense", "dense", "moe", "moe"]
-    assert phases.structure_after(None, 7) == "model"
+    assert hooks.structure_after([], 7) == "model"
 
 
 def test_temperature_starts_at_first_soft_step_and_hard_flag():
     # Linear from 2.0 at step 5 to 0.5 at step 7 (D = 2), held after.
     assert [PLAN.temperature(s) for s in (5, 6, 7, 9)] == pytest.approx([2.0, 1.25, 0.5, 0.5])
-    assert phases.step_kwargs(PLAN, 4) == {}
+    assert PLAN.router_state(4, {}, None).empty
     soft, hard = PLAN.dts_state(8), PLAN.dts_state(9)
     assert not bool(soft.hard) and bool(hard.hard)
-    assert phases.step_scalars(PLAN, 9, {}) == {"phase": 2.0, "gate_temperature": 0.5}
+    assert PLAN.scalars(9, {}, {}) == {"phase": 2.0, "gate_temperature": 0.5}
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -56,7 +56,7 @@ def test_plan_validation(kwargs, match):
 # --- diversify and the optimizer state ---------------------------------------------------
 
 def _lm(structure):
-    cls = phases.model_factory(TransformerLM, structure)
+    cls = PLAN.model_for(structure, TransformerLM)
     model = nnx.jit(lambda: cls(vocab_size=24, d_model=16, num_layers=2, num_heads=2, d_ff=32,
                                 moe_every=2, num_experts=4, k=1, expert_d_ff=48,
                                 moe_kwargs={"gating": "dense_to_sparse"}, dtype="float32",
@@ -181,9 +181,9 @@ EVOMOE_PARAMS = [
     "--gin_param=PhasePlan.min_temperature = 0.3",
     "--gin_param=PhasePlan.temperature_decay_steps = 3",
     "--gin_param=train.num_steps = 11",
-    "--gin_param=train.checkpoint_every = 3",
+    "--gin_param=Checkpointer.save_every = 3",
     "--gin_param=train.eval_every = 11",
-    "--gin_param=train.async_checkpoints = False",
+    "--gin_param=Checkpointer.async_save = False",
 ]
 
 

@@ -16,6 +16,12 @@ from experiments.reporting.metrics import read_jsonl
 from tests.helpers import run_script, shared_training_run, start_script
 
 TINY = "--gin_file=gin_configs/experiments/test_tiny.gin"
+FAULTS = "--gin_param=import tests.fault_hooks"  # test-only step hooks
+
+
+def _stall_at(step: int) -> list[str]:
+    return [FAULTS, "--gin_param=train.hooks = [@StallAtStep()]",
+            f"--gin_param=StallAtStep.step = {step}"]
 
 
 def _train(workdir, *params, timeout=180):
@@ -45,7 +51,7 @@ def uninterrupted(tmp_path_factory):
 def test_kill_9_and_restart_reproduces_losses_exactly(uninterrupted, tmp_path):
     workdir = tmp_path / "killed"
     log = tmp_path / "first.log"
-    proc = start_script("scripts/train.py", TINY, "--gin_param=train.debug_stall_at_step = 13",
+    proc = start_script("scripts/train.py", TINY, *_stall_at(13),
                         f"--workdir={workdir}", "--quiet", log_path=log)
     try:
         # Checkpoint 10 is finalised and steps 11-13 are logged past it.
@@ -84,7 +90,9 @@ def test_corrupt_latest_checkpoint_falls_back_and_retrains(uninterrupted, tmp_pa
 
 
 def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
-    result = _train(tmp_path, "train.nan_at_step = 12")
+    result = run_script("scripts/train.py", TINY, FAULTS,
+                        "--gin_param=train.hooks = [@NanAtStep()]",
+                        "--gin_param=NanAtStep.step = 12", f"--workdir={tmp_path}", "--quiet")
     assert result.returncode == 4, result.stderr[-3000:]
     assert "at step 12" in result.stderr
     assert "Last good checkpoint: step 10" in result.stderr
@@ -97,7 +105,7 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
 def test_second_trainer_on_same_workdir_is_refused(tmp_path):
     log = tmp_path / "first.log"
     workdir = tmp_path / "run"
-    proc = start_script("scripts/train.py", TINY, "--gin_param=train.debug_stall_at_step = 2",
+    proc = start_script("scripts/train.py", TINY, *_stall_at(2),
                         f"--workdir={workdir}", "--quiet", log_path=log)
     try:
         _wait_for(lambda: (workdir / "metrics.jsonl").exists()
@@ -113,6 +121,8 @@ def test_second_trainer_on_same_workdir_is_refused(tmp_path):
 def test_cli_names_unknown_binding_and_missing_file(tmp_path):
     result = _train(tmp_path, "train.num_stepz = 3")
     assert result.returncode == 2 and "num_stepz" in result.stderr
+    result = _train(tmp_path, "train.checkpoint_every = 3")  # moved to the Checkpointer
+    assert result.returncode == 2 and "bind Checkpointer.save_every" in result.stderr
     result = run_script("scripts/train.py", "--gin_file=gin_configs/experiments/nope.gin",
                         f"--workdir={tmp_path}")
     assert result.returncode == 2 and "nope.gin" in result.stderr

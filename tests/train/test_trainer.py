@@ -279,8 +279,8 @@ def test_trainer_holds_one_copy_of_the_training_state(tmp_path, clean_gin, monke
     from experiments.train import trainer
 
     gin_utils.parse([str(REPO / TINY_GIN)], [
-        "train.num_steps = 3", "train.eval_every = 3", "train.checkpoint_every = 100",
-        "train.async_checkpoints = False"])
+        "train.num_steps = 3", "train.eval_every = 3", "Checkpointer.save_every = 100",
+        "Checkpointer.async_save = False"])
     embedding_shape = (259, 32)  # byte vocabulary x test_tiny's d_model
     counts = []
     real_write = MetricsWriter.write

@@ -1,0 +1,108 @@
+"""The trainer's logging: step records, MoE scalars and histograms, evaluations,
+the progress line and the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments.data.config import DataConfig
+from experiments.reporting import summary as summary_lib
+from experiments.reporting.metrics import (
+    MetricsWriter,
+    ProgressLine,
+    load_fractions,
+    moe_scalars,
+    train_moe_scalars,
+    valid_moe_scalars,
+)
+from experiments.runtime import gin_utils
+from experiments.train.evaluation import EvalResult
+
+_log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+_STEP_SCALARS = ("loss", "ce", "lbl", "z_loss", "grad_norm")
+
+
+class StepLog:
+    """Writes what one run logs; `close()` when done."""
+
+    def __init__(self, log_dir: Path, *, domains: list[str], num_steps: int, start_step: int,
+                 resumed: bool, log_every: int, summary_window: int, quiet: bool):
+        self.log_dir, self.num_steps, self.log_every = log_dir, num_steps, log_every
+        self.writer = MetricsWriter(log_dir, resume_step=start_step if resumed else None)
+        self.progress = None if quiet else ProgressLine(num_steps, start_step)
+        self.window = summary_lib.DomainLossWindow(domains, summary_window)
+        self._last_time = time.monotonic()
+        self._closed = False
+
+    def train_step(self, step: int, metrics: Mapping[str, Any], *, learning_rate: float,
+                   flops: float, hook_scalars: Mapping[str, float]) -> None:
+        """The step's record (every step); MoE scalars, histograms and progress every
+        `log_every` steps and at the last."""
+        now = time.monotonic()
+        tokens_per_sec = float(metrics["num_tokens"]) / max(now - self._last_time, 1e-9)
+        self._last_time = now
+        self.window.add(metrics["domain_ce_sum"], metrics["domain_tokens"])
+        log_now = step % self.log_every == 0 or step == self.num_steps
+        scalars = {name: float(metrics[name]) for name in _STEP_SCALARS}
+        scalars.update(learning_rate=learning_rate, tokens_per_sec=tokens_per_sec, flops=flops,
+                       seq_balance=float(metrics["seq_balance"]),
+                       **train_moe_scalars(metrics["moe"]), **hook_scalars)
+        self.writer.write(step, "train", scalars,
+                          tb_scalars=moe_scalars(metrics["moe"]) if log_now else None)
+        if log_now:
+            for layer, stats in metrics["moe"].items():
+                self.writer.histogram(f"moe/{layer}/load_histogram",
+                                      load_fractions(stats.counts), step)
+            if self.progress:
+                self.progress.update(step, scalars["loss"], tokens_per_sec)
+
+    def evaluation(self, step: int, result: EvalResult) -> None:
+        self.writer.write(step, "valid", dict(result.scalars(),
+                                              **valid_moe_scalars(result.expert_counts)))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.progress:
+            self.progress.finish()
+        self.writer.close()
+
+
+def summary(workdir: Path, log: StepLog, *, step: int, data: DataConfig,
+            last_eval: EvalResult, moe_layers: Sequence[str],
+            checkpoint_dir: Path) -> dict[str, Any]:
+    """The end-of-run summary (also written to `<log dir>/summary.json`)."""
+    try:
+        entropy = data.unigram_entropy("train")
+        entropy_dict = {"nats_per_byte": entropy.nats_per_byte,
+                        "bits_per_byte": entropy.bits_per_byte, "num_bytes": entropy.num_bytes}
+    except ValueError as e:  # e.g. a corpus without text
+        _log.warning("no unigram entropy: %s", e)
+        entropy_dict = None
+    writer = log.writer
+    result = {
+        "step": step, "domains": data.domains(), "tokenizer": data.tokenizer,
+        "train_loss": log.window.losses(),
+        "valid_loss": dict(last_eval.domain_loss, all=last_eval.loss),
+        "valid_tokens": last_eval.domain_tokens, "unigram_entropy": entropy_dict,
+        "moe": summary_lib.moe_summary({k: last_eval.expert_counts[k] for k in moe_layers
+                                        if k in last_eval.expert_counts},
+                                       last_eval.dropped_fraction),
+        "paths": {"workdir": str(workdir), "checkpoints": str(checkpoint_dir),
+                  "tensorboard": str(writer.tensorboard_dir), "metrics": str(writer.jsonl_path),
+                  "config": str(workdir / gin_utils.CONFIG_FILE),
+                  "operative_config": str(workdir / gin_utils.OPERATIVE_CONFIG_FILE),
+                  "summary": str(workdir / SUMMARY_FILE)}}
+    (log.log_dir / SUMMARY_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
