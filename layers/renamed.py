@@ -77,14 +77,27 @@ def router_from_old_args(old: Mapping[str, Any], owner: str) -> Callable[..., An
     return functools.partial(router, **kwargs)
 
 
-def moe_block_from_old_args(moe_block: Callable[..., Any], old: Mapping[str, Any]
+def moe_block_from_old_args(moe_block: Callable[..., Any], old: Mapping[str, Any], *,
+                            dense_d_ff: int | None = None, activation: str | None = None,
                             ) -> Callable[..., Any]:
-    """`moe_block` with the old TransformerLM MoE arguments applied (each warns)."""
+    """`moe_block` with the old TransformerLM MoE arguments applied (each warns).
+
+    A model configured the old way also keeps the old defaults where the new
+    bindings are absent: the experts' hidden size was `TransformerLM.d_ff` and
+    their activation `TransformerLM.activation`.
+    """
     kwargs: dict[str, Any] = {}
     for key, new in _MODEL_ARGS.items():
         if old.get(key) is not None:
             _warn(f"TransformerLM.{key}", f"MoeLayer.{new}")
             kwargs[new] = old[key]
+    if any(value is not None for value in old.values()):
+        moe_kwargs_keys = set(old.get("moe_kwargs") or {})
+        if "d_ff" not in kwargs and dense_d_ff is not None and not _bound("MoeLayer.d_ff"):
+            kwargs["d_ff"] = dense_d_ff
+        if (activation is not None and "activation" not in moe_kwargs_keys
+                and not _bound("MoeLayer.activation")):
+            kwargs["activation"] = activation
     moe_kwargs = dict(old.get("moe_kwargs") or {})
     if moe_kwargs:
         _warn("TransformerLM.moe_kwargs", "MoeLayer.<argument> and <Router class>.<argument> "
@@ -96,6 +109,15 @@ def moe_block_from_old_args(moe_block: Callable[..., Any], old: Mapping[str, Any
                              f"(sizes) or leave it to TransformerLM")
     kwargs.update(moe_kwargs)
     return functools.partial(moe_block, **kwargs) if kwargs else moe_block
+
+
+def _bound(binding: str) -> bool:
+    """Whether gin holds a binding for `binding` (e.g. "MoeLayer.d_ff")."""
+    try:
+        gin.query_parameter(binding)
+    except ValueError:
+        return False
+    return True
 
 
 @gin.configurable("Router")

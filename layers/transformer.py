@@ -133,7 +133,8 @@ class TransformerLM(nnx.Module):
                                                                         num_layers)
         is_glu(activation)  # validates the name even when every FFN is a MoE block
         moe_block = renamed.moe_block_from_old_args(moe_block, dict(
-            num_experts=num_experts, k=k, expert_d_ff=expert_d_ff, moe_kwargs=moe_kwargs))
+            num_experts=num_experts, k=k, expert_d_ff=expert_d_ff, moe_kwargs=moe_kwargs),
+            dense_d_ff=d_ff, activation=activation)
         dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
         self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
         self.causal, self.dense_baseline = causal, dense_baseline

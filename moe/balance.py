@@ -110,34 +110,3 @@ def dropped_fraction(keep: Array, *, mask: Array | None = None,
     dropped = jnp.sum((1.0 - keep.astype(jnp.float32)) * pairs)
     return dropped / jnp.maximum(jnp.sum(pairs), 1.0)
 
-
-def sequence_balance_loss(probs: Array, expert_index: Array, num_sequences: int, *,
-                          mask: Array | None = None) -> Array:
-    """DeepSeek-V3 sequence-wise balance loss, averaged over sequences (without alpha).
-
-    Per sequence of S tokens: sum_i f_i * P_i with f_i = E / (k S) * #{t: i in
-    TopK(t)} and P_i = mean_t s'_{t,i}, where s' are the scores normalised to
-    sum to 1 per token. Equals 1.0 for a perfectly balanced sequence with
-    uniform scores.
-
-    Args:
-      probs: `[T, E]` unbiased scores, T = num_sequences * S, sequence-major.
-      expert_index: `[T, k]` selected experts.
-      num_sequences: number of sequences the T tokens are made of.
-      mask: optional `[T]` padding mask.
-    """
-    num_tokens, num_experts = probs.shape
-    if num_tokens % num_sequences:
-        raise ValueError(
-            f"num_sequences={num_sequences} must divide the number of tokens {num_tokens}")
-    k = expert_index.shape[1]
-    token_mask = _token_mask(num_tokens, mask).reshape(num_sequences, -1)
-    normalised = probs.astype(jnp.float32)
-    normalised = normalised / jnp.maximum(jnp.sum(normalised, -1, keepdims=True), 1e-9)
-    normalised = normalised.reshape(num_sequences, -1, num_experts)
-    one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32).sum(1)
-    one_hot = jax.lax.stop_gradient(one_hot).reshape(num_sequences, -1, num_experts)
-    real = jnp.maximum(jnp.sum(token_mask, axis=1), 1.0)  # [num_sequences]
-    f = num_experts / k * jnp.einsum("nte,nt->ne", one_hot, token_mask) / real[:, None]
-    p = jnp.einsum("nte,nt->ne", normalised, token_mask) / real[:, None]
-    return jnp.mean(jnp.sum(f * p, axis=-1))

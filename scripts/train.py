@@ -18,7 +18,6 @@ import logging
 import sys
 from pathlib import Path
 
-import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
 from experiments.runtime import gin_utils
 from experiments.runtime.workdir_lock import WorkdirLockedError
 from experiments.train.trainer import NonFiniteLossError, TrainSetup, train

@@ -38,41 +38,17 @@ REPO = Path(__file__).resolve().parent.parent
 # breaks only this function.
 
 
-class _Settings(Exception):
-    """Carries the trainer's settings out of `train()` before it builds anything."""
-
-    def __init__(self, settings):
-        super().__init__("settings")
-        self.settings = settings
-
-
 def register_configurables() -> None:
     """Imports what scripts/train.py imports, so every configurable is registered."""
     from experiments.train import trainer  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 
-def _train_settings(workdir: Path) -> dict:
-    """`train(workdir)`'s keyword arguments as gin supplies them (train itself is a
-    configurable, so its bindings are walked too)."""
-    from experiments.train import trainer  # pylint: disable=g-import-not-at-top
-
-    def capture(workdir, **settings):
-        raise _Settings(settings)
-
-    with mock.patch.object(trainer, "_train_locked", capture):
-        try:
-            trainer.train(workdir)
-        except _Settings as s:
-            return s.settings
-    raise AssertionError("train() did not reach _train_locked")
-
-
 def build_run(workdir: Path) -> None:
     """Builds what a training run builds from gin, in the trainer's order, without a step.
 
-    Today `train()` receives its settings from gin and `_train_locked`
-    constructs DataConfig(), the schedule and optimizer, LossWeights(),
-    LossFreeBalancing(), Sharding(), the Checkpointer, the model
+    `TrainSetup.from_gin()` builds the trainer's collaborators (TrainConfig, as
+    the gin name `train`; DataConfig, LossWeights, Sharding, the hooks); then the
+    schedule and optimizer, the Checkpointer, the model
     (`model_cls(vocab_size=, rngs=)`) and the data iterators. The model is built
     under `nnx.eval_shape` (shapes only); the data iterators last, since they
     are the slowest (the walk stops a build once the configurable it tests has
@@ -80,25 +56,20 @@ def build_run(workdir: Path) -> None:
     """
     # pylint: disable=g-import-not-at-top
     from experiments.data import sharded as sharded_data
-    from experiments.runtime import mesh as mesh_lib
-    from experiments.runtime.checkpoints import Checkpointer
-    from experiments.train import loss_free, phases
+    from experiments.train import hooks
+    from experiments.train.config import TrainSetup
     from experiments.train.optim import learning_rate_schedule, make_optimizer
-    from experiments.train.train_step import LossWeights
 
-    s = _train_settings(workdir)
-    data_config = DataConfig()
+    setup = TrainSetup.from_gin()
+    config, data_config = setup.config, setup.data
     vocab_size = data_config.vocab_size()
-    make_optimizer(learning_rate_schedule(s["num_steps"]))
-    LossWeights()
-    loss_free.LossFreeBalancing()
-    mesh_lib.Sharding()
-    Checkpointer(workdir / "checkpoints", save_every=s["checkpoint_every"],
-                 max_to_keep=s["max_to_keep"], async_save=s["async_checkpoints"]).close()
-    model_cls = phases.model_factory(s["model_cls"], phases.structure_after(s["phase_plan"], 0))
-    nnx.eval_shape(lambda: model_cls(vocab_size=vocab_size, rngs=nnx.Rngs(params=s["seed"])))
+    make_optimizer(learning_rate_schedule(config.num_steps))
+    setup.checkpointer(workdir / "checkpoints").close()
+    structure = hooks.structure_after(setup.hooks, 0)
+    model_cls = hooks.model_for(setup.hooks, structure, config.model_cls)
+    nnx.eval_shape(lambda: model_cls(vocab_size=vocab_size, rngs=nnx.Rngs(params=config.seed)))
     data_config.domains()
-    sharded_data.make_sharded_train_iterator(data_config, s["seed"])
+    sharded_data.make_sharded_train_iterator(data_config, config.seed)
     sharded_data.eval_batches(data_config)
 
 
@@ -111,11 +82,9 @@ ALTERNATIVES = {
     "TransformerLM.activation": "gelu",
     "TransformerLM.dtype": "bfloat16",
     "TransformerLM.param_dtype": "bfloat16",
-    "MoeLayer.dispatch": "dense",
-    "MoeLayer.routing_type": "expert_choice",
-    "MoeLayer.score": "sigmoid",
+    "MoeLayer.dispatch": "einsum",
     "MoeLayer.activation": "gelu",
-    "MoeLayer.gating": "dense_to_sparse",
+    "TopKRouter.score": "sigmoid",
     "DenseMLP.activation": "gelu",
     "Experts.activation": "gelu",
     "LossWeights.layer_reduction": "mean",

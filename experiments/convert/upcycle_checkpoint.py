@@ -46,6 +46,7 @@ from experiments.train import trainer  # noqa: F401  (registers `train`, read fr
 from experiments.train.optim import make_optimizer
 from experiments.train.train_step import token_cross_entropy
 from layers.params import logical_axes_of
+from layers.routers import ExpertChoiceRouter
 from layers.transformer import TransformerLM
 from moe import upcycle as up
 from moe.validation import check_one_of
@@ -195,9 +196,21 @@ def _dense_ffn_info(model: TransformerLM) -> tuple[int, str]:
     return layer.wi.shape[1], layer.activation
 
 
-def target_bindings(config: UpcycleConfig, *, num_layers: int, dense_d_ff: int) -> list[str]:
-    """The gin bindings `config` adds on top of the dense run's config."""
+def _is_bound(binding: str) -> bool:
+    try:
+        gin.query_parameter(binding)
+    except ValueError:
+        return False
+    return True
+
+
+def target_bindings(config: UpcycleConfig, *, num_layers: int, dense_d_ff: int,
+                    dense_activation: str | None = None) -> list[str]:
+    """The gin bindings `config` adds on top of the dense run's config (the experts
+    take the dense FFN's activation: upcycling copies the FFN as it is)."""
     bindings = []
+    if dense_activation is not None:
+        bindings.append(f"MoeLayer.activation = {dense_activation!r}")
     if config.moe_layers == "every_other":
         bindings += ["TransformerLM.moe_every = 2", "TransformerLM.moe_layers = None"]
     elif config.moe_layers == "all":
@@ -210,14 +223,14 @@ def target_bindings(config: UpcycleConfig, *, num_layers: int, dense_d_ff: int) 
                              f"{num_layers} layers (valid indices 0..{num_layers - 1})")
         bindings.append(f"TransformerLM.moe_layers = {layers!r}")
     if config.num_experts is not None:
-        bindings.append(f"TransformerLM.num_experts = {config.num_experts}")
+        bindings.append(f"MoeLayer.num_experts = {config.num_experts}")
     if config.k is not None:
-        bindings.append(f"TransformerLM.k = {config.k}")
+        bindings.append(f"MoeLayer.k = {config.k}")
     if config.granularity is not None:
         if dense_d_ff % config.granularity:
             raise ValueError(f"granularity G={config.granularity} must divide the dense d_ff="
                              f"{dense_d_ff}")
-        bindings.append(f"TransformerLM.expert_d_ff = {dense_d_ff // config.granularity}")
+        bindings.append(f"MoeLayer.d_ff = {dense_d_ff // config.granularity}")
     return bindings
 
 
@@ -269,16 +282,28 @@ def plan_layers(dense: TransformerLM, target: TransformerLM, config: UpcycleConf
                              f"expert_d_ff={moe.d_ff} of the target config (d_ff {d_ff})")
         up.check_virtual_groups(moe.num_experts, moe.k, granularity, d_ff)
         init = router_init or ("virtual_group" if granularity > 1 else "normal")
+        router = _router_options(moe.router)
         violations = up.exactness_conditions(
-            activation=activation, granularity=granularity, k=moe.k, normalize=moe.normalize,
-            router_init=init, weight_scaling=config.weight_scaling,
-            routing_type=moe.routing_type, dropless=moe.eval_capacity_factor is None,
-            num_shared_experts=0, route_scale=moe.route_scale, diversify=config.diversify)
+            activation=activation, granularity=granularity, k=moe.k,
+            normalize=router["normalize"], router_init=init,
+            weight_scaling=config.weight_scaling, routing_type=router["routing_type"],
+            dropless=moe.eval_capacity_factor is None, num_shared_experts=0,
+            route_scale=router["route_scale"], diversify=config.diversify)
         plans.append(LayerPlan(name=name, num_experts=moe.num_experts, k=moe.k,
                                 granularity=granularity, activation=activation,
-                                normalize=moe.normalize, score=moe.score,
-                                route_scale=moe.route_scale, violations=violations))
+                                normalize=router["normalize"], score=router["score"],
+                                route_scale=router["route_scale"], violations=violations))
     return plans
+
+
+def _router_options(router: Any) -> dict[str, Any]:
+    """The routing options the exactness conditions depend on, from a router module
+    (routers without a score option use softmax without renormalisation)."""
+    return {"routing_type": ("expert_choice" if isinstance(router, ExpertChoiceRouter)
+                             else "token_choice"),
+            "normalize": getattr(router, "normalize", False),
+            "score": getattr(router, "score", "softmax"),
+            "route_scale": getattr(router, "route_scale", 1.0)}
 
 
 # ---------------------------------------------------------------------------
@@ -427,7 +452,7 @@ def _forward(graphdef, params, batch):
     model = nnx.merge(graphdef, params)
     logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"],
                         positions=batch["positions"], deterministic=True)
-    dropped = [a["dropped_fraction"] for a in aux.values()]
+    dropped = [a.dropped_fraction for a in aux.values()]
     return logits, jnp.max(jnp.stack(dropped)) if dropped else jnp.zeros(())
 
 
@@ -510,10 +535,13 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
                             f"or expert parameters")
 
     # The target MoE model.
-    dense_d_ff, _ = _dense_ffn_info(dense_model)
-    bindings = target_bindings(config, num_layers=dense_model.num_layers, dense_d_ff=dense_d_ff)
+    dense_d_ff, dense_activation = _dense_ffn_info(dense_model)
+    bindings = target_bindings(config, num_layers=dense_model.num_layers, dense_d_ff=dense_d_ff,
+                               dense_activation=dense_activation)
     gin.clear_config()
     gin_utils.parse([str(dense_config), *gin_files], [*bindings, *gin_params], gin_search_paths)
+    if not _is_bound("MoeLayer.d_ff"):  # no granularity asked for: G = 1
+        gin.bind_parameter("MoeLayer.d_ff", dense_d_ff)
     if DataConfig().vocab_size() != vocab_size:
         raise ValueError("the target config changes the tokenizer's vocabulary size "
                          f"({vocab_size} -> {DataConfig().vocab_size()})")

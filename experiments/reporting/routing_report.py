@@ -17,6 +17,7 @@ from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train.evaluation import make_routing_counts_step, routing_counts
 from experiments.train.trainer import build_model, split_model
+from moe.router_state import SELECTION_BIAS, RouterState
 
 
 def _model_cls() -> type:
@@ -54,16 +55,16 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
     batches = data_config.eval_batches()[:max_batches]
     # Loss-free selection biases are part of the router: route as the trainer did.
     biases = restored.balance_state
-    model_kwargs = None
+    router_state = None
     if biases:
-        model_kwargs = {"selection_biases": {layer: biases[layer]
-                                             for layer in getattr(model, "moe_layer_names", ())
-                                             if layer in biases}}
+        router_state = RouterState(layers={
+            layer: {SELECTION_BIAS: biases[layer]}
+            for layer in getattr(model, "moe_layer_names", ()) if layer in biases})
     step_fn = make_routing_counts_step(graphdef, rest, len(domains))
-    counts = routing_counts(step_fn, restored.params, batches, model_kwargs)
+    counts = routing_counts(step_fn, restored.params, batches, router_state)
 
     report: dict[str, Any] = {"step": restored.step, "num_batches": len(batches),
-                              "selection_biases": model_kwargs is not None, "layers": {}}
+                              "selection_biases": router_state is not None, "layers": {}}
     for layer, layer_counts in counts.items():
         layer_report = analysis.layer_report(layer_counts, domains)
         report["layers"][layer] = layer_report

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import gin
@@ -131,8 +131,10 @@ def write_config(workdir: str | Path) -> Path:
     return path
 
 
-def write_operative_config(workdir: str | Path) -> Path:
-    """Writes the bindings actually used so far to `<workdir>/operative_config.gin`."""
+def write_operative_config(workdir: str | Path, notes: Iterable[str] = ()) -> Path:
+    """Writes the bindings actually used so far to `<workdir>/operative_config.gin`,
+    after `notes` as comment lines (e.g. the dispatch the sharding config chose)."""
     path = Path(workdir) / OPERATIVE_CONFIG_FILE
-    path.write_text(gin.operative_config_str(), encoding="utf-8")
+    header = "".join(f"# {line}\n" for note in notes for line in str(note).splitlines())
+    path.write_text(header + gin.operative_config_str(), encoding="utf-8")
     return path

@@ -16,7 +16,7 @@ _log = logging.getLogger(__name__)
 _NO_DECAY_NAMES = ("bias", "norm", "scale")
 
 
-@gin.configurable
+@gin.configurable(denylist=["num_steps"])
 def learning_rate_schedule(num_steps: int, *, peak_learning_rate: float = 3e-3,
                            warmup_steps: int = 100, end_ratio: float = 0.1) -> optax.Schedule:
     """Linear warm-up from 0 to `peak_learning_rate`, then cosine decay to
@@ -61,7 +61,7 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-@gin.configurable
+@gin.configurable(denylist=["schedule"])
 def make_optimizer(schedule: optax.Schedule, *, weight_decay: float = 0.1, b1: float = 0.9,
                    b2: float = 0.95, eps: float = 1e-8,
                    clip_norm: float | None = 1.0) -> optax.GradientTransformation:
@@ -75,3 +75,8 @@ def make_optimizer(schedule: optax.Schedule, *, weight_decay: float = 0.1, b1: f
     if clip_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+# The trainer passes these itself; gin_utils.parse names the binding to write instead.
+learning_rate_schedule.gin_set_by = {"num_steps": "train.num_steps"}
+make_optimizer.gin_set_by = {"schedule": "learning_rate_schedule.*"}

@@ -4,7 +4,7 @@ A `PhasePlan` (gin) splits the optimizer steps 1..num_steps of one run:
 
   steps 1..dense_steps                 "dense": the model with one expert-sized
                                        dense FFN at every MoE position
-                                       (`TransformerLM(dense_baseline=True, k=1)`);
+                                       (`TransformerLM(dense_baseline=True, dense_baseline_k=1)`);
   after step dense_steps               diversify: the MoE model is built, every
                                        non-expert parameter is copied from the
                                        dense model, each MoE layer's E experts are
@@ -127,7 +127,7 @@ class PhasePlan(StepHook):
         """`model_cls` for "moe"; for "dense" the same model with an expert-sized
         dense FFN at every MoE position."""
         if structure == DENSE:
-            return functools.partial(model_cls, dense_baseline=True, k=1)
+            return functools.partial(model_cls, dense_baseline=True, dense_baseline_k=1)
         return model_cls if structure == MOE else None
 
     def check_model(self, structure: str, model: Any) -> None:
@@ -167,17 +167,16 @@ class PhasePlan(StepHook):
 
 
 def check_moe_model(plan: PhasePlan | None, model: Any) -> None:
-    """A plan with a soft phase needs MoE layers with gating='dense_to_sparse'."""
+    """A plan with a soft phase needs MoE layers whose router reads the gate's temperature
+    (`layers.routers.DenseToSparseRouter`)."""
     if plan is None or plan.soft_until <= plan.dense_steps:
         return
-    names = tuple(getattr(model, "moe_layer_names", ()))
-    gated = [n for n in names if getattr(getattr(model, n).ffn, "gating", None)
-             == "dense_to_sparse"]
-    if not gated:
+    keys = getattr(model, "router_state_keys", {})
+    if not any(DTS_TEMPERATURE in layer_keys for layer_keys in keys.values()):
         raise ValueError(
             f"PhasePlan has a soft phase (steps {plan.dense_steps + 1}..{plan.soft_until}) but "
-            f"the model has no MoE layer with gating='dense_to_sparse' (MoE layers: {names}); "
-            f"set TransformerLM.moe_kwargs['gating'] = 'dense_to_sparse'")
+            f"no MoE layer has the dense-to-sparse gate (MoE layers: {tuple(keys)}); "
+            f"set MoeLayer.router = @DenseToSparseRouter")
 
 
 def diversify_key(base_key: jax.Array, step: int) -> jax.Array:

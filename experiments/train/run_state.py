@@ -64,6 +64,7 @@ class Runtimes:
     def __init__(self, setup: TrainSetup, tx: Any):
         self.setup, self.tx = setup, tx
         self._built: dict[str, Runtime] = {}
+        self.dispatch_lines: dict[str, str] = {}  # {structure: the dispatch that runs}
 
     def __getitem__(self, structure: str) -> Runtime:
         if structure not in self._built:
@@ -76,8 +77,11 @@ class Runtimes:
         model = build_model(factory, setup.data.vocab_size(), config.seed)
         for hook in setup.hooks:
             hook.check_model(structure, model)
-        graphdef, params, rest = split_model(model)
         sharder, num_domains = setup.sharding, len(setup.data.domains())
+        tokens_per_call = setup.data.batch_size // config.num_microbatches * setup.data.seq_len
+        self.dispatch_lines[structure] = sharder.configure_dispatch(
+            model, tokens_per_call=tokens_per_call)
+        graphdef, params, rest = split_model(model)
         params = sharder.place_params(params, logical_axes_of(model))
         train_step = make_train_step(graphdef, rest, self.tx, loss_weights=setup.loss_weights,
                                      num_microbatches=config.num_microbatches,

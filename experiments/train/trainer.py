@@ -91,8 +91,10 @@ def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
     try:
         run = run_state.start(setup, runtimes, checkpointer, train_iter,
                               flush=lambda: _flush(checkpointer, log))
-        if run.resumed and not config.quiet:
-            print(f"resuming from checkpoint at step {run.step}", file=sys.stderr)
+        if not config.quiet:
+            print(runtimes.dispatch_lines[run.train.structure], file=sys.stderr)
+            if run.resumed:
+                print(f"resuming from checkpoint at step {run.step}", file=sys.stderr)
         log = StepLog(log_dir, domains=data.domains(), num_steps=config.num_steps,
                       start_step=run.step, resumed=run.resumed, log_every=config.log_every,
                       summary_window=config.summary_window, quiet=config.quiet)
@@ -119,7 +121,7 @@ def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
             log.train_step(step, metrics, learning_rate=float(schedule(step - 1)),
                            flops=step_flops, hook_scalars=_hook_scalars(hooks, run, metrics))
             if step == start_step + 1:
-                gin_utils.write_operative_config(log_dir)
+                gin_utils.write_operative_config(log_dir, notes=runtimes.dispatch_lines.values())
             if step % config.eval_every == 0 or step == config.num_steps:
                 last_eval = _evaluate(runtimes, run, hooks, eval_batches, data.domains())
                 log.evaluation(step, last_eval)

@@ -1,6 +1,8 @@
 """Upcycling at model level (logits), in memory: exactness for every activation,
 the violated conditions otherwise, parameter counts, optimizer-state mapping."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,16 +12,30 @@ from flax import nnx, traverse_util
 
 from experiments.convert import upcycle_checkpoint as ex
 from experiments.train.optim import make_optimizer
+from layers.moe_layer import MoeLayer
+from layers.routers import TopKRouter
 from layers.transformer import TransformerLM
 from moe.experts import ACTIVATIONS
 
 VOCAB, D, F, LAYERS = 40, 16, 32, 2
 
 
-def _model(activation, **kwargs):
+_ROUTER_OPTIONS = ("normalize", "score", "route_scale")
+
+
+def _model(activation, *, num_experts=8, k=2, expert_d_ff=None, moe_kwargs=None, **kwargs):
+    """The test model; the experts take the dense activation unless `moe_kwargs` says
+    otherwise, router options in `moe_kwargs` go to the `TopKRouter`."""
+    moe_kwargs = dict(moe_kwargs or {})
+    router = functools.partial(TopKRouter, **{key: moe_kwargs.pop(key) for key in _ROUTER_OPTIONS
+                                              if key in moe_kwargs})
+    moe_block = functools.partial(MoeLayer, num_experts=num_experts, k=k,
+                                  d_ff=F if expert_d_ff is None else expert_d_ff,
+                                  activation=moe_kwargs.pop("activation", activation),
+                                  router=router, **moe_kwargs)
     return nnx.eval_shape(lambda: TransformerLM(
         vocab_size=VOCAB, d_model=D, num_layers=LAYERS, num_heads=2, d_ff=F,
-        activation=activation, dtype="float32", rngs=nnx.Rngs(0), **kwargs))
+        activation=activation, dtype="float32", moe_block=moe_block, rngs=nnx.Rngs(0), **kwargs))
 
 
 def _dense_params(activation):

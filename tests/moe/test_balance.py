@@ -102,21 +102,6 @@ def test_dropped_fraction_counts_only_valid_assignments():
         balance.dropped_fraction(keep, mask=jnp.array([0, 1]), valid=valid), 1 / 2)
 
 
-def test_sequence_balance_loss_is_one_for_balanced_sequences():
-    # Two sequences of 4 tokens; within each, k=1 choices cover all 4 experts.
-    expert_index = jnp.array([[0], [1], [2], [3], [3], [2], [1], [0]])
-    probs = jnp.full((8, 4), 0.25)
-    np.testing.assert_allclose(balance.sequence_balance_loss(probs, expert_index, 2), 1.0,
-                               rtol=1e-6)
-    # Sequence 0 collapses onto expert 0 with scores concentrated there: E = 4.
-    collapsed_idx = jnp.zeros((4, 1), jnp.int32)
-    collapsed_probs = jnp.zeros((4, 4)).at[:, 0].set(1.0)
-    np.testing.assert_allclose(
-        balance.sequence_balance_loss(collapsed_probs, collapsed_idx, 1), 4.0, rtol=1e-6)
-    with pytest.raises(ValueError, match="num_sequences"):
-        balance.sequence_balance_loss(probs, expert_index, 3)
-
-
 def test_shape_errors():
     with pytest.raises(ValueError, match="counts must have shape"):
         balance.load_balancing_loss(jnp.zeros((2, 4)), jnp.zeros(3))

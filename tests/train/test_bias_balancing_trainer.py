@@ -15,6 +15,7 @@ from experiments.runtime.checksums import tree_digest
 from experiments.train import loss_free
 from experiments.train.trainer import split_model
 from layers.transformer import TransformerLM
+from moe.router_state import SELECTION_BIAS, RouterState
 from tests.helpers import run_script
 
 RATE = 0.01
@@ -52,8 +53,9 @@ def test_bias_is_not_a_parameter_and_gets_no_gradient():
     inputs = jnp.arange(12).reshape(2, 6) % 16
 
     def loss(bias):
-        logits, aux = model(inputs, selection_biases={"layer_0": bias})
-        return jnp.mean(logits ** 2) + aux["layer_0"]["lbl"] + aux["layer_0"]["z_loss"]
+        logits, aux = model(inputs, router_state=RouterState(
+            layers={"layer_0": {SELECTION_BIAS: bias}}))
+        return jnp.mean(logits ** 2) + aux["layer_0"].lbl + aux["layer_0"].z_loss
 
     grad = jax.jit(jax.grad(loss))(jnp.array([0.5, -0.5, 0.0, 0.1]))
     np.testing.assert_array_equal(grad, np.zeros(4))

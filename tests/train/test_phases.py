@@ -150,7 +150,7 @@ def test_soft_phase_needs_a_dense_to_sparse_model():
     model = nnx.eval_shape(lambda: TransformerLM(vocab_size=8, d_model=8, num_layers=2,
                                                  num_heads=2, d_ff=8, num_experts=2, k=1,
                                                  rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="gating='dense_to_sparse'"):
+    with pytest.raises(ValueError, match="MoeLayer.router = @DenseToSparseRouter"):
         phases.check_moe_model(PLAN, model)
     phases.check_moe_model(PhasePlan(dense_steps=3, soft_until=3), model)  # no soft phase
 

@@ -274,7 +274,6 @@ def test_trainer_holds_one_copy_of_the_training_state(tmp_path, clean_gin, monke
     # The initial parameters and optimizer state are handed to the loop, not kept
     # beside it: during training exactly three arrays have the embedding's shape
     # (the parameter and Adam's two moments), not six.
-    import layers.moe_layer  # noqa: F401  (registers MoeLayer's gin bindings)
     from experiments.reporting.metrics import MetricsWriter
     from experiments.train import trainer
 
