@@ -40,11 +40,17 @@ MICROBATCH_REDUCTIONS = ("sum", "mean", "per_token")
 LAYER_REDUCTIONS = ("loss", "layer_mean", "none")
 
 
-def _field(over_microbatches: str, over_layers: str = "none", *, optional: bool = True,
-           doc: str = "") -> Any:
+def aux_field(over_microbatches: str, over_layers: str = "none", *, optional: bool = True,
+           weight: str | None = None, scoped: bool = False, doc: str = "") -> Any:
+    """A field and its reductions. Loss fields (`over_layers="loss"`) name their
+    `LossWeights` attribute (`weight`); `scoped` losses are recomputed by the train
+    step over the configured balance groups (`LossWeights.lbl_scope`) instead of
+    being taken from the layer as they are."""
     assert over_microbatches in MICROBATCH_REDUCTIONS, over_microbatches
     assert over_layers in LAYER_REDUCTIONS, over_layers
-    metadata = {"over_microbatches": over_microbatches, "over_layers": over_layers, "doc": doc}
+    assert (over_layers == "loss") == (weight is not None), (over_layers, weight)
+    metadata = {"over_microbatches": over_microbatches, "over_layers": over_layers, "doc": doc,
+                "weight": weight, "scoped": scoped}
     if optional:
         return dataclasses.field(default=None, metadata=metadata)
     return dataclasses.field(metadata=metadata)
@@ -55,31 +61,32 @@ class MoeAux:
     """Auxiliary outputs of one MoE layer call over T tokens (all float32 unless noted)."""
 
     # Losses (weighted by `LossWeights`): scalars.
-    lbl: Array | None = _field("mean", "loss", doc="load-balancing loss, 1.0 at balance")
-    z_loss: Array | None = _field("mean", "loss", doc="router z-loss")
-    dts_loss: Array | None = _field("mean", "loss",
+    lbl: Array | None = aux_field("mean", "loss", weight="lbl_weight", scoped=True,
+                               doc="load-balancing loss, 1.0 at balance")
+    z_loss: Array | None = aux_field("mean", "loss", weight="z_loss_weight", doc="router z-loss")
+    dts_loss: Array | None = aux_field("mean", "loss", weight="dts_weight",
                                     doc="EvoMoE dense-to-sparse balance loss E*sum(ce*me)")
     # Counts: `[E]` and a scalar.
-    counts: Array | None = _field("sum", doc="[E] assignments per expert before dropping")
-    kept_counts: Array | None = _field("sum", doc="[E] assignments per expert after dropping")
-    num_tokens: Array | None = _field("sum", doc="real (non-padding) tokens routed")
+    counts: Array | None = aux_field("sum", doc="[E] assignments per expert before dropping")
+    kept_counts: Array | None = aux_field("sum", doc="[E] assignments per expert after dropping")
+    num_tokens: Array | None = aux_field("sum", doc="real (non-padding) tokens routed")
     # Statistics reported per layer (and their mean over layers).
-    mean_probs: Array | None = _field("mean", doc="[E] mean unbiased router probability P_i")
-    dropped_fraction: Array | None = _field("mean", "layer_mean",
+    mean_probs: Array | None = aux_field("mean", doc="[E] mean unbiased router probability P_i")
+    dropped_fraction: Array | None = aux_field("mean", "layer_mean",
                                             doc="fraction of assignments dropped")
-    max_violation: Array | None = _field("mean", "layer_mean", doc="MaxVio of `counts`")
-    router_entropy: Array | None = _field("mean", "layer_mean",
+    max_violation: Array | None = aux_field("mean", "layer_mean", doc="MaxVio of `counts`")
+    router_entropy: Array | None = aux_field("mean", "layer_mean",
                                           doc="mean entropy of the router distribution")
-    active_experts: Array | None = _field("mean", "layer_mean",
+    active_experts: Array | None = aux_field("mean", "layer_mean",
                                           doc="experts per token after dropping")
-    sequence_max_violation: Array | None = _field(
+    sequence_max_violation: Array | None = aux_field(
         "mean", "layer_mean", doc="mean MaxVio per sequence (filled by the train step)")
-    batch_max_violation: Array | None = _field(
+    batch_max_violation: Array | None = aux_field(
         "mean", "layer_mean", doc="MaxVio of the step's summed counts (filled by the train step)")
     # Per-token routing of this call, for balance groups other than the call.
-    token_probs: Array | None = _field("per_token", doc="[T, E] unbiased scores (sum 1)")
-    token_experts: Array | None = _field("per_token", doc="[T, k] int32 selected experts")
-    token_mask: Array | None = _field("per_token", doc="[T] 1 = real token")
+    token_probs: Array | None = aux_field("per_token", doc="[T, E] unbiased scores (sum 1)")
+    token_experts: Array | None = aux_field("per_token", doc="[T, k] int32 selected experts")
+    token_mask: Array | None = aux_field("per_token", doc="[T] 1 = real token")
 
     # -- declarations ------------------------------------------------------
     @classmethod
@@ -94,6 +101,20 @@ class MoeAux:
     @classmethod
     def loss_names(cls) -> tuple[str, ...]:
         return cls.field_names(over_layers="loss")
+
+    @classmethod
+    def unscoped_loss_names(cls) -> tuple[str, ...]:
+        """Losses the train step takes from each layer as they are (not regrouped)."""
+        return tuple(n for n in cls.loss_names() if not cls._metadata(n)["scoped"])
+
+    @classmethod
+    def loss_weight_name(cls, name: str) -> str:
+        """The `LossWeights` attribute that weights the loss field `name`."""
+        return cls._metadata(name)["weight"]
+
+    @classmethod
+    def _metadata(cls, name: str) -> Mapping[str, Any]:
+        return next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
 
     @classmethod
     def stat_names(cls) -> tuple[str, ...]:
@@ -119,7 +140,7 @@ class MoeAux:
     def stats(self) -> MoeAux:
         """The reported statistics: per-token fields dropped, stop-gradient, float32."""
         per_token = self.field_names(over_microbatches="per_token")
-        return MoeAux(**{name: (None if name in per_token or value is None else
+        return type(self)(**{name: (None if name in per_token or value is None else
                                 jax.lax.stop_gradient(jnp.asarray(value, jnp.float32)))
                          for name, value in self._asdict().items()})
 
@@ -137,7 +158,7 @@ LayerAux = Mapping[str, MoeAux]
 def reduce_microbatches(stacked: MoeAux) -> MoeAux:
     """Statistics stacked over micro-batches `[A, ...]` -> one step's statistics."""
     out = {}
-    for f in dataclasses.fields(MoeAux):
+    for f in dataclasses.fields(stacked):
         value = getattr(stacked, f.name)
         rule = f.metadata["over_microbatches"]
         if value is None or rule == "per_token":
@@ -146,7 +167,7 @@ def reduce_microbatches(stacked: MoeAux) -> MoeAux:
             out[f.name] = jnp.sum(value, axis=0)
         else:
             out[f.name] = jnp.mean(value, axis=0)
-    return MoeAux(**out)
+    return type(stacked)(**out)
 
 
 def reduce_layers(aux: LayerAux, name: str, reduction: str = "sum") -> Array:

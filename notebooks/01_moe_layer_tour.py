@@ -20,7 +20,8 @@
 #
 # 1. expert load before and after dropping;
 # 2. dropped tokens at several capacity factors;
-# 3. top-k combine weights under each normalisation (softmax/sigmoid, raw/renormalised);
+# 3. top-k combine weights under each normalisation (softmax/sigmoid, raw/renormalised),
+#    set on the router module the layer is given;
 # 4. the dispatch backends: same outputs, different speed;
 # 5. the same layer on every device present, through the mesh code.
 #
@@ -52,6 +53,7 @@ from experiments.runtime import colab  # noqa: E402  (standard library only: saf
 colab.install(ROOT)
 
 # %%
+import functools  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -61,7 +63,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from layers import MoeLayer  # noqa: E402
-from moe import routing  # noqa: E402
+from layers.routers import TopKRouter  # noqa: E402
 from moe.dispatch import available_dispatches  # noqa: E402
 
 # One variable sets every size: "smoke" (CI, < 1 min on CPU) or "full".
@@ -77,7 +79,9 @@ print("devices:", jax.devices())
 # ## 1. Build a layer and route a batch
 #
 # The inputs share a common direction, so the router has something to prefer and
-# the load is uneven. `aux` holds the routing statistics (all float32).
+# the load is uneven. The layer returns `(y, aux)`; `aux` is a `moe.layer_aux.MoeAux`
+# whose fields hold the routing statistics (all float32): `aux.lbl`, `aux.counts`, ...
+# The router is a module of its own (`layer.router`, a `TopKRouter` by default).
 
 # %%
 B, S, D, F = CFG["batch"], CFG["seq"], CFG["d_model"], CFG["d_ff"]
@@ -88,15 +92,16 @@ x = jax.random.normal(key_x, (B, S, D)) + 2.0 * jax.random.normal(key_skew, (1, 
 
 def make_layer(**kwargs) -> MoeLayer:
     """Same seed, so every variant has the same router and expert weights."""
-    return MoeLayer(D, F, E, K, rngs=nnx.Rngs(0), **kwargs)
+    return MoeLayer(D, F, num_experts=E, k=K, rngs=nnx.Rngs(0), **kwargs)
 
 
 layer = make_layer(capacity_factor=1.0)
 y, aux = layer(x)
 print("y:", y.shape, "capacity per expert:", layer.capacity(B * S, deterministic=True))
+print("router:", type(layer.router).__name__)
 for name in ("lbl", "z_loss", "dropped_fraction", "max_violation", "router_entropy",
              "active_experts"):
-    print(f"  {name:<17} {float(aux[name]):.4f}")
+    print(f"  {name:<17} {float(getattr(aux, name)):.4f}")
 
 # %% [markdown]
 # ## 2. Expert load, before and after dropping
@@ -107,8 +112,8 @@ for name in ("lbl", "z_loss", "dropped_fraction", "max_violation", "router_entro
 # %%
 experts = np.arange(E)
 fig, ax = plt.subplots(figsize=(7, 3))
-ax.bar(experts - 0.2, np.asarray(aux["counts"]), width=0.4, label="assigned")
-ax.bar(experts + 0.2, np.asarray(aux["kept_counts"]), width=0.4, label="kept")
+ax.bar(experts - 0.2, np.asarray(aux.counts), width=0.4, label="assigned")
+ax.bar(experts + 0.2, np.asarray(aux.kept_counts), width=0.4, label="kept")
 ax.axhline(layer.capacity(B * S, deterministic=True), color="k", ls="--", lw=1, label="capacity")
 ax.set_xlabel("expert")
 ax.set_ylabel("token assignments")
@@ -126,7 +131,7 @@ factors = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, None]
 dropped = {}
 for cf in factors:
     _, aux_cf = make_layer(capacity_factor=cf)(x)
-    dropped[cf] = float(aux_cf["dropped_fraction"])
+    dropped[cf] = float(aux_cf.dropped_fraction)
     print(f"  {'dropless' if cf is None else f'cf={cf}':<9} dropped {dropped[cf]:.3f}")
 
 fig, ax = plt.subplots(figsize=(6, 3))
@@ -140,16 +145,22 @@ assert dropped[None] == 0.0 and dropped[0.5] >= dropped[2.0]
 # %% [markdown]
 # ## 4. Top-k combine weights under each normalisation
 #
-# The router logits of this batch, gated four ways: softmax or sigmoid scores,
-# raw (Switch/OLMoE, "A") or renormalised over the k chosen ("B"/"C").
+# The same router weights, gated four ways: softmax or sigmoid scores, raw
+# (Switch/OLMoE, "A") or renormalised over the k chosen ("B"/"C"). These are options of
+# the router, not of the layer: pass `router=functools.partial(TopKRouter, score=...,
+# normalize=...)` to `MoeLayer` (in gin: `MoeLayer.router = @TopKRouter` and
+# `TopKRouter.score = 'sigmoid'`). Calling the router on the flattened tokens gives the
+# `Routing` the layer hands to its dispatch: chosen experts and combine weights.
 
 # %%
-logits = layer.router(x.reshape(-1, D))
+tokens = x.reshape(-1, D)
 fig, axes = plt.subplots(1, 4, figsize=(14, 3), sharey=True)
 for ax, (score, normalize) in zip(axes, [("softmax", False), ("softmax", True),
                                          ("sigmoid", False), ("sigmoid", True)]):
-    gating = routing.top_k_gating(logits, K, normalize=normalize, score=score)
-    weights = np.asarray(gating.weights)
+    gated = make_layer(router=functools.partial(TopKRouter, score=score, normalize=normalize))
+    decision = gated.router(tokens, mask=jnp.ones(B * S), capacity=None, deterministic=True,
+                            rng=None, state={})
+    weights = np.asarray(decision.weights)
     for rank in range(K):
         ax.hist(weights[:, rank], bins=30, alpha=0.6, label=f"choice {rank + 1}")
     ax.set_title(f"{score}, normalize={normalize}\nmean sum {weights.sum(1).mean():.2f}")
@@ -180,7 +191,7 @@ error = {name: float(jnp.max(jnp.abs(y - outputs["einsum"][0])))
          for name, (y, _) in outputs.items()}
 for name, (_, aux_d) in outputs.items():
     print(f"  {name:<16} max |y - y_einsum| = {error[name]:.2e}   "
-          f"dropped {float(aux_d['dropped_fraction']):.3f}")
+          f"dropped {float(aux_d.dropped_fraction):.3f}")
 
 
 def run_once(name: str) -> float:
@@ -197,7 +208,7 @@ for _ in range(CFG["timing_rounds"]):
         ratios[name].append(run_once(name) / base)
 for name in backends:
     print(f"  {name:<16} time / einsum: {np.median(ratios[name]):.2f}")
-assert all(error[name] < 1e-3 for name, (_, a) in outputs.items() if a["dropped_fraction"] == 0)
+assert all(error[name] < 1e-3 for name, (_, a) in outputs.items() if a.dropped_fraction == 0)
 
 # %% [markdown]
 # ## 6. Every device, through the mesh code

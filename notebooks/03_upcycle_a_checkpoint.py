@@ -109,6 +109,8 @@ print("dense validation loss:", dense_summary["valid_loss"])
 # is a fraction of the dense one), with renormalised top-k weights, so at
 # initialisation the MoE computes exactly the dense function; `verify=True` runs
 # both models on validation batches and reports the largest logit difference.
+# `gin_params` go on top of the dense run's config: the router's options are bindings
+# on the router class (`TopKRouter.normalize`), dispatch and capacity on `MoeLayer`.
 # With `mesh_shape={'expert': n}` the expert weights are written sharded over an
 # `expert` mesh axis.
 
@@ -116,8 +118,8 @@ print("dense validation loss:", dense_summary["valid_loss"])
 expert_shards = num_devices if num_devices > 1 and CFG["num_experts"] % num_devices == 0 else None
 result = upcycle(
     DENSE, MOE,
-    gin_params=["TransformerLM.moe_kwargs = {'dispatch': 'sort', 'capacity_factor': None, "
-                "'normalize': True}"],
+    gin_params=["MoeLayer.router = @TopKRouter", "TopKRouter.normalize = True",
+                "MoeLayer.dispatch = 'sort'", "MoeLayer.capacity_factor = None"],
     config=UpcycleConfig(moe_layers="every_other", num_experts=CFG["num_experts"], k=2,
                          mesh_shape={"expert": expert_shards} if expert_shards else None),
     verify=True)

@@ -14,6 +14,7 @@ ratios (config time / micro_batch time of the same round).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -47,11 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     base = LossWeights()
     steps = {}
     for scope, mode in CONFIGS:
-        weights = LossWeights(lbl_weight=base.lbl_weight, z_loss_weight=base.z_loss_weight,
-                              layer_reduction=base.layer_reduction, lbl_scope=scope,
-                              lbl_global_mode=mode)
-        step = make_train_step(graphdef, rest, tx, loss_weights=weights,
-                               num_microbatches=args.num_microbatches, num_domains=2)
+        weights = dataclasses.replace(base, lbl_scope=scope, lbl_global_mode=mode)
+        # make_train_step returns a plain function; the caller jits it (once).
+        step = jax.jit(make_train_step(graphdef, rest, tx, loss_weights=weights,
+                                       num_microbatches=args.num_microbatches, num_domains=2))
         jax.block_until_ready(step(params, opt_state, batch, jax.random.PRNGKey(0)))  # compile
         steps[f"{scope}/{mode}"] = step
     times = {name: [] for name in steps}

@@ -60,7 +60,7 @@ def _compile(apply, params, x, with_aux: bool):
 
     def loss(params, x):
         out = apply(params, x)
-        y, extra = (out[0], 0.01 * out[1]["lbl"]) if with_aux else (out, 0.0)
+        y, extra = (out[0], 0.01 * out[1].lbl) if with_aux else (out, 0.0)
         return jnp.mean(y**2) + extra
 
     fwd = jax.jit(forward).lower(params, x).compile()

@@ -19,6 +19,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -34,8 +35,9 @@ import optax
 from flax import nnx
 
 from experiments.runtime import mesh as mesh_lib
+from experiments.train.run_state import split_model
 from experiments.train.train_step import LossWeights, make_train_step
-from experiments.train.trainer import split_model
+from layers.moe_layer import MoeLayer
 from layers.params import logical_axes_of
 from layers.transformer import TransformerLM
 
@@ -49,19 +51,20 @@ MESHES = {
 NUM_EXPERTS, D_MODEL, EXPERT_D_FF = 8, 64, 128
 
 
-def build(batch_size: int, seq_len: int):
-    model = nnx.jit(lambda: TransformerLM(
+def make_model() -> TransformerLM:
+    moe_block = functools.partial(MoeLayer, num_experts=NUM_EXPERTS, k=2, d_ff=EXPERT_D_FF)
+    return nnx.jit(lambda: TransformerLM(
         vocab_size=256, d_model=D_MODEL, num_layers=2, num_heads=4, d_ff=256, moe_every=2,
-        num_experts=NUM_EXPERTS, k=2, expert_d_ff=EXPERT_D_FF, dtype="float32",
-        rngs=nnx.Rngs(params=0)))()
-    graphdef, params, rest = split_model(model)
+        moe_block=moe_block, dtype="float32", rngs=nnx.Rngs(params=0)))()
+
+
+def make_batch(batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, (batch_size, seq_len + 1)).astype(np.int32)
     ones = np.ones((batch_size, seq_len), np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "weights": ones.astype(np.float32), "segment_ids": ones,
-             "positions": np.cumsum(ones, axis=1) - 1, "domain": np.zeros_like(ones)}
-    return graphdef, params, rest, logical_axes_of(model), batch
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "weights": ones.astype(np.float32), "segment_ids": ones,
+            "positions": np.cumsum(ones, axis=1) - 1, "domain": np.zeros_like(ones)}
 
 
 def collectives(hlo: str) -> dict[str, int]:
@@ -84,16 +87,22 @@ def main() -> int:
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args()
-    graphdef, params, rest, logical, batch = build(args.batch_size, args.seq_len)
+    batch = make_batch(args.batch_size, args.seq_len)
     tx = optax.adamw(1e-3)
     runs = {}
     for name, shape in MESHES.items():
         sharder = mesh_lib.Sharding(shape, expert_parallel=not name.endswith("no_ep"),
                                     ep_buffer_factor=2.0)
-        placed = sharder.place_params(params, logical)
+        # The sharding config chooses the dispatch (expert parallel or not) on the
+        # model before it is split, as the trainer does; same seed, same weights.
+        model = make_model()
+        print(f"{name}: {sharder.configure_dispatch(model, tokens_per_call=batch['inputs'].size)}")
+        graphdef, params, rest = split_model(model)
+        placed = sharder.place_params(params, logical_axes_of(model))
         opt_state = sharder.init_opt_state(tx, placed)
         step = sharder.wrap_train_step(make_train_step(
-            graphdef, rest, tx, loss_weights=LossWeights(), num_microbatches=1, num_domains=1))
+            graphdef, rest, tx, loss_weights=LossWeights(), num_microbatches=1, num_domains=1,
+            data_parallel_size=sharder.batch_shards))
         key = jax.random.PRNGKey(0)
         hlo = step.lower(placed, opt_state, batch, key).compile().as_text()
         out = step(placed, opt_state, batch, key)  # compile + warm up

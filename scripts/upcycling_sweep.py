@@ -36,10 +36,10 @@ SWEEP_GIN = Path(__file__).resolve().parent.parent / "gin_configs" / "sweeps" / 
 UPCYCLED = {
     "e8_top2": (UpcycleConfig(moe_layers="every_other", num_experts=8, k=2, granularity=1,
                               router_init="normal", weight_scaling="none"),
-                ["TransformerLM.moe_kwargs = {'dispatch': 'sort', 'capacity_factor': None}"]),
+                ["MoeLayer.dispatch = 'sort'", "MoeLayer.capacity_factor = None"]),
     "e32_g4": (UpcycleConfig(moe_layers="every_other", num_experts=32, k=8, granularity=4,
                              router_init="virtual_group", weight_scaling="balanced"),
-               ["TransformerLM.moe_kwargs = {'dispatch': 'sort', 'capacity_factor': None}"]),
+               ["MoeLayer.dispatch = 'sort'", "MoeLayer.capacity_factor = None"]),
 }
 RUNS = ("dense", "e8_top2", "e32_g4", "scratch")
 

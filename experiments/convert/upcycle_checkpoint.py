@@ -38,13 +38,13 @@ import optax
 from flax import nnx
 
 from experiments.convert import dense_to_moe
+from experiments.convert.verify import VerifyReport, verify_models
 from experiments.data.config import DataConfig
 from experiments.runtime import gin_utils
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers `train`, read from config.gin)
 from experiments.train.optim import make_optimizer
-from experiments.train.train_step import token_cross_entropy
 from layers.params import logical_axes_of
 from layers.routers import ExpertChoiceRouter
 from layers.transformer import TransformerLM
@@ -55,7 +55,6 @@ _log = logging.getLogger(__name__)
 
 LAYER_SELECTIONS = ("every_other", "all")
 OPTIMIZER_STATE_MODES = ("reset", "copy")
-EXACT_TOLERANCE = 1e-5
 UPCYCLE_FILE = "upcycle.json"
 _FFN_WEIGHTS = ("wi", "wi_gate", "wo")
 
@@ -121,42 +120,6 @@ class UpcycleConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-
-
-@dataclasses.dataclass
-class VerifyReport:
-    """Dense vs upcycled MoE on sample batches (real tokens only)."""
-
-    max_abs_logit_diff: float
-    dense_loss: float
-    moe_loss: float
-    expected_exact: bool
-    violated: list[str]
-    max_dropped_fraction: float
-    num_tokens: int
-    tolerance: float = EXACT_TOLERANCE
-
-    @property
-    def loss_diff(self) -> float:
-        return self.moe_loss - self.dense_loss
-
-    @property
-    def ok(self) -> bool:
-        """False only when the case should be exact and is not."""
-        return not self.expected_exact or self.max_abs_logit_diff <= self.tolerance
-
-    def render(self) -> str:
-        lines = [f"verify: {self.num_tokens} tokens; max |dlogit| = {self.max_abs_logit_diff:.3e}; "
-                 f"loss dense {self.dense_loss:.6f}, MoE {self.moe_loss:.6f} "
-                 f"(diff {self.loss_diff:+.3e}); max dropped fraction "
-                 f"{self.max_dropped_fraction:.3f}"]
-        if self.expected_exact:
-            verdict = "OK" if self.ok else "FAILED"
-            lines.append(f"expected exact (<= {self.tolerance:g} in fp32): {verdict}")
-        else:
-            lines.append("not expected to be exact; violated conditions:")
-            lines.extend(f"  - {reason}" for reason in self.violated)
-        return "\n".join(lines)
 
 
 @dataclasses.dataclass
@@ -445,46 +408,6 @@ def place_on_mesh(params: Mapping, opt_state: Any, model: nnx.Module,
 
 
 # ---------------------------------------------------------------------------
-# Verification.
-
-
-def _forward(graphdef, params, batch):
-    model = nnx.merge(graphdef, params)
-    logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                        positions=batch["positions"], deterministic=True)
-    dropped = [a.dropped_fraction for a in aux.values()]
-    return logits, jnp.max(jnp.stack(dropped)) if dropped else jnp.zeros(())
-
-
-def verify_models(dense_graphdef, dense_params, moe_graphdef, moe_params,
-                  batches: Sequence[Mapping[str, np.ndarray]], *, violated: Sequence[str],
-                  tolerance: float = EXACT_TOLERANCE) -> VerifyReport:
-    """Runs both models on `batches`; max |Δlogit| over real tokens, losses."""
-    if not batches:
-        raise ValueError("verify needs at least one batch")
-    dense_fn = jax.jit(lambda p, b: _forward(dense_graphdef, p, b)[0])
-    moe_fn = jax.jit(lambda p, b: _forward(moe_graphdef, p, b))
-    max_diff, dropped, tokens = 0.0, 0.0, 0
-    ce = {"dense": 0.0, "moe": 0.0}
-    for batch in batches:
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        real = batch["weights"] > 0
-        dense_logits = dense_fn(dense_params, batch)
-        moe_logits, drop = moe_fn(moe_params, batch)
-        diff = jnp.where(real[..., None], jnp.abs(moe_logits - dense_logits), 0.0)
-        max_diff = max(max_diff, float(jnp.max(diff)))
-        dropped = max(dropped, float(drop))
-        tokens += int(jnp.sum(real))
-        for name, logits in (("dense", dense_logits), ("moe", moe_logits)):
-            ce[name] += float(jnp.sum(token_cross_entropy(logits, batch["targets"])
-                                      * batch["weights"]))
-    return VerifyReport(max_abs_logit_diff=max_diff, dense_loss=ce["dense"] / max(tokens, 1),
-                        moe_loss=ce["moe"] / max(tokens, 1), expected_exact=not violated,
-                        violated=list(violated), max_dropped_fraction=dropped,
-                        num_tokens=tokens, tolerance=tolerance)
-
-
-# ---------------------------------------------------------------------------
 # The whole conversion.
 
 
@@ -504,69 +427,23 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
         raise FileExistsError(f"{out_workdir}/checkpoints already holds checkpoints; choose a "
                               f"new out_workdir")
 
-    # The dense model, exactly as the dense run built it.
-    gin.clear_config()
-    gin_utils.parse([str(dense_config)], [])
-    vocab_size = DataConfig().vocab_size()
-    dense_model = _abstract_model(vocab_size)
-    if dense_model.moe_layer_names:
-        raise NotDenseError(f"the checkpoint in {dense_workdir} is not dense: its config has MoE "
-                            f"layers {list(dense_model.moe_layer_names)}")
-    dense_graphdef, dense_abstract = nnx.split(dense_model, nnx.Param)[:2]
-    dense_abstract = dense_abstract.to_pure_dict()
-    tx = make_optimizer(optax.constant_schedule(0.0))
-    dense_abstract_opt = jax.eval_shape(tx.init, dense_abstract)
-    # Read-only: the dense trainer may still be running and saving.
-    checkpointer = Checkpointer(dense_workdir / "checkpoints", async_save=False, max_to_keep=None,
-                                read_only=True)
-    try:
-        steps = checkpointer.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-        step = steps[-1] if config.dense_step is None else config.dense_step
-        if step not in steps:
-            raise ValueError(f"dense_step={step} not found; checkpoints at steps {steps}")
-        restored = checkpointer.restore_step(step, dense_abstract, dense_abstract_opt)
-    finally:
-        checkpointer.close()
-    flat_dense = dense_to_moe.flatten(restored.params)
-    if any("router" in path or "experts" in path for path in flat_dense):
-        raise NotDenseError(f"the checkpoint in {dense_workdir} is not dense: it holds router "
-                            f"or expert parameters")
-
-    # The target MoE model.
-    dense_d_ff, dense_activation = _dense_ffn_info(dense_model)
-    bindings = target_bindings(config, num_layers=dense_model.num_layers, dense_d_ff=dense_d_ff,
-                               dense_activation=dense_activation)
-    gin.clear_config()
-    gin_utils.parse([str(dense_config), *gin_files], [*bindings, *gin_params], gin_search_paths)
-    if not _is_bound("MoeLayer.d_ff"):  # no granularity asked for: G = 1
-        gin.bind_parameter("MoeLayer.d_ff", dense_d_ff)
-    if DataConfig().vocab_size() != vocab_size:
-        raise ValueError("the target config changes the tokenizer's vocabulary size "
-                         f"({vocab_size} -> {DataConfig().vocab_size()})")
-    target = _abstract_model(vocab_size)
-    plans = plan_layers(dense_model, target, config, config.router_init)
+    dense = _read_dense(dense_workdir, dense_config, config.dense_step)
+    target = _target_model(dense, config, dense_config, gin_files, gin_params, gin_search_paths)
+    plans = plan_layers(dense.model, target, config, config.router_init)
     target_graphdef, target_abstract = nnx.split(target, nnx.Param)[:2]
     target_abstract = target_abstract.to_pure_dict()
 
+    restored = dense.restored
     params, scales = upcycle_params(restored.params, target_abstract, plans, config,
                                     config.router_init)
-    opt_state = upcycle_opt_state(restored.opt_state, tx.init(params), target_abstract, plans,
-                                  config.optimizer_state)
+    opt_state = upcycle_opt_state(restored.opt_state, dense.tx.init(params), target_abstract,
+                                  plans, config.optimizer_state)
     saved_params, saved_opt_state = params, opt_state
     if config.mesh_shape:
         saved_params, saved_opt_state = place_on_mesh(params, opt_state, target,
                                                       config.mesh_shape)
-    out_workdir.mkdir(parents=True, exist_ok=True)
-    writer = Checkpointer(out_workdir / "checkpoints", async_save=False, max_to_keep=None)
-    try:
-        writer.save(step, params=saved_params, opt_state=saved_opt_state,
-                    data_state=restored.data_state, rng_key_data=restored.rng_key_data,
-                    force=True)
-    finally:
-        writer.close()
-    gin_utils.write_config(out_workdir)
+    _write_checkpoint(out_workdir, dense.step, saved_params, saved_opt_state, restored)
+    step = dense.step
 
     violations = sorted({v for p in plans for v in p.violations})
     if jnp.dtype(target.dtype) != jnp.float32:
@@ -581,10 +458,86 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
         moe_param_count=_count(params), exactness_violations=violations)
     if verify:
         batches = DataConfig().eval_batches()[:verify_batches]
-        result.verify = verify_models(dense_graphdef, restored.params, target_graphdef, params,
+        result.verify = verify_models(dense.graphdef, restored.params, target_graphdef, params,
                                       batches, violated=violations)
     _write_record(out_workdir, dense_workdir, config, result)
     return result
+
+
+@dataclasses.dataclass
+class _Dense:
+    """The dense run: its model (shapes only), restored checkpoint and optimizer."""
+
+    model: TransformerLM
+    graphdef: nnx.GraphDef
+    restored: Any
+    step: int
+    vocab_size: int
+    tx: optax.GradientTransformation
+
+
+def _read_dense(dense_workdir: Path, dense_config: Path, dense_step: int | None) -> _Dense:
+    """The dense model exactly as the dense run built it, and its checkpoint."""
+    gin.clear_config()
+    gin_utils.parse([str(dense_config)], [])
+    vocab_size = DataConfig().vocab_size()
+    model = _abstract_model(vocab_size)
+    if model.moe_layer_names:
+        raise NotDenseError(f"the checkpoint in {dense_workdir} is not dense: its config has MoE "
+                            f"layers {list(model.moe_layer_names)}")
+    graphdef, abstract = nnx.split(model, nnx.Param)[:2]
+    abstract = abstract.to_pure_dict()
+    tx = make_optimizer(optax.constant_schedule(0.0))
+    # Read-only: the dense trainer may still be running and saving.
+    checkpointer = Checkpointer(dense_workdir / "checkpoints", async_save=False, max_to_keep=None,
+                                read_only=True)
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+        step = steps[-1] if dense_step is None else dense_step
+        if step not in steps:
+            raise ValueError(f"dense_step={step} not found; checkpoints at steps {steps}")
+        restored = checkpointer.restore_step(step, abstract, jax.eval_shape(tx.init, abstract))
+    finally:
+        checkpointer.close()
+    if any("router" in path or "experts" in path
+           for path in dense_to_moe.flatten(restored.params)):
+        raise NotDenseError(f"the checkpoint in {dense_workdir} is not dense: it holds router "
+                            f"or expert parameters")
+    return _Dense(model, graphdef, restored, step, vocab_size, tx)
+
+
+def _target_model(dense: _Dense, config: UpcycleConfig, dense_config: Path,
+                  gin_files: Sequence[str], gin_params: Sequence[str],
+                  gin_search_paths: Sequence[str]) -> TransformerLM:
+    """The MoE model (shapes only) of the dense config + gin files + `config` + bindings;
+    leaves gin configured with it."""
+    dense_d_ff, dense_activation = _dense_ffn_info(dense.model)
+    bindings = target_bindings(config, num_layers=dense.model.num_layers, dense_d_ff=dense_d_ff,
+                               dense_activation=dense_activation)
+    gin.clear_config()
+    gin_utils.parse([str(dense_config), *gin_files], [*bindings, *gin_params], gin_search_paths)
+    if not _is_bound("MoeLayer.d_ff"):  # no granularity asked for: G = 1
+        gin.bind_parameter("MoeLayer.d_ff", dense_d_ff)
+    if DataConfig().vocab_size() != dense.vocab_size:
+        raise ValueError("the target config changes the tokenizer's vocabulary size "
+                         f"({dense.vocab_size} -> {DataConfig().vocab_size()})")
+    return _abstract_model(dense.vocab_size)
+
+
+def _write_checkpoint(out_workdir: Path, step: int, params: Any, opt_state: Any,
+                      restored: Any) -> None:
+    """The upcycled state as checkpoint `step` of `out_workdir` (data position and RNG
+    key of the dense run), and the target config."""
+    out_workdir.mkdir(parents=True, exist_ok=True)
+    writer = Checkpointer(out_workdir / "checkpoints", async_save=False, max_to_keep=None)
+    try:
+        writer.save(step, params=params, opt_state=opt_state, data_state=restored.data_state,
+                    rng_key_data=restored.rng_key_data, force=True)
+    finally:
+        writer.close()
+    gin_utils.write_config(out_workdir)
 
 
 def _write_record(out_workdir: Path, dense_workdir: Path, config: UpcycleConfig,

@@ -26,7 +26,8 @@ from experiments.train.evaluation import EvalResult
 _log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
-_STEP_SCALARS = ("loss", "ce", "lbl", "z_loss", "grad_norm")
+# The step's total loss, its parts (every MoeAux loss) and the gradient norm.
+_STEP_SCALARS = ("loss", "ce", "lbl", "grad_norm")
 
 
 class StepLog:
@@ -51,6 +52,7 @@ class StepLog:
         self.window.add(metrics["domain_ce_sum"], metrics["domain_tokens"])
         log_now = step % self.log_every == 0 or step == self.num_steps
         scalars = {name: float(metrics[name]) for name in _STEP_SCALARS}
+        scalars.update({name: float(metrics[name]) for name in metrics["loss_terms"]})
         scalars.update(learning_rate=learning_rate, tokens_per_sec=tokens_per_sec, flops=flops,
                        seq_balance=float(metrics["seq_balance"]),
                        **train_moe_scalars(metrics["moe"]), **hook_scalars)

@@ -82,6 +82,10 @@ class LossWeights:
                              f"{self.lbl_weight}, z_loss_weight={self.z_loss_weight}, "
                              f"seq_balance_weight={self.seq_balance_weight}, "
                              f"dts_weight={self.dts_weight}")
+        missing = [MoeAux.loss_weight_name(n) for n in MoeAux.loss_names()
+                   if not hasattr(self, MoeAux.loss_weight_name(n))]
+        if missing:
+            raise TypeError(f"LossWeights has no weight field {missing} for a MoeAux loss")
         try:
             parse_lbl_scope(self.lbl_scope)
         except ValueError as e:
@@ -108,6 +112,22 @@ def sum_layers(values: Mapping[str, jax.Array], reduction: str) -> jax.Array:
         return jnp.zeros((), jnp.float32)
     total = sum(values.values())
     return total / len(values) if reduction == "mean" else total
+
+
+def unscoped_losses(aux: Mapping[str, MoeAux]) -> dict[str, str]:
+    """`{loss field: its LossWeights attribute}` of the losses the layers' aux types
+    declare, other than the scoped LBL (a router may return a `MoeAux` subclass
+    with losses of its own)."""
+    types = {type(a) for a in aux.values()} or {MoeAux}
+    return {name: cls.loss_weight_name(name) for cls in sorted(types, key=str)
+            for name in cls.unscoped_loss_names()}
+
+
+def loss_weight(loss_weights: LossWeights, attribute: str, loss_name: str) -> float:
+    if not hasattr(loss_weights, attribute):
+        raise ValueError(f"the MoE aux loss {loss_name!r} is weighted by LossWeights."
+                         f"{attribute}, which {type(loss_weights).__name__} does not have")
+    return getattr(loss_weights, attribute)
 
 
 def moe_stats(aux: Mapping[str, MoeAux]) -> dict[str, MoeAux]:
@@ -150,21 +170,22 @@ def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weigh
                                                prior, add_own)
         lbl = sum_layers({n: t["lbl"] for n, t in terms.items()}, reduction)
         seq_balance = sum_layers({n: t["seq_balance"] for n, t in terms.items()}, reduction)
-        z_loss = layer_aux.reduce_layers(aux, "z_loss", reduction)
-        dts_loss = layer_aux.reduce_layers(aux, "dts_loss", reduction)
+        # Every other MoeAux loss as its layers report it, weighted as it declares.
+        weights = unscoped_losses(aux)
+        unscoped = {name: layer_aux.reduce_layers(aux, name, reduction) for name in weights}
         loss = (ce_sum / total_tokens + loss_weights.lbl_weight * lbl
                 + loss_weights.seq_balance_weight * seq_balance
-                + (loss_weights.z_loss_weight * z_loss
-                   + loss_weights.dts_weight * dts_loss) / num_microbatches)
+                + sum(loss_weight(loss_weights, weights[name], name) * value
+                      for name, value in unscoped.items()) / num_microbatches)
         domain_ce, domain_tokens = domain_sums(ce, mb["weights"], mb["domain"], num_domains)
         aux = {layer: (a.replace(sequence_max_violation=terms[layer]["sequence_max_violation"])
                        if "sequence_max_violation" in terms[layer] else a)
                for layer, a in aux.items()}
         # lbl and seq_balance are shares; x num_microbatches so their mean is the step's loss.
         out = {"ce_sum": ce_sum, "lbl": lbl * num_microbatches,
-               "seq_balance": seq_balance * num_microbatches, "z_loss": z_loss,
-               "dts_loss": dts_loss, "domain_ce_sum": domain_ce,
-               "domain_tokens": domain_tokens, "moe": moe_stats(aux), "own_counts": own_counts}
+               "seq_balance": seq_balance * num_microbatches, "loss_terms": unscoped,
+               "domain_ce_sum": domain_ce, "domain_tokens": domain_tokens,
+               "moe": moe_stats(aux), "own_counts": own_counts}
         return loss, jax.lax.stop_gradient(out)
 
     return microbatch_loss
@@ -175,13 +196,14 @@ def _step_metrics(losses: jax.Array, outs: Mapping[str, Any], grads: Any, batch:
     """The step's metrics from the per-micro-batch outputs stacked by the scan."""
     moe = {layer: s.replace(batch_max_violation=balance.max_violation(s.counts))
            for layer, s in combine_microbatch_stats(outs["moe"]).items()}
+    loss_terms = {name: jnp.mean(value) for name, value in outs["loss_terms"].items()}
     return {
         "loss": jnp.sum(losses),
         "ce": jnp.sum(outs["ce_sum"]) / total_tokens,
         "lbl": jnp.mean(outs["lbl"]),
         "seq_balance": jnp.mean(outs["seq_balance"]),
-        "z_loss": jnp.mean(outs["z_loss"]),
-        "dts_loss": jnp.mean(outs["dts_loss"]),
+        **loss_terms,
+        "loss_terms": loss_terms,  # {MoeAux loss name: value}, for logging
         "grad_norm": optax.global_norm(grads),
         "num_tokens": jnp.sum(batch["weights"]),
         "domain_ce_sum": jnp.sum(outs["domain_ce_sum"], axis=0),

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx, traverse_util
 
 from experiments.convert import upcycle_checkpoint as ex
+from experiments.convert.verify import verify_models
 from experiments.train.optim import make_optimizer
 from layers.moe_layer import MoeLayer
 from layers.routers import TopKRouter
@@ -85,7 +86,7 @@ def _upcycle_uncached(activation, *, E=4, k=2, expert_d_ff=F, moe_kwargs=None,
     # Op by op: these tiny models run faster eagerly (primitives compiled once for
     # the whole module) than with two whole-model compilations per case.
     with jax.disable_jit():
-        report = ex.verify_models(nnx.split(dense, nnx.Param)[0], dense_params,
+        report = verify_models(nnx.split(dense, nnx.Param)[0], dense_params,
                                   target_graphdef, params, [_batch()], violated=violations)
     return report, plans, params, dense_params
 
