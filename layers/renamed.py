@@ -93,10 +93,10 @@ def moe_block_from_old_args(moe_block: Callable[..., Any], old: Mapping[str, Any
             kwargs[new] = old[key]
     if any(value is not None for value in old.values()):
         moe_kwargs_keys = set(old.get("moe_kwargs") or {})
-        if "d_ff" not in kwargs and dense_d_ff is not None and not _bound("MoeLayer.d_ff"):
+        if "d_ff" not in kwargs and dense_d_ff is not None and not gin_bound("MoeLayer.d_ff"):
             kwargs["d_ff"] = dense_d_ff
         if (activation is not None and "activation" not in moe_kwargs_keys
-                and not _bound("MoeLayer.activation")):
+                and not gin_bound("MoeLayer.activation")):
             kwargs["activation"] = activation
     moe_kwargs = dict(old.get("moe_kwargs") or {})
     if moe_kwargs:
@@ -111,7 +111,7 @@ def moe_block_from_old_args(moe_block: Callable[..., Any], old: Mapping[str, Any
     return functools.partial(moe_block, **kwargs) if kwargs else moe_block
 
 
-def _bound(binding: str) -> bool:
+def gin_bound(binding: str) -> bool:
     """Whether gin holds a binding for `binding` (e.g. "MoeLayer.d_ff")."""
     try:
         gin.query_parameter(binding)

@@ -46,6 +46,7 @@ from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers `train`, read from config.gin)
 from experiments.train.optim import make_optimizer
 from layers.params import logical_axes_of
+from layers.renamed import gin_bound
 from layers.routers import ExpertChoiceRouter
 from layers.transformer import TransformerLM
 from moe import upcycle as up
@@ -157,14 +158,6 @@ def _abstract_model(vocab_size: int) -> TransformerLM:
 def _dense_ffn_info(model: TransformerLM) -> tuple[int, str]:
     layer = getattr(model, model.layer_names[0]).ffn
     return layer.wi.shape[1], layer.activation
-
-
-def _is_bound(binding: str) -> bool:
-    try:
-        gin.query_parameter(binding)
-    except ValueError:
-        return False
-    return True
 
 
 def target_bindings(config: UpcycleConfig, *, num_layers: int, dense_d_ff: int,
@@ -518,7 +511,7 @@ def _target_model(dense: _Dense, config: UpcycleConfig, dense_config: Path,
                                dense_activation=dense_activation)
     gin.clear_config()
     gin_utils.parse([str(dense_config), *gin_files], [*bindings, *gin_params], gin_search_paths)
-    if not _is_bound("MoeLayer.d_ff"):  # no granularity asked for: G = 1
+    if not gin_bound("MoeLayer.d_ff"):  # no granularity asked for: G = 1
         gin.bind_parameter("MoeLayer.d_ff", dense_d_ff)
     if DataConfig().vocab_size() != dense.vocab_size:
         raise ValueError("the target config changes the tokenizer's vocabulary size "
