@@ -24,7 +24,8 @@ from tests.helpers import path_with_both_splits, run_script  # noqa: E402
 
 # Two domains of small text files. The split is a hash of the (temporary,
 # so different every run) path: the fixture picks a directory under which both
-# splits of both domains are non-empty with validation_fraction=0.3.
+# splits of both domains are non-empty with validation_fraction=0.3 (validation with
+# two documents per domain, so each of two processes gets one).
 DOCS = {
     "math": {f"m{i}.txt": f"{i} + {i} = {2 * i}\n" * (3 + i) for i in range(8)},
     "poem": {f"p{i}.txt": "roses are red, violets are blue\n" * (1 + i % 3) + f"#{i}\n"
@@ -40,7 +41,7 @@ def text_dir(tmp_path_factory) -> Path:
     root = path_with_both_splits(
         lambda i: base / f"set{i}",
         lambda r: [[str(r / domain / n) for n in files] for domain, files in DOCS.items()],
-        VALIDATION_FRACTION)
+        VALIDATION_FRACTION, min_validation=2)  # 2 processes each get a validation document
     for domain, files in DOCS.items():
         (root / domain).mkdir(parents=True)
         for name, text in files.items():
