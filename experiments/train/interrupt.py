@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["Aborted", "Interrupted", "InterruptGuard", "received_signal"]
+__all__ = ["Aborted", "InterruptGuard", "Interrupted", "received_signal"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _active: InterruptGuard | None = None
