@@ -137,3 +137,27 @@ def test_sigint_exits_130_with_a_checkpoint(tmp_path):
     assert "interrupted at step 3; checkpoint saved in" in output
     assert "KeyboardInterrupt" not in output and "Traceback" not in output
     assert _checkpoint_steps(tmp_path / "run") == [3]
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "first.log"
+    proc = start_script("scripts/train.py", TINY, FAULTS,
+                        "--gin_param=train.hooks = [@StallAtStep()]",
+                        "--gin_param=StallAtStep.step = 2",  # never returns by itself
+                        f"--workdir={workdir}", "--quiet", log_path=log)
+    try:
+        _wait_for_line(log, "StallAtStep(2): stalling", proc)
+        os.kill(proc.pid, signal.SIGINT)
+        _wait_for_line(log, "SIGINT received", proc)
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 130, output[-3000:]
+    assert "SIGINT again: aborted; the current step is not saved" in output
+    assert "Traceback" not in output
+    assert not (workdir / "checkpoints" / "3").exists()
+    assert not (workdir / "train.lock").read_text()
