@@ -7,8 +7,17 @@
       --workdir=/tmp/run
 
 Re-running the same command on a workdir with checkpoints resumes from the
-latest intact one. Exit status 2 for configuration errors, 3 when another
-trainer holds the workdir, 4 when the loss became NaN/inf.
+latest intact one.
+
+Ctrl-C (SIGINT) or SIGTERM (a preemptible machine's notice) finishes the
+current step, saves its checkpoint and exits with `interrupted at step N;
+checkpoint saved in <dir>; run the same command to resume`; a second Ctrl-C
+aborts at once, without saving the current step.
+
+Exit status: 0 done; 2 configuration error; 3 another trainer holds the
+workdir; 4 the loss became NaN/inf; 130 interrupted by SIGINT (checkpoint
+saved; also after a second Ctrl-C, without saving); 143 interrupted by
+SIGTERM (checkpoint saved).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from pathlib import Path
 
 from experiments.runtime import gin_utils
 from experiments.runtime.workdir_lock import WorkdirLockedError
+from experiments.train.interrupt import Aborted, Interrupted
 from experiments.train.trainer import NonFiniteLossError, TrainSetup, train
 
 
@@ -68,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_status
+    except Aborted as e:  # a second signal while stopping
+        print(e, file=sys.stderr)
+        return e.exit_status
     return 0
 
 

@@ -15,6 +15,7 @@ import time
 import gin
 import numpy as np
 
+from experiments.train import interrupt
 from experiments.train.hooks import Batch, HookContext, StepHook
 
 _log = logging.getLogger(__name__)
@@ -53,3 +54,22 @@ class StallAtStep(StepHook):
         sys.stderr.flush()
         while True:
             time.sleep(3600)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class WaitForSignalAtStep(StepHook):
+    """After step `step` is logged the trainer waits until it receives SIGINT or
+    SIGTERM (graceful-interruption tests): the run then stops after step `step + 1`."""
+
+    step: int = 0
+    name = "wait_for_signal_at_step"
+
+    def end_of_step(self, step: int, ctx: HookContext) -> None:
+        if step != self.step:
+            return
+        ctx.flush()
+        _log.warning("WaitForSignalAtStep(%d): waiting for SIGINT or SIGTERM", step)
+        sys.stderr.flush()
+        while interrupt.received_signal() is None:
+            time.sleep(0.05)

@@ -31,6 +31,7 @@ from experiments.runtime import distributed, gin_utils
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.runtime.workdir_lock import WorkdirLock
 from experiments.train import hooks as hooks_lib
+from experiments.train import interrupt as interrupt_lib
 from experiments.train import run_state
 from experiments.train.config import TrainConfig, TrainSetup
 from experiments.train.evaluation import EvalResult, evaluate
@@ -65,6 +66,10 @@ def train(workdir: str | Path, setup: TrainSetup | None = None, **config_changes
       setup: the run's collaborators; default `TrainSetup.from_gin(**config_changes)`.
       **config_changes: `TrainConfig` fields to override (e.g. `quiet=True`),
         only without `setup`.
+
+    Raises:
+      experiments.train.interrupt.Interrupted: on SIGINT/SIGTERM, after the
+        current step and its checkpoint (a second signal: KeyboardInterrupt).
     """
     if setup is None:
         setup = TrainSetup.from_gin(**config_changes)
@@ -74,11 +79,12 @@ def train(workdir: str | Path, setup: TrainSetup | None = None, **config_changes
     distributed.initialize_distributed()
     # One lock holder per job: in a multi-process run process 0 holds it for all.
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
-        return _train_locked(workdir, setup)
+    with lock, interrupt_lib.InterruptGuard() as guard:  # SIGINT/SIGTERM: save and stop
+        return _train_locked(workdir, setup, guard)
 
 
-def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
+def _train_locked(workdir: Path, setup: TrainSetup,
+                  guard: interrupt_lib.InterruptGuard) -> dict[str, Any]:
     config, data, hooks = setup.config, setup.data, setup.hooks
     schedule = learning_rate_schedule(config.num_steps)
     runtimes = Runtimes(setup, make_optimizer(schedule))
@@ -125,12 +131,15 @@ def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
             if step % config.eval_every == 0 or step == config.num_steps:
                 last_eval = _evaluate(runtimes, run, hooks, eval_batches, data.domains())
                 log.evaluation(step, last_eval)
+            stop = guard.stop_requested()  # the same step in every process
             checkpointer.save(step, params=run.train.params, opt_state=run.train.opt_state,
                               data_state=data_lib.iterator_state(train_iter),
                               rng_key_data=np.asarray(run.base_key),
-                              force=step == config.num_steps, hook_state=run.hook_states)
+                              force=stop or step == config.num_steps, hook_state=run.hook_states)
             for hook in hooks:
                 hook.end_of_step(step, run.ctx)
+            if stop:
+                raise guard.stopped(step, checkpointer)
         if last_eval is None:  # resumed at the final step
             last_eval = _evaluate(runtimes, run, hooks, eval_batches, data.domains())
         log.close()
