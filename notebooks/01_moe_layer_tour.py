@@ -22,7 +22,7 @@
 # 2. dropped tokens at several capacity factors;
 # 3. top-k combine weights under each normalisation (softmax/sigmoid, raw/renormalised),
 #    set on the router module the layer is given;
-# 4. the dispatch backends: same outputs, different speed;
+# 4. the dispatch backends: same outputs, what each drops, different speed;
 # 5. the same layer on every device present, through the mesh code.
 #
 # Runs on CPU, GPU or TPU. `NB_SMOKE=1` shrinks every size (the CI runs it that way).

@@ -162,9 +162,9 @@ def describe(ep_axes: tuple[str, ...], ep: int, shard_capacity_: int | None,
     line = (f"dispatch: expert_parallel over mesh axes {ep_axes} (ep={ep}), capacity per shard "
             f"{capacity}, dropless mode {options.dropless!r}")
     if drops:
-        line += (f" with a BOUNDED buffer (Sharding.ep_buffer_factor={options.buffer_factor}): "
+        line += (f" (BOUNDED buffer, Sharding.ep_buffer_factor={options.buffer_factor}: "
                  f"assignments that overflow it are DROPPED; the drop rate is on the progress "
-                 f"line, in metrics.jsonl (dropped_fraction) and in the summary")
+                 f"line and in the summary)")
     elif drops is not None and options.dropless == "padded":
         line += " (worst-case buffers: exact, nothing dropped)"
     return line

@@ -7,6 +7,7 @@ updated parameters compares gradients, expert weights included.
 
 import functools
 import io
+import json
 import logging
 import re
 
@@ -32,7 +33,7 @@ from moe.dispatch import einsum_dispatch
 from moe.dispatch import expert_parallel as ep_lib
 from moe.experts import ExpertFFN
 from moe.layer_aux import MoeAux
-from tests.helpers import COMPILATION_CACHE
+from tests.helpers import COMPILATION_CACHE, run_script
 
 NUM_DOMAINS = 2
 # Recompiling a step for its HLO (and reruns) hit the persistent cache.
@@ -331,6 +332,27 @@ def test_progress_line_and_summary_state_the_drop_rate():
     assert moe["layer_1"]["train_dropped_fraction"] == pytest.approx(0.15)
     text = summary_lib.render({"step": 10, "domains": [], "moe": moe, "paths": {}})
     assert "dropped train 0.1500 valid 0.2500" in text
+
+
+def test_training_with_the_bounded_buffer_states_the_drop_rate(tmp_path):
+    # The opt-in end to end: 8 devices {data: 2, expert: 4}, the tiny dropless config
+    # with a bounded buffer (1.0 x the balanced load) that overflows. The start-up
+    # dispatch line says drops happen, the progress line and the summary give the rate.
+    result = run_script(
+        "scripts/train.py", "--gin_file=gin_configs/experiments/test_tiny.gin",
+        "--gin_param=MESH_SHAPE = {'data': 2, 'expert': 4}",
+        "--gin_param=Sharding.ep_buffer_factor = 1.0", "--gin_param=train.num_microbatches = 1",
+        "--gin_param=train.num_steps = 4", "--gin_param=train.log_every = 2",
+        "--gin_param=train.eval_every = 4", "--gin_param=DataConfig.eval_max_batches = 1",
+        f"--workdir={tmp_path}", num_devices=8, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert ("(BOUNDED buffer, Sharding.ep_buffer_factor=1.0: assignments that overflow it are "
+            "DROPPED; the drop rate is on the progress line and in the summary)") in output
+    assert re.search(r"step 4/4 loss \S+ .* dropped 0\.\d*[1-9]", output)
+    layer = json.loads((tmp_path / "summary.json").read_text())["moe"]["layer_1"]
+    assert layer["train_dropped_fraction"] > 0 and layer["dropped_fraction"] > 0
+    assert re.search(r"layer_1: .* dropped train 0\.\d+ valid 0\.\d+", output)
 
 
 def test_ragged_is_refused_on_cpu_and_options_validated():
