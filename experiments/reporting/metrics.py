@@ -150,7 +150,10 @@ class ProgressLine:
         self._start = time.monotonic()
         self._start_step = start_step
 
-    def update(self, step: int, loss: float, tokens_per_sec: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_sec: float,
+               dropped: float | None = None) -> None:
+        """`dropped`: the step's dropped fraction of assignments (mean over MoE
+        layers), shown when nonzero."""
         now = time.monotonic()
         done = step - self._start_step
         rate = done / max(now - self._start, 1e-9)
@@ -159,6 +162,8 @@ class ProgressLine:
         filled = int(width * step / max(self.total_steps, 1))
         line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total_steps} "
                 f"loss {loss:.4f} {tokens_per_sec / 1e3:.1f}k tok/s eta {eta:.0f}s")
+        if dropped:
+            line += f" dropped {dropped:.4f}"
         if self._tty:
             self.stream.write("\r" + line)
         else:

@@ -36,6 +36,23 @@ class DomainLossWindow:
         return out
 
 
+class DroppedMean:
+    """Mean dropped fraction per MoE layer over the train steps of this run."""
+
+    def __init__(self):
+        self._sums: dict[str, float] = {}
+        self._steps = 0
+
+    def add(self, layer_stats: dict[str, Any]) -> None:
+        self._steps += 1
+        for layer, stats in layer_stats.items():
+            if getattr(stats, "dropped_fraction", None) is not None:
+                self._sums[layer] = self._sums.get(layer, 0.0) + float(stats.dropped_fraction)
+
+    def means(self) -> dict[str, float]:
+        return {layer: total / self._steps for layer, total in self._sums.items()}
+
+
 def render(summary: dict[str, Any]) -> str:
     """Human-readable text of `summary` (see `Trainer._summary`)."""
     nats_to_bits = 1.0 / math.log(2.0)
@@ -57,7 +74,10 @@ def render(summary: dict[str, Any]) -> str:
         lines.append("(losses are per token; the unigram entropy is per byte)")
     for layer, info in summary.get("moe", {}).items():
         load = " ".join(f"{x:.3f}" for x in info["load"])
-        lines.append(f"{layer}: expert load [{load}] dropped {info['dropped_fraction']:.4f} "
+        train = info.get("train_dropped_fraction")
+        dropped = (f"dropped {info['dropped_fraction']:.4f}" if train is None else
+                   f"dropped train {train:.4f} valid {info['dropped_fraction']:.4f}")
+        lines.append(f"{layer}: expert load [{load}] {dropped} "
                      f"MaxVio {info['max_violation']:.3f}")
     lines.append("workdir:")
     for name, path in summary["paths"].items():
@@ -65,10 +85,15 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def moe_summary(expert_counts: dict[str, np.ndarray],
-                dropped: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Per MoE layer: expert load shares, dropped fraction and MaxVio of the counts."""
-    return {layer: {"load": load_fractions(counts).tolist(),
-                    "dropped_fraction": float(dropped.get(layer, 0.0)),
-                    "max_violation": float(balance.max_violation(jnp.asarray(counts)))}
-            for layer, counts in expert_counts.items()}
+def moe_summary(expert_counts: dict[str, np.ndarray], dropped: dict[str, float], *,
+                train_dropped: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Per MoE layer: validation expert load shares, dropped fraction and MaxVio of
+    the counts, and (given `train_dropped`) the mean dropped fraction in training."""
+    out = {}
+    for layer, counts in expert_counts.items():
+        out[layer] = {"load": load_fractions(counts).tolist(),
+                      "dropped_fraction": float(dropped.get(layer, 0.0)),
+                      "max_violation": float(balance.max_violation(jnp.asarray(counts)))}
+        if train_dropped is not None and layer in train_dropped:
+            out[layer]["train_dropped_fraction"] = float(train_dropped[layer])
+    return out

@@ -120,15 +120,18 @@ class Sharding:
       expert_parallel: use the all-to-all dispatch when `expert` > 1.
       ep_dropless: dropless exchange: 'padded' (any platform) or 'ragged'
         (GPU/TPU, `lax.ragged_all_to_all`).
-      ep_buffer_factor: padded slots per (device, expert), in units of the
-        balanced load.
+      ep_buffer_factor: None (default): padded buffers sized to the worst
+        case (every token of a device to one expert), exactly dropless. A
+        number opts into bounded buffers of that many times the balanced
+        load, which DROP what overflows them (the start-up line says so; the
+        drop rate is on the progress line and in the summary).
       devices: devices to use (default all, or one; see `make_mesh`).
     """
 
     def __init__(self, mesh_shape: Mapping[str, int] | None = None, *,
                  rules: Sequence[Sequence] | Mapping[str, Any] = sharding.DEFAULT_RULES,
                  expert_parallel: bool = True, ep_dropless: str = "padded",
-                 ep_buffer_factor: float = 2.0, devices: Sequence[jax.Device] | None = None):
+                 ep_buffer_factor: float | None = None, devices: Sequence[jax.Device] | None = None):
         if mesh_shape is None:
             mesh_shape = mesh_shape_from_gin()
         self.mesh = make_mesh(mesh_shape, devices)
@@ -190,13 +193,23 @@ class Sharding:
                 shards=self.batch_shards, options=self.ep_options)
         axes = sharding.mesh_axes_for("expert", self.rules)
         line = ep_lib.describe(axes, ep, capacity, self.ep_options,
-                               known=tokens_per_call is not None)
+                               known=tokens_per_call is not None,
+                               drops=self._dropless_may_drop([layers[n] for n in switched]))
         line += f" in layers {switched}"
         kept = sorted(set(layers) - set(switched))
         if kept:
             line += f"; {kept} keep their dispatch (their router needs another one)"
         _log.info(line)
         return line
+
+    def _dropless_may_drop(self, moe_layers: Sequence[Any]) -> bool | None:
+        """Whether the exchange of a dropless layer among `moe_layers` (training or
+        evaluation capacity None) can overflow; None when none is dropless."""
+        dropless = [m for m in moe_layers
+                    if m.capacity_factor is None or m.eval_capacity_factor is None]
+        if not dropless:
+            return None
+        return any(ep_lib.may_drop(m.num_experts, m.k, self.ep_options) for m in dropless)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:

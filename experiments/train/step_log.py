@@ -39,6 +39,7 @@ class StepLog:
         self.writer = MetricsWriter(log_dir, resume_step=start_step if resumed else None)
         self.progress = None if quiet else ProgressLine(num_steps, start_step)
         self.window = summary_lib.DomainLossWindow(domains, summary_window)
+        self.dropped = summary_lib.DroppedMean()
         self._last_time = time.monotonic()
         self._closed = False
 
@@ -50,6 +51,7 @@ class StepLog:
         tokens_per_sec = float(metrics["num_tokens"]) / max(now - self._last_time, 1e-9)
         self._last_time = now
         self.window.add(metrics["domain_ce_sum"], metrics["domain_tokens"])
+        self.dropped.add(metrics["moe"])
         log_now = step % self.log_every == 0 or step == self.num_steps
         scalars = {name: float(metrics[name]) for name in _STEP_SCALARS}
         scalars.update({name: float(metrics[name]) for name in metrics["loss_terms"]})
@@ -63,7 +65,8 @@ class StepLog:
                 self.writer.histogram(f"moe/{layer}/load_histogram",
                                       load_fractions(stats.counts), step)
             if self.progress:
-                self.progress.update(step, scalars["loss"], tokens_per_sec)
+                self.progress.update(step, scalars["loss"], tokens_per_sec,
+                                     dropped=scalars.get("dropped_fraction"))
 
     def evaluation(self, step: int, result: EvalResult) -> None:
         self.writer.write(step, "valid", dict(result.scalars(),
@@ -100,7 +103,8 @@ def summary(workdir: Path, log: StepLog, *, step: int, data: DataConfig,
         "valid_tokens": last_eval.domain_tokens, "unigram_entropy": entropy_dict,
         "moe": summary_lib.moe_summary({k: last_eval.expert_counts[k] for k in moe_layers
                                         if k in last_eval.expert_counts},
-                                       last_eval.dropped_fraction),
+                                       last_eval.dropped_fraction,
+                                       train_dropped=log.dropped.means()),
         "paths": {"workdir": str(workdir), "checkpoints": str(checkpoint_dir),
                   "tensorboard": str(writer.tensorboard_dir), "metrics": str(writer.jsonl_path),
                   "config": str(workdir / gin_utils.CONFIG_FILE),

@@ -114,8 +114,10 @@ class BaseRouter(nnx.Module):
 
     Class attributes a subclass may set:
       state_keys: router-state keys it reads (`moe.router_state`).
-      expert_parallel_ok: token choice with k assignments per token, so the
-        expert-parallel dispatch can run it.
+      expert_parallel_ok: token choice with k distinct experts per token, so the
+        expert-parallel dispatch can run it (its default buffers, sized to the
+        worst case, then hold every assignment; a repeated expert would
+        overflow them and be reported as dropped).
       variable_assignments: the number of assignments per token varies in
         training (FLOPs are then counted from `kept_counts`).
     """

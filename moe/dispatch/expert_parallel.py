@@ -12,10 +12,15 @@ the "batch" rule, which must include the expert axes):
     for the whole call), filled choice-major; buffers `[ep, E/ep, C_shard, d]`
     go through one all_to_all, every device runs its experts on
     `[E/ep, ep * C_shard, d]`, and a second all_to_all brings results back.
-  padded (dropless, default): the same buffers sized
-    `C_shard = ceil(buffer_factor * k * T_shard / E)`. Assignments beyond it
-    overflow: they come back with keep=False, so the layer counts them in
-    `kept_counts` and `dropped_fraction` (never silent).
+  padded (dropless, default): the same buffers, sized by default to the worst
+    case, `C_shard = T_shard` (every token of a shard sending its row to one
+    expert; each token names an expert at most once, as top-k routing does),
+    so nothing can overflow: exact, at E/k times the balanced load in memory
+    and expert FLOPs. With `buffer_factor` set (an explicit opt-in),
+    `C_shard = min(T_shard, ceil(buffer_factor * k * T_shard / E))`; when that
+    is below T_shard, assignments beyond it overflow and come back with
+    keep=False: the layer counts them in `kept_counts` and `dropped_fraction`,
+    and `describe` says the buffer is bounded.
   ragged (dropless, GPU/TPU): rows sorted by expert travel with
     `lax.ragged_all_to_all` (exact sizes, nothing dropped), are regrouped by
     local expert and go through `lax.ragged_dot`. Not implemented on CPU, where
@@ -65,18 +70,21 @@ class ExpertParallelOptions:
         weights to XLA's automatic partitioning).
       dropless: how dropless layers (capacity_factor None) exchange tokens:
         one of `DROPLESS_MODES`.
-      buffer_factor: padded mode: slots per (device, expert) pair, in units
-        of the balanced load k * T_shard / E.
+      buffer_factor: padded mode: None (default) sizes each (device, expert)
+        buffer to the worst case, T_shard slots, so nothing is dropped; a
+        number bounds it to that many times the balanced load k * T_shard / E
+        (an opt-in: what overflows is dropped and reported).
     """
 
     enabled: bool = True
     dropless: str = "padded"
-    buffer_factor: float = 2.0
+    buffer_factor: float | None = None
 
     def __post_init__(self):
         check_one_of("dropless", self.dropless, DROPLESS_MODES)
-        if not self.buffer_factor > 0:
-            raise ValueError(f"buffer_factor must be > 0, got {self.buffer_factor}")
+        if self.buffer_factor is not None and not self.buffer_factor > 0:
+            raise ValueError(f"buffer_factor must be > 0 or None (worst-case buffers, exact), "
+                             f"got {self.buffer_factor}")
 
 
 _active_options: ScopedValue[ExpertParallelOptions] = ScopedValue()
@@ -101,13 +109,26 @@ def expert_parallel_size() -> int:
 def shard_capacity(num_tokens: int, k: int, num_experts: int, capacity: int | None, *,
                    shards: int, options: ExpertParallelOptions) -> int | None:
     """Slots per (shard, expert) buffer: ceil(C / shards) with a capacity; in
-    padded dropless mode ceil(buffer_factor * k * T_shard / E); None (exact
-    sizes) in the ragged modes."""
+    padded dropless mode T_shard (the worst case), or with a buffer factor
+    min(T_shard, ceil(buffer_factor * k * T_shard / E)); None (exact sizes) in
+    the ragged modes."""
     if capacity is not None:
         return -(-capacity // shards)
     if options.dropless == "padded":
-        return max(1, safe_ceil(options.buffer_factor * k * (num_tokens // shards) / num_experts))
+        worst_case = max(1, num_tokens // shards)
+        if options.buffer_factor is None:
+            return worst_case
+        return min(worst_case, max(1, safe_ceil(
+            options.buffer_factor * k * (num_tokens // shards) / num_experts)))
     return None
+
+
+def may_drop(num_experts: int, k: int, options: ExpertParallelOptions) -> bool:
+    """Whether a dropless layer's exchange can overflow: padded mode with a buffer
+    factor below E / k, so buffers (of any call size) may hold fewer than the
+    T_shard slots of the worst case."""
+    return (options.dropless == "padded" and options.buffer_factor is not None
+            and options.buffer_factor * k < num_experts)
 
 
 def dispatch_rows(num_tokens: int, k: int, num_experts: int, capacity: int | None, *,
@@ -123,10 +144,14 @@ def dispatch_rows(num_tokens: int, k: int, num_experts: int, capacity: int | Non
 
 
 def describe(ep_axes: tuple[str, ...], ep: int, shard_capacity_: int | None,
-             options: ExpertParallelOptions, *, known: bool = True) -> str:
-    """One log line: "dispatch: expert_parallel over mesh axes (...), capacity per shard C".
+             options: ExpertParallelOptions, *, known: bool = True,
+             drops: bool | None = None) -> str:
+    """One log line: "dispatch: expert_parallel over mesh axes (...), capacity per shard C,
+    dropless mode M (what it guarantees)".
 
     `known=False`: the tokens per call are not known yet, so neither is C.
+    `drops`: whether a dropless layer's exchange can overflow (`may_drop`); None
+    when no layer is dropless (the mode then does not apply).
     """
     if not known:
         capacity = "set per call"
@@ -134,8 +159,15 @@ def describe(ep_axes: tuple[str, ...], ep: int, shard_capacity_: int | None,
         capacity = "exact (ragged exchange)"
     else:
         capacity = str(shard_capacity_)
-    return (f"dispatch: expert_parallel over mesh axes {ep_axes} (ep={ep}), capacity per shard "
+    line = (f"dispatch: expert_parallel over mesh axes {ep_axes} (ep={ep}), capacity per shard "
             f"{capacity}, dropless mode {options.dropless!r}")
+    if drops:
+        line += (f" (BOUNDED buffer, Sharding.ep_buffer_factor={options.buffer_factor}: "
+                 f"assignments that overflow it are DROPPED; the drop rate is on the progress "
+                 f"line and in the summary)")
+    elif drops is not None and options.dropless == "padded":
+        line += " (worst-case buffers: exact, nothing dropped)"
+    return line
 
 
 @dataclasses.dataclass(frozen=True)

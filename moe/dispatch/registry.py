@@ -27,12 +27,17 @@ class DispatchTraits:
     """What a dispatch guarantees beyond the common interface.
 
     Attributes:
-      exact_dropless: with `capacity=None` every assignment is computed (keep
-        is all True). False for a dispatch whose dropless mode uses bounded
-        buffers and reports the overflow as dropped (keep=False).
+      exact_dropless: with `capacity=None` and the dispatch's default options,
+        every assignment is computed (keep is all True). False for a dispatch
+        whose dropless mode uses bounded buffers and reports the overflow as
+        dropped (keep=False).
+      bounded_option: the setting, if any, that opts the dropless mode into
+        bounded buffers which drop what overflows them (reported in keep);
+        with it set, the dispatch is no longer exactly dropless.
     """
 
     exact_dropless: bool = True
+    bounded_option: str | None = None
 
 
 _DISPATCHERS: dict[str, Dispatcher] = {}
@@ -77,6 +82,7 @@ register_dispatch("pallas", make_sort_dispatch(kernel_api.dispatch_gmm, "pallas"
 # Expert parallelism over the context mesh (all_to_all in shard_map); the sharding config selects
 # it for the MoE layers when the "expert" rule maps to mesh axes of size > 1
 # (experiments/runtime/mesh.py `Sharding.configure_dispatch`, moe/dispatch/expert_parallel.py).
-# Its default dropless mode ("padded") drops what overflows its buffers, reported in keep.
+# Its default dropless mode ("padded") sizes buffers to the worst case and drops nothing;
+# `Sharding.ep_buffer_factor` opts into bounded buffers that drop what overflows (in keep).
 register_dispatch("expert_parallel", expert_parallel_dispatch,
-                  DispatchTraits(exact_dropless=False))
+                  DispatchTraits(exact_dropless=True, bounded_option="Sharding.ep_buffer_factor"))

@@ -6,6 +6,8 @@ updated parameters compares gradients, expert weights included.
 """
 
 import functools
+import io
+import json
 import logging
 import re
 
@@ -17,6 +19,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from experiments.reporting import summary as summary_lib
+from experiments.reporting.metrics import ProgressLine
 from experiments.runtime import mesh as mesh_lib
 from experiments.train.flops import flop_counter
 from experiments.train.train_step import LossWeights, make_train_step
@@ -28,7 +32,8 @@ from moe import sharding
 from moe.dispatch import einsum_dispatch
 from moe.dispatch import expert_parallel as ep_lib
 from moe.experts import ExpertFFN
-from tests.helpers import COMPILATION_CACHE
+from moe.layer_aux import MoeAux
+from tests.helpers import COMPILATION_CACHE, run_script
 
 NUM_DOMAINS = 2
 # Recompiling a step for its HLO (and reruns) hit the persistent cache.
@@ -161,9 +166,10 @@ def test_expert_parallel_step_compiles_to_all_to_all():
 
 def test_expert_parallel_is_chosen_by_the_sharding_config_logged_and_counted(caplog):
     # {data: 2, expert: 4}: the batch is split 8 ways (batch rule: data, fsdp, expert).
-    # 64 tokens per micro-batch -> 8 per shard; padded buffers of ceil(2.0 * k * 8 / E) = 4
-    # slots for each of the 8 experts on each of the 8 shards = 256 expert rows, where
-    # the single-device sort dispatch computes T * k = 128.
+    # 64 tokens per micro-batch -> 8 per shard; the default padded buffers hold the worst
+    # case, 8 slots for each of the 8 experts on each of the 8 shards = 512 expert rows,
+    # where the single-device sort dispatch computes T * k = 128. The opt-in buffer factor
+    # 2.0 bounds them to ceil(2.0 * k * 8 / E) = 4 slots (256 rows), and the line says so.
     model = nnx.eval_shape(lambda: _model())
     plain = flop_counter(model, batch_size=8, seq_len=8)
     assert model.layer_1.ffn.dispatch == "sort" and plain.static_rows == {"layer_1": 128}
@@ -171,10 +177,16 @@ def test_expert_parallel_is_chosen_by_the_sharding_config_logged_and_counted(cap
     with caplog.at_level(logging.INFO, logger=mesh_lib.__name__):
         line = sharder.configure_dispatch(model, tokens_per_call=64)
     assert line.startswith("dispatch: expert_parallel over mesh axes ('expert',) (ep=4), "
-                           "capacity per shard 4")
+                           "capacity per shard 8, dropless mode 'padded' (worst-case buffers: "
+                           "exact, nothing dropped)")
     assert line in caplog.text
     assert model.layer_1.ffn.dispatch == "expert_parallel"
-    assert flop_counter(model, batch_size=8, seq_len=8).static_rows == {"layer_1": 256}
+    assert flop_counter(model, batch_size=8, seq_len=8).static_rows == {"layer_1": 512}
+    bounded = nnx.eval_shape(lambda: _model())
+    line = mesh_lib.Sharding({"data": 2, "expert": 4}, ep_buffer_factor=2.0).configure_dispatch(
+        bounded, tokens_per_call=64)
+    assert "capacity per shard 4" in line and "BOUNDED" in line and "DROPPED" in line
+    assert flop_counter(bounded, batch_size=8, seq_len=8).static_rows == {"layer_1": 256}
     # Turned off in the config, the layers keep their dispatch and the log says why.
     off = nnx.eval_shape(lambda: _model())
     line = mesh_lib.Sharding({"data": 2, "expert": 4},
@@ -265,6 +277,82 @@ def test_padded_overflow_is_counted_not_silent():
     y = np.asarray(out.y)
     np.testing.assert_allclose(y[:4], np.full((4, 4), 16.0))
     np.testing.assert_allclose(y[4:8], 0.0)
+
+
+def _skewed_layer():
+    """A dropless top-2 layer whose router sends every (positive) token to experts 0 and 1."""
+    layer = MoeLayer(8, 16, num_experts=8, k=2, rngs=nnx.Rngs(0))
+    layer.router.kernel[...] = jnp.zeros((8, 8)).at[:, 0].set(1.0).at[:, 1].set(0.5)
+    x = jnp.abs(jax.random.normal(jax.random.PRNGKey(0), (8, 8, 8))) + 0.1
+    return layer, x
+
+
+def _expert_parallel_forward(layer, x, sharder):
+    layer.use_expert_parallel(sharder.ep_options, sharder.batch_shards)
+    graphdef, state = nnx.split(layer)
+    with sharder.context():
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+
+
+def test_dropless_stays_dropless_under_expert_parallelism_with_skewed_routing():
+    # All 64 tokens pick experts 0 and 1, so each of the 8 token shards sends its 8 tokens
+    # to one expert rank: the default buffers (the worst case) hold them all, and the
+    # output equals the 1-device dropless layer.
+    layer, x = _skewed_layer()
+    y_ref, aux_ref = layer(x)
+    assert float(aux_ref.dropped_fraction) == 0.0
+    np.testing.assert_array_equal(aux_ref.counts, [64, 64, 0, 0, 0, 0, 0, 0])
+    y, aux = _expert_parallel_forward(layer, x, mesh_lib.Sharding({"data": 2, "expert": 4}))
+    assert float(aux.dropped_fraction) == 0.0
+    np.testing.assert_array_equal(aux.kept_counts, aux_ref.kept_counts)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bounded_buffer_is_an_opt_in_and_its_drops_are_reported():
+    # Sharding.ep_buffer_factor = 2.0: ceil(2 * 2 * 8 / 8) = 4 slots per (shard, expert)
+    # for 8 tokens each: half of every assignment overflows, and dropped_fraction says so.
+    layer, x = _skewed_layer()
+    sharder = mesh_lib.Sharding({"data": 2, "expert": 4}, ep_buffer_factor=2.0)
+    _, aux = _expert_parallel_forward(layer, x, sharder)
+    assert float(aux.dropped_fraction) == 0.5
+
+
+def test_progress_line_and_summary_state_the_drop_rate():
+    stream = io.StringIO()
+    progress = ProgressLine(10, stream=stream)
+    progress.update(5, 1.0, 1000.0, dropped=0.0)
+    progress.update(10, 1.0, 1000.0, dropped=0.0617)
+    first, second = stream.getvalue().splitlines()
+    assert "dropped" not in first and second.endswith("dropped 0.0617")
+    dropped = summary_lib.DroppedMean()
+    for value in (0.1, 0.2):
+        dropped.add({"layer_1": MoeAux(dropped_fraction=jnp.float32(value))})
+    moe = summary_lib.moe_summary({"layer_1": np.ones(4)}, {"layer_1": 0.25},
+                                  train_dropped=dropped.means())
+    assert moe["layer_1"]["train_dropped_fraction"] == pytest.approx(0.15)
+    text = summary_lib.render({"step": 10, "domains": [], "moe": moe, "paths": {}})
+    assert "dropped train 0.1500 valid 0.2500" in text
+
+
+def test_training_with_the_bounded_buffer_states_the_drop_rate(tmp_path):
+    # The opt-in end to end: 8 devices {data: 2, expert: 4}, the tiny dropless config
+    # with a bounded buffer (1.0 x the balanced load) that overflows. The start-up
+    # dispatch line says drops happen, the progress line and the summary give the rate.
+    result = run_script(
+        "scripts/train.py", "--gin_file=gin_configs/experiments/test_tiny.gin",
+        "--gin_param=MESH_SHAPE = {'data': 2, 'expert': 4}",
+        "--gin_param=Sharding.ep_buffer_factor = 1.0", "--gin_param=train.num_microbatches = 1",
+        "--gin_param=train.num_steps = 4", "--gin_param=train.log_every = 2",
+        "--gin_param=train.eval_every = 4", "--gin_param=DataConfig.eval_max_batches = 1",
+        f"--workdir={tmp_path}", num_devices=8, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert ("(BOUNDED buffer, Sharding.ep_buffer_factor=1.0: assignments that overflow it are "
+            "DROPPED; the drop rate is on the progress line and in the summary)") in output
+    assert re.search(r"step 4/4 loss \S+ .* dropped 0\.\d*[1-9]", output)
+    layer = json.loads((tmp_path / "summary.json").read_text())["moe"]["layer_1"]
+    assert layer["train_dropped_fraction"] > 0 and layer["dropped_fraction"] > 0
+    assert re.search(r"layer_1: .* dropped train 0\.\d+ valid 0\.\d+", output)
 
 
 def test_ragged_is_refused_on_cpu_and_options_validated():
