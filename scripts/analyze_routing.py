@@ -7,7 +7,12 @@ come from the run's config.gin), routes the labelled validation data and
 writes, per MoE layer, a domain x expert heat map (routing_<layer>.png) and
 JSON (routing fractions, I(domain; expert), MaxVio), plus routing.json and a
 loss-curve plot from metrics.jsonl, into --output_dir (default
-<workdir>/analysis).
+<workdir>/analysis), and prints the paths it wrote.
+
+A dense run (no MoE layers) has no routing to analyse: the script says so,
+writes routing.json (no layers) and the loss curves, and exits 0 (there is
+nothing wrong with the run). Exit status 2 when the workdir has no config.gin
+or no intact checkpoint.
 """
 
 from __future__ import annotations
@@ -33,11 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, gin_utils.GinConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not report["layers"]:
+        print(f"{args.workdir}: the model is dense (no MoE layers): no routing to analyse")
     for layer, info in report["layers"].items():
         fractions = ", ".join(f"{d}: {max(row):.2f}" for d, row in
                               zip(info["domains"], info["routing_fractions"]))
         print(f"{layer}: I(domain; expert) = {info['mutual_information_bits']:.4f} bits, "
               f"MaxVio = {info['max_violation']:.3f}, top expert share per domain ({fractions})")
+    print("wrote:")
+    for path in report["files"]:
+        print(f"  {path}")
     return 0
 
 

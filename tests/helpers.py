@@ -90,6 +90,12 @@ def shared_training_run(tmp_path_factory, name: str, *args: str,
     return workdir, result.stdout
 
 
+def shared_run_stderr(tmp_path_factory, name: str) -> str:
+    """The stderr of the run `run_script_once(name, ...)` (or `shared_training_run`) did."""
+    record = shared_dir(tmp_path_factory, name).parent / f"{name}.result.json"
+    return json.loads(record.read_text())["stderr"]
+
+
 def path_with_both_splits(candidate: Callable[[int], Path],
                           record_groups: Callable[[Path], Iterable[Iterable[str]]],
                           validation_fraction: float, min_validation: int = 1) -> Path:

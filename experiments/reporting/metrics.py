@@ -2,8 +2,9 @@
 
 `metrics.jsonl` holds one JSON object per line: `{"step": N, "split": "train",
 ...scalars}` for every train step and `{"step": N, "split": "valid", ...}` per
-evaluation. On resume it is cut back to the restored step, so after a crash
-and restart every step appears exactly once.
+evaluation. On resume it is cut back to the restored step, and so are the
+TensorBoard event files (`experiments.reporting.tb_purge`), so after a crash and
+restart every step appears exactly once in both.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from experiments.reporting.tb_purge import purge_events
 from moe import balance
 from moe.layer_aux import LayerAux, MoeAux, layer_means
 
@@ -112,7 +114,13 @@ class MetricsWriter:
         else:
             truncate_jsonl(self.jsonl_path, resume_step)
         self.tensorboard_dir = Path(tensorboard_dir or self.workdir / "tensorboard")
-        self._tb = SummaryWriter(str(self.tensorboard_dir), flush_secs=10)
+        # Events of steps after the restored one (or of an earlier run, on a fresh
+        # start) are removed from the files; `purge_step` also tells a TensorBoard
+        # that already loaded them to drop them.
+        last_step = resume_step or 0
+        purge_events(self.tensorboard_dir, last_step)
+        self._tb = SummaryWriter(str(self.tensorboard_dir), flush_secs=10,
+                                 purge_step=last_step + 1)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     def write(self, step: int, split: str, scalars: dict[str, float],
@@ -149,6 +157,7 @@ class ProgressLine:
         self._tty = self.stream.isatty()
         self._start = time.monotonic()
         self._start_step = start_step
+        self._pending = False  # a "\r" line without its newline yet
 
     def update(self, step: int, loss: float, tokens_per_sec: float,
                dropped: float | None = None) -> None:
@@ -166,11 +175,17 @@ class ProgressLine:
             line += f" dropped {dropped:.4f}"
         if self._tty:
             self.stream.write("\r" + line)
+            self._pending = True
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
 
-    def finish(self) -> None:
-        if self._tty:
+    def break_line(self) -> None:
+        """Ends a pending carriage-return line, so another line can be printed."""
+        if self._tty and self._pending:
             self.stream.write("\n")
             self.stream.flush()
+        self._pending = False
+
+    def finish(self) -> None:
+        self.break_line()

@@ -35,7 +35,9 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
     `loss_curves.png` (output_dir defaults to `<workdir>/analysis`).
 
     The run's `config.gin` must already be parsed (see `parse_run_config`).
-    Returns the `routing.json` contents.
+    Returns the `routing.json` contents plus `files`, the paths written. A
+    dense run has no routing: `layers` is empty and only `routing.json` and the
+    loss curves are written.
     """
     workdir = Path(workdir)
     output_dir = Path(output_dir) if output_dir is not None else workdir / "analysis"
@@ -65,15 +67,18 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
 
     report: dict[str, Any] = {"step": restored.step, "num_batches": len(batches),
                               "selection_biases": router_state is not None, "layers": {}}
+    files: list[Path] = []
     for layer, layer_counts in counts.items():
         layer_report = analysis.layer_report(layer_counts, domains)
         report["layers"][layer] = layer_report
         (output_dir / f"routing_{layer}.json").write_text(json.dumps(layer_report, indent=2))
+        files += [output_dir / f"routing_{layer}.json", output_dir / f"routing_{layer}.png"]
         analysis.plot_heatmap(
             layer_counts, domains,
             f"{layer} @ step {restored.step}: I(domain; expert) = "
             f"{layer_report['mutual_information_bits']:.3f} bits", output_dir / f"routing_{layer}.png")
     (output_dir / "routing.json").write_text(json.dumps(report, indent=2))
+    files.append(output_dir / "routing.json")
 
     metrics_path = workdir / METRICS_FILE
     if metrics_path.exists():
@@ -84,7 +89,8 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
                 "nats_per_byte")
         analysis.plot_loss_curves(read_jsonl(metrics_path), output_dir / "loss_curves.png",
                                   entropy_nats=entropy)
-    return report
+        files.append(output_dir / "loss_curves.png")
+    return dict(report, files=[str(f) for f in files])
 
 
 def parse_run_config(workdir: str | Path) -> None:

@@ -79,6 +79,10 @@ def render(summary: dict[str, Any]) -> str:
                    f"dropped train {train:.4f} valid {info['dropped_fraction']:.4f}")
         lines.append(f"{layer}: expert load [{load}] {dropped} "
                      f"MaxVio {info['max_violation']:.3f}")
+    if "wall_time_s" in summary:
+        lines.append(f"wall time {summary['wall_time_s']:.1f} s for {summary['steps_this_run']} "
+                     f"steps in this run; {summary['tokens_seen']:,} tokens seen in all "
+                     f"{summary['step']} steps")
     lines.append("workdir:")
     for name, path in summary["paths"].items():
         lines.append(f"  {name:<16} {path}")

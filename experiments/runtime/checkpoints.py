@@ -27,6 +27,7 @@ warning naming both steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -42,6 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments.runtime.checksums import tree_digest
+from experiments.runtime.log_filters import quiet_read_only_warnings
 
 _log = logging.getLogger(__name__)
 
@@ -161,11 +163,13 @@ class Checkpointer:
         self.read_only = read_only
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"no checkpoint directory {self.directory}")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=not read_only,
-            cleanup_tmp_directories=not read_only, read_only=read_only,
-            enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        with quiet_read_only_warnings() if read_only else contextlib.nullcontext():
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=not read_only,
+                cleanup_tmp_directories=not read_only, read_only=read_only,
+                enable_async_checkpointing=async_save)
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_names=ITEMS)
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

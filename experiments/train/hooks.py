@@ -3,6 +3,7 @@
 A step hook is one class (docs/training.md, "Step hooks", has a worked example). The
 trainer calls, for every optimizer step `step` (1-based):
 
+  lines = hook.messages(step, state)                           # printed before the step
   batch = hook.before_step(step, batch)                       # e.g. test fault injection
   router_state = merge of hook.router_state(step, state, ctx)  # per-step router inputs
   ... the train step runs with `router_state` ...
@@ -108,6 +109,11 @@ class StepHook:
         return dict(saved) if saved is not None else self.init_state(ctx)
 
     # -- per step -------------------------------------------------------------
+    def messages(self, step: int, state: HookState) -> Sequence[str]:
+        """Lines the console announces before step `step` runs (e.g. a phase change)."""
+        del step, state
+        return ()
+
     def before_step(self, step: int, batch: Batch) -> Batch:
         del step
         return batch
@@ -172,3 +178,8 @@ def router_state(hooks: Sequence[StepHook], states: Mapping[str, HookState], ste
     for hook in hooks:
         merged = merged.merge(hook.router_state(step, states[hook.name], ctx, for_eval=for_eval))
     return merged
+
+
+def messages(hooks: Sequence[StepHook], states: Mapping[str, HookState], step: int) -> list[str]:
+    """Every hook's announcements before step `step`, in hook order."""
+    return [line for hook in hooks for line in hook.messages(step, states[hook.name])]

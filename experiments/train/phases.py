@@ -157,6 +157,22 @@ class PhasePlan(StepHook):
                                        copy_moments=self.copy_moments)
         return state, TrainState(MOE, params, opt_state)
 
+    def messages(self, step: int, state: HookState) -> list[str]:
+        """Announces each phase at its first step (and the diversify before the first MoE step)."""
+        phase = self.phase(step)
+        if step > 1 and phase == self.phase(step - 1):
+            return []
+        if phase == "dense":
+            return [f"EvoMoE dense phase: steps 1..{self.dense_steps} train the dense model"]
+        done = (f"diversified the dense model into the MoE model ({self.diversify!r}) after "
+                f"step {self.dense_steps}; " if step == self.dense_steps + 1 and self.dense_steps
+                else "")
+        if phase == "soft":
+            return [f"EvoMoE soft phase: {done}steps {step}..{self.soft_until} route with the "
+                    f"dense-to-sparse gate, temperature {self.temperature(step):.3g} -> "
+                    f"{self.min_temperature:.3g} ({self.temperature_schedule})"]
+        return [f"EvoMoE hard phase: {done}steps {step}.. route with the top-k of the gate"]
+
     def scalars(self, step: int, state: HookState, metrics: Mapping[str, Any]) -> dict[str, float]:
         """`phase` (0 dense, 1 soft, 2 hard) and, after the dense phase, `gate_temperature`."""
         phase = self.phase(step)

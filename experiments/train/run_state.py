@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from experiments.data import pipeline as data_lib
+from experiments.reporting import console
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import hooks as hooks_lib
@@ -46,7 +47,7 @@ class Runtime(NamedTuple):
     params, opt_state: its initial state, or only its shapes
     (`jax.ShapeDtypeStruct`) once the trainer has taken it; experts_per_layer:
     `{moe layer: E}`; train_step, eval_step: the sharded steps; flops: its
-    `FlopCounter`.
+    `FlopCounter`; param_counts: (total, active per token) parameters.
     """
 
     structure: str
@@ -56,6 +57,7 @@ class Runtime(NamedTuple):
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
     flops: FlopCounter
+    param_counts: tuple[int, int] = (0, 0)
 
 
 class Runtimes:
@@ -94,7 +96,8 @@ class Runtimes:
             eval_step=sharder.wrap_eval_step(make_eval_step(graphdef, rest, num_domains)),
             flops=flop_counter(model, batch_size=setup.data.batch_size,
                                seq_len=setup.data.seq_len,
-                               num_microbatches=config.num_microbatches))
+                               num_microbatches=config.num_microbatches),
+            param_counts=console.param_counts(model))
 
     def take_initial_state(self, structure: str) -> tuple[Any, Any]:
         """The structure's initial (params, opt_state). The runtime keeps only their

@@ -12,6 +12,7 @@ from typing import Any
 
 from experiments.data.config import DataConfig
 from experiments.reporting import summary as summary_lib
+from experiments.reporting.console import Console
 from experiments.reporting.metrics import (
     MetricsWriter,
     ProgressLine,
@@ -34,10 +35,15 @@ class StepLog:
     """Writes what one run logs; `close()` when done."""
 
     def __init__(self, log_dir: Path, *, domains: list[str], num_steps: int, start_step: int,
-                 resumed: bool, log_every: int, summary_window: int, quiet: bool):
+                 resumed: bool, log_every: int, summary_window: int, quiet: bool,
+                 console: Console | None = None, tokenizer: str = ""):
         self.log_dir, self.num_steps, self.log_every = log_dir, num_steps, log_every
+        self.start_step = start_step
         self.writer = MetricsWriter(log_dir, resume_step=start_step if resumed else None)
         self.progress = None if quiet else ProgressLine(num_steps, start_step)
+        self.console = console or Console(quiet=True)
+        self.console.progress = self.progress
+        self._bits_per_byte = tokenizer == "byte"
         self.window = summary_lib.DomainLossWindow(domains, summary_window)
         self.dropped = summary_lib.DroppedMean()
         self._last_time = time.monotonic()
@@ -71,6 +77,7 @@ class StepLog:
     def evaluation(self, step: int, result: EvalResult) -> None:
         self.writer.write(step, "valid", dict(result.scalars(),
                                               **valid_moe_scalars(result.expert_counts)))
+        self.console.evaluation(step, result.loss, result.domain_loss, self._bits_per_byte)
 
     def flush(self) -> None:
         self.writer.flush()
@@ -101,6 +108,7 @@ def summary(workdir: Path, log: StepLog, *, step: int, data: DataConfig,
         "train_loss": log.window.losses(),
         "valid_loss": dict(last_eval.domain_loss, all=last_eval.loss),
         "valid_tokens": last_eval.domain_tokens, "unigram_entropy": entropy_dict,
+        **run_totals(log, step=step, data=data),
         "moe": summary_lib.moe_summary({k: last_eval.expert_counts[k] for k in moe_layers
                                         if k in last_eval.expert_counts},
                                        last_eval.dropped_fraction,
@@ -112,3 +120,13 @@ def summary(workdir: Path, log: StepLog, *, step: int, data: DataConfig,
                   "summary": str(workdir / SUMMARY_FILE)}}
     (log.log_dir / SUMMARY_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
+
+
+def run_totals(log: StepLog, *, step: int, data: DataConfig) -> dict[str, Any]:
+    """`wall_time_s` of this invocation (start-up, compilation and evaluations
+    included; a resumed run counts from its restart), the steps it ran, and
+    `tokens_seen`: token positions trained on over the whole run,
+    steps x `DataConfig.batch_size` x `seq_len` (padding included)."""
+    return {"wall_time_s": round(log.console.elapsed(), 3),
+            "steps_this_run": step - log.start_step,
+            "tokens_seen": step * data.batch_size * data.seq_len}

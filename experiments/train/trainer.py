@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 from experiments.data import pipeline as data_lib
 from experiments.data import sharded as sharded_data
 from experiments.reporting import summary as summary_lib
+from experiments.reporting.console import Console
 from experiments.runtime import distributed, gin_utils
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.runtime.workdir_lock import WorkdirLock
@@ -86,6 +86,7 @@ def train(workdir: str | Path, setup: TrainSetup | None = None, **config_changes
 def _train_locked(workdir: Path, setup: TrainSetup,
                   guard: interrupt_lib.InterruptGuard) -> dict[str, Any]:
     config, data, hooks = setup.config, setup.data, setup.hooks
+    console = Console(quiet=config.quiet)  # also the run's wall clock
     schedule = learning_rate_schedule(config.num_steps)
     runtimes = Runtimes(setup, make_optimizer(schedule))
     eval_batches = sharded_data.eval_batches(data)
@@ -97,25 +98,26 @@ def _train_locked(workdir: Path, setup: TrainSetup,
     try:
         run = run_state.start(setup, runtimes, checkpointer, train_iter,
                               flush=lambda: _flush(checkpointer, log))
-        if not config.quiet:
-            print(runtimes.dispatch_lines[run.train.structure], file=sys.stderr)
-            if run.resumed:
-                print(f"resuming from checkpoint at step {run.step}", file=sys.stderr)
+        console.startup(runtimes, setup.sharding, workdir, run)
         log = StepLog(log_dir, domains=data.domains(), num_steps=config.num_steps,
                       start_step=run.step, resumed=run.resumed, log_every=config.log_every,
-                      summary_window=config.summary_window, quiet=config.quiet)
+                      summary_window=config.summary_window, quiet=config.quiet,
+                      console=console, tokenizer=data.tokenizer)
         start_step, last_eval = run.step, None
         for step in range(start_step + 1, config.num_steps + 1):
             run.step = step
+            console.messages(step, hooks_lib.messages(hooks, run.hook_states, step))
             batch = next(train_iter)
             for hook in hooks:
                 batch = hook.before_step(step, batch)
             current = runtimes[run.train.structure]
+            console.before_step(run.train.structure)
             params, opt_state, metrics = current.train_step(
                 run.train.params, run.train.opt_state, batch,
                 jax.random.fold_in(run.base_key, step),
                 router_state=hooks_lib.router_state(hooks, run.hook_states, step, run.ctx))
             metrics = jax.device_get(metrics)
+            console.after_step()
             _check_finite(metrics, step, checkpointer)
             run.train = run.train._replace(params=params, opt_state=opt_state)
             del params, opt_state  # one reference: a structure switch frees the old state

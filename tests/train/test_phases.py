@@ -215,9 +215,19 @@ def test_resume_across_phase_boundaries_reproduces_losses(evomoe_run, tmp_path, 
     for step_dir in (workdir / "checkpoints").iterdir():
         if int(step_dir.name) > resume_from:
             shutil.rmtree(step_dir)
-    result = run_script("scripts/train.py", TINY, *EVOMOE_PARAMS, "--quiet",
-                        f"--workdir={workdir}")
+    result = run_script("scripts/train.py", TINY, *EVOMOE_PARAMS, f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    # The console announces the phases the resumed run enters, before their first step.
+    announced = [line for line in result.stderr.splitlines() if "EvoMoE" in line]
+    assert [line.split(":")[0] for line in announced] == \
+        [f"step {s}" for s in (5, 9) if s > resume_from]
+    if resume_from < 4:
+        assert "diversified the dense model" in announced[0]
+    assert f"resuming from checkpoint at step {resume_from}" in result.stderr
+    # TensorBoard holds each step once, though steps after `resume_from` ran twice.
+    from tbparse import SummaryReader
+    scalars = SummaryReader(str(workdir / "tensorboard")).scalars
+    assert sorted(scalars[scalars["tag"] == "train/loss"]["step"]) == list(range(1, 12))
     full = read_jsonl(evomoe_run / "metrics.jsonl", "train")
     resumed = read_jsonl(workdir / "metrics.jsonl", "train")
     assert [r["step"] for r in resumed] == list(range(1, 12))

@@ -1,0 +1,74 @@
+"""Cutting TensorBoard event files back to a step, as `metrics.jsonl` is on resume.
+
+tensorboardX's `SummaryWriter(purge_step=N)` only appends a "restart" marker to
+a new event file: TensorBoard itself then hides the older files' events at
+steps >= N, but other readers (tbparse, `EventAccumulator` per file, pandas
+exports) still see the re-run steps twice. `purge_events` rewrites every event
+file of a directory keeping only the events at steps <= `last_step`, so every
+step has one point after any number of resumes, whatever reads the files.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.record_writer import masked_crc32c
+
+_HEADER = struct.Struct("<Q")  # record length; then its masked CRC32C (4 bytes)
+
+
+def read_records(path: Path) -> Iterator[bytes]:
+    """The records of a TFRecord file, stopping at a torn or damaged one (a killed writer)."""
+    data = path.read_bytes()
+    pos = 0
+    while pos + 12 <= len(data):
+        header = data[pos:pos + 8]
+        (length,) = _HEADER.unpack(header)
+        if struct.unpack("<I", data[pos + 8:pos + 12])[0] != masked_crc32c(header):
+            return
+        start, end = pos + 12, pos + 12 + length
+        if end + 4 > len(data):
+            return
+        record = data[start:end]
+        if struct.unpack("<I", data[end:end + 4])[0] != masked_crc32c(record):
+            return
+        yield record
+        pos = end + 4
+
+
+def encode_record(record: bytes) -> bytes:
+    header = _HEADER.pack(len(record))
+    return (header + struct.pack("<I", masked_crc32c(header)) + record
+            + struct.pack("<I", masked_crc32c(record)))
+
+
+def purge_events(tensorboard_dir: str | Path, last_step: int) -> int:
+    """Drops the summaries at steps > `last_step` from every event file under
+    `tensorboard_dir` (rewritten atomically); returns how many were dropped.
+
+    Events without a summary (the file-version header, session markers) are kept.
+    """
+    dropped = 0
+    directory = Path(tensorboard_dir)
+    if not directory.is_dir():
+        return 0
+    for path in sorted(directory.rglob("events.out.tfevents.*")):
+        if not path.is_file():
+            continue
+        kept, changed = [], False
+        for record in read_records(path):
+            event = Event.FromString(record)
+            if event.HasField("summary") and event.step > last_step:
+                dropped += 1
+                changed = True
+                continue
+            kept.append(encode_record(record))
+        if changed or len(b"".join(kept)) != path.stat().st_size:  # also drops a torn tail
+            tmp = path.with_name(f".{path.name}.tmp")  # not matched by the glob
+            tmp.write_bytes(b"".join(kept))
+            os.replace(tmp, path)
+    return dropped
