@@ -7,7 +7,7 @@ rendered page. Its first line names the kind, then one directive per line:
     <!-- runnable: sh
     tiny scripts/train.py: --gin_file=gin_configs/experiments/test_tiny.gin
     skip: make
-    expect: expected exact (<= 1e-05 in fp32): OK
+    expect: in fp32): OK
     -->
 
 - `runnable: sh`: every command of the block is run from the repository root
