@@ -20,14 +20,17 @@ EXTRAS_REQUIRE = {
     # seqio pulls TensorFlow through tensorflow-text (the full `tensorflow`
     # wheel; a separate tensorflow-cpu would install the same package twice).
     "seqio": ["seqio>=0.0.19,<0.1", "tensorflow>=2.18,<2.22", "sentencepiece>=0.2,<0.3"],
-    # Jupyter and the .ipynb <-> py:percent pairing (notebooks/); the CI runs the
-    # percent files as scripts and checks the pairing with jupytext (in dev).
-    "notebooks": ["jupytext>=1.16,<2", "ipykernel>=6,<8", "nbformat>=5,<6"],
+    # What docs/notebooks.md tells users to run: `jupyter lab`, with the .ipynb <->
+    # py:percent pairing (jupytext). The CI executes the notebooks in a kernel (dev).
+    "notebooks": ["jupyterlab>=4,<5", "jupytext>=1.16,<2", "ipykernel>=6,<8",
+                  "nbformat>=5,<6"],
     # safetensors: scripts/import_dense.py and the pretrained-weights upcycling test.
     "import": ["safetensors>=0.4,<1"],
-    # sentencepiece: the SentencePiece tokenizer tests (a small wheel, no TensorFlow).
+    # sentencepiece: the SentencePiece tokenizer tests (a small wheel, no TensorFlow);
+    # nbclient, ipykernel, nbformat: tests/test_notebooks.py runs the notebooks in a kernel.
     "dev": ["pytest>=8", "pytest-xdist>=3", "tbparse>=0.0.9", "ruff>=0.5",
-            "safetensors>=0.4,<1", "jupytext>=1.16,<2", "sentencepiece>=0.2,<0.3"],
+            "safetensors>=0.4,<1", "jupytext>=1.16,<2", "sentencepiece>=0.2,<0.3",
+            "nbclient>=0.10,<1", "ipykernel>=6,<8", "nbformat>=5,<6"],
 }
 
 setup(

@@ -79,13 +79,14 @@ def layer_report(counts: Any, domains: Sequence[str]) -> dict[str, Any]:
 
 def plot_heatmap(counts: Any, domains: Sequence[str], title: str, path: str | Path) -> None:
     """Domain x expert heat map of routing fractions, saved as PNG."""
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    # A bare Figure (no pyplot): saving needs no backend, and the caller's (a Jupyter
+    # kernel's inline one) is left alone.
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
     fractions = routing_fractions(counts)
     num_domains, num_experts = fractions.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * num_experts + 2), 0.6 * num_domains + 1.6))
+    fig = Figure(figsize=(max(4.0, 0.35 * num_experts + 2), 0.6 * num_domains + 1.6))
+    ax = fig.subplots()
     image = ax.imshow(fractions, aspect="auto", cmap="viridis", vmin=0.0)
     ax.set_xlabel("expert")
     ax.set_yticks(range(num_domains), labels=list(domains))
@@ -95,17 +96,17 @@ def plot_heatmap(counts: Any, domains: Sequence[str], title: str, path: str | Pa
     fig.colorbar(image, ax=ax, label="fraction of domain's assignments")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_loss_curves(records: Sequence[dict[str, Any]], path: str | Path,
                      entropy_nats: float | None = None) -> None:
     """Train and validation loss against step from `metrics.jsonl` records."""
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    # A bare Figure (no pyplot): saving needs no backend, and the caller's (a Jupyter
+    # kernel's inline one) is left alone.
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     train = [r for r in records if r.get("split") == "train" and "ce" in r]
     valid = [r for r in records if r.get("split") == "valid" and "loss" in r]
     if train:
@@ -124,4 +125,3 @@ def plot_loss_curves(records: Sequence[dict[str, Any]], path: str | Path,
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -225,11 +225,12 @@ def _by_variant(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, A
 def plot_curves(records, key: str, ylabel: str, path: Path, window: int,
                 log_scale: bool = False) -> None:
     """Mean over seeds of a smoothed train curve, one line per variant."""
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    # A bare Figure (no pyplot): saving needs no backend, and the caller's (a Jupyter
+    # kernel's inline one) is left alone.
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.subplots()
     for variant, runs in _by_variant(records).items():
         curves = [_smooth(r["curves"][key], window) for r in runs if r["curves"].get(key)]
         if not curves:
@@ -245,14 +246,13 @@ def plot_curves(records, key: str, ylabel: str, path: Path, window: int,
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_heatmaps(records, path: Path) -> None:
     """Domain x expert routing fractions (first seed of every variant), variants x layers."""
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    # A bare Figure (no pyplot): saving needs no backend, and the caller's (a Jupyter
+    # kernel's inline one) is left alone.
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
     variants = {v: runs[0] for v, runs in _by_variant(records).items() if "routing" in runs[0]}
     if not variants:
@@ -260,8 +260,8 @@ def plot_heatmaps(records, path: Path) -> None:
     layers = list(next(iter(variants.values()))["routing"])
     vmax = max(float(np.max(run["routing"][layer]["fractions"]))
                for run in variants.values() for layer in layers)
-    fig, axes = plt.subplots(len(variants), len(layers), squeeze=False,
-                             figsize=(3.6 * len(layers), 1.3 * len(variants) + 0.6))
+    fig = Figure(figsize=(3.6 * len(layers), 1.3 * len(variants) + 0.6))
+    axes = fig.subplots(len(variants), len(layers), squeeze=False)
     for i, (variant, run) in enumerate(variants.items()):
         for j, layer in enumerate(layers):
             info = run["routing"][layer]
@@ -275,7 +275,6 @@ def plot_heatmaps(records, path: Path) -> None:
     fig.tight_layout()
     fig.colorbar(image, ax=axes, shrink=0.6, label="fraction of the domain's assignments")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: str,

@@ -1,11 +1,14 @@
 """Routing-analysis maths on hand-made domain x expert count matrices."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from experiments.reporting import analysis
+from tests.helpers import REPO, script_env
 
 
 def test_mutual_information_zero_when_routing_ignores_domain():
@@ -65,3 +68,35 @@ def test_plots_write_png(tmp_path):
     analysis.plot_loss_curves(records, tmp_path / "loss.png", entropy_nats=3.2)
     for name in ("h.png", "loss.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_library_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    # A Jupyter kernel's inline backend must survive the library's figures: the plot
+    # helpers draw on a bare Figure. Here the caller's backend is svg; before, it became Agg.
+    code = f"""
+import matplotlib
+from experiments.reporting import analysis, sweep
+analysis.plot_heatmap([[5, 1], [1, 5]], ["code", "prose"], "t", {str(tmp_path / "h.png")!r})
+analysis.plot_loss_curves([{{"step": 1, "split": "train", "ce": 3.0}}], {str(tmp_path / "l.png")!r})
+run = {{"variant": "a", "curves": {{"ce": [[1, 3.0], [2, 2.0]]}},
+        "routing": {{"layer_1": {{"fractions": [[0.5, 0.5]], "domains": ["code"], "mi_bits": 0.0}}}}}}
+sweep.plot_curves([run], "ce", "ce", {str(tmp_path / "c.png")!r}, window=1)
+sweep.plot_heatmaps([run], {str(tmp_path / "m.png")!r})
+print(matplotlib.get_backend())
+"""
+    env = script_env()
+    env["MPLBACKEND"] = "svg"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "svg"
+    for name in ("h.png", "l.png", "c.png", "m.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_library_code_never_switches_the_matplotlib_backend():
+    # Scripts may choose a backend; moe/, layers/ and experiments/ may not.
+    offenders = [str(p.relative_to(REPO)) for package in ("moe", "layers", "experiments")
+                 for p in (REPO / package).rglob("*.py")
+                 if "matplotlib.use(" in p.read_text() or "pyplot.switch_backend" in p.read_text()]
+    assert offenders == []
