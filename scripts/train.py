@@ -7,7 +7,8 @@
       --workdir=/tmp/run
 
 Re-running the same command on a workdir with checkpoints resumes from the
-latest intact one. Exit status 2 for configuration errors, 3 when another
+latest intact one; a workdir whose checkpoints hold another model configuration
+is refused (exit status 2, nothing changed). Exit status 2 for configuration errors, 3 when another
 trainer holds the workdir, 4 when the loss became NaN/inf.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from experiments.runtime import gin_utils
 from experiments.runtime.workdir_lock import WorkdirLockedError
+from experiments.train.resume_check import ConfigMismatchError
 from experiments.train.trainer import NonFiniteLossError, TrainSetup, train
 
 
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkdirLockedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except ConfigMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 4

@@ -28,10 +28,10 @@ from experiments.data import pipeline as data_lib
 from experiments.data import sharded as sharded_data
 from experiments.reporting import summary as summary_lib
 from experiments.runtime import distributed, gin_utils
-from experiments.runtime.checkpoints import Checkpointer
+from experiments.runtime.checkpoints import CheckpointMismatchError, Checkpointer
 from experiments.runtime.workdir_lock import WorkdirLock
 from experiments.train import hooks as hooks_lib
-from experiments.train import run_state
+from experiments.train import resume_check, run_state
 from experiments.train.config import TrainConfig, TrainSetup
 from experiments.train.evaluation import EvalResult, evaluate
 from experiments.train.optim import learning_rate_schedule, make_optimizer
@@ -85,12 +85,15 @@ def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
     eval_batches = sharded_data.eval_batches(data)
     train_iter = sharded_data.make_sharded_train_iterator(data, config.seed)
     log_dir = distributed.process_log_dir(workdir)  # other processes log beside process 0
-    gin_utils.write_config(log_dir)
     checkpointer = setup.checkpointer(workdir / "checkpoints")
     log: StepLog | None = None
     try:
-        run = run_state.start(setup, runtimes, checkpointer, train_iter,
-                              flush=lambda: _flush(checkpointer, log))
+        try:
+            run = run_state.start(setup, runtimes, checkpointer, train_iter,
+                                  flush=lambda: _flush(checkpointer, log))
+        except CheckpointMismatchError as e:  # another model's checkpoints: touch nothing
+            raise resume_check.mismatch_error(e, workdir) from e
+        gin_utils.write_config(log_dir)
         if not config.quiet:
             print(runtimes.dispatch_lines[run.train.structure], file=sys.stderr)
             if run.resumed:
