@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,13 @@ from experiments.data import pipeline as data_lib
 from experiments.data import sharded as sharded_data
 from experiments.reporting import summary as summary_lib
 from experiments.runtime import distributed, gin_utils
-from experiments.runtime.checkpoints import CheckpointMismatchError, Checkpointer
+from experiments.runtime.checkpoints import Checkpointer, CheckpointMismatchError
 from experiments.runtime.workdir_lock import WorkdirLock
 from experiments.train import hooks as hooks_lib
 from experiments.train import resume_check, run_state
 from experiments.train.config import TrainConfig, TrainSetup
 from experiments.train.evaluation import EvalResult, evaluate
+from experiments.train.nonfinite import NonFiniteLossError, SkipGuard
 from experiments.train.optim import learning_rate_schedule, make_optimizer
 from experiments.train.run_state import RunState, Runtimes, build_model, split_model
 from experiments.train.step_log import SUMMARY_FILE, StepLog, summary
@@ -49,10 +49,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
 
 
 def train(workdir: str | Path, setup: TrainSetup | None = None, **config_changes: Any,
@@ -102,6 +98,7 @@ def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
                       start_step=run.step, resumed=run.resumed, log_every=config.log_every,
                       summary_window=config.summary_window, quiet=config.quiet)
         start_step, last_eval = run.step, None
+        guard = SkipGuard(config.max_skipped_steps, checkpointer)
         for step in range(start_step + 1, config.num_steps + 1):
             run.step = step
             batch = next(train_iter)
@@ -113,7 +110,7 @@ def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
                 jax.random.fold_in(run.base_key, step),
                 router_state=hooks_lib.router_state(hooks, run.hook_states, step, run.ctx))
             metrics = jax.device_get(metrics)
-            _check_finite(metrics, step, checkpointer)
+            skipped = guard.check(step, metrics)  # a non-finite update was not applied
             run.train = run.train._replace(params=params, opt_state=opt_state)
             del params, opt_state  # one reference: a structure switch frees the old state
             # `batch` holds this process's rows; the MoE counts are global already.
@@ -121,8 +118,9 @@ def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
                 metrics["moe"], positions=batch["inputs"].size * jax.process_count(),
                 num_microbatches=config.num_microbatches)
             run_state.after_step(hooks, run, metrics, runtimes)
-            log.train_step(step, metrics, learning_rate=float(schedule(step - 1)),
-                           flops=step_flops, hook_scalars=_hook_scalars(hooks, run, metrics))
+            if not skipped:  # a skipped step's metrics are not finite: not logged
+                log.train_step(step, metrics, learning_rate=float(schedule(step - 1)),
+                               flops=step_flops, hook_scalars=_hook_scalars(hooks, run, metrics))
             if step == start_step + 1:
                 gin_utils.write_operative_config(log_dir, notes=runtimes.dispatch_lines.values())
             if step % config.eval_every == 0 or step == config.num_steps:
@@ -139,7 +137,7 @@ def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
         log.close()
         result = summary(workdir, log, step=config.num_steps, data=data, last_eval=last_eval,
                          moe_layers=list(run.ctx.experts_per_layer),
-                         checkpoint_dir=checkpointer.directory)
+                         checkpoint_dir=checkpointer.directory, skipped_steps=guard.skipped)
     finally:
         checkpointer.close()
         if log is not None:
@@ -147,16 +145,6 @@ def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
     if not config.quiet:
         print(summary_lib.render(result))
     return result
-
-
-def _check_finite(metrics: dict[str, Any], step: int, checkpointer: Checkpointer) -> None:
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-        checkpointer.wait()
-        raise NonFiniteLossError(
-            f"loss is {loss} at step {step}; stopping without saving this state. "
-            f"Last good checkpoint: step {checkpointer.latest_step()} in "
-            f"{checkpointer.directory}")
 
 
 def _hook_scalars(hooks, run: RunState, metrics: dict[str, Any]) -> dict[str, float]:
