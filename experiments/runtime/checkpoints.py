@@ -177,6 +177,12 @@ def is_damage(error: BaseException) -> bool:
     return any(marker in text for marker in _DAMAGE_MARKERS)
 
 
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """An error's message cut to one line (tensorstore appends a multi-line spec)."""
+    lines = str(error).strip().splitlines() or [""]
+    return lines[0][:limit] + ("..." if len(lines) > 1 or len(lines[0]) > limit else "")
+
+
 def _path_name(path: tuple[Any, ...]) -> str:
     """`('layer_0', 'ffn', 'wi')` from a tree path, whatever the key types."""
     names = []
@@ -328,7 +334,7 @@ class Checkpointer:
             if not is_damage(e):
                 raise
             raise CorruptCheckpointError(f"{item} metadata unreadable: {type(e).__name__}: "
-                                         f"{e}"[:500]) from e
+                                         f"{_first_line(e)}") from e
 
     def check_matches(self, step: int, abstract_params: Any,
                       abstract_opt_state: Any | None) -> None:
@@ -355,7 +361,7 @@ class Checkpointer:
             if not is_damage(e):
                 raise
             raise CorruptCheckpointError(f"restore failed: {type(e).__name__}: "
-                                         f"{str(e)[:300]}") from e
+                                         f"{_first_line(e)}") from e
         meta = out["meta"]
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise CorruptCheckpointError(f"meta item is missing or names another step: {meta!r:.200}")
