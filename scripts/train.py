@@ -7,7 +7,8 @@
       --workdir=/tmp/run
 
 Re-running the same command on a workdir with checkpoints resumes from the
-latest intact one.
+latest intact one; a workdir whose checkpoints hold another model configuration
+is refused (exit status 2, nothing changed).
 
 Ctrl-C (SIGINT) or SIGTERM (a preemptible machine's notice) finishes the
 current step, saves its checkpoint and exits with `interrupted at step N;
@@ -15,7 +16,7 @@ checkpoint saved in <dir>; run the same command to resume`; a second Ctrl-C
 aborts at once, without saving the current step.
 
 Exit status: 0 done; 2 configuration error; 3 another trainer holds the
-workdir; 4 the loss became NaN/inf; 130 interrupted by SIGINT (checkpoint
+workdir; 4 the loss or an update became NaN/inf; 130 interrupted by SIGINT (checkpoint
 saved; also after a second Ctrl-C, without saving); 143 interrupted by
 SIGTERM (checkpoint saved).
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 from experiments.runtime import gin_utils
 from experiments.runtime.workdir_lock import WorkdirLockedError
 from experiments.train.interrupt import Aborted, Interrupted
+from experiments.train.resume_check import ConfigMismatchError
 from experiments.train.trainer import NonFiniteLossError, TrainSetup, train
 
 
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkdirLockedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except ConfigMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 4

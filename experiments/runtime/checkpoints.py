@@ -19,18 +19,26 @@ the hook named `LOSS_FREE_HOOK`; 1 had CRC32 checksums. All three restore.
 Saves are asynchronous; orbax writes into a temporary directory and renames it
 when the save is finalised, so a trainer killed mid-save leaves no step
 directory (the temporary one is cleaned up by the next trainer). A finalised
-checkpoint whose files were later damaged is caught at restore, either by
-orbax failing to read it or by a checksum mismatch; it is then moved to
-`<workdir>/corrupt_checkpoints/N` and the previous step is tried, with a
-warning naming both steps.
+checkpoint whose files were later damaged is caught at restore: a missing,
+truncated or unreadable file or array, or a checksum mismatch. It is then moved
+to `<workdir>/corrupt_checkpoints/N` (`N.1`, `N.2`, ... when that name is taken:
+nothing is ever deleted there) and the previous step is tried, with a warning
+naming both steps.
+
+Before reading a step's arrays, its stored tree structure, shapes and dtypes
+(the items' metadata) are compared with the restore targets; a difference is a
+configuration change, not damage: `CheckpointMismatchError` is raised and
+nothing is moved. Any other error from orbax propagates.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import shutil
+import sys
 import warnings
 import zlib
 from collections.abc import Callable
@@ -41,6 +49,7 @@ import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from experiments.runtime.checksums import tree_digest
 from experiments.runtime.log_filters import quiet_read_only_warnings
@@ -130,6 +139,111 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint could not be read back intact."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tree structure, shapes or dtypes differ from the restore
+    targets': the run's configuration changed (the checkpoint is intact).
+
+    Attributes:
+      step: the checkpoint's step.
+      differences: one entry per differing leaf, `'params/<path>: checkpoint
+        (128, 64) float32, config (64, 64) float32'` (or 'missing'/'absent').
+    """
+
+    def __init__(self, step: int, directory: Path, differences: list[str]):
+        self.step, self.directory, self.differences = step, directory, differences
+        shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
+        super().__init__(f"checkpoint at step {step} in {directory} does not match the "
+                         f"configured model ({len(differences)} arrays differ: {shown})")
+
+
+# Messages of errors raised while reading damaged files (tensorstore, orbax).
+_DAMAGE_MARKERS = ("error while reading", "error opening", "data_loss", "data loss",
+                   "not_found", "not found", "no such file", "unexpected end", "truncat",
+                   "corrupt", "checksum", "failed to decode", "decompress",
+                   "out_of_range", "error reading")
+# ... unless it says the stored and requested arrays differ (a configuration change).
+_MISMATCH_MARKERS = ("requested shape", "not compatible with the stored", "dtype mismatch",
+                     "structure", "mismatch between")
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether `error`, raised while reading a checkpoint, means a missing, truncated
+    or unreadable file or array (and not, e.g., a bug or a configuration change)."""
+    if isinstance(error, (OSError, json.JSONDecodeError, EOFError, UnicodeDecodeError)):
+        return True
+    if isinstance(error, (TypeError, AttributeError, NameError, KeyboardInterrupt)):
+        return False
+    text = str(error).lower()
+    if any(marker in text for marker in _MISMATCH_MARKERS):
+        return False
+    return any(marker in text for marker in _DAMAGE_MARKERS)
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """An error's message cut to one line (tensorstore appends a multi-line spec)."""
+    lines = str(error).strip().splitlines() or [""]
+    return lines[0][:limit] + ("..." if len(lines) > 1 or len(lines[0]) > limit else "")
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """`('layer_0', 'ffn', 'wi')` from a tree path, whatever the key types."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    return "/".join(names)
+
+
+def _leaf_specs(tree: Any) -> dict[str, str]:
+    """`{path: 'shape dtype'}` of a tree of arrays, abstract arrays or array metadata."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if leaf is None or not hasattr(leaf, "shape"):
+            continue
+        out[_path_name(path)] = f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}"
+    return out
+
+
+def tree_differences(item: str, stored: Any, wanted: Any) -> list[str]:
+    """Leaves of `stored` and `wanted` whose presence, shape or dtype differ."""
+    a, b = _leaf_specs(stored), _leaf_specs(wanted)
+    return [f"{item}/{k}: checkpoint {a.get(k, 'absent')}, config {b.get(k, 'absent')}"
+            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+_quiet_installed = False
+
+
+def _silence_abandoned_reads() -> None:
+    """After a failed restore, tensorstore finishes the reads orbax abandoned and
+    calls back into orbax's event loop, which is closed by then: each callback
+    would print an 'Event loop is closed' traceback (hundreds on a large model).
+    These, and only these, are dropped (once per process, counted in one line)."""
+    global _quiet_installed
+    if _quiet_installed:
+        return
+    _quiet_installed = True
+    previous = sys.unraisablehook
+    dropped = [0]
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if (isinstance(value, RuntimeError) and str(value) == "Event loop is closed") or (
+                "_read_array_index_and_device_put" in repr(unraisable.object)):
+            dropped[0] += 1
+            if dropped[0] == 1:
+                _log.info("dropping 'Event loop is closed' errors of reads abandoned by "
+                          "a failed checkpoint restore")
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 @gin.configurable(denylist=["directory", "read_only"])
 class Checkpointer:
     """Saves every `save_every` steps and restores the latest intact checkpoint.
@@ -210,7 +324,33 @@ class Checkpointer:
         if step not in self.all_steps():
             raise ValueError(f"no checkpoint at step {step} in {self.directory}; "
                              f"steps: {self.all_steps()}")
+        self.check_matches(step, abstract_params, abstract_opt_state)
         return self._restore_step(step, abstract_params, abstract_opt_state)
+
+    def stored_metadata(self, step: int, item: str) -> Any:
+        """The stored tree of `item` ('params' or 'opt_state') at `step` as array
+        metadata (shape, dtype), read without reading any array;
+        CorruptCheckpointError if the metadata is missing or unreadable."""
+        path = epath.Path(self.directory / str(step) / item)
+        try:
+            return ocp.StandardCheckpointHandler().metadata(path)
+        except Exception as e:
+            if not is_damage(e):
+                raise
+            raise CorruptCheckpointError(f"{item} metadata unreadable: {type(e).__name__}: "
+                                         f"{_first_line(e)}") from e
+
+    def check_matches(self, step: int, abstract_params: Any,
+                      abstract_opt_state: Any | None) -> None:
+        """CheckpointMismatchError if checkpoint `step`'s stored structure, shapes or
+        dtypes differ from the targets (`abstract_opt_state=None`: params only)."""
+        differences = tree_differences("params", self.stored_metadata(step, "params"),
+                                       abstract_params)
+        if abstract_opt_state is not None and not differences:
+            differences = tree_differences("opt_state", self.stored_metadata(step, "opt_state"),
+                                           abstract_opt_state)
+        if differences:
+            raise CheckpointMismatchError(step, self.directory, differences)
 
     def _restore_step(self, step: int, abstract_params: Any,
                       abstract_opt_state: Any | None) -> Restored:
@@ -221,7 +361,11 @@ class Checkpointer:
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types for damaged files
-            raise CorruptCheckpointError(f"restore failed: {type(e).__name__}: {e}") from e
+            _silence_abandoned_reads()
+            if not is_damage(e):
+                raise
+            raise CorruptCheckpointError(f"restore failed: {type(e).__name__}: "
+                                         f"{_first_line(e)}") from e
         meta = out["meta"]
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise CorruptCheckpointError(f"meta item is missing or names another step: {meta!r:.200}")
@@ -257,7 +401,9 @@ class Checkpointer:
         """The newest intact checkpoint, or None when there is none.
 
         Damaged checkpoints are skipped with a warning naming their step and,
-        with `quarantine`, moved aside. `abstract_opt_state=None` restores
+        with `quarantine`, moved aside. A checkpoint whose structure, shapes or
+        dtypes differ from the targets raises CheckpointMismatchError (nothing
+        is moved). `abstract_opt_state=None` restores
         everything but the optimizer state (for analysis). `abstract_for_step`,
         if given, returns `(abstract_params, abstract_opt_state)` for a step and
         replaces the two fixed trees (runs whose model structure changes with
@@ -268,27 +414,31 @@ class Checkpointer:
             if abstract_for_step is not None:
                 abstract_params, abstract_opt_state = abstract_for_step(step)
             try:
+                self.check_matches(step, abstract_params, abstract_opt_state)
                 return self._restore_step(step, abstract_params, abstract_opt_state)
             except CorruptCheckpointError as e:
-                if quarantine:
-                    self._quarantine(step)
+                target = self._quarantine(step) if quarantine else None
                 previous = [s for s in self.all_steps() if s < step]
                 fallback = f"falling back to step {previous[-1]}" if previous else \
                     "no earlier checkpoint; starting from scratch"
-                moved = f"moved to {self.corrupt_dir / str(step)}; " if quarantine else ""
+                moved = f"moved to {target}; " if quarantine else ""
                 message = (f"checkpoint at step {step} in {self.directory} is corrupt or "
                            f"partial ({e}); {moved}{fallback}")
                 _log.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
         return None
 
-    def _quarantine(self, step: int) -> None:
+    def _quarantine(self, step: int) -> Path:
+        """Moves step `step` to `corrupt_dir/<step>` (or `<step>.1`, `<step>.2`, ...
+        when taken: an earlier quarantined checkpoint is never replaced)."""
         self.corrupt_dir.mkdir(parents=True, exist_ok=True)
-        target = self.corrupt_dir / str(step)
-        if target.exists():
-            shutil.rmtree(target)
+        target, n = self.corrupt_dir / str(step), 0
+        while target.exists():
+            n += 1
+            target = self.corrupt_dir / f"{step}.{n}"
         shutil.move(str(self.directory / str(step)), str(target))
         self._manager.reload()
+        return target
 
     def wait(self) -> None:
         """Blocks until any in-flight asynchronous save is finalised."""

@@ -56,6 +56,9 @@ class TrainConfig:
       log_every: progress line and MoE scalars/histograms every this many steps.
       summary_window: steps averaged into the summary's train loss per domain.
       quiet: no progress line or printed summary.
+      max_skipped_steps: steps whose update is not finite (loss, gradient norm
+        or update NaN/inf; never applied) that the run skips, counted, logged
+        and listed in the summary, before it stops (0: stop at the first).
       phase_plan: the EvoMoE step hook (`experiments.train.phases.PhasePlan`):
         dense warm-up, diversify, dense-to-sparse soft and hard phases in one run.
       hooks: further step hooks (`experiments.train.hooks.StepHook`), run after
@@ -73,6 +76,7 @@ class TrainConfig:
     log_every: int = 50
     summary_window: int = 50
     quiet: bool = False
+    max_skipped_steps: int = 0
     phase_plan: PhasePlan | None = None
     hooks: Sequence[StepHook] = ()
     checkpoint_every: Any = _MOVED_CHECKPOINT_EVERY
@@ -88,6 +92,8 @@ class TrainConfig:
                      "num_microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         object.__setattr__(self, "hooks", tuple(self.hooks))
 
 

@@ -93,8 +93,9 @@ class StepLog:
 
 def summary(workdir: Path, log: StepLog, *, step: int, data: DataConfig,
             last_eval: EvalResult, moe_layers: Sequence[str],
-            checkpoint_dir: Path) -> dict[str, Any]:
-    """The end-of-run summary (also written to `<log dir>/summary.json`)."""
+            checkpoint_dir: Path, skipped_steps: Sequence[int] = ()) -> dict[str, Any]:
+    """The end-of-run summary (also written to `<log dir>/summary.json`);
+    `skipped_steps`: the steps whose non-finite update was not applied."""
     try:
         entropy = data.unigram_entropy("train")
         entropy_dict = {"nats_per_byte": entropy.nats_per_byte,
@@ -109,6 +110,7 @@ def summary(workdir: Path, log: StepLog, *, step: int, data: DataConfig,
         "valid_loss": dict(last_eval.domain_loss, all=last_eval.loss),
         "valid_tokens": last_eval.domain_tokens, "unigram_entropy": entropy_dict,
         **run_totals(log, step=step, data=data),
+        "skipped_steps": list(skipped_steps),
         "moe": summary_lib.moe_summary({k: last_eval.expert_counts[k] for k in moe_layers
                                         if k in last_eval.expert_counts},
                                        last_eval.dropped_fraction,

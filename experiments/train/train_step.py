@@ -212,6 +212,28 @@ def _step_metrics(losses: jax.Array, outs: Mapping[str, Any], grads: Any, batch:
     }
 
 
+def finite_checks(loss: jax.Array, grad_norm: jax.Array, updates: Any,
+                  grads: Any) -> dict[str, Any]:
+    """Whether the step's update may be applied: `{"applied": loss, gradient norm
+    and update norm all finite, "loss", "grad_norm", "update": each finite,
+    "grad_groups": {top-level key of the gradient tree: all its gradients finite}}`
+    (booleans; one reduction per leaf, no host round trip)."""
+    def all_finite(tree: Any) -> jax.Array:
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+        return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+    groups = grads.items() if isinstance(grads, Mapping) else [("params", grads)]
+    checks = {"loss": jnp.isfinite(loss), "grad_norm": jnp.isfinite(grad_norm),
+              "update": jnp.isfinite(optax.global_norm(updates))}
+    return {"applied": checks["loss"] & checks["grad_norm"] & checks["update"], **checks,
+            "grad_groups": {str(k): all_finite(v) for k, v in groups}}
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where `ok`, else `old`, leaf by leaf (bit-exact `new` when `ok`)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def _prior_counts(microbatch_counts: Callable, params: Any, microbatches: Any, keys: jax.Array,
                   router_state: RouterState | None, groups: Any) -> tuple[Any, bool]:
     """(counts known before the gradient pass, add each micro-batch's own counts)."""
@@ -252,7 +274,10 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
     `metrics`: loss, ce, lbl (the scoped LBL), seq_balance, z_loss, dts_loss,
     grad_norm, num_tokens, domain_ce_sum `[D]`, domain_tokens `[D]`, and
     `moe`: `{layer: MoeAux}` statistics reduced over micro-batches as each
-    field declares, with `batch_max_violation` (MaxVio of the step's counts).
+    field declares, with `batch_max_violation` (MaxVio of the step's counts),
+    and `finite` (`finite_checks`): an update whose loss, gradient norm or
+    update norm is not finite is not applied (params and optimizer state come
+    back unchanged, `finite["applied"]` False).
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
@@ -298,9 +323,11 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         (grads, _), (losses, outs) = jax.lax.scan(body, (zeros, prior), (keys, microbatches))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
         metrics = _step_metrics(losses, outs, grads, batch, total_tokens)
-        return params, opt_state, metrics
+        metrics["finite"] = finite_checks(metrics["loss"], metrics["grad_norm"], updates, grads)
+        ok = metrics["finite"]["applied"]  # a non-finite update is never applied
+        params = _keep_if(ok, optax.apply_updates(params, updates), params)
+        return params, _keep_if(ok, new_opt_state, opt_state), metrics
 
     return step

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,14 @@ from experiments.data import sharded as sharded_data
 from experiments.reporting import summary as summary_lib
 from experiments.reporting.console import Console
 from experiments.runtime import distributed, gin_utils
-from experiments.runtime.checkpoints import Checkpointer
+from experiments.runtime.checkpoints import Checkpointer, CheckpointMismatchError
 from experiments.runtime.workdir_lock import WorkdirLock
 from experiments.train import hooks as hooks_lib
 from experiments.train import interrupt as interrupt_lib
-from experiments.train import run_state
+from experiments.train import resume_check, run_state
 from experiments.train.config import TrainConfig, TrainSetup
 from experiments.train.evaluation import EvalResult, evaluate
+from experiments.train.nonfinite import NonFiniteLossError, SkipGuard
 from experiments.train.optim import learning_rate_schedule, make_optimizer
 from experiments.train.run_state import RunState, Runtimes, build_model, split_model
 from experiments.train.step_log import SUMMARY_FILE, StepLog, summary
@@ -50,10 +50,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
 
 
 def train(workdir: str | Path, setup: TrainSetup | None = None, **config_changes: Any,
@@ -92,18 +88,22 @@ def _train_locked(workdir: Path, setup: TrainSetup,
     eval_batches = sharded_data.eval_batches(data)
     train_iter = sharded_data.make_sharded_train_iterator(data, config.seed)
     log_dir = distributed.process_log_dir(workdir)  # other processes log beside process 0
-    gin_utils.write_config(log_dir)
     checkpointer = setup.checkpointer(workdir / "checkpoints")
     log: StepLog | None = None
     try:
-        run = run_state.start(setup, runtimes, checkpointer, train_iter,
-                              flush=lambda: _flush(checkpointer, log))
+        try:
+            run = run_state.start(setup, runtimes, checkpointer, train_iter,
+                                  flush=lambda: _flush(checkpointer, log))
+        except CheckpointMismatchError as e:  # another model's checkpoints: touch nothing
+            raise resume_check.mismatch_error(e, workdir) from e
+        gin_utils.write_config(log_dir)
         console.startup(runtimes, setup.sharding, workdir, run)
         log = StepLog(log_dir, domains=data.domains(), num_steps=config.num_steps,
                       start_step=run.step, resumed=run.resumed, log_every=config.log_every,
                       summary_window=config.summary_window, quiet=config.quiet,
                       console=console, tokenizer=data.tokenizer)
         start_step, last_eval = run.step, None
+        skips = SkipGuard(config.max_skipped_steps, checkpointer)
         for step in range(start_step + 1, config.num_steps + 1):
             run.step = step
             console.messages(step, hooks_lib.messages(hooks, run.hook_states, step))
@@ -118,7 +118,7 @@ def _train_locked(workdir: Path, setup: TrainSetup,
                 router_state=hooks_lib.router_state(hooks, run.hook_states, step, run.ctx))
             metrics = jax.device_get(metrics)
             console.after_step()
-            _check_finite(metrics, step, checkpointer)
+            skipped = skips.check(step, metrics)  # a non-finite update was not applied
             run.train = run.train._replace(params=params, opt_state=opt_state)
             del params, opt_state  # one reference: a structure switch frees the old state
             # `batch` holds this process's rows; the MoE counts are global already.
@@ -126,8 +126,9 @@ def _train_locked(workdir: Path, setup: TrainSetup,
                 metrics["moe"], positions=batch["inputs"].size * jax.process_count(),
                 num_microbatches=config.num_microbatches)
             run_state.after_step(hooks, run, metrics, runtimes)
-            log.train_step(step, metrics, learning_rate=float(schedule(step - 1)),
-                           flops=step_flops, hook_scalars=_hook_scalars(hooks, run, metrics))
+            if not skipped:  # a skipped step's metrics are not finite: not logged
+                log.train_step(step, metrics, learning_rate=float(schedule(step - 1)),
+                               flops=step_flops, hook_scalars=_hook_scalars(hooks, run, metrics))
             if step == start_step + 1:
                 gin_utils.write_operative_config(log_dir, notes=runtimes.dispatch_lines.values())
             if step % config.eval_every == 0 or step == config.num_steps:
@@ -147,7 +148,7 @@ def _train_locked(workdir: Path, setup: TrainSetup,
         log.close()
         result = summary(workdir, log, step=config.num_steps, data=data, last_eval=last_eval,
                          moe_layers=list(run.ctx.experts_per_layer),
-                         checkpoint_dir=checkpointer.directory)
+                         checkpoint_dir=checkpointer.directory, skipped_steps=skips.skipped)
     finally:
         checkpointer.close()
         if log is not None:
@@ -155,16 +156,6 @@ def _train_locked(workdir: Path, setup: TrainSetup,
     if not config.quiet:
         print(summary_lib.render(result))
     return result
-
-
-def _check_finite(metrics: dict[str, Any], step: int, checkpointer: Checkpointer) -> None:
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-        checkpointer.wait()
-        raise NonFiniteLossError(
-            f"loss is {loss} at step {step}; stopping without saving this state. "
-            f"Last good checkpoint: step {checkpointer.latest_step()} in "
-            f"{checkpointer.directory}")
 
 
 def _hook_scalars(hooks, run: RunState, metrics: dict[str, Any]) -> dict[str, float]:

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.runtime.checkpoints import Checkpointer
+from experiments.runtime.checkpoints import Checkpointer, CheckpointMismatchError, is_damage
 from experiments.runtime.checksums import tree_digest
 from experiments.runtime.workdir_lock import WorkdirLock, WorkdirLockedError
 
@@ -236,3 +236,48 @@ def test_checkpointer_gin_settings_and_refusals(tmp_path):
                 TrainConfig(**{old: 5})
     finally:
         gin.clear_config()
+
+
+def test_shape_change_is_refused_not_quarantined(tmp_path):
+    ck = Checkpointer(tmp_path / "checkpoints", save_every=1)
+    _save(ck, 1, 1.0)
+    ck.close()
+    params = dict(_state()[0], dense={"kernel": jnp.ones((3, 5))})  # another model size
+    abstract = jax.eval_shape(lambda: (params, optax.adamw(1e-3).init(params)))
+    ck = Checkpointer(tmp_path / "checkpoints", save_every=1)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"params/dense/kernel: checkpoint \(3, 4\) float32, config "
+                             r"\(3, 5\) float32") as info:
+        ck.restore_latest(*abstract)
+    ck.close()
+    assert info.value.step == 1
+    assert (tmp_path / "checkpoints" / "1").is_dir()  # intact and in place
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def test_damage_classification():
+    assert is_damage(FileNotFoundError("no such file"))
+    assert is_damage(Exception("Encountered error while reading array index: (slice(0, 2))"))
+    assert not is_damage(ValueError("Requested shape: (64, 64) is not compatible with the "
+                                    "stored shape: (32, 64). Truncating/padding is disabled."))
+    assert not is_damage(TypeError("unexpected keyword"))
+    assert not is_damage(RuntimeError("something else"))
+
+
+def test_quarantine_collision_keeps_both(tmp_path):
+    """A/B/A: a step quarantined twice keeps both copies (`2`, then `2.1`)."""
+    for scale in (2.0, 3.0):
+        ck = Checkpointer(tmp_path / "checkpoints", save_every=1)
+        _save(ck, 1, 1.0)
+        _save(ck, 2, scale)
+        ck.close()
+        _corrupt_params(tmp_path / "checkpoints" / "2", "garbage")
+        (tmp_path / "checkpoints" / "2" / "marker").write_text(str(scale))
+        ck = Checkpointer(tmp_path / "checkpoints", save_every=1)
+        with pytest.warns(RuntimeWarning, match="falling back to step 1"):
+            assert ck.restore_latest(*_abstract()).step == 1
+        ck.close()
+    corrupt = tmp_path / "corrupt_checkpoints"
+    assert sorted(p.name for p in corrupt.iterdir()) == ["2", "2.1"]
+    assert (corrupt / "2" / "marker").read_text() == "2.0"
+    assert (corrupt / "2.1" / "marker").read_text() == "3.0"
