@@ -7,8 +7,9 @@
       --workdir=/tmp/run
 
 Re-running the same command on a workdir with checkpoints resumes from the
-latest intact one. Exit status 2 for configuration errors, 3 when another
-trainer holds the workdir, 4 when the loss became NaN/inf.
+latest intact one. Errors are one line (`--verbose` adds the traceback); exit
+status 2 for configuration and input errors (nothing is written then), 3 when
+another trainer holds the workdir, 4 when the loss became NaN/inf.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import logging
 import sys
 from pathlib import Path
 
-from experiments.runtime import gin_utils
-from experiments.runtime.workdir_lock import WorkdirLockedError
-from experiments.train.trainer import NonFiniteLossError, TrainSetup, train
+from experiments.runtime import cli, gin_utils
+from experiments.runtime.workdir_lock import check_workdir
+from experiments.train.trainer import TrainSetup, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--gin_file", action="append", default=[],
                         help="Gin config file; repeatable, later files override earlier ones. "
                              "Default: <workdir>/config.gin when it exists.")
@@ -39,35 +40,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    check_workdir(args.workdir)
     if not args.gin_file:
         # A workdir written by scripts/upcycle.py (or an earlier run) carries its config.
         saved = Path(args.workdir) / gin_utils.CONFIG_FILE
         if not saved.is_file():
-            print("error: at least one --gin_file is required (the workdir has no config.gin)",
-                  file=sys.stderr)
-            return 2
+            cli.fail("at least one --gin_file is required (the workdir has no config.gin)")
         args.gin_file = [str(saved)]
-    try:
-        gin_utils.parse(args.gin_file, args.gin_param, args.gin_search_path)
-    except gin_utils.GinConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        setup = TrainSetup.from_gin(**({"quiet": True} if args.quiet else {}))
-    except ValueError as e:  # a binding refused by its configurable (e.g. a moved name)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        train(args.workdir, setup)
-    except WorkdirLockedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+    gin_utils.parse(args.gin_file, args.gin_param, args.gin_search_path)
+    setup = TrainSetup.from_gin(**({"quiet": True} if args.quiet else {}))
+    train(args.workdir, setup)  # WorkdirLockedError: exit 3, NonFiniteLossError: 4
     return 0
 
 

@@ -19,7 +19,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -29,7 +29,7 @@ from experiments.data import sharded as sharded_data
 from experiments.reporting import summary as summary_lib
 from experiments.runtime import distributed, gin_utils
 from experiments.runtime.checkpoints import Checkpointer
-from experiments.runtime.workdir_lock import WorkdirLock
+from experiments.runtime.workdir_lock import WorkdirLock, check_workdir
 from experiments.train import hooks as hooks_lib
 from experiments.train import run_state
 from experiments.train.config import TrainConfig, TrainSetup
@@ -54,6 +54,8 @@ _log = logging.getLogger(__name__)
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
+    exit_code = 4  # the scripts' exit status (experiments.runtime.cli)
+
 
 def train(workdir: str | Path, setup: TrainSetup | None = None, **config_changes: Any,
           ) -> dict[str, Any]:
@@ -72,18 +74,33 @@ def train(workdir: str | Path, setup: TrainSetup | None = None, **config_changes
         raise ValueError(f"train: pass {sorted(config_changes)} in setup.config, not beside it")
     workdir = Path(workdir).absolute()
     distributed.initialize_distributed()
+    # What a configuration mistake can break is built before the workdir is touched.
+    check_workdir(workdir)
+    run_state.check_model(setup)
+    inputs = _Inputs.build(setup)
     # One lock holder per job: in a multi-process run process 0 holds it for all.
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
-        return _train_locked(workdir, setup)
+        return _train_locked(workdir, setup, inputs)
 
 
-def _train_locked(workdir: Path, setup: TrainSetup) -> dict[str, Any]:
+class _Inputs(NamedTuple):
+    schedule: Any
+    runtimes: Runtimes
+    eval_batches: list[Any]
+    train_iter: Any
+
+    @classmethod
+    def build(cls, setup: TrainSetup) -> _Inputs:
+        schedule = learning_rate_schedule(setup.config.num_steps)
+        return cls(schedule, Runtimes(setup, make_optimizer(schedule)),
+                   sharded_data.eval_batches(setup.data),
+                   sharded_data.make_sharded_train_iterator(setup.data, setup.config.seed))
+
+
+def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs) -> dict[str, Any]:
     config, data, hooks = setup.config, setup.data, setup.hooks
-    schedule = learning_rate_schedule(config.num_steps)
-    runtimes = Runtimes(setup, make_optimizer(schedule))
-    eval_batches = sharded_data.eval_batches(data)
-    train_iter = sharded_data.make_sharded_train_iterator(data, config.seed)
+    schedule, runtimes, eval_batches, train_iter = inputs
     log_dir = distributed.process_log_dir(workdir)  # other processes log beside process 0
     gin_utils.write_config(log_dir)
     checkpointer = setup.checkpointer(workdir / "checkpoints")
