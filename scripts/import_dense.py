@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    out = import_dense(args.model_dir, args.out_workdir, gin_files=args.gin_file,
-                       gin_params=args.gin_param, seed=args.seed)
+    try:
+        out = import_dense(args.model_dir, args.out_workdir, gin_files=args.gin_file,
+                           gin_params=args.gin_param, seed=args.seed)
+    except KeyError as e:  # a key config.json or the safetensors lack
+        cli.fail(f"{args.model_dir}: config.json or the safetensors lack {e.args[0]!r}")
     print(f"imported {args.model_dir} into {out}")
     return 0
 

@@ -82,6 +82,9 @@ CASES = {
     "import_dense_no_model": Case("scripts/import_dense.py", ("--model_dir={existing}",
                                                               "--out_workdir={run}"),
                                   ("existing/config.json",), "run"),
+    "import_dense_incomplete_config": Case("scripts/import_dense.py", ("--model_dir={hf}",
+                                                                       "--out_workdir={run}"),
+                                           ("num_attention_heads", "config.json"), "run"),
     "import_dense_out_is_a_file": Case("scripts/import_dense.py", ("--model_dir={existing}",
                                                                    "--out_workdir={afile}"),
                                        ("afile", "is a file")),
@@ -109,7 +112,7 @@ CASES = {
 
 def _inputs(base: Path) -> dict[str, str]:
     paths = {name: base / name for name in ("run", "existing", "afile", "nofield", "empty",
-                                            "missing", "bad_sweep", "k5_sweep", "docs")}
+                                            "missing", "bad_sweep", "k5_sweep", "docs", "hf")}
     paths["nofield"] = base / "nofield.jsonl"
     paths["empty"] = base / "empty.jsonl"
     paths["missing"] = base / "missing.jsonl"
@@ -118,6 +121,8 @@ def _inputs(base: Path) -> dict[str, str]:
     paths["existing"].mkdir()
     (paths["existing"] / "marker").write_text("x")
     paths["afile"].write_text("not a directory")
+    paths["hf"].mkdir()
+    (paths["hf"] / "config.json").write_text('{"hidden_size": 8}')
     paths["nofield"].write_text('{"content": "some text", "lang": "en"}\n')
     paths["empty"].write_text("")
     paths["bad_sweep"].write_text("Sweep.bogus = 3\n")
