@@ -17,27 +17,23 @@ or no intact checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from experiments.reporting.routing_report import analyze_workdir, parse_run_config
-from experiments.runtime import gin_utils
+from experiments.runtime import cli
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--workdir", required=True, help="The training run's workdir.")
     parser.add_argument("--output_dir", default=None,
                         help="Where to write the plots and JSON (default <workdir>/analysis).")
     parser.add_argument("--max_batches", type=int, default=None,
                         help="Route at most this many validation batches.")
     args = parser.parse_args(argv)
-    try:
-        parse_run_config(args.workdir)
-        report = analyze_workdir(args.workdir, args.output_dir, args.max_batches)
-    except (FileNotFoundError, gin_utils.GinConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    parse_run_config(args.workdir)
+    report = analyze_workdir(args.workdir, args.output_dir, args.max_batches)
     if not report["layers"]:
         print(f"{args.workdir}: the model is dense (no MoE layers): no routing to analyse")
     for layer, info in report["layers"].items():

@@ -13,7 +13,6 @@ ratios (config time / micro_batch time of the same round).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 
 from experiments.data.config import DataConfig
-from experiments.runtime import gin_utils
+from experiments.runtime import cli, gin_utils
 from experiments.train.optim import learning_rate_schedule, make_optimizer
 from experiments.train.train_step import LossWeights, make_train_step
 from experiments.train.trainer import build_model, split_model
@@ -32,8 +31,9 @@ CONFIGS = (("micro_batch", "exact"), ("global_batch", "exact"), ("global_batch",
            ("sequence", "exact"), ("shuffled:256", "exact"))
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--gin_file", default="gin_configs/experiments/balance_tiny.gin")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--num_microbatches", type=int, default=4)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.runtime import cli
 from moe import kernels
 
 
@@ -132,9 +133,10 @@ def bench(shape: Shape, dtype, backend: str | None, tiling, mode: str, rounds: i
                 "gmm_ms": 1e3 * statistics.median(times["gmm"])}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="CPU-sized shapes")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--backend", default=None, choices=kernels.BACKENDS,
@@ -178,4 +180,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

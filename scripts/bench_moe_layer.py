@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments.runtime import cli
 from layers import MoeLayer
 from moe.dispatch import available_dispatches
 
@@ -91,9 +92,10 @@ def paired_ratio(candidate, baseline, args_c, args_b, rounds: int) -> dict:
             "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=8192)
@@ -104,7 +106,7 @@ def main() -> None:
     parser.add_argument("--capacity_factors", default="1.25,none",
                         help="comma-separated; 'none' = dropless")
     parser.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.small:
         args.tokens, args.d_model = 512, 64
     dispatches = [d for d in args.dispatches.split(",") if d]
@@ -153,4 +155,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,7 +18,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse
 import functools
 import json
 import re
@@ -34,6 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments.runtime import cli
 from experiments.runtime import mesh as mesh_lib
 from experiments.train.run_state import split_model
 from experiments.train.train_step import LossWeights, make_train_step
@@ -80,13 +80,14 @@ def collectives(hlo: str) -> dict[str, int]:
     return counts
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+@cli.entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--json", type=str, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     batch = make_batch(args.batch_size, args.seq_len)
     tx = optax.adamw(1e-3)
     runs = {}

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments.runtime import cli
 from layers import MoeLayer
 from layers.routers import TopKRouter
 from moe.dispatch import available_dispatches
@@ -31,9 +32,10 @@ def _bar(fraction: float, width: int = 30) -> str:
     return "#" * round(fraction * width)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_experts", type=int, default=8)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--d_model", type=int, default=64)
@@ -44,7 +46,7 @@ def main() -> None:
     parser.add_argument("--score", choices=("softmax", "sigmoid"), default="softmax",
                         help="router score function (TopKRouter.score)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     # The router is a module passed to the layer; its options are its own arguments
     # (in gin: MoeLayer.router = @TopKRouter, TopKRouter.score = 'sigmoid').
     router = functools.partial(TopKRouter, score=args.score)
@@ -101,4 +103,4 @@ def main() -> None:
               f"   dropped {float(aux_d.dropped_fraction):.3f}   {kind}")
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

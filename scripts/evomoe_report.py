@@ -10,7 +10,6 @@ report with plots in `docs/experiments/evomoe/`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from experiments.reporting import sweep as sweep_lib
 from experiments.reporting.metrics import read_jsonl
+from experiments.runtime import cli
 
 
 def load_runs(sweep: sweep_lib.Sweep, root: Path) -> dict[str, list[dict]]:
@@ -165,8 +165,9 @@ def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file
     return out
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("sweep_file", help="gin_configs/sweeps/evomoe.gin")
     parser.add_argument("--root", default="workdirs/sweeps", help="where the run workdirs are")
     parser.add_argument("--docs_dir", default="docs/experiments", help="where the report goes")

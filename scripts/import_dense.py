@@ -11,15 +11,16 @@ Exit status 2 when the model or the configuration cannot be imported.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
 from experiments.convert.import_dense import import_dense
+from experiments.runtime import cli
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model_dir", required=True,
                         help="Directory with config.json and *.safetensors.")
     parser.add_argument("--out_workdir", required=True)
@@ -32,9 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = import_dense(args.model_dir, args.out_workdir, gin_files=args.gin_file,
                            gin_params=args.gin_param, seed=args.seed)
-    except (ValueError, OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyError as e:  # a key config.json or the safetensors lack
+        cli.fail(f"{args.model_dir}: config.json or the safetensors lack {e.args[0]!r}")
     print(f"imported {args.model_dir} into {out}")
     return 0
 

@@ -10,15 +10,16 @@ report is docs/experiments/NAME.md with plots in docs/experiments/NAME/.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from experiments.reporting import sweep as sweep_lib
+from experiments.runtime import cli
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("sweep_file", help="gin file binding Sweep.*")
     parser.add_argument("--root", default="workdirs/sweeps", help="where run workdirs go")
     parser.add_argument("--docs_dir", default="docs/experiments", help="where the report goes")

@@ -15,10 +15,11 @@ current step, saves its checkpoint and exits with `interrupted at step N;
 checkpoint saved in <dir>; run the same command to resume`; a second Ctrl-C
 aborts at once, without saving the current step.
 
-Exit status: 0 done; 2 configuration error; 3 another trainer holds the
-workdir; 4 the loss or an update became NaN/inf; 130 interrupted by SIGINT (checkpoint
-saved; also after a second Ctrl-C, without saving); 143 interrupted by
-SIGTERM (checkpoint saved).
+Errors are one line (`--verbose` adds the traceback); nothing is written when
+the configuration or an input is refused. Exit status: 0 done; 2 configuration
+error; 3 another trainer holds the workdir; 4 the loss or an update became
+NaN/inf; 130 interrupted by SIGINT (checkpoint saved; also after a second
+Ctrl-C, without saving); 143 interrupted by SIGTERM (checkpoint saved).
 """
 
 from __future__ import annotations
@@ -28,15 +29,14 @@ import logging
 import sys
 from pathlib import Path
 
-from experiments.runtime import gin_utils
-from experiments.runtime.workdir_lock import WorkdirLockedError
+from experiments.runtime import cli, gin_utils
+from experiments.runtime.workdir_lock import check_workdir
 from experiments.train.interrupt import Aborted, Interrupted
-from experiments.train.resume_check import ConfigMismatchError
-from experiments.train.trainer import NonFiniteLossError, TrainSetup, train
+from experiments.train.trainer import TrainSetup, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--gin_file", action="append", default=[],
                         help="Gin config file; repeatable, later files override earlier ones. "
                              "Default: <workdir>/config.gin when it exists.")
@@ -51,42 +51,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    check_workdir(args.workdir)
     if not args.gin_file:
         # A workdir written by scripts/upcycle.py (or an earlier run) carries its config.
         saved = Path(args.workdir) / gin_utils.CONFIG_FILE
         if not saved.is_file():
-            print("error: at least one --gin_file is required (the workdir has no config.gin)",
-                  file=sys.stderr)
-            return 2
+            cli.fail("at least one --gin_file is required (the workdir has no config.gin)")
         args.gin_file = [str(saved)]
+    gin_utils.parse(args.gin_file, args.gin_param, args.gin_search_path)
+    setup = TrainSetup.from_gin(**({"quiet": True} if args.quiet else {}))
     try:
-        gin_utils.parse(args.gin_file, args.gin_param, args.gin_search_path)
-    except gin_utils.GinConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        setup = TrainSetup.from_gin(**({"quiet": True} if args.quiet else {}))
-    except ValueError as e:  # a binding refused by its configurable (e.g. a moved name)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
+        # WorkdirLockedError: exit 3, NonFiniteLossError: 4, a refused configuration: 2.
         train(args.workdir, setup)
-    except WorkdirLockedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except ConfigMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        return e.exit_status
-    except Aborted as e:  # a second signal while stopping
+    except (Interrupted, Aborted) as e:  # the message is the whole story, not an error
         print(e, file=sys.stderr)
         return e.exit_status
     return 0

@@ -20,10 +20,11 @@ import time
 from experiments.data import corpus
 from experiments.data.sources import load_source_split
 from experiments.data.tokenizers import MODEL_TYPES, train_sentencepiece
+from experiments.runtime import cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
         "--output", required=True, help="Path of the .model file to write."
     )
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     kwargs = {

@@ -5,8 +5,9 @@
   python scripts/train.py --workdir=workdirs/moe --gin_param='train.num_steps = 1200'
 
 The target model is the dense run's config.gin plus --gin_file/--gin_param and
-the flags below (later ones win). Exit status: 2 bad configuration or refused
-conversion, 5 `--verify` found a difference in a case that should be exact.
+the flags below (later ones win). Errors are one line (`--verbose` adds the
+traceback). Exit status: 2 bad configuration or refused conversion, 5
+`--verify` found a difference in a case that should be exact.
 See docs/upcycling.md.
 """
 
@@ -17,6 +18,7 @@ import logging
 import sys
 
 from experiments.convert.upcycle_checkpoint import UpcycleConfig, upcycle
+from experiments.runtime import cli
 from moe import upcycle as up
 
 
@@ -43,7 +45,7 @@ def _mesh(text: str) -> dict[str, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--dense_workdir", required=True, help="Workdir of the dense run.")
     p.add_argument("--out_workdir", required=True, help="New workdir for the MoE run.")
     p.add_argument("--gin_file", action="append", default=[],
@@ -80,24 +82,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        config = UpcycleConfig(
-            moe_layers=args.moe_layers, num_experts=args.num_experts, k=args.k,
-            granularity=args.granularity, router_init=args.router_init,
-            router_init_std=args.router_init_std, diversify=args.diversify,
-            diversify_ratio=args.diversify_ratio, noise_std=args.noise_std,
-            weight_scaling=args.weight_scaling, optimizer_state=args.optimizer_state,
-            seed=args.seed, dense_step=args.dense_step, mesh_shape=args.mesh)
-        result = upcycle(args.dense_workdir, args.out_workdir, gin_files=args.gin_file,
-                         gin_params=args.gin_param, gin_search_paths=args.gin_search_path,
-                         config=config, verify=args.verify,
-                         verify_batches=args.verify_batches)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = UpcycleConfig(
+        moe_layers=args.moe_layers, num_experts=args.num_experts, k=args.k,
+        granularity=args.granularity, router_init=args.router_init,
+        router_init_std=args.router_init_std, diversify=args.diversify,
+        diversify_ratio=args.diversify_ratio, noise_std=args.noise_std,
+        weight_scaling=args.weight_scaling, optimizer_state=args.optimizer_state,
+        seed=args.seed, dense_step=args.dense_step, mesh_shape=args.mesh)
+    result = upcycle(args.dense_workdir, args.out_workdir, gin_files=args.gin_file,
+                     gin_params=args.gin_param, gin_search_paths=args.gin_search_path,
+                     config=config, verify=args.verify, verify_batches=args.verify_batches)
     print(f"upcycled step {result.step}: MoE layers {list(result.moe_layers)}, "
           f"E={result.num_experts} k={result.k} G={result.granularity}, router "
           f"{result.router_init}, scales {result.scales}; parameters "

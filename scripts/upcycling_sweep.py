@@ -19,7 +19,6 @@ Runs that finished (summary.json present) are skipped, so the command resumes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 
 from experiments.convert.upcycle_checkpoint import UpcycleConfig, upcycle
 from experiments.reporting.metrics import read_jsonl
-from experiments.runtime import gin_utils
+from experiments.runtime import cli, gin_utils
 from experiments.train.trainer import train
 
 SWEEP_GIN = Path(__file__).resolve().parent.parent / "gin_configs" / "sweeps" / "upcycling.gin"
@@ -135,8 +134,9 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--root", required=True, help="Directory for the runs' workdirs.")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--gin_param", action="append", default=[],

@@ -47,6 +47,7 @@ from experiments.data import pipeline as data_lib
 from experiments.data.config import DataConfig
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import Checkpointer
+from experiments.runtime.workdir_lock import check_workdir
 from experiments.train import trainer  # noqa: F401  (registers `train` for the config)
 from experiments.train.optim import make_optimizer
 from layers.transformer import TransformerLM
@@ -154,6 +155,7 @@ def import_dense(model_dir: str | Path, out_workdir: str | Path, *,
     config.json. The tokenizer's vocabulary size must equal the model's.
     """
     model_dir, out_workdir = Path(model_dir), Path(out_workdir).absolute()
+    check_workdir(out_workdir)
     hf_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     if (out_workdir / "checkpoints").exists() and any((out_workdir / "checkpoints").iterdir()):
         raise FileExistsError(f"{out_workdir}/checkpoints already holds checkpoints")

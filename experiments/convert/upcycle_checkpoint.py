@@ -43,6 +43,7 @@ from experiments.data.config import DataConfig
 from experiments.runtime import gin_utils
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
+from experiments.runtime.workdir_lock import check_workdir
 from experiments.train import trainer  # noqa: F401  (registers `train`, read from config.gin)
 from experiments.train.optim import make_optimizer
 from layers.params import logical_axes_of
@@ -415,6 +416,7 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
     configured with the target config.
     """
     dense_workdir, out_workdir = Path(dense_workdir).absolute(), Path(out_workdir).absolute()
+    check_workdir(out_workdir)
     dense_config = _dense_config_file(dense_workdir)
     if (out_workdir / "checkpoints").exists() and any((out_workdir / "checkpoints").iterdir()):
         raise FileExistsError(f"{out_workdir}/checkpoints already holds checkpoints; choose a "

@@ -16,7 +16,7 @@ import numpy as np
 from experiments.data import corpus
 from experiments.data import pipeline as data
 from experiments.data.sources import load_source_split
-from experiments.data.tokenizers import make_tokenizer
+from experiments.data.tokenizers import TOKENIZER_SPECS, make_tokenizer
 
 _SEQIO_PREFIX = "seqio:"
 
@@ -49,6 +49,12 @@ class DataConfig:
     cache_dir: str | None = None
     eval_max_batches: int | None = None
     task_modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        kind, _, path = str(self.tokenizer).partition(":")
+        if self.tokenizer != "byte" and not (kind == "sentencepiece" and path):
+            raise ValueError(f"DataConfig.tokenizer must be one of {TOKENIZER_SPECS}, "
+                             f"got {self.tokenizer!r}")
 
     def _common(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "tokenizer": self.tokenizer,

@@ -72,7 +72,8 @@ def load_jsonl(
     ``"<path>:<line number>"`` (1-based).
     """
     if not os.path.isfile(path):
-        raise ValueError(f"jsonl path is not a file: {path!r}")
+        why = "a directory" if os.path.isdir(path) else "missing"
+        raise ValueError(f"JSONL source {path!r} is not a file ({why})")
     records = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -90,18 +91,23 @@ def load_jsonl(
                 )
             text = obj.get(text_field)
             if not isinstance(text, str):
-                raise ValueError(
-                    f"text_field {text_field!r} must be a string at {where}, got {text!r:.80}"
-                )
+                raise ValueError(_field_error("text_field", text_field, obj, where))
             domain = obj.get(domain_field, default_domain)
             if not isinstance(domain, str):
-                raise ValueError(
-                    f"domain_field {domain_field!r} must be a string at {where}, got {domain!r:.80}"
-                )
+                raise ValueError(_field_error("domain_field", domain_field, obj, where))
             records.append(Record(text=text, domain=domain, path=where))
     if not records:
-        raise ValueError(f"jsonl file has no records: {path!r}")
+        raise ValueError(f"JSONL source {path!r} has no records (the file is empty or blank)")
     return records
+
+
+def _field_error(option: str, field: str, obj: dict, where: str) -> str:
+    """`load_jsonl.<option>` names a missing or non-string key of the object at `where`."""
+    if field not in obj:
+        return (f"load_jsonl.{option} {field!r} is not a key of the JSON object at {where} "
+                f"(its keys: {sorted(obj)}); bind load_jsonl.{option} to the right key")
+    return (f"load_jsonl.{option} {field!r} must name a string at {where}, "
+            f"got {obj[field]!r:.80}")
 
 
 # The file comes from the source string; gin binds only the other options.

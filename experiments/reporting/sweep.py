@@ -19,6 +19,7 @@ after training. `write_report` collects the runs into
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import math
@@ -102,8 +103,13 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Parses a sweep file (it may bind only `Sweep.*`)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(errno.ENOENT, "sweep file not found", str(path))
     gin.clear_config()
-    gin.parse_config_file(str(path))
+    try:
+        gin.parse_config_file(str(path))
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"invalid sweep file {str(path)!r}: {e}") from e
     sweep = Sweep()
     if not sweep.name:
         sweep.name = Path(path).stem
@@ -130,15 +136,14 @@ def run_sweep(sweep: Sweep, root: Path, *, log=print) -> list[dict[str, Any]]:
             workdir = run_dir(root, sweep, variant, seed)
             summary = workdir / "summary.json"
             if not summary.exists():
-                workdir.mkdir(parents=True, exist_ok=True)
                 start = time.monotonic()
                 log(f"[sweep {sweep.name}] {variant} seed {seed}: training in {workdir}")
                 result = subprocess.run(train_command(sweep, bindings, seed, workdir), cwd=REPO,
                                         capture_output=True, text=True, check=False)
-                (workdir / "train.log").write_text(result.stdout + result.stderr)
+                if workdir.is_dir():  # not created when the run refused its configuration
+                    (workdir / "train.log").write_text(result.stdout + result.stderr)
                 if result.returncode != 0:
-                    raise RuntimeError(f"run {variant} seed {seed} failed (exit "
-                                       f"{result.returncode}):\n{result.stderr[-3000:]}")
+                    raise SweepRunError(f"{variant} seed {seed}", result, workdir)
                 (workdir / "wall_seconds.txt").write_text(f"{time.monotonic() - start:.1f}\n")
             if sweep.analyze_routing and not (workdir / "analysis" / "routing.json").exists():
                 result = subprocess.run(
@@ -150,6 +155,18 @@ def run_sweep(sweep: Sweep, root: Path, *, log=print) -> list[dict[str, Any]]:
                                        f"{result.stderr[-3000:]}")
             records.append(collect_run(workdir, variant, seed))
     return records
+
+
+class SweepRunError(RuntimeError):
+    """A run of the sweep failed; the message is the run's last error line."""
+
+    def __init__(self, run: str, result: subprocess.CompletedProcess, workdir: Path):
+        lines = [line for line in result.stderr.splitlines() if line.strip()] or ["no output"]
+        log = f"; log: {workdir / 'train.log'}" if workdir.is_dir() else ""
+        last = lines[-1].removeprefix("error: ")
+        super().__init__(f"run {run} failed (exit {result.returncode}): {last}{log}")
+        # A configuration the run refused is the sweep's configuration error.
+        self.exit_code = 2 if result.returncode == 2 else 1
 
 
 def collect_run(workdir: Path, variant: str, seed: int) -> dict[str, Any]:

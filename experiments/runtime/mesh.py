@@ -54,8 +54,9 @@ def resolve_mesh_shape(shape: Mapping[str, int] | None, num_devices: int) -> tup
                              f"the fixed axes' product {known}")
         sizes[sizes.index(-1)] = num_devices // known
     elif known != num_devices:
-        raise ValueError(f"MESH_SHAPE {shape} needs {known} devices; there are {num_devices} "
-                         f"(use -1 for 'the rest')")
+        raise ValueError(f"MESH_SHAPE {shape} needs {known} devices, but {num_devices} are "
+                         f"available; make the sizes multiply to {num_devices}, or use -1 "
+                         f"for one axis to take the rest")
     return tuple(sizes)
 
 

@@ -21,6 +21,20 @@ LOCK_NAME = "train.lock"
 class WorkdirLockedError(RuntimeError):
     """Another live process holds the workdir's lock."""
 
+    exit_code = 3  # the scripts' exit status (experiments.runtime.cli)
+
+
+def check_workdir(workdir: str | os.PathLike[str]) -> None:
+    """Refuses (NotADirectoryError) a workdir that is a file or lies under one,
+    before anything is created."""
+    path = Path(workdir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == path else f"is under the file {str(candidate)!r}"
+                raise NotADirectoryError(f"workdir {str(path)!r} {where}, not a directory")
+            return
+
 
 class WorkdirLock:
     """Context manager holding the workdir's lock; released on exit."""

@@ -24,6 +24,8 @@ _log = logging.getLogger(__name__)
 class NonFiniteLossError(FloatingPointError):
     """A step's loss, gradient norm or update became NaN or infinite (and was not applied)."""
 
+    exit_code = 4  # the scripts' exit status (experiments.runtime.cli)
+
 
 def describe(metrics: Mapping[str, Any]) -> str:
     """What was not finite in a step's metrics, e.g. 'loss 5.57, gradient norm nan

@@ -35,6 +35,26 @@ def build_model(model_cls: Callable[..., Any], vocab_size: int, seed: int) -> nn
     return nnx.jit(lambda: model_cls(vocab_size=vocab_size, rngs=nnx.Rngs(params=seed)))()
 
 
+def check_model(setup: TrainSetup) -> None:
+    """Builds the first and last model structures' shapes only (`nnx.eval_shape`:
+    nothing compiled or allocated), checks them with the hooks and chooses their
+    dispatch, so that the model's configuration errors surface before the trainer
+    touches the workdir."""
+    vocab_size, seed = setup.data.vocab_size(), setup.config.seed
+    for structure in dict.fromkeys(hooks_lib.structure_after(setup.hooks, step)
+                                   for step in (0, setup.config.num_steps)):
+        factory = hooks_lib.model_for(setup.hooks, structure, setup.config.model_cls)
+        model = nnx.eval_shape(
+            lambda f=factory: f(vocab_size=vocab_size, rngs=nnx.Rngs(params=seed)))
+        for hook in setup.hooks:
+            hook.check_model(structure, model)
+        setup.sharding.configure_dispatch(model, tokens_per_call=_tokens_per_call(setup))
+
+
+def _tokens_per_call(setup: TrainSetup) -> int:
+    return setup.data.batch_size // setup.config.num_microbatches * setup.data.seq_len
+
+
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any], Any]:
     """`(graphdef, params as a plain nested dict, other state)`."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -80,9 +100,8 @@ class Runtimes:
         for hook in setup.hooks:
             hook.check_model(structure, model)
         sharder, num_domains = setup.sharding, len(setup.data.domains())
-        tokens_per_call = setup.data.batch_size // config.num_microbatches * setup.data.seq_len
         self.dispatch_lines[structure] = sharder.configure_dispatch(
-            model, tokens_per_call=tokens_per_call)
+            model, tokens_per_call=_tokens_per_call(setup))
         graphdef, params, rest = split_model(model)
         params = sharder.place_params(params, logical_axes_of(model))
         train_step = make_train_step(graphdef, rest, self.tx, loss_weights=setup.loss_weights,

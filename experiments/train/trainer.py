@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -28,7 +28,7 @@ from experiments.reporting import summary as summary_lib
 from experiments.reporting.console import Console
 from experiments.runtime import distributed, gin_utils
 from experiments.runtime.checkpoints import Checkpointer, CheckpointMismatchError
-from experiments.runtime.workdir_lock import WorkdirLock
+from experiments.runtime.workdir_lock import WorkdirLock, check_workdir
 from experiments.train import hooks as hooks_lib
 from experiments.train import interrupt as interrupt_lib
 from experiments.train import resume_check, run_state
@@ -73,20 +73,35 @@ def train(workdir: str | Path, setup: TrainSetup | None = None, **config_changes
         raise ValueError(f"train: pass {sorted(config_changes)} in setup.config, not beside it")
     workdir = Path(workdir).absolute()
     distributed.initialize_distributed()
+    # What a configuration mistake can break is built before the workdir is touched.
+    check_workdir(workdir)
+    run_state.check_model(setup)
+    inputs = _Inputs.build(setup)
     # One lock holder per job: in a multi-process run process 0 holds it for all.
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock, interrupt_lib.InterruptGuard() as guard:  # SIGINT/SIGTERM: save and stop
-        return _train_locked(workdir, setup, guard)
+        return _train_locked(workdir, setup, inputs, guard)
 
 
-def _train_locked(workdir: Path, setup: TrainSetup,
+class _Inputs(NamedTuple):
+    schedule: Any
+    runtimes: Runtimes
+    eval_batches: list[Any]
+    train_iter: Any
+
+    @classmethod
+    def build(cls, setup: TrainSetup) -> _Inputs:
+        schedule = learning_rate_schedule(setup.config.num_steps)
+        return cls(schedule, Runtimes(setup, make_optimizer(schedule)),
+                   sharded_data.eval_batches(setup.data),
+                   sharded_data.make_sharded_train_iterator(setup.data, setup.config.seed))
+
+
+def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs,
                   guard: interrupt_lib.InterruptGuard) -> dict[str, Any]:
     config, data, hooks = setup.config, setup.data, setup.hooks
     console = Console(quiet=config.quiet)  # also the run's wall clock
-    schedule = learning_rate_schedule(config.num_steps)
-    runtimes = Runtimes(setup, make_optimizer(schedule))
-    eval_batches = sharded_data.eval_batches(data)
-    train_iter = sharded_data.make_sharded_train_iterator(data, config.seed)
+    schedule, runtimes, eval_batches, train_iter = inputs
     log_dir = distributed.process_log_dir(workdir)  # other processes log beside process 0
     checkpointer = setup.checkpointer(workdir / "checkpoints")
     log: StepLog | None = None

@@ -34,8 +34,10 @@ class ExpertChoiceRouter(BaseRouter):
                  init_std: float = 0.02, jitter_eps: float = 0.0, use_bias: bool = False,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         if causal:
-            raise ValueError("ExpertChoiceRouter looks at future tokens; it is not allowed in a "
-                             "causal layer (causal=True). Use it in encoders (causal=False).")
+            raise ValueError("ExpertChoiceRouter looks at future tokens; a causal decoder "
+                             "(TransformerLM.causal = True) cannot use it: choose a "
+                             "token-choice MoeLayer.router, or set TransformerLM.causal = "
+                             "False (an encoder)")
         super().__init__(d_model, num_experts, k, causal=causal, init_std=init_std,
                          jitter_eps=jitter_eps, use_bias=use_bias, param_dtype=param_dtype,
                          rngs=rngs)

@@ -1,0 +1,187 @@
+"""Every CLI reports configuration and input mistakes as one line naming the
+parameter or file, exits with status 2, and writes nothing (no workdir, no lock).
+
+All cases fail before anything is compiled; they run as subprocesses, a few at
+a time, once per module.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from tests.helpers import REPO, script_command, script_env
+
+TINY = "--gin_file=gin_configs/experiments/test_tiny.gin"
+
+
+class Case(NamedTuple):
+    script: str
+    args: tuple[str, ...]
+    expected: tuple[str, ...]  # substrings of the one error line
+    workdir: str | None = None  # a path the run must not create (or change)
+
+
+def _train(*params: str, expected: tuple[str, ...], workdir: str = "run") -> Case:
+    return Case("scripts/train.py",
+                (TINY, "--quiet", *(f"--gin_param={p}" for p in params), f"--workdir={{{workdir}}}"),
+                expected, workdir)
+
+
+CASES = {
+    "moe_k": _train("MoeLayer.k = 5", expected=("MoeLayer.k", "num_experts=4", "got 5")),
+    "old_transformer_k": _train("TransformerLM.k = 5",
+                                expected=("MoeLayer.k", "got 5", "TransformerLM.k")),
+    "capacity_factor_0": _train("MoeLayer.capacity_factor = 0",
+                                expected=("MoeLayer.capacity_factor", "got 0")),
+    "capacity_factor_negative": _train("MoeLayer.capacity_factor = -1.0",
+                                       expected=("MoeLayer.capacity_factor", "got -1.0")),
+    "dispatch": _train("MoeLayer.dispatch = 'magic'",
+                       expected=("MoeLayer.dispatch", "'sort'", "got 'magic'")),
+    "mesh_shape": _train("MESH_SHAPE = {{'data': 4}}", expected=("MESH_SHAPE", "needs 4 devices")),
+    "expert_choice_causal": _train("MoeLayer.router = @ExpertChoiceRouter",
+                                   expected=("ExpertChoiceRouter", "TransformerLM.causal")),
+    "tokenizer": _train("DataConfig.tokenizer = 'bytes'",
+                        expected=("DataConfig.tokenizer", "'byte'", "got 'bytes'")),
+    "jsonl_no_text_field": _train("DataConfig.source = 'jsonl:{nofield}'",
+                                  expected=("load_jsonl.text_field", "'content'", "'lang'",
+                                            "nofield.jsonl:1")),
+    "jsonl_empty": _train("DataConfig.source = 'jsonl:{empty}'",
+                          expected=("empty.jsonl", "no records")),
+    "jsonl_missing": _train("DataConfig.source = 'jsonl:{missing}'",
+                            expected=("missing.jsonl", "not a file")),
+    "existing_workdir": _train("MoeLayer.k = 5", expected=("MoeLayer.k",), workdir="existing"),
+    "workdir_is_a_file": Case("scripts/train.py", (TINY, "--workdir={afile}"),
+                              ("afile", "is a file")),
+    "unknown_binding": _train("MoeLayer.nope = 1", expected=("nope",)),
+    "bad_flag": Case("scripts/train.py", (TINY, "--workdir={run}", "--nope"),
+                     ("--nope", "--help"), "run"),
+    "upcycle_no_dense": Case("scripts/upcycle.py", ("--dense_workdir={missing}",
+                                                    "--out_workdir={run}"),
+                             ("missing.jsonl/config.gin", "dense_workdir"), "run"),
+    "upcycle_out_is_a_file": Case("scripts/upcycle.py", ("--dense_workdir={existing}",
+                                                         "--out_workdir={afile}"),
+                                  ("afile", "is a file")),
+    "upcycle_bad_mesh": Case("scripts/upcycle.py", ("--dense_workdir={existing}",
+                                                    "--out_workdir={run}", "--mesh=expert"),
+                             ("--mesh", "expert=4"), "run"),
+    "analyze_not_a_workdir": Case("scripts/analyze_routing.py", ("--workdir={existing}",),
+                                  ("config.gin", "existing"), "existing"),
+    "sweep_missing_file": Case("scripts/sweep.py", ("{missing}.gin", "--root={run}"),
+                               ("missing.jsonl.gin",), "run"),
+    "sweep_bad_binding": Case("scripts/sweep.py", ("{bad_sweep}", "--root={run}"),
+                              ("bad_sweep.gin", "Sweep", "bogus"), "run"),
+    "sweep_run_refused": Case("scripts/sweep.py", ("{k5_sweep}", "--root={run}",
+                                                   "--docs_dir={docs}"),
+                              ("k5 seed 0", "exit 2", "MoeLayer.k"), "run"),
+    "import_dense_no_model": Case("scripts/import_dense.py", ("--model_dir={existing}",
+                                                              "--out_workdir={run}"),
+                                  ("existing/config.json",), "run"),
+    "import_dense_incomplete_config": Case("scripts/import_dense.py", ("--model_dir={hf}",
+                                                                       "--out_workdir={run}"),
+                                           ("num_attention_heads", "config.json"), "run"),
+    "import_dense_out_is_a_file": Case("scripts/import_dense.py", ("--model_dir={existing}",
+                                                                   "--out_workdir={afile}"),
+                                       ("afile", "is a file")),
+    "tokenizer_no_text_field": Case("scripts/train_tokenizer.py",
+                                    ("--source=jsonl:{nofield}", "--output={run}/t.model"),
+                                    ("load_jsonl.text_field", "'content'"), "run"),
+    "tokenizer_empty_jsonl": Case("scripts/train_tokenizer.py",
+                                  ("--source=jsonl:{empty}", "--output={run}/t.model"),
+                                  ("empty.jsonl", "no records"), "run"),
+    "tokenizer_missing_jsonl": Case("scripts/train_tokenizer.py",
+                                    ("--source=jsonl:{missing}", "--output={run}/t.model"),
+                                    ("missing.jsonl", "not a file"), "run"),
+    "demo_routing_k": Case("scripts/demo_routing.py", ("--num_experts=4", "--k=5"),
+                           ("MoeLayer.k", "got 5")),
+    "bench_moe_layer_flag": Case("scripts/bench_moe_layer.py", ("--nope",), ("--nope",)),
+    "bench_gmm_choice": Case("scripts/bench_gmm.py", ("--dtype=int8",), ("--dtype", "int8")),
+    "bench_sharding_flag": Case("scripts/bench_sharding.py", ("--rounds=x",), ("--rounds",)),
+    "bench_balance_scope_gin": Case("scripts/bench_balance_scope.py", ("--gin_file={missing}",),
+                                    ("missing.jsonl",)),
+    "evomoe_report_flag": Case("scripts/evomoe_report.py", ("--window=x",), ("--window",)),
+    "upcycling_sweep_flag": Case("scripts/upcycling_sweep.py", ("--root={run}",), ("--json",),
+                                 "run"),
+}
+
+
+def _inputs(base: Path) -> dict[str, str]:
+    paths = {name: base / name for name in ("run", "existing", "afile", "nofield", "empty",
+                                            "missing", "bad_sweep", "k5_sweep", "docs", "hf")}
+    paths["nofield"] = base / "nofield.jsonl"
+    paths["empty"] = base / "empty.jsonl"
+    paths["missing"] = base / "missing.jsonl"
+    paths["bad_sweep"] = base / "bad_sweep.gin"
+    paths["k5_sweep"] = base / "k5_sweep.gin"
+    paths["existing"].mkdir()
+    (paths["existing"] / "marker").write_text("x")
+    paths["afile"].write_text("not a directory")
+    paths["hf"].mkdir()
+    (paths["hf"] / "config.json").write_text('{"hidden_size": 8}')
+    paths["nofield"].write_text('{"content": "some text", "lang": "en"}\n')
+    paths["empty"].write_text("")
+    paths["bad_sweep"].write_text("Sweep.bogus = 3\n")
+    paths["k5_sweep"].write_text(
+        "Sweep.gin_files = ['gin_configs/experiments/test_tiny.gin']\n"
+        "Sweep.variants = {'k5': {'MoeLayer.k': 5}}\n")
+    return {name: str(path) for name, path in paths.items()}
+
+
+def _snapshot(path: Path) -> dict[str, float] | None:
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {"": path.stat().st_mtime_ns}
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*")}
+
+
+def _run(case_name: str, base: Path, inputs: dict[str, str], verbose: bool = False):
+    case = CASES[case_name]
+    own = {k: (str(base / case_name) if k == "run" else v) for k, v in inputs.items()}
+    args = [a.format(**own) for a in case.args] + (["--verbose"] if verbose else [])
+    watched = Path(own[case.workdir]) if case.workdir else None
+    before = _snapshot(watched) if watched else None
+    result = subprocess.run(script_command(case.script, *args), cwd=REPO, env=script_env(1),
+                            capture_output=True, text=True, timeout=300, check=False)
+    after = _snapshot(watched) if watched else None
+    return result, before, after
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli_errors")
+    inputs = _inputs(base)
+    workers = max(1, min(4, (os.cpu_count() or 2)))
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {name: pool.submit(_run, name, base, inputs) for name in CASES}
+        verbose = pool.submit(_run, "moe_k", base, inputs, True)
+        out = {name: f.result() for name, f in futures.items()}
+    out["verbose"] = verbose.result()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_one_line_exit_2_nothing_written(results, name):
+    result, before, after = results[name]
+    # The sweep announces each run it starts: its progress log, not an error.
+    lines = [line for line in result.stderr.strip().splitlines()
+             if not line.startswith("[sweep ")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: "), lines
+    for expected in CASES[name].expected:
+        assert expected in lines[0], (expected, lines[0])
+    assert before == after, f"{CASES[name].workdir} changed: {before} -> {after}"
+
+
+def test_verbose_shows_the_traceback(results):
+    result, _, after = results["verbose"]
+    assert result.returncode == 2
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: MoeLayer.k ")
+    assert after is None
