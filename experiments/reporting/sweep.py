@@ -138,8 +138,8 @@ def run_sweep(sweep: Sweep, root: Path, *, log=print) -> list[dict[str, Any]]:
             if not summary.exists():
                 start = time.monotonic()
                 log(f"[sweep {sweep.name}] {variant} seed {seed}: training in {workdir}")
-                result = subprocess.run(train_command(sweep, bindings, seed, workdir), cwd=REPO,
-                                        capture_output=True, text=True, check=False)
+                result = run_child(train_command(sweep, bindings, seed, workdir), cwd=REPO,
+                                   name=f"{variant} seed {seed}")
                 if workdir.is_dir():  # not created when the run refused its configuration
                     (workdir / "train.log").write_text(result.stdout + result.stderr)
                 if result.returncode != 0:
@@ -155,6 +155,32 @@ def run_sweep(sweep: Sweep, root: Path, *, log=print) -> list[dict[str, Any]]:
                                        f"{result.stderr[-3000:]}")
             records.append(collect_run(workdir, variant, seed))
     return records
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the run was left to save its checkpoint first."""
+
+    exit_code = 130  # experiments.runtime.cli
+
+    def __init__(self, name: str, child: subprocess.CompletedProcess):
+        detail = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        super().__init__(f"sweep interrupted during run {name} ({detail}); run the same "
+                         f"command to resume")
+
+
+def run_child(command: Sequence[str], *, cwd: Path, name: str) -> subprocess.CompletedProcess:
+    """Runs `command`, capturing its output. On Ctrl-C the terminal signals the
+    child too (one process group): it finishes its step and saves its checkpoint,
+    so this waits for it instead of killing it, then raises `SweepInterrupted`."""
+    child = subprocess.Popen(list(command), cwd=cwd, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = child.communicate()
+    except KeyboardInterrupt:
+        stdout, stderr = child.communicate()  # a second Ctrl-C aborts the child too
+        raise SweepInterrupted(name, subprocess.CompletedProcess(
+            command, child.returncode, stdout, stderr)) from None
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 
 
 class SweepRunError(RuntimeError):

@@ -81,7 +81,7 @@ def exit_code(error: BaseException) -> int | None:
 def one_line(error: BaseException) -> str:
     """`error`'s message on one line; gin's "In call to configurable 'C'" notes
     become the parameter's full name (`C.param must ...`) or a trailing `(in C)`."""
-    if isinstance(error, KeyboardInterrupt):
+    if isinstance(error, KeyboardInterrupt) and not str(error):
         return "interrupted"
     if isinstance(error, OSError) and error.strerror and error.filename is not None:
         return f"{error.strerror}: {error.filename}"

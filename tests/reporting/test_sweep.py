@@ -73,3 +73,49 @@ def test_finished_runs_are_skipped_and_reported(tmp_path):
     assert "| `x` | 1.0500 ± 0.0707 |" in text  # mean +- sample std of 1.0 and 1.1
     assert "| `y` |" in text and "demo/maxvio_curves.png" in text
     assert (tmp_path / "docs" / "demo" / "maxvio_curves.png").stat().st_size > 0
+
+
+# A child that, like scripts/train.py, finishes and saves on SIGINT (slowly), and a
+# parent that runs it through run_child; the test signals both (one process group).
+_CHILD = """
+import signal, sys, time
+def save(*_):
+    time.sleep(1.0)
+    open(sys.argv[1], "w").write("saved")
+    print("interrupted at step 3; checkpoint saved", file=sys.stderr)
+    sys.exit(130)
+signal.signal(signal.SIGINT, save)
+print("ready", flush=True)
+time.sleep(60)
+"""
+_PARENT = """
+import sys
+from pathlib import Path
+from experiments.reporting.sweep import SweepInterrupted, run_child
+try:
+    run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]], cwd=Path.cwd(), name="v seed 0")
+except SweepInterrupted as e:
+    print("caught:", e, file=sys.stderr)
+    sys.exit(e.exit_code)
+"""
+
+
+def test_ctrl_c_waits_for_the_running_child_to_save(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO, script_env
+
+    marker = tmp_path / "saved"
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _CHILD, str(marker)], cwd=REPO,
+                              env=script_env(), stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    time.sleep(3.0)  # both interpreters started; the child sleeps in its handler's reach
+    os.killpg(parent.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, stderr = parent.communicate(timeout=60)
+    assert parent.returncode == 130, stderr
+    assert marker.read_text() == "saved"  # the child was not killed before saving
+    assert "caught: sweep interrupted during run v seed 0 (interrupted at step 3" in stderr
