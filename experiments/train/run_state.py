@@ -157,7 +157,8 @@ def start(setup: TrainSetup, runtimes: Runtimes, checkpointer: Checkpointer, tra
     if restored is not None:
         params, opt_state = restored.params, restored.opt_state
         base_key = jnp.asarray(restored.rng_key_data, jnp.uint32)
-        data_lib.restore_iterator_state(train_iter, restored.data_state)
+        if restored.data_state:  # {} = an imported model: the data starts at the beginning
+            data_lib.restore_iterator_state(train_iter, restored.data_state)
     ctx = HookContext(num_steps=setup.config.num_steps, base_key=base_key, tx=runtimes.tx,
                       structure=structure, experts_per_layer=runtimes[structure].experts_per_layer,
                       initial_state=runtimes.take_initial_state,

@@ -1,0 +1,165 @@
+"""Import a HF safetensors decoder (see `config.SUPPORTED`) as a workdir of ours.
+
+The workdir (`checkpoints/0`, `config.gin`, the model's `tokenizer.json` when
+it has one, `hf_import.json`) is what `scripts/train.py` continues and
+`scripts/upcycle.py` upcycles. The vocabulary size is the HF config's: a model
+with its own vocabulary imports without a data config that matches it (the
+checkpoint then holds no data-iterator position; train with a data config
+whose tokenizer is the model's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+import optax
+from flax import nnx, traverse_util
+
+from experiments.convert.hf import config as config_lib
+from experiments.convert.hf import mapping
+from experiments.convert.hf.safetensors_io import SafetensorsReader
+from experiments.convert.hf.workdir import atomic_dir, read_hf_config
+from experiments.data import pipeline as data_lib
+from experiments.data.config import DataConfig
+from experiments.runtime import gin_utils
+from experiments.runtime import mesh as mesh_lib
+from experiments.runtime.checkpoints import Checkpointer
+from experiments.train import trainer  # noqa: F401  (registers `train` for the config)
+from experiments.train.optim import make_optimizer
+from layers.params import logical_axes_of
+from layers.transformer import TransformerLM
+
+_log = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+DTYPES = ("float32", "bfloat16")
+
+
+def tensor_getter(reader: SafetensorsReader, spec: config_lib.ModelSpec
+                  ) -> tuple[Callable[[str], np.ndarray], set[str]]:
+    """`get(hf_name)` over per-expert or fused experts, and the set of names it read."""
+    names = reader.names()
+    fused = mapping.fused_expert_names(names, spec)
+    used: set[str] = set()
+    cache: dict[str, np.ndarray] = {}
+
+    def get(name: str) -> np.ndarray:
+        if name in names:
+            used.add(name)
+            return reader.get(name)
+        if name in fused and fused[name] in names:
+            src = fused[name]
+            if src not in cache:
+                cache.clear()  # one fused tensor at a time
+                cache[src] = reader.get(src)
+            used.add(src)
+            return mapping.unfuse(name, src, cache[src], spec)
+        raise KeyError(name)
+
+    return get, used
+
+
+def load_params(model_dir: Path, spec: config_lib.ModelSpec, abstract: Mapping,
+                place: Callable[[tuple, np.ndarray], Any] | None = None) -> dict:
+    """Our nested params from the safetensors of `model_dir`, checked against
+    `abstract` (names and shapes); `place(path, array)` puts each leaf (default:
+    a host array of the abstract dtype)."""
+    reader = SafetensorsReader(model_dir)
+    get, used = tensor_getter(reader, spec)
+    flat_abstract = traverse_util.flatten_dict(abstract)
+    flat: dict[tuple, Any] = {}
+    try:
+        for path, value in mapping.to_ours(get, spec):
+            name = "/".join(path)
+            if path not in flat_abstract:
+                raise ValueError(f"{name}: our model has no such parameter (is a layer option "
+                                 "missing from this build?)")
+            want = tuple(flat_abstract[path].shape)
+            if value.shape != want:
+                raise ValueError(f"{name}: the model wants shape {want}, the safetensors give "
+                                 f"{value.shape}")
+            flat[path] = (place(path, value) if place else
+                          np.asarray(value, flat_abstract[path].dtype))
+    except KeyError as e:
+        raise ValueError(f"{model_dir}: tensor {e.args[0]!r} missing from the safetensors "
+                         "files") from None
+    finally:
+        reader.close()
+    missing = sorted("/".join(p) for p in set(flat_abstract) - set(flat))
+    if missing:
+        raise ValueError(f"our model has parameters the import does not fill: {missing[:8]}")
+    unused = sorted(n for n in reader.names() - used if not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise ValueError(f"{model_dir}: tensors with no place in a {spec.architecture} of this "
+                         f"config: {unused[:8]}")
+    return traverse_util.unflatten_dict(flat)
+
+
+def _data_state(vocab: int, seed: int) -> dict[str, Any]:
+    """The data iterator's start, when the data config's vocabulary is the model's."""
+    try:
+        data_config = DataConfig()
+        data_vocab = data_config.vocab_size()
+        if data_vocab == vocab:
+            return data_lib.iterator_state(data_config.train_iterator(seed))
+        _log.warning("the data config's tokenizer has %d tokens, the model %d: the checkpoint "
+                     "holds no data position; train with the model's tokenizer", data_vocab, vocab)
+    except (ValueError, OSError, KeyError) as e:
+        _log.warning("no data iterator position saved (%s)", e)
+    return {}
+
+
+def import_hf(model_dir: str | Path, out_workdir: str | Path, *,
+              gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
+              dtype: str = "float32", seed: int = 0) -> Path:
+    """Writes `out_workdir` atomically (temp dir + rename); returns it."""
+    model_dir, out_workdir = Path(model_dir), Path(out_workdir).absolute()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: allowed {', '.join(DTYPES)}")
+    hf_cfg = read_hf_config(model_dir)
+    spec = config_lib.parse_config(hf_cfg)
+    with atomic_dir(out_workdir) as tmp:
+        gin.clear_config()
+        gin_utils.parse(list(gin_files), [*config_lib.model_bindings(spec),
+                                          f"TransformerLM.param_dtype = '{dtype}'",
+                                          f"train.seed = {seed}", *gin_params])
+        model = nnx.eval_shape(lambda: TransformerLM(vocab_size=spec.vocab_size,
+                                                     rngs=nnx.Rngs(0)))
+        abstract = nnx.state(model, nnx.Param).to_pure_dict()
+        place = None
+        sharder = None
+        if mesh_lib.mesh_shape_from_gin() is not None:
+            sharder = mesh_lib.Sharding()
+            shardings = traverse_util.flatten_dict(
+                sharder.param_shardings(abstract, logical_axes_of(model)))
+            flat_abs = traverse_util.flatten_dict(abstract)
+
+            def place(path, value):  # pylint: disable=function-redefined
+                return jax.device_put(np.asarray(value, flat_abs[path].dtype), shardings[path])
+        params = load_params(model_dir, spec, abstract, place)
+        tx = make_optimizer(optax.constant_schedule(0.0))
+        opt_state = sharder.init_opt_state(tx, params) if sharder else tx.init(params)
+        checkpointer = Checkpointer(tmp / "checkpoints", async_save=False, max_to_keep=None)
+        try:
+            checkpointer.save(0, params=params, opt_state=opt_state,
+                              data_state=_data_state(spec.vocab_size, seed),
+                              rng_key_data=np.asarray(jax.random.PRNGKey(seed)), force=True)
+        finally:
+            checkpointer.close()
+        gin_utils.write_config(tmp)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        (tmp / "hf_import.json").write_text(json.dumps(
+            {"source": str(model_dir), "architecture": spec.architecture, "config": hf_cfg},
+            indent=2) + "\n", encoding="utf-8")
+    _log.info("imported %s into %s", model_dir, out_workdir)
+    return out_workdir
