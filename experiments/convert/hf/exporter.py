@@ -50,7 +50,8 @@ def hf_getter(flat: Mapping[tuple, Any], spec: config_lib.ModelSpec, tied: bool)
     return get
 
 
-def _read(workdir: Path, step: int | None) -> tuple[Any, dict, int]:
+def _read(workdir: Path, step: int | None) -> tuple[Any, dict, int, bool]:
+    """(abstract model, host params, step, whether non-zero selection biases are stored)."""
     config = workdir / gin_utils.CONFIG_FILE
     if not config.exists():
         raise FileNotFoundError(f"{config}: missing (not a workdir of ours?)")
@@ -71,7 +72,9 @@ def _read(workdir: Path, step: int | None) -> tuple[Any, dict, int]:
         restored = checkpointer.restore_step(step, abstract, None)
     finally:
         checkpointer.close()
-    return model, jax.device_get(restored.params), step
+    biases = restored.balance_state or {}
+    has_biases = any(np.any(np.asarray(v) != 0) for v in biases.values())
+    return model, jax.device_get(restored.params), step, has_biases
 
 
 def export_hf(workdir: str | Path, out_dir: str | Path, *, step: int | None = None,
@@ -83,8 +86,9 @@ def export_hf(workdir: str | Path, out_dir: str | Path, *, step: int | None = No
         raise ValueError(f"dtype {dtype!r}: allowed {', '.join(DTYPES)}")
     if not workdir.is_dir():
         raise FileNotFoundError(f"{workdir}: not a directory")
-    model, params, step = _read(workdir, step)
-    spec = family.spec_of(model, drop_selection_bias=drop_selection_bias)
+    model, params, step, has_biases = _read(workdir, step)
+    spec = family.spec_of(model, selection_biases=has_biases,
+                          drop_selection_bias=drop_selection_bias)
     flat = traverse_util.flatten_dict(params)
     get = hf_getter(flat, spec, tied=model.tie_embeddings)
     with atomic_dir(out_dir) as tmp:

@@ -30,7 +30,7 @@ def bound(name: str, default: Any = None) -> Any:
         return default
 
 
-def _moe_options(model: Any, drop_selection_bias: bool) -> dict[str, Any]:
+def _moe_options(model: Any) -> dict[str, Any]:
     """E, k, d_ff, normalize, shared sizes of the (identical) MoE layers; refuses the rest."""
     options = []
     for name in model.moe_layer_names:
@@ -51,10 +51,6 @@ def _moe_options(model: Any, drop_selection_bias: bool) -> dict[str, Any]:
                                             f"families need {want!r})")
         if getattr(router, "bias", None) is not None:
             raise UnsupportedModelError("TopKRouter.use_bias=True: HF routers have no logit bias")
-        if router.state_keys and not drop_selection_bias:
-            raise UnsupportedModelError(
-                f"{name}: the router keeps selection state {list(router.state_keys)} (selection "
-                "biases); HF has none: pass --drop_selection_bias to export without it")
         shared = moe.shared
         options.append((moe.num_experts, moe.k, int(moe.experts.wo.shape[1]), router.normalize,
                         None if shared is None else int(shared.wo.shape[0]),
@@ -110,8 +106,18 @@ def _moe_family(spec_kw: dict[str, Any], moe: dict[str, Any], all_moe: bool) -> 
     return "MixtralForCausalLM"
 
 
-def spec_of(model: Any, *, drop_selection_bias: bool = False) -> ModelSpec:
-    """The HF family and spec of `model` (an abstract TransformerLM built from gin)."""
+def spec_of(model: Any, *, selection_biases: bool = False,
+            drop_selection_bias: bool = False) -> ModelSpec:
+    """The HF family and spec of `model` (an abstract TransformerLM built from gin).
+
+    `selection_biases`: the checkpoint holds non-zero loss-free selection
+    biases; HF routers have none, so they are refused unless dropped.
+    """
+    if selection_biases and not drop_selection_bias:
+        raise UnsupportedModelError(
+            "the checkpoint holds loss-free selection biases (train.loss_free / "
+            "selection_bias router state); HF routers have none: pass --drop_selection_bias "
+            "to export without them (routing then changes)")
     attention = model.layer_0.attention
     activation = bound("TransformerLM.activation", "relu")
     if activation not in _GLU:
@@ -138,7 +144,7 @@ def spec_of(model: Any, *, drop_selection_bias: bool = False) -> ModelSpec:
     if not moe_idx:
         arch = _dense_family(kw["attention_bias"], kw["qk_norm"], kw["sliding_window"], scaling)
         return ModelSpec(architecture=arch, **kw)
-    moe = _moe_options(model, drop_selection_bias)
+    moe = _moe_options(model)
     if moe["num_experts"] and activation != "swiglu" and dense:
         raise UnsupportedModelError(f"TransformerLM.activation={activation!r}: HF MoE families "
                                     "use silu (swiglu)")
