@@ -1,4 +1,4 @@
-"""scripts/import_dense.py: a tiny random Llama-style safetensors decoder (GQA,
+"""scripts/import_hf.py: a tiny random Llama-style safetensors decoder (GQA,
 SwiGLU, RMSNorm, RoPE) imported into our dense format must give the logits of an
 independent numpy implementation of the HF Llama forward; the import then
 upcycles exactly."""
@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from experiments.convert import upcycle_checkpoint as ex
-from experiments.convert.import_dense import import_dense
+from experiments.convert.hf.importer import import_hf
 from experiments.data.config import DataConfig
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import Checkpointer
@@ -97,7 +97,7 @@ def imported(tmp_path_factory):
     safetensors_numpy.save_file(weights, str(model_dir / "model.safetensors"))
     (model_dir / "config.json").write_text(json.dumps(CONFIG))
     gin.clear_config()
-    out = import_dense(model_dir, root / "dense",
+    out = import_hf(model_dir, root / "dense",
                        gin_files=["gin_configs/data/embedded_byte.gin"], gin_params=DATA)
     gin.clear_config()
     return weights, model_dir, out
@@ -150,16 +150,46 @@ def test_import_refusals(imported, tmp_path):
     cases = [
         (model_dir("bias", dict(weights, **{
             "model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}), CONFIG),
-         r"no place in our model.*q_proj\.bias"),
-        (model_dir("rope", weights, dict(CONFIG, rope_scaling={"factor": 8.0})), "rope_scaling"),
-        (model_dir("vocab", weights, dict(CONFIG, vocab_size=1000)),
-         "tokenizer has 259 tokens, the model 1000"),
+         r"no place in a LlamaForCausalLM.*q_proj\.bias"),
+        (model_dir("rope", weights, dict(CONFIG, rope_scaling={"type": "yarn", "factor": 8.0})),
+         "rope_scaling.rope_type='yarn'"),
+        (model_dir("shape", weights, dict(CONFIG, intermediate_size=40)),
+         r"layer_0/ffn/wi_gate: the model wants shape \(32, 40\)"),
     ]
     for path, match in cases:
         gin.clear_config()
         try:
             with pytest.raises(ValueError, match=match):
-                import_dense(path, tmp_path / f"out_{path.name}", gin_files=data,
-                             gin_params=DATA)
+                import_hf(path, tmp_path / f"out_{path.name}", gin_files=data,
+                          gin_params=DATA)
         finally:
             gin.clear_config()
+        assert not (tmp_path / f"out_{path.name}").exists()
+        assert not list(tmp_path.glob(f".out_{path.name}.tmp-*"))
+
+
+def test_own_vocabulary_imports_without_a_matching_data_config(imported, tmp_path):
+    """vocab_size comes from config.json: a 300-token model imports under the byte
+    data config (259 tokens); its checkpoint then holds no data position."""
+    weights, _, _ = imported
+    rng = np.random.default_rng(1)
+    path = tmp_path / "own_vocab"
+    path.mkdir()
+    tensors = dict(weights, **{n: rng.normal(size=(300, 32)).astype(np.float32)
+                               for n in ("model.embed_tokens.weight", "lm_head.weight")})
+    safetensors_numpy.save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(dict(CONFIG, vocab_size=300)))
+    (path / "tokenizer.json").write_text('{"model": {}}')
+    gin.clear_config()
+    try:
+        out = import_hf(path, tmp_path / "out", gin_files=["gin_configs/data/embedded_byte.gin"],
+                        gin_params=DATA)
+    finally:
+        gin.clear_config()
+    checkpointer = Checkpointer(out / "checkpoints", read_only=True)
+    try:
+        assert checkpointer.stored_metadata(0, "params")["embedding"].shape == (300, 32)
+    finally:
+        checkpointer.close()
+    assert (out / "tokenizer.json").read_text() == '{"model": {}}'
+    assert "TransformerLM.num_kv_heads = 2" in (out / "config.gin").read_text()

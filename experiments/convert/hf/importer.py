@@ -129,6 +129,7 @@ def import_hf(model_dir: str | Path, out_workdir: str | Path, *,
     with atomic_dir(out_workdir) as tmp:
         gin.clear_config()
         gin_utils.parse(list(gin_files), [*config_lib.model_bindings(spec),
+                                          "TransformerLM.dtype = 'float32'",
                                           f"TransformerLM.param_dtype = '{dtype}'",
                                           f"train.seed = {seed}", *gin_params])
         model = nnx.eval_shape(lambda: TransformerLM(vocab_size=spec.vocab_size,
