@@ -87,11 +87,13 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | 
     """(theta, llama3 scaling or None) from either layout."""
     params = dict(cfg.get("rope_parameters") or {})
     legacy = cfg.get("rope_scaling")
-    if legacy and not params.get("rope_type"):
+    if legacy:  # transformers 5 folds a legacy rope_scaling into rope_parameters too
         params.update(legacy)
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    key = "rope_parameters.rope_type" if "rope_parameters" in cfg else "rope_scaling.rope_type"
+    rope_type = params.get("rope_type", "default")
+    if legacy:
+        rope_type = legacy.get("rope_type", legacy.get("type", rope_type))
+    key = "rope_scaling.rope_type" if legacy else "rope_parameters.rope_type"
     if rope_type not in ROPE_TYPES:
         raise _refuse(key, rope_type, f"supported rope types: {', '.join(ROPE_TYPES)}")
     if rope_type == "default":
