@@ -7,14 +7,17 @@ a time, once per module.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 
+from experiments.convert.hf.safetensors_io import write_sharded
 from tests.helpers import REPO, script_command, script_env
 
 TINY = "--gin_file=gin_configs/experiments/test_tiny.gin"
@@ -79,15 +82,31 @@ CASES = {
     "sweep_run_refused": Case("scripts/sweep.py", ("{k5_sweep}", "--root={run}",
                                                    "--docs_dir={docs}"),
                               ("k5 seed 0", "exit 2", "MoeLayer.k"), "run"),
-    "import_dense_no_model": Case("scripts/import_dense.py", ("--model_dir={existing}",
+    "import_hf_no_config": Case("scripts/import_hf.py", ("--hf_dir={existing}",
+                                                         "--out_workdir={run}"),
+                                ("existing/config.json", "missing"), "run"),
+    "import_hf_unsupported_architecture": Case(
+        "scripts/import_hf.py", ("--hf_dir={hf}", "--out_workdir={run}"),
+        ("architectures", "LlamaForCausalLM", "OlmoeForCausalLM"), "run"),
+    "import_hf_incomplete_config": Case("scripts/import_hf.py", ("--hf_dir={hfkey}",
+                                                                 "--out_workdir={run}"),
+                                        ("config.json lacks", "num_attention_heads"), "run"),
+    "import_hf_truncated_shard": Case("scripts/import_hf.py", ("--hf_dir={hftrunc}",
+                                                               "--out_workdir={run}"),
+                                      ("model.safetensors: truncated",), "run"),
+    "import_hf_shape_mismatch": Case("scripts/import_hf.py", ("--hf_dir={hfshape}",
                                                               "--out_workdir={run}"),
-                                  ("existing/config.json",), "run"),
-    "import_dense_incomplete_config": Case("scripts/import_dense.py", ("--model_dir={hf}",
-                                                                       "--out_workdir={run}"),
-                                           ("num_attention_heads", "config.json"), "run"),
-    "import_dense_out_is_a_file": Case("scripts/import_dense.py", ("--model_dir={existing}",
-                                                                   "--out_workdir={afile}"),
-                                       ("afile", "is a file")),
+                                     ("embedding: the model wants shape (64, 16)",
+                                      "(64, 17)"), "run"),
+    "import_hf_out_is_a_file": Case("scripts/import_hf.py", ("--hf_dir={hfshape}",
+                                                             "--out_workdir={afile}"),
+                                    ("afile", "is a file")),
+    "export_hf_not_a_workdir": Case("scripts/export_hf.py", ("--workdir={existing}",
+                                                             "--out_dir={run}"),
+                                    ("existing/config.gin", "missing"), "run"),
+    "export_hf_no_checkpoint": Case("scripts/export_hf.py", ("--workdir={nockpt}",
+                                                             "--out_dir={run}"),
+                                    ("nockpt/checkpoints", "no checkpoint"), "run"),
     "tokenizer_no_text_field": Case("scripts/train_tokenizer.py",
                                     ("--source=jsonl:{nofield}", "--output={run}/t.model"),
                                     ("load_jsonl.text_field", "'content'"), "run"),
@@ -110,9 +129,27 @@ CASES = {
 }
 
 
+def _hf_dirs(paths: dict[str, Path]) -> None:
+    """HF model directories that fail at config, shard and shape checks."""
+    llama = {"architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 24,
+             "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64}
+    for name in ("hfkey", "hftrunc", "hfshape", "nockpt"):
+        paths[name].mkdir()
+    (paths["hfkey"] / "config.json").write_text(json.dumps(
+        {k: v for k, v in llama.items() if k != "num_attention_heads"}))
+    for name in ("hftrunc", "hfshape"):
+        (paths[name] / "config.json").write_text(json.dumps(llama))
+    write_sharded(paths["hfshape"], [("model.embed_tokens.weight", np.zeros((64, 17), np.float32))])
+    write_sharded(paths["hftrunc"], [("model.embed_tokens.weight", np.zeros((64, 16), np.float32))])
+    shard = paths["hftrunc"] / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    (paths["nockpt"] / "config.gin").write_text("TransformerLM.d_model = 16\n")
+
+
 def _inputs(base: Path) -> dict[str, str]:
     paths = {name: base / name for name in ("run", "existing", "afile", "nofield", "empty",
-                                            "missing", "bad_sweep", "k5_sweep", "docs", "hf")}
+                                            "missing", "bad_sweep", "k5_sweep", "docs", "hf",
+                                            "hfkey", "hftrunc", "hfshape", "nockpt")}
     paths["nofield"] = base / "nofield.jsonl"
     paths["empty"] = base / "empty.jsonl"
     paths["missing"] = base / "missing.jsonl"
@@ -123,6 +160,7 @@ def _inputs(base: Path) -> dict[str, str]:
     paths["afile"].write_text("not a directory")
     paths["hf"].mkdir()
     (paths["hf"] / "config.json").write_text('{"hidden_size": 8}')
+    _hf_dirs(paths)
     paths["nofield"].write_text('{"content": "some text", "lang": "en"}\n')
     paths["empty"].write_text("")
     paths["bad_sweep"].write_text("Sweep.bogus = 3\n")

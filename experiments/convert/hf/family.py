@@ -136,15 +136,15 @@ def spec_of(model: Any, *, selection_biases: bool = False,
     if bound("TransformerLM.attention_out_bias", False):
         raise UnsupportedModelError("TransformerLM.attention_out_bias=True: no supported HF "
                                     "family has an output-projection bias")
-    if not model.causal:
-        raise UnsupportedModelError("TransformerLM.causal=False: HF causal LMs are decoders")
     dense = [n for n in model.layer_names if n not in model.moe_layer_names]
     kw["d_ff"] = int(getattr(model, dense[0]).ffn.wo.shape[0]) if dense else 0
     moe_idx = tuple(i for i, n in enumerate(model.layer_names) if n in model.moe_layer_names)
+    moe = _moe_options(model) if moe_idx else {}
+    if not model.causal:
+        raise UnsupportedModelError("TransformerLM.causal=False: HF causal LMs are decoders")
     if not moe_idx:
         arch = _dense_family(kw["attention_bias"], kw["qk_norm"], kw["sliding_window"], scaling)
         return ModelSpec(architecture=arch, **kw)
-    moe = _moe_options(model)
     if moe["num_experts"] and activation != "swiglu" and dense:
         raise UnsupportedModelError(f"TransformerLM.activation={activation!r}: HF MoE families "
                                     "use silu (swiglu)")
