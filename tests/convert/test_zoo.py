@@ -1,0 +1,75 @@
+"""gin_configs/zoo/: each preset's total and active parameter counts, from an
+abstract model (`nnx.eval_shape`, nothing allocated), match the published
+figures.
+
+Published figures and sources (billions of parameters, total / active):
+  Llama-3-8B       8.03 / 8.03  Hugging Face model card meta-llama/Meta-Llama-3-8B
+                                (safetensors size: 8.03B params)
+  Mixtral-8x7B     46.7 / 12.9  Mistral AI, "Mixtral of experts" (Dec 2023): "46.7B
+                                total parameters but only uses 12.9B parameters per token"
+  OLMoE-1B-7B      6.9 / 1.3    Muennighoff et al., "OLMoE: Open Mixture-of-Experts
+                                Language Models" (arXiv 2409.02060), Table 1
+  Qwen3-30B-A3B    30.5 / 3.3   Hugging Face model card Qwen/Qwen3-30B-A3B: "30.5B in
+                                total and 3.3B activated"
+  Qwen2-57B-A14B   57 / 14      Qwen2 Technical Report (arXiv 2407.10671), Table 1
+
+A count matches when within 0.5% of the figure, or within the figure's own
+rounding (half a unit of its last digit: 1.3B covers 1.25-1.35B) where that is
+wider: a two-digit published figure cannot be checked to 0.5%.
+"""
+
+import inspect
+from decimal import Decimal
+
+import gin
+import pytest
+from flax import nnx
+
+from experiments.runtime import gin_utils
+from layers.moe_layer import MoeLayer
+from layers.transformer import TransformerLM
+
+# preset: (vocab size, published total, published active, options it needs beyond main)
+ZOO = {
+    "llama3_8b": (128256, "8.03", "8.03", ()),
+    "mixtral_8x7b": (32000, "46.7", "12.9", ()),
+    "olmoe_1b_7b": (50304, "6.9", "1.3", ("TransformerLM.qk_norm",)),
+    "qwen3_30b_a3b": (151936, "30.5", "3.3", ("TransformerLM.qk_norm",)),
+    "qwen2_57b_a14b": (151936, "57", "14", ("TransformerLM.attention_bias",
+                                            "MoeLayer.shared_gate")),
+}
+
+
+def _known(option: str) -> bool:
+    cls, arg = option.split(".")
+    target = {"TransformerLM": TransformerLM, "MoeLayer": MoeLayer}[cls]
+    return arg in inspect.signature(target.__init__).parameters
+
+
+def _matches(count: int, published: str) -> bool:
+    figure = Decimal(published) * 10 ** 9
+    half_unit = Decimal(1).scaleb(Decimal(published).as_tuple().exponent) / 2 * 10 ** 9
+    return abs(count - figure) <= max(Decimal("0.005") * figure, half_unit)
+
+
+def test_rounding_rule():
+    assert _matches(1_282_000_000, "1.3") and not _matches(1_240_000_000, "1.3")
+    assert _matches(8_030_000_000, "8.03") and not _matches(8_080_000_000, "8.03")
+    assert not _matches(46_400_000_000, "46.7")
+
+
+@pytest.mark.parametrize("preset", sorted(ZOO))
+def test_zoo_parameter_counts_match_published(preset):
+    vocab, total, active, needs = ZOO[preset]
+    missing = [o for o in needs if not _known(o)]
+    if missing:
+        pytest.skip(f"{preset} needs {', '.join(missing)}, not yet in this build")
+    gin.clear_config()
+    try:
+        gin_utils.parse([f"gin_configs/zoo/{preset}.gin"], [])
+        model = nnx.eval_shape(lambda: TransformerLM(vocab_size=vocab, rngs=nnx.Rngs(0)))
+        counts = model.param_count(), model.active_param_count()
+    finally:
+        gin.clear_config()
+    assert _matches(counts[0], total), (preset, "total", counts[0], total)
+    assert _matches(counts[1], active), (preset, "active", counts[1], active)
