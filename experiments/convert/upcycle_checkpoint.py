@@ -148,7 +148,7 @@ def _dense_config_file(dense_workdir: Path) -> Path:
     path = dense_workdir / gin_utils.CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: dense_workdir must be a workdir written by "
-                                f"scripts/train.py (or scripts/import_dense.py)")
+                                f"scripts/train.py (or scripts/import_hf.py)")
     return path
 
 

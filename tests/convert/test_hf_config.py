@@ -82,6 +82,15 @@ def test_llama3_rope_scaling_both_layouts():
             "'original_max_position_embeddings': 8192}") in c.model_bindings(specs[0])
 
 
+def test_qwen_sliding_window_round_trip_and_qwen2_moe_qkv_bias_flag():
+    spec = c.parse_config({**BASE, **NEW, "use_sliding_window": True, "sliding_window": 64,
+                           "max_window_layers": 0, "architectures": ["Qwen3ForCausalLM"]})
+    assert c.parse_config(c.hf_config(spec)) == spec and spec.sliding_window == 64
+    cfg = {**BASE, **NEW, **FAMILIES["Qwen2MoeForCausalLM"][0], "qkv_bias": False,
+           "architectures": ["Qwen2MoeForCausalLM"]}
+    assert not c.parse_config(cfg).attention_bias
+
+
 def test_sliding_window():
     mistral = c.parse_config({**BASE, **NEW, "sliding_window": 4096,
                               "architectures": ["MistralForCausalLM"]})

@@ -107,7 +107,7 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | 
 
 def _attention_features(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
     if arch in _ALWAYS_QKV_BIAS:
-        bias = True
+        bias = bool(cfg.get("qkv_bias", True))  # transformers 5 Qwen2-MoE has the flag
     elif arch in _BIAS_FROM_FLAG:
         bias = bool(cfg.get("attention_bias", False))
     elif cfg.get("attention_bias"):
@@ -266,6 +266,11 @@ def hf_config(spec: ModelSpec, *, dtype: str = "float32") -> dict[str, Any]:
         cfg["sliding_window"] = spec.sliding_window
         if arch.startswith("Qwen"):
             cfg["use_sliding_window"] = spec.sliding_window is not None
+            cfg["max_window_layers"] = 0 if spec.sliding_window else spec.num_layers
+            cfg["layer_types"] = spec.num_layers * [
+                "sliding_attention" if spec.sliding_window else "full_attention"]
+    if arch == "Qwen2MoeForCausalLM":
+        cfg["qkv_bias"] = True
     if arch in MOE:
         cfg["num_experts_per_tok"] = spec.k
         cfg["num_local_experts" if arch in ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
