@@ -3,6 +3,7 @@ the exporter's family choice and refusals (abstract models from gin, nothing
 allocated), and import -> export of a tiny Mixtral giving back the same
 tensors."""
 
+import dataclasses
 import json
 
 import gin
@@ -11,17 +12,25 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.convert.hf import family
+from experiments.convert.hf import config as config_lib
+from experiments.convert.hf import family, mapping
 from experiments.convert.hf.exporter import export_hf
 from experiments.convert.hf.importer import import_hf
-from experiments.convert.hf.safetensors_io import (INDEX, SafetensorsError, SafetensorsReader,
-                                                   write_sharded)
+from experiments.convert.hf.safetensors_io import (
+    INDEX,
+    SafetensorsError,
+    SafetensorsReader,
+    write_sharded,
+)
 from experiments.runtime import gin_utils
 from layers.transformer import TransformerLM
+from tests.convert.test_hf_mapping import _random_tree
+from tests.convert.test_hf_mapping import _spec as mapping_spec
 
 TINY = ["TransformerLM.d_model = 16", "TransformerLM.num_layers = 2", "TransformerLM.num_heads = 2",
         "TransformerLM.d_ff = 24", "TransformerLM.activation = 'swiglu'",
-        "TransformerLM.moe_every = 1", "TransformerLM.moe_block = @MoeLayer", "MoeLayer.num_experts = 4", "MoeLayer.k = 2",
+        "TransformerLM.moe_every = 1", "TransformerLM.moe_block = @MoeLayer",
+        "MoeLayer.num_experts = 4", "MoeLayer.k = 2",
         "MoeLayer.d_ff = 8", "MoeLayer.activation = 'swiglu'", "MoeLayer.router = @TopKRouter",
         "MoeLayer.capacity_factor = None", "TopKRouter.normalize = True"]
 
@@ -111,9 +120,6 @@ def test_selection_biases_refused_unless_dropped():
 
 def test_import_then_export_gives_the_same_tensors(tmp_path):
     """A Mixtral (per-expert layout, 3 shards) imported onto a mesh and exported."""
-    from tests.convert.test_hf_mapping import _random_tree, _spec as mapping_spec
-    import dataclasses
-    from experiments.convert.hf import config as config_lib, mapping
     spec = dataclasses.replace(mapping_spec("MixtralForCausalLM"), d_ff=12)
     hf = dict(mapping.to_hf(_random_tree(spec).__getitem__, spec))
     src = tmp_path / "src"
