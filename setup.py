@@ -24,7 +24,8 @@ EXTRAS_REQUIRE = {
     # py:percent pairing (jupytext). The CI executes the notebooks in a kernel (dev).
     "notebooks": ["jupyterlab>=4,<5", "jupytext>=1.16,<2", "ipykernel>=6,<8",
                   "nbformat>=5,<6"],
-    # safetensors: scripts/import_dense.py and the pretrained-weights upcycling test.
+    # safetensors: the pretrained-weights upcycling and import tests write their fixtures
+    # with it (scripts/import_hf.py and export_hf.py read/write safetensors themselves).
     "import": ["safetensors>=0.4,<1"],
     # sentencepiece: the SentencePiece tokenizer tests (a small wheel, no TensorFlow);
     # nbclient, ipykernel, nbformat: tests/test_notebooks.py runs the notebooks in a kernel.
