@@ -88,6 +88,12 @@ CASES = {
     "import_dense_out_is_a_file": Case("scripts/import_dense.py", ("--model_dir={existing}",
                                                                    "--out_workdir={afile}"),
                                        ("afile", "is a file")),
+    "score_no_checkpoint": Case("scripts/score.py", ("--workdir={nockpt}", "--ids=1,2"),
+                                ("no checkpoint", "nockpt/checkpoints"), "nockpt"),
+    "score_not_a_workdir": Case("scripts/score.py", ("--workdir={existing}", "--ids=1,2"),
+                                ("existing/config.gin",), "existing"),
+    "score_ids_not_ints": Case("scripts/score.py", ("--workdir={nockpt}", "--ids=1,x"),
+                               ("--ids", "'1,x'"), "nockpt"),
     "tokenizer_no_text_field": Case("scripts/train_tokenizer.py",
                                     ("--source=jsonl:{nofield}", "--output={run}/t.model"),
                                     ("load_jsonl.text_field", "'content'"), "run"),
@@ -112,7 +118,7 @@ CASES = {
 
 def _inputs(base: Path) -> dict[str, str]:
     paths = {name: base / name for name in ("run", "existing", "afile", "nofield", "empty",
-                                            "missing", "bad_sweep", "k5_sweep", "docs", "hf")}
+                                            "missing", "bad_sweep", "k5_sweep", "docs", "hf", "nockpt")}
     paths["nofield"] = base / "nofield.jsonl"
     paths["empty"] = base / "empty.jsonl"
     paths["missing"] = base / "missing.jsonl"
@@ -121,6 +127,8 @@ def _inputs(base: Path) -> dict[str, str]:
     paths["existing"].mkdir()
     (paths["existing"] / "marker").write_text("x")
     paths["afile"].write_text("not a directory")
+    paths["nockpt"].mkdir()
+    (paths["nockpt"] / "config.gin").write_text("DataConfig.tokenizer = 'byte'\n")
     paths["hf"].mkdir()
     (paths["hf"] / "config.json").write_text('{"hidden_size": 8}')
     paths["nofield"].write_text('{"content": "some text", "lang": "en"}\n')
