@@ -23,8 +23,9 @@ Name mapping (HF `[out, in]` matrices are transposed to our `[in, out]`):
 
 Config mapping: hidden_size -> d_model, intermediate_size -> d_ff,
 num_hidden_layers, num_attention_heads -> num_heads, num_key_value_heads ->
-num_kv_heads, head_dim, rms_norm_eps -> norm_eps, rope_theta ->
-rope_max_wavelength, hidden_act silu -> activation 'swiglu' (gelu -> 'geglu').
+num_kv_heads, head_dim, rms_norm_eps -> norm_eps, rope_parameters.rope_theta
+(transformers 5) or the top-level rope_theta (older) -> rope_max_wavelength,
+hidden_act silu -> activation 'swiglu' (gelu -> 'geglu').
 Tied embeddings (`tie_word_embeddings`) become an untied `lm_head` copy: our
 tied head scales logits by d_model^-0.5, HF's does not.
 """
@@ -71,14 +72,30 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _rope_theta(hf_config: Mapping[str, Any]) -> float:
+    """The RoPE base: transformers 5 writes `rope_parameters: {rope_type, rope_theta}`,
+    older versions a top-level `rope_theta` (and `rope_scaling`). Plain RoPE only."""
+    if hf_config.get("rope_scaling"):
+        raise ValueError(f"rope_scaling {hf_config['rope_scaling']!r} is not supported (plain "
+                         "RoPE only)")
+    params = hf_config.get("rope_parameters")
+    if params is None:
+        return float(hf_config.get("rope_theta", 10000.0))
+    if not isinstance(params, Mapping) or "rope_theta" not in params:
+        raise ValueError(f"rope_parameters {params!r} is not supported: expected one "
+                         "{'rope_type': 'default', 'rope_theta': ...}")
+    if params.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters.rope_type {params['rope_type']!r} is not supported "
+                         "(plain RoPE only: 'default')")
+    return float(params["rope_theta"])
+
+
 def model_bindings(hf_config: Mapping[str, Any]) -> list[str]:
     """Gin bindings of a dense TransformerLM matching a HF Llama-style config."""
     act = hf_config.get("hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise ValueError(f"hidden_act {act!r} not supported; supported: {sorted(_ACTIVATIONS)}")
-    if hf_config.get("rope_scaling"):
-        raise ValueError(f"rope_scaling {hf_config['rope_scaling']!r} is not supported (plain "
-                         "RoPE only)")
+    rope_theta = _rope_theta(hf_config)
     for flag in ("attention_bias", "mlp_bias"):
         if hf_config.get(flag):
             raise ValueError(f"{flag}=True is not supported: our layers have no biases")
@@ -95,7 +112,7 @@ def model_bindings(hf_config: Mapping[str, Any]) -> list[str]:
         f"TransformerLM.head_dim = {head_dim}",
         f"TransformerLM.activation = '{_ACTIVATIONS[act]}'",
         f"TransformerLM.norm_eps = {float(hf_config.get('rms_norm_eps', 1e-6))!r}",
-        f"TransformerLM.rope_max_wavelength = {float(hf_config.get('rope_theta', 10000.0))!r}",
+        f"TransformerLM.rope_max_wavelength = {rope_theta!r}",
         "TransformerLM.tie_embeddings = False",
         "TransformerLM.causal = True",
     ]
