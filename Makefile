@@ -9,8 +9,14 @@ PYTEST_ARGS ?=
 SEQIO_VENV ?= .venv-seqio
 SEQIO_PY := $(SEQIO_VENV)/bin/python
 SEQIO_STAMP := $(SEQIO_VENV)/.installed
+# The transformers reference tests (tests/interop) live in a third venv: CPU torch
+# (the +cpu local version, so pip can never pick a CUDA build), transformers, lm-eval.
+INTEROP_VENV ?= .venv-interop
+INTEROP_PY := $(INTEROP_VENV)/bin/python
+INTEROP_STAMP := $(INTEROP_VENV)/.installed
+INTEROP_PINS := "torch==2.13.0+cpu" "transformers==5.24.0" "lm-eval==0.4.13"
 
-.PHONY: setup train test test-seqio bench lint clean
+.PHONY: setup train test test-seqio test-interop bench lint clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +45,16 @@ $(SEQIO_STAMP): setup.py pyproject.toml
 test-seqio: $(SEQIO_STAMP)
 	$(SEQIO_PY) -m pytest -n 2 tests/data/test_seqio.py tests/data/test_seqio_optional.py $(PYTEST_ARGS)
 
+$(INTEROP_STAMP): setup.py pyproject.toml
+	test -x $(INTEROP_PY) || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_PY) -m pip install --upgrade --quiet pip
+	$(INTEROP_PY) -m pip install --quiet -e ".[dev]" $(INTEROP_PINS)
+	touch $(INTEROP_STAMP)
+
+# Our models against transformers' on the same weights (import, score).
+test-interop: $(INTEROP_STAMP)
+	$(INTEROP_PY) -m pytest -n 2 tests/interop $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) scripts/bench_moe_layer.py --json docs/bench_moe_layer.json
 
@@ -46,4 +62,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check moe layers experiments scripts tests
 
 clean:
-	rm -rf $(VENV) $(SEQIO_VENV) workdirs .pytest_cache
+	rm -rf $(VENV) $(SEQIO_VENV) $(INTEROP_VENV) workdirs .pytest_cache

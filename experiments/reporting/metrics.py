@@ -19,9 +19,8 @@ from typing import Any, TextIO
 
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter
 
-from experiments.reporting.tb_purge import purge_events
+from experiments.reporting.tb_purge import import_tensorboardx, purge_events
 from moe import balance
 from moe.layer_aux import LayerAux, MoeAux, layer_means
 
@@ -119,6 +118,7 @@ class MetricsWriter:
         # that already loaded them to drop them.
         last_step = resume_step or 0
         purge_events(self.tensorboard_dir, last_step)
+        SummaryWriter = import_tensorboardx().SummaryWriter
         self._tb = SummaryWriter(str(self.tensorboard_dir), flush_secs=10,
                                  purge_step=last_step + 1)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")

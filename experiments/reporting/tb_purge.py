@@ -10,13 +10,32 @@ step has one point after any number of resumes, whatever reads the files.
 
 from __future__ import annotations
 
+import importlib
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
-from tensorboardX.proto.event_pb2 import Event
-from tensorboardX.record_writer import masked_crc32c
+
+def import_tensorboardx() -> ModuleType:
+    """tensorboardX, imported without torch. Its writer imports torch whenever
+    it is installed (only to accept torch tensors); the core never imports torch
+    (tests/interop/test_core_without_torch.py), so torch is hidden meanwhile."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        return importlib.import_module("tensorboardX")
+    sys.modules["torch"] = None  # `import torch` raises ImportError
+    try:
+        return importlib.import_module("tensorboardX")
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+
+
+import_tensorboardx()
+from tensorboardX.proto.event_pb2 import Event  # noqa: E402
+from tensorboardX.record_writer import masked_crc32c  # noqa: E402
 
 _HEADER = struct.Struct("<Q")  # record length; then its masked CRC32C (4 bytes)
 

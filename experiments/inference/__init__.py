@@ -1,0 +1,1 @@
+"""Inference on trained or imported workdirs: scoring (log-probabilities)."""

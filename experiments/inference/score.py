@@ -1,0 +1,168 @@
+"""Scoring: log p(ids[i] | ids[:i]) of a token sequence under a workdir's model.
+
+`load_scorer(workdir)` parses the run's `config.gin`, builds the model and
+restores its parameters read-only (a training run may still be writing), with
+the loss-free selection biases of the checkpoint's hook state applied as in
+training. `score(scorer, ids)` runs one deterministic forward pass (no KV cache).
+
+MoE layers score dropless: `load_scorer` sets every `MoeLayer`'s
+`eval_capacity_factor` to None on the built model (a static attribute, part of
+the graph), so a run trained with a capacity factor drops no token at scoring
+time. Gin cannot express this (`MoeLayer.eval_capacity_factor = None` means
+"same as capacity_factor").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.data.config import DataConfig
+from experiments.data.tokenizers import SentencePieceTokenizer, Tokenizer, make_tokenizer
+from experiments.runtime import gin_utils
+from experiments.runtime.checkpoints import Checkpointer
+from experiments.train import trainer  # noqa: F401  (registers the run config's configurables)
+from experiments.train.run_state import build_model, split_model
+from layers.moe_layer import MoeLayer
+from moe.router_state import SELECTION_BIAS, RouterState
+
+# Tokenizer files stored in a workdir, in order of precedence, each with its
+# loader; they win over `DataConfig.tokenizer` (an imported model keeps its own).
+WORKDIR_TOKENIZERS: dict[str, Callable[[Path], Tokenizer]] = {
+    "tokenizer.model": lambda path: SentencePieceTokenizer(str(path)),
+}
+
+
+@dataclasses.dataclass
+class Scorer:
+    """A restored model ready to score.
+
+    forward: `ids [1, n] int32 -> logits [1, n, vocab] float32` (jitted).
+    """
+
+    workdir: Path
+    step: int
+    vocab_size: int
+    forward: Callable[[jax.Array], jax.Array]
+    selection_biases: bool
+
+
+@dataclasses.dataclass
+class Scores:
+    """ids `[n]`; logprobs `[n - 1]`: log p(ids[i] | ids[:i]) for i = 1..n-1; total: their sum."""
+
+    ids: list[int]
+    logprobs: list[float]
+    total: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def workdir_tokenizer(workdir: str | Path) -> Tokenizer:
+    """The tokenizer file stored in the workdir (`WORKDIR_TOKENIZERS`, first
+    present wins), else the run's `DataConfig.tokenizer` (config parsed)."""
+    for name, load in WORKDIR_TOKENIZERS.items():
+        path = Path(workdir) / name
+        if path.is_file():
+            return load(path)
+    return make_tokenizer(DataConfig().tokenizer)
+
+
+def _model_cls() -> type:
+    """`train.model_cls` as configured in the run (TransformerLM by default)."""
+    try:
+        return gin.query_parameter("train.model_cls").scoped_configurable_fn
+    except ValueError:
+        from layers.transformer import TransformerLM  # pylint: disable=g-import-not-at-top
+        return TransformerLM
+
+
+def make_dropless(model: nnx.Module) -> int:
+    """Sets `eval_capacity_factor = None` on every MoeLayer of `model`; returns how many."""
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, MoeLayer)]
+    for layer in layers:
+        layer.eval_capacity_factor = None
+    return len(layers)
+
+
+def parse_run_config(workdir: Path) -> None:
+    """Clears gin and parses the workdir's saved `config.gin`."""
+    path = workdir / gin_utils.CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {workdir!s} a training or imported workdir?")
+    gin.clear_config()
+    gin_utils.parse([str(path)], [])
+
+
+def load_scorer(workdir: str | Path, step: int | None = None) -> Scorer:
+    """Restores `workdir`'s model (latest intact checkpoint, or `step`), read-only.
+
+    The run's `config.gin` is parsed here (gin is cleared first).
+    """
+    workdir = Path(workdir)
+    parse_run_config(workdir)
+    checkpoints = workdir / "checkpoints"
+    if not checkpoints.is_dir() or not any(checkpoints.iterdir()):
+        raise FileNotFoundError(f"no checkpoint under {checkpoints}")
+    vocab_size = DataConfig().vocab_size()
+    model = build_model(_model_cls(), vocab_size, seed=0)
+    if not getattr(model, "causal", True):
+        raise ValueError(f"{workdir}: scoring needs a causal decoder; the run has "
+                         f"TransformerLM.causal = False")
+    make_dropless(model)
+    graphdef, params, rest = split_model(model)
+    abstract = jax.eval_shape(lambda: params)
+    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+        if step is None:
+            restored = checkpointer.restore_latest(abstract, None)
+        else:
+            restored = checkpointer.restore_step(step, abstract, None)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"no intact checkpoint under {workdir / 'checkpoints'}")
+    biases = restored.balance_state or {}
+    router_state = RouterState(layers={
+        layer: {SELECTION_BIAS: jnp.asarray(biases[layer])}
+        for layer in getattr(model, "moe_layer_names", ()) if layer in biases})
+    restored_params = restored.params
+
+    @jax.jit
+    def forward(ids: jax.Array) -> jax.Array:
+        logits, _ = nnx.merge(graphdef, restored_params, rest)(
+            ids, deterministic=True, router_state=router_state)
+        return logits.astype(jnp.float32)
+
+    return Scorer(workdir=workdir, step=restored.step, vocab_size=vocab_size, forward=forward,
+                  selection_biases=not router_state.empty)
+
+
+def check_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
+    """`[n] int32`; refuses fewer than 2 tokens and ids outside [0, vocab_size)."""
+    array = np.asarray(list(ids), np.int64)
+    if array.ndim != 1 or array.size < 2:
+        raise ValueError(f"scoring needs at least 2 tokens, got {array.size}")
+    bad = array[(array < 0) | (array >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
+    return array.astype(np.int32)
+
+
+def score(scorer: Scorer, ids: Sequence[int]) -> Scores:
+    """Log-probability of each token given the ones before it (one forward pass)."""
+    array = check_ids(ids, scorer.vocab_size)
+    logits = scorer.forward(jnp.asarray(array[None]))[0]  # [n, V]
+    logprobs = jax.nn.log_softmax(logits[:-1], axis=-1)
+    picked = np.asarray(jnp.take_along_axis(logprobs, jnp.asarray(array[1:, None]), axis=-1))[:, 0]
+    values = [float(v) for v in picked]
+    return Scores(ids=[int(i) for i in array], logprobs=values, total=float(np.sum(picked)))
