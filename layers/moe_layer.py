@@ -79,7 +79,8 @@ class MoeLayer(nnx.Module):
                  eval_capacity_factor: float | None = None, min_capacity: int = 1,
                  capacity_multiple_of: int = 1, activation: str = "relu",
                  num_shared_experts: int = 0, shared_d_ff: int | None = None,
-                 shared_gate: bool = False, causal: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+                 shared_gate: bool = False, causal: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32,
                  rngs: nnx.Rngs, **old_router_args: Any):
         renamed.refuse_removed_router_bindings()
         if old_router_args:
