@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.params import EMBED, HEADS, KV, fan_in_init, make_param
+from layers.norms import RMSNorm
+from layers.params import EMBED, HEADS, KV, constant_param, fan_in_init, make_param
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -42,13 +47,81 @@ def attention_mask(segment_ids: jax.Array, *, causal: bool) -> jax.Array:
     return mask[:, None]
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float) -> jax.Array:
+ROPE_TYPES = ("default", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+QK_NORMS = ("head", "projection")
+
+RopeScaling = tuple[tuple[str, Any], ...]
+
+
+def check_rope_scaling(rope_scaling: Mapping[str, Any] | None) -> RopeScaling | None:
+    """Validates a `rope_scaling` dict; returns it as sorted (key, value) pairs (hashable,
+    so a module can keep it as a static attribute), or None for no scaling.
+
+    Accepted: None, `{'rope_type': 'default'}`, and `{'rope_type': 'llama3', 'factor': f,
+    'low_freq_factor': l, 'high_freq_factor': h, 'original_max_position_embeddings': n}`
+    (Llama 3.1). Anything else is refused naming the key and its value.
+    """
+    if rope_scaling is None:
+        return None
+    if not isinstance(rope_scaling, Mapping):
+        raise ValueError(f"rope_scaling must be a dict or None, got {rope_scaling!r}")
+    rope_type = rope_scaling.get("rope_type")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling['rope_type'] = {rope_type!r} is not supported "
+                         f"(supported: {', '.join(ROPE_TYPES)})")
+    allowed = ("rope_type",) + (_LLAMA3_KEYS if rope_type == "llama3" else ())
+    for key, value in rope_scaling.items():
+        if key not in allowed:
+            raise ValueError(f"rope_scaling[{key!r}] = {value!r} is not supported for rope_type "
+                             f"{rope_type!r} (allowed keys: {', '.join(allowed)})")
+    if rope_type == "default":
+        return None
+    missing = [key for key in _LLAMA3_KEYS if key not in rope_scaling]
+    if missing:
+        raise ValueError(f"rope_scaling for rope_type 'llama3' lacks {', '.join(missing)}")
+    for key in _LLAMA3_KEYS:
+        value = rope_scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"rope_scaling[{key!r}] must be a number > 0, got {value!r}")
+    if not rope_scaling["high_freq_factor"] > rope_scaling["low_freq_factor"]:
+        raise ValueError(f"rope_scaling['high_freq_factor'] = {rope_scaling['high_freq_factor']!r}"
+                         f" must exceed low_freq_factor = {rope_scaling['low_freq_factor']!r}")
+    return tuple(sorted(rope_scaling.items()))
+
+
+def rope_inv_freq(head_dim: int, max_wavelength: float,
+                  rope_scaling: RopeScaling | Mapping[str, Any] | None = None) -> jax.Array:
+    """RoPE inverse frequencies `[head_dim // 2] float32`: base**(-2i/head_dim), then the
+    Llama 3.1 rescaling when `rope_scaling` says 'llama3' (transformers'
+    `_compute_llama3_parameters`): wavelengths above original_max_position_embeddings /
+    low_freq_factor are divided by `factor`, below .../high_freq_factor kept, in between
+    interpolated smoothly."""
+    half = head_dim // 2
+    freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    scaling = check_rope_scaling(dict(rope_scaling) if rope_scaling is not None else None)
+    if scaling is None:
+        return freq
+    config = dict(scaling)
+    factor, low, high = config["factor"], config["low_freq_factor"], config["high_freq_factor"]
+    old_len = config["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freq
+    scaled = jnp.where(wavelen > old_len / low, freq / factor, freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float,
+               rope_scaling: RopeScaling | Mapping[str, Any] | None = None) -> jax.Array:
     """Rotary embedding (rotate-half layout), computed in float32.
 
     x `[B, S, N, H]`, positions `[B, S] int32` -> `[B, S, N, H]` in x's dtype.
+    `rope_scaling`: see `rope_inv_freq`.
     """
     half = x.shape[-1] // 2
-    freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    freq = rope_inv_freq(x.shape[-1], max_wavelength, rope_scaling)  # [H/2]
     angle = positions.astype(jnp.float32)[..., None] * freq  # [B, S, H/2]
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
     x32 = x.astype(jnp.float32)
@@ -57,16 +130,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float) -> jax
     return out.astype(x.dtype)
 
 
-# Every argument is set by the parent module (sizes, dtypes, rngs), so none is bindable.
+# Every argument is set by the parent module (sizes, dtypes, rngs, the options
+# TransformerLM exposes), so none is bindable.
 @gin.configurable(denylist=["d_model", "num_heads", "num_kv_heads", "head_dim", "rope_max_wavelength",
-                             "dtype", "param_dtype", "rngs"])
+                             "rope_scaling", "qkv_bias", "out_bias", "qk_norm", "norm_eps",
+                             "sliding_window", "dtype", "param_dtype", "rngs"])
 class Attention(nnx.Module):
     """Self-attention x `[B, S, d_model]` -> `[B, S, d_model]` in `dtype`.
 
     Query weights `[d_model, num_heads, head_dim]` (EMBED, HEADS, KV); key and
     value `[d_model, num_kv_heads, head_dim]` (grouped-query attention when
     num_kv_heads < num_heads); output `[num_heads, head_dim, d_model]`
-    (HEADS, KV, EMBED). No biases.
+    (HEADS, KV, EMBED). Optional (all off by default, created after the weights
+    without drawing PRNG keys): biases `query_bias [num_heads, head_dim]`,
+    `key_bias`/`value_bias [num_kv_heads, head_dim]` (HEADS, KV), `out_bias
+    [d_model]` (EMBED); q/k RMSNorms `query_norm`/`key_norm`.
 
     Args:
       d_model: model width.
@@ -74,33 +152,42 @@ class Attention(nnx.Module):
       num_kv_heads: key/value heads (default num_heads); must divide num_heads.
       head_dim: per-head width (default d_model // num_heads, which must then
         divide evenly); must be even for RoPE.
-      rope_max_wavelength: RoPE base.
+      rope_max_wavelength: RoPE base (HF `rope_theta`).
+      rope_scaling: None, {'rope_type': 'default'} or Llama 3.1's
+        {'rope_type': 'llama3', ...} (`check_rope_scaling`).
+      qkv_bias: biases on the query, key and value projections (Qwen2).
+      out_bias: bias on the output projection (Llama attention_bias=True).
+      qk_norm: None; 'head' = RMSNorm over head_dim of each query and key head
+        (scale `[head_dim]`, Qwen3); 'projection' = RMSNorm over the whole
+        query `[num_heads * head_dim]` and key `[num_kv_heads * head_dim]`
+        projections (OLMoE). Applied after the projection (and bias), before RoPE.
+      norm_eps: epsilon of the q/k norms.
+      sliding_window: None, or W >= 1: query i sees keys j with i - W < j <= i
+        (Mistral; needs causal attention).
       dtype, param_dtype: compute and parameter dtypes (the softmax runs in
         float32 inside `jax.nn.dot_product_attention`).
     """
 
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, rope_max_wavelength: float = 10_000.0,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if d_model < 1:
-            raise ValueError(f"d_model must be >= 1, got {d_model}")
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(f"num_heads={num_heads} must divide d_model={d_model} "
-                                 "(or pass head_dim explicitly)")
-            head_dim = d_model // num_heads
-        if head_dim < 2 or head_dim % 2:
-            raise ValueError(f"head_dim must be even and >= 2 for RoPE, got {head_dim}")
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads must be >= 1 and divide num_heads={num_heads}, "
-                             f"got {num_kv_heads}")
+                 rope_scaling: Mapping[str, Any] | None = None, qkv_bias: bool = False,
+                 out_bias: bool = False, qk_norm: str | None = None, norm_eps: float = 1e-6,
+                 sliding_window: int | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        head_dim, num_kv_heads = _check_shapes(d_model, num_heads, num_kv_heads, head_dim)
         if not rope_max_wavelength > 0:
             raise ValueError(f"rope_max_wavelength must be > 0, got {rope_max_wavelength}")
+        if qk_norm is not None and qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be None or one of {', '.join(QK_NORMS)}, "
+                             f"got {qk_norm!r}")
+        if sliding_window is not None and (isinstance(sliding_window, bool)
+                                           or not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling = check_rope_scaling(rope_scaling)
+        self.qk_norm, self.sliding_window = qk_norm, sliding_window
         self.dtype = dtype
         in_axes = (EMBED, HEADS, KV)
         self.query = make_param(rngs, fan_in_init([0]), (d_model, num_heads, head_dim), in_axes,
@@ -111,20 +198,77 @@ class Attention(nnx.Module):
                                 in_axes, param_dtype)
         self.out = make_param(rngs, fan_in_init([0, 1]), (num_heads, head_dim, d_model),
                               (HEADS, KV, EMBED), param_dtype)
+        # Optional parts: constants, no PRNG keys drawn (the init of everything else is unchanged).
+        for name, heads in (("query_bias", num_heads), ("key_bias", num_kv_heads),
+                            ("value_bias", num_kv_heads)):
+            setattr(self, name, constant_param(0.0, (heads, head_dim), (HEADS, KV), param_dtype)
+                    if qkv_bias else None)
+        self.out_bias = constant_param(0.0, (d_model,), (EMBED,), param_dtype) if out_bias else None
+        if qk_norm is None:
+            self.query_norm = self.key_norm = None
+        else:
+            q_dim, k_dim = ((head_dim, head_dim) if qk_norm == "head"
+                            else (num_heads * head_dim, num_kv_heads * head_dim))
+            self.query_norm = RMSNorm(q_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                      rngs=None)
+            self.key_norm = RMSNorm(k_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                    rngs=None)
+
+    def _project(self, x: jax.Array, weight: nnx.Param, bias: nnx.Param | None,
+                 norm: RMSNorm | None) -> jax.Array:
+        """x `[B, S, d_model]` -> `[B, S, N, head_dim]`: x W (+ b), then the q/k norm."""
+        y = jnp.einsum("bsd,dnh->bsnh", x, weight[...].astype(self.dtype))
+        if bias is not None:
+            y = y + bias[...].astype(self.dtype)
+        if norm is not None:
+            if self.qk_norm == "head":
+                y = norm(y)
+            else:  # 'projection': over all heads at once
+                y = norm(y.reshape(*y.shape[:2], -1)).reshape(y.shape)
+        return y
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array | None = None,
                  causal: bool = True) -> jax.Array:
         """x `[B, S, d_model]`, positions `[B, S] int32`, mask `[B, 1, S, S] bool` or None.
 
         With `mask=None`, `causal` alone decides the pattern (no padding, one
-        segment). A given mask must already contain the causal constraint.
+        segment). A given mask must already contain the causal constraint. The
+        sliding window (if any) is applied on top, by sequence index.
         """
+        if self.sliding_window is not None and not causal:
+            raise ValueError("sliding_window needs causal attention (causal=True)")
         x = x.astype(self.dtype)
-        q = jnp.einsum("bsd,dnh->bsnh", x, self.query[...].astype(self.dtype))
-        k = jnp.einsum("bsd,dnh->bsnh", x, self.key[...].astype(self.dtype))
-        v = jnp.einsum("bsd,dnh->bsnh", x, self.value[...].astype(self.dtype))
-        q = apply_rope(q, positions, self.rope_max_wavelength)
-        k = apply_rope(k, positions, self.rope_max_wavelength)
+        q = self._project(x, self.query, self.query_bias, self.query_norm)
+        k = self._project(x, self.key, self.key_bias, self.key_norm)
+        v = self._project(x, self.value, self.value_bias, None)
+        q = apply_rope(q, positions, self.rope_max_wavelength, self.rope_scaling)
+        k = apply_rope(k, positions, self.rope_max_wavelength, self.rope_scaling)
+        window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
         o = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                         is_causal=causal and mask is None)
-        return jnp.einsum("bsnh,nhd->bsd", o, self.out[...].astype(self.dtype))
+                                         is_causal=causal and mask is None,
+                                         local_window_size=window)
+        y = jnp.einsum("bsnh,nhd->bsd", o, self.out[...].astype(self.dtype))
+        if self.out_bias is not None:
+            y = y + self.out_bias[...].astype(self.dtype)
+        return y
+
+
+def _check_shapes(d_model: int, num_heads: int, num_kv_heads: int | None,
+                  head_dim: int | None) -> tuple[int, int]:
+    """Validated (head_dim, num_kv_heads), with their defaults filled in."""
+    if d_model < 1:
+        raise ValueError(f"d_model must be >= 1, got {d_model}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if head_dim is None:
+        if d_model % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide d_model={d_model} "
+                             "(or pass head_dim explicitly)")
+        head_dim = d_model // num_heads
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be even and >= 2 for RoPE, got {head_dim}")
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads must be >= 1 and divide num_heads={num_heads}, "
+                         f"got {num_kv_heads}")
+    return head_dim, num_kv_heads

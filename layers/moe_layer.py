@@ -16,6 +16,7 @@ from flax import nnx
 from layers import renamed
 from layers.experts import Experts
 from layers.mlp import DenseMLP
+from layers.params import EMBED, fan_in_init, make_param
 from layers.routers import BaseRouter, Routing, TopKRouter, get_router
 from moe import balance
 from moe.dispatch import available_dispatches, expert_choice_dispatch, get_dispatch
@@ -59,7 +60,13 @@ class MoeLayer(nnx.Module):
       min_capacity, capacity_multiple_of: capacity rounding.
       activation: activation of the routed and shared experts.
       num_shared_experts, shared_d_ff: dense experts every token goes through;
-        hidden size shared_d_ff (default d_ff) per shared expert.
+        hidden size shared_d_ff (default d_ff) per shared expert, activation
+        `activation` (fused into one `shared` DenseMLP of width
+        num_shared_experts * shared_d_ff).
+      shared_gate: scale the shared experts' output per token by
+        sigmoid(x . shared_gate), param `shared_gate [d_model]` (EMBED), created
+        after the other parameters (Qwen2-MoE's shared_expert_gate); needs
+        num_shared_experts > 0. The gate's logit is computed in float32.
     Set by the parent (refused in gin): d_model, causal (a causal decoder
     refuses routers that look at future tokens), dtype (compute dtype of the
     experts; the router is always float32), param_dtype, rngs.
@@ -72,7 +79,8 @@ class MoeLayer(nnx.Module):
                  eval_capacity_factor: float | None = None, min_capacity: int = 1,
                  capacity_multiple_of: int = 1, activation: str = "relu",
                  num_shared_experts: int = 0, shared_d_ff: int | None = None,
-                 causal: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+                 shared_gate: bool = False, causal: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32,
                  rngs: nnx.Rngs, **old_router_args: Any):
         renamed.refuse_removed_router_bindings()
         if old_router_args:
@@ -80,6 +88,8 @@ class MoeLayer(nnx.Module):
         _validate(d_ff=d_ff, num_experts=num_experts, k=k, dispatch=dispatch,
                   capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                   num_shared_experts=num_shared_experts)
+        if shared_gate and not num_shared_experts:
+            raise ValueError("MoeLayer.shared_gate needs shared experts (num_shared_experts > 0)")
         if isinstance(router, str):
             router = get_router(router)
         self.d_model, self.d_ff = d_model, d_ff
@@ -104,6 +114,8 @@ class MoeLayer(nnx.Module):
         self.shared = (DenseMLP(d_model, (shared_d_ff or d_ff) * num_shared_experts,
                                 activation=activation, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs) if num_shared_experts else None)
+        self.shared_gate = (make_param(rngs, fan_in_init([0]), (d_model,), (EMBED,), param_dtype)
+                            if shared_gate else None)
 
     @property
     def activation(self) -> str:
@@ -152,7 +164,12 @@ class MoeLayer(nnx.Module):
         aux = decision.aux.replace(**stats, num_tokens=jnp.sum(token_mask))
         y = y.reshape(batch, seq, self.d_model)
         if self.shared is not None:
-            y = y + self.shared(x)
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                gate = jax.nn.sigmoid(jnp.einsum("bsd,d->bs", x.astype(jnp.float32),
+                                                 self.shared_gate[...].astype(jnp.float32)))
+                shared = shared * gate[..., None].astype(shared.dtype)
+            y = y + shared
         return y.astype(x.dtype), aux
 
     def _token_choice(self, tokens: Array, decision: Routing, token_mask: Array, ffn,

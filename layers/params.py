@@ -45,6 +45,15 @@ def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], logical_axes: Sequenc
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(logical_axes))
 
 
+def constant_param(value: float, shape: Sequence[int], logical_axes: Sequence[str],
+                   dtype=jnp.float32) -> nnx.Param:
+    """A parameter filled with `value` (biases at 0, norm scales at 1); draws no PRNG key,
+    so adding one leaves the keys (hence the init) of every other parameter unchanged."""
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"logical_axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+    return nnx.Param(jnp.full(tuple(shape), value, dtype), logical_axes=tuple(logical_axes))
+
+
 def logical_axes_of(module: nnx.Module) -> dict:
     """`{path: logical_axes}` for every parameter of `module`."""
     state = nnx.state(module, nnx.Param)

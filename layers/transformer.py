@@ -81,6 +81,20 @@ class TransformerLM(nnx.Module):
         num_heads: the usual.
       d_ff: hidden size of the dense FFNs.
       num_kv_heads, head_dim, rope_max_wavelength: see `Attention`.
+      rope_scaling: None, {'rope_type': 'default'}, or Llama 3.1's
+        {'rope_type': 'llama3', 'factor': f, 'low_freq_factor': l,
+        'high_freq_factor': h, 'original_max_position_embeddings': n}; any other
+        rope_type is refused (`layers.attention.check_rope_scaling`).
+      attention_bias: q/k/v projection biases (`attention/query_bias [H, h]`,
+        `key_bias`/`value_bias [K, h]`), initialised to 0 (Qwen2).
+      attention_out_bias: output projection bias (`attention/out_bias
+        [d_model]`), initialised to 0 (Llama's attention_bias=True has both).
+      qk_norm: None; 'head' = RMSNorm over head_dim of every query/key head
+        (Qwen3); 'projection' = RMSNorm over the whole query / key projection
+        (OLMoE). Modules `attention/query_norm`, `attention/key_norm`, eps
+        norm_eps; applied before RoPE.
+      sliding_window: None, or W: query i attends to keys i - W < j <= i
+        (Mistral; decoder only).
       moe_every: MoE layer spacing (above).
       moe_layers: explicit 0-based indices of the MoE layers (e.g. (1, 2));
         overrides moe_every when given.
@@ -122,6 +136,9 @@ class TransformerLM(nnx.Module):
                  activation: str = "relu", causal: bool = True,
                  tie_embeddings: bool = False, embed_init_std: float = 1.0,
                  rope_max_wavelength: float = 10_000.0, norm_eps: float = 1e-6,
+                 rope_scaling: dict[str, Any] | None = None, attention_bias: bool = False,
+                 attention_out_bias: bool = False, qk_norm: str | None = None,
+                 sliding_window: int | None = None,
                  dtype="bfloat16", param_dtype="float32", rngs: nnx.Rngs,
                  num_experts: int | None = None, k: int | None = None,
                  expert_d_ff: int | None = None, moe_kwargs: dict[str, Any] | None = None):
@@ -132,6 +149,8 @@ class TransformerLM(nnx.Module):
         self.moe_every, self.moe_layers = moe_every, _check_moe_layers(moe_every, moe_layers,
                                                                         num_layers)
         is_glu(activation)  # validates the name even when every FFN is a MoE block
+        if sliding_window is not None and not causal:
+            raise ValueError(f"sliding_window={sliding_window} needs a causal model (causal=True)")
         moe_block = renamed.moe_block_from_old_args(moe_block, dict(
             num_experts=num_experts, k=k, expert_d_ff=expert_d_ff, moe_kwargs=moe_kwargs),
             dense_d_ff=d_ff, activation=activation)
@@ -150,6 +169,9 @@ class TransformerLM(nnx.Module):
         for i, name in enumerate(self.layer_names):
             attention = Attention(d_model, num_heads, num_kv_heads=num_kv_heads,
                                   head_dim=head_dim, rope_max_wavelength=rope_max_wavelength,
+                                  rope_scaling=rope_scaling, qkv_bias=attention_bias,
+                                  out_bias=attention_out_bias, qk_norm=qk_norm,
+                                  norm_eps=norm_eps, sliding_window=sliding_window,
                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             if self.is_moe_index(i) and not dense_baseline:
                 ffn = moe_block(d_model, causal=causal, dtype=dtype, param_dtype=param_dtype,
