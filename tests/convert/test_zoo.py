@@ -47,15 +47,19 @@ def _known(option: str) -> bool:
 
 
 def _matches(count: int, published: str) -> bool:
+    """Within 0.5% of the published figure, or equal to it at its own precision
+    (rounded or cut off: model cards write 3.35B activated as "3.3B")."""
     figure = Decimal(published) * 10 ** 9
-    half_unit = Decimal(1).scaleb(Decimal(published).as_tuple().exponent) / 2 * 10 ** 9
-    return abs(count - figure) <= max(Decimal("0.005") * figure, half_unit)
+    unit = Decimal(1).scaleb(Decimal(published).as_tuple().exponent) * 10 ** 9
+    return (abs(count - figure) <= max(Decimal("0.005") * figure, unit / 2)
+            or figure <= count < figure + unit)
 
 
 def test_rounding_rule():
     assert _matches(1_282_000_000, "1.3") and not _matches(1_240_000_000, "1.3")
     assert _matches(8_030_000_000, "8.03") and not _matches(8_080_000_000, "8.03")
     assert not _matches(46_400_000_000, "46.7")
+    assert _matches(3_353_000_000, "3.3") and not _matches(3_420_000_000, "3.3")
 
 
 @pytest.mark.parametrize("preset", sorted(ZOO))
