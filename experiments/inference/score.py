@@ -46,6 +46,8 @@ class Scorer:
     """A restored model ready to score.
 
     forward: `ids [1, n] int32 -> logits [1, n, vocab] float32` (jitted).
+    routing: `ids [1, n] int32 -> {MoE layer name: token_experts [n, k] int32}`
+    (jitted; the experts each token is sent to, as scored).
     """
 
     workdir: Path
@@ -53,6 +55,7 @@ class Scorer:
     vocab_size: int
     forward: Callable[[jax.Array], jax.Array]
     selection_biases: bool
+    routing: Callable[[jax.Array], dict[str, jax.Array]] | None = None
 
 
 @dataclasses.dataclass
@@ -143,8 +146,14 @@ def load_scorer(workdir: str | Path, step: int | None = None) -> Scorer:
             ids, deterministic=True, router_state=router_state)
         return logits.astype(jnp.float32)
 
+    @jax.jit
+    def routing(ids: jax.Array) -> dict[str, jax.Array]:
+        _, aux = nnx.merge(graphdef, restored_params, rest)(
+            ids, deterministic=True, router_state=router_state)
+        return {name: layer_aux.token_experts for name, layer_aux in aux.items()}
+
     return Scorer(workdir=workdir, step=restored.step, vocab_size=vocab_size, forward=forward,
-                  selection_biases=not router_state.empty)
+                  selection_biases=not router_state.empty, routing=routing)
 
 
 def check_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:

@@ -25,6 +25,16 @@ TINY = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hid
             tie_word_embeddings=False, attn_implementation="eager")
 # A non-default RoPE base: an importer that misses it gives different logits.
 ROPE_THETA = 500.0
+ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}}
+# llama3 scaling whose wavelength bands (4 and 16 positions) split head_dim=8's
+# frequencies: some scaled, some smoothed, some kept.
+LLAMA3 = {"rope_parameters": {"rope_type": "llama3", "rope_theta": ROPE_THETA, "factor": 4.0,
+                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 16}}
+# Smaller than the test sequence (tests/interop/test_reference.IDS, 24 tokens).
+WINDOW = 5
+# MoE: 4 experts, top-2, expert d_ff 24; 3 layers so one can be dense.
+MOE = dict(TINY, num_hidden_layers=3)
 
 
 def import_model(hf_dir: Path, out_workdir: Path) -> Path:
@@ -51,16 +61,52 @@ class Family(NamedTuple):
     import_fn: Callable[[Path, Path], Path] = import_model
     rewrite_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
+    @property
+    def is_moe(self) -> bool:
+        return "MoeFor" in self.architecture or self.architecture in (
+            "MixtralForCausalLM", "OlmoeForCausalLM")
+
+    @property
+    def architecture(self) -> str:
+        return self.config().architectures[0]
+
+
+def _cfg(cls: type, **kw: Any) -> Callable[[], transformers.PretrainedConfig]:
+    """A config factory that also names the architecture (`architectures` is what
+    save_pretrained writes from the model class; set here for `Family.architecture`)."""
+    def make() -> transformers.PretrainedConfig:
+        config = cls(**kw)
+        config.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
+        return config
+    return make
+
+
+_QWEN2_MOE = dict(MOE, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                  num_experts=4, num_experts_per_tok=2, qkv_bias=True)
 
 FAMILIES = [
-    Family("llama", lambda: transformers.LlamaConfig(
-        **TINY, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})),
-    Family("llama_top_level_rope_theta", lambda: transformers.LlamaConfig(
-        **TINY, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA}),
-        rewrite_config=top_level_rope_theta),
-    Family("mistral", lambda: transformers.MistralConfig(
-        **TINY, sliding_window=None,
-        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})),
+    Family("llama", _cfg(transformers.LlamaConfig, **TINY, **ROPE)),
+    Family("llama_top_level_rope_theta", _cfg(transformers.LlamaConfig, **TINY, **ROPE),
+           rewrite_config=top_level_rope_theta),
+    Family("llama_llama3_scaling_bias", _cfg(transformers.LlamaConfig, **TINY, **LLAMA3,
+                                             attention_bias=True)),
+    Family("llama_tied", _cfg(transformers.LlamaConfig, **dict(TINY, tie_word_embeddings=True),
+                              **ROPE)),
+    Family("mistral", _cfg(transformers.MistralConfig, **TINY, sliding_window=WINDOW, **ROPE)),
+    Family("qwen2", _cfg(transformers.Qwen2Config, **TINY, **ROPE)),
+    Family("qwen3", _cfg(transformers.Qwen3Config, **TINY, head_dim=12, **ROPE)),
+    Family("mixtral", _cfg(transformers.MixtralConfig, **dict(MOE, intermediate_size=24),
+                           num_local_experts=4, num_experts_per_tok=2, **ROPE)),
+    Family("qwen2_moe_dense_layer_norm_topk", _cfg(
+        transformers.Qwen2MoeConfig, **_QWEN2_MOE, mlp_only_layers=[1], norm_topk_prob=True,
+        **ROPE)),
+    Family("qwen2_moe_sparse_step_2", _cfg(
+        transformers.Qwen2MoeConfig, **dict(_QWEN2_MOE, num_hidden_layers=2),
+        decoder_sparse_step=2, norm_topk_prob=False, **ROPE)),
+    Family("qwen3_moe", _cfg(transformers.Qwen3MoeConfig, **MOE, moe_intermediate_size=24,
+                             num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, **ROPE)),
+    Family("olmoe", _cfg(transformers.OlmoeConfig, **dict(MOE, intermediate_size=24),
+                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, **ROPE)),
 ]
 
 

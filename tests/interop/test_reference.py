@@ -1,11 +1,17 @@
-"""Our imported models score like transformers' on the same weights.
+"""Our imports score like transformers, our exports load back into transformers
+unchanged, and our routers pick transformers' experts, for every family in
+`families.FAMILIES`.
 
 Needs torch and transformers: `make test-interop` (skipped in the core venv).
+Each family's model is built, saved and imported once (a module-scoped fixture).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -16,8 +22,12 @@ pytest.importorskip("transformers", reason="needs transformers: run `make test-i
 from tests.helpers import run_script  # noqa: E402
 from tests.interop.families import FAMILIES, VOCAB_SIZE, Family, save  # noqa: E402
 
-# Positions far enough apart that a wrong RoPE base shows in the log-probs.
+# Positions far enough apart that a wrong RoPE base shows in the log-probs;
+# longer than families.WINDOW.
 IDS = [int(i) for i in np.random.default_rng(0).integers(3, VOCAB_SIZE, size=24)]
+MOE_FAMILIES = [f for f in FAMILIES if f.is_moe]
+# Routing ties closer than this may legitimately break either way.
+TIE = 1e-6
 
 
 def random_model(family: Family):
@@ -29,19 +39,41 @@ def random_model(family: Family):
     model = AutoModelForCausalLM.from_config(family.config(), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if "norm" in name and name.endswith("weight"):
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, 0.3)
     return model.eval()
 
 
-def reference_logprobs(model, ids: list[int]) -> np.ndarray:
-    """transformers' log p(ids[i] | ids[:i]), i = 1..n-1."""
+def logits_of(model, ids: list[int], **kw: Any):
+    """transformers' forward on one sequence (`[n, vocab]` float32 logits, and the output)."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
+        out = model(torch.tensor([ids]), **kw)
+    return out.logits[0].float(), out
+
+
+def reference_logprobs(logits, ids: list[int]) -> np.ndarray:
+    """log p(ids[i] | ids[:i]), i = 1..n-1, from `[n, vocab]` logits."""
     logprobs = torch.log_softmax(logits[:-1], dim=-1)
     return logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+
+
+class Case(NamedTuple):
+    family: Family
+    model: Any
+    logits: Any          # [n, vocab] torch float32
+    workdir: Path
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[f.name for f in FAMILIES])
+def case(request, tmp_path_factory) -> Case:
+    family = request.param
+    tmp = tmp_path_factory.mktemp(family.name)
+    model = random_model(family)
+    save(family, model, tmp / "hf")
+    workdir = family.import_fn(tmp / "hf", tmp / "ours")
+    return Case(family, model, logits_of(model, IDS)[0], workdir)
 
 
 def score(workdir, ids: list[int]) -> dict:
@@ -51,14 +83,60 @@ def score(workdir, ids: list[int]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
-def test_scores_match_transformers(family, tmp_path):
-    model = random_model(family)
-    save(family, model, tmp_path / "hf")
-    workdir = family.import_fn(tmp_path / "hf", tmp_path / "ours")
-    want = reference_logprobs(model, IDS)
-    got = score(workdir, IDS)
+def test_scores_match_transformers(case):
+    want = reference_logprobs(case.logits, IDS)
+    got = score(case.workdir, IDS)
     assert got["ids"] == IDS
     np.testing.assert_allclose(got["logprobs"], want, atol=1e-4, rtol=0)
     # The weights are far from uniform: a wrong model would not pass by chance.
     assert np.ptp(want) > 1.0
+
+
+def test_export_loads_back_unchanged(case, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+
+    out = tmp_path / "exported"
+    result = run_script("scripts/export_hf.py", f"--workdir={case.workdir}", f"--out_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [case.family.architecture]
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        loaded, info = AutoModelForCausalLM.from_pretrained(
+            out, output_loading_info=True, dtype=torch.float32, attn_implementation="eager")
+    problems = {k: v for k, v in info.items() if v}
+    assert not problems, problems
+    assert not [r for r in caplog.records if "weight" in r.getMessage().lower()], caplog.text
+    np.testing.assert_allclose(logits_of(loaded.eval(), IDS)[0].numpy(), case.logits.numpy(),
+                               atol=1e-5, rtol=0)
+
+
+def hf_experts(model, ids: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per MoE layer of `model`: (top-k experts `[n, k]`, whether each token's
+    k-th and (k+1)-th router probabilities differ by more than TIE `[n]`)."""
+    k = model.config.num_experts_per_tok
+    _, out = logits_of(model, ids, output_router_logits=True)
+    layers = []
+    for logits in out.router_logits:
+        probs = torch.softmax(logits.reshape(len(ids), -1).float(), dim=-1)
+        top = torch.topk(probs, k + 1, dim=-1)
+        clear = (top.values[:, k - 1] - top.values[:, k]) > TIE
+        layers.append((top.indices[:, :k].numpy(), clear.numpy()))
+    return layers
+
+
+@pytest.mark.parametrize("case", MOE_FAMILIES, ids=[f.name for f in MOE_FAMILIES],
+                         indirect=True)
+def test_routing_matches_transformers(case):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    from experiments.inference import score as score_lib  # pylint: disable=g-import-not-at-top
+
+    scorer = score_lib.load_scorer(case.workdir)
+    ours = scorer.routing(jnp.asarray([IDS], jnp.int32))
+    names = sorted(ours, key=lambda name: int(name.rsplit("_", 1)[-1]))
+    theirs = hf_experts(case.model, IDS)
+    assert len(names) == len(theirs), (names, len(theirs))
+    for name, (want, clear) in zip(names, theirs):
+        got = np.sort(np.asarray(ours[name]).reshape(len(IDS), -1), axis=-1)
+        assert clear.sum() >= len(IDS) // 2, f"{name}: too many near ties"
+        np.testing.assert_array_equal(got[clear], np.sort(want, axis=-1)[clear], err_msg=name)

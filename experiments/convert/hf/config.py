@@ -23,8 +23,11 @@ MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe"}
 # Q/K/V biases: always (Qwen2 families), from `attention_bias` (others), never.
+# `attention_bias` also gives the output projection a bias (o_proj.bias) in
+# every family that reads it; the Qwen2 families never have one.
 _ALWAYS_QKV_BIAS = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
-_BIAS_FROM_FLAG = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+BIAS_FROM_FLAG = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                  "OlmoeForCausalLM")
 _QK_NORM = {"Qwen3ForCausalLM": "head", "Qwen3MoeForCausalLM": "head",
             "OlmoeForCausalLM": "projection"}
 _SLIDING = ("MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -56,7 +59,8 @@ class ModelSpec:
     activation: str = "swiglu"
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     tie_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False          # Q/K/V projection biases
+    attention_out_bias: bool = False      # output projection bias (o_proj.bias)
     qk_norm: str | None = None            # None | 'head' | 'projection'
     sliding_window: int | None = None
     num_experts: int = 0
@@ -108,7 +112,7 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | 
 def _attention_features(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
     if arch in _ALWAYS_QKV_BIAS:
         bias = bool(cfg.get("qkv_bias", True))  # transformers 5 Qwen2-MoE has the flag
-    elif arch in _BIAS_FROM_FLAG:
+    elif arch in BIAS_FROM_FLAG:
         bias = bool(cfg.get("attention_bias", False))
     elif cfg.get("attention_bias"):
         raise _refuse("attention_bias", cfg["attention_bias"], f"{arch} has no attention biases")
@@ -125,7 +129,8 @@ def _attention_features(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
         window = _sliding_window(cfg, arch)
     elif cfg.get("sliding_window"):
         raise _refuse("sliding_window", cfg["sliding_window"], f"{arch} has no sliding window")
-    return {"attention_bias": bias, "qk_norm": _QK_NORM.get(arch), "sliding_window": window}
+    return {"attention_bias": bias, "attention_out_bias": bias and arch in BIAS_FROM_FLAG,
+            "qk_norm": _QK_NORM.get(arch), "sliding_window": window}
 
 
 def _sliding_window(cfg: Mapping[str, Any], arch: str) -> int | None:
@@ -220,6 +225,8 @@ def model_bindings(spec: ModelSpec) -> list[str]:
          "TransformerLM.tie_embeddings = False", "TransformerLM.causal = True"]
     if spec.attention_bias:
         b.append("TransformerLM.attention_bias = True")
+    if spec.attention_out_bias:
+        b.append("TransformerLM.attention_out_bias = True")
     if spec.qk_norm:
         b.append(f"TransformerLM.qk_norm = '{spec.qk_norm}'")
     if spec.sliding_window:
@@ -260,7 +267,7 @@ def hf_config(spec: ModelSpec, *, dtype: str = "float32") -> dict[str, Any]:
         "dtype": dtype, "max_position_embeddings": spec.max_position_embeddings or 4096}
     if spec.rope_scaling:
         cfg["rope_scaling"] = dict(spec.rope_scaling)
-    if arch in _BIAS_FROM_FLAG or arch == "OlmoeForCausalLM":
+    if arch in BIAS_FROM_FLAG:
         cfg["attention_bias"] = spec.attention_bias
     if arch in _SLIDING:
         cfg["sliding_window"] = spec.sliding_window

@@ -1,6 +1,6 @@
 """Which HF family can hold one of our models, as a `ModelSpec`; refusals name the feature.
 
-Dense: Llama; Mistral (sliding window); Qwen2 (Q/K/V biases); Qwen3 (per-head
+Dense: Llama (Q/K/V + output biases allowed); Mistral (sliding window); Qwen2 (Q/K/V biases); Qwen3 (per-head
 Q/K norm). MoE (softmax top-k, dropless, SwiGLU experts): Mixtral (renormalised
 top-k, every layer MoE); Qwen2-MoE (a shared expert with its sigmoid gate;
 zero Q/K/V biases when ours has none); Qwen3-MoE (per-head Q/K norm); OLMoE
@@ -66,16 +66,34 @@ def _moe_options(model: Any) -> dict[str, Any]:
             "shared_d_ff": shared_f}
 
 
-def _dense_family(bias: bool, qk_norm: str | None, window: int | None,
+_FLAG_BIASES = ("these families' attention_bias gives Q/K/V and o_proj biases together: set "
+                 "TransformerLM.attention_out_bias to TransformerLM.attention_bias")
+
+
+def _check_flag_biases(arch: str, bias: bool, out_bias: bool) -> None:
+    """Llama/Qwen3/Qwen3-MoE/OLMoE have Q/K/V and output biases together or none."""
+    if bias != out_bias:
+        raise UnsupportedModelError(f"TransformerLM.attention_bias={bias}, attention_out_bias="
+                                    f"{out_bias} as {arch}: {_FLAG_BIASES}")
+
+
+def _dense_family(bias: bool, out_bias: bool, qk_norm: str | None, window: int | None,
                   scaling: Any) -> str:
     if qk_norm == "projection":
         raise UnsupportedModelError("TransformerLM.qk_norm='projection' on a dense model: no "
                                     "supported HF family (OLMoE is MoE)")
-    if scaling and (bias or qk_norm or window):
+    if scaling and ((bias and not out_bias) or qk_norm or window):
         raise UnsupportedModelError("TransformerLM.rope_scaling is exported as Llama only, "
-                                    "which has no attention bias/qk-norm/sliding window")
+                                    "which has no qk-norm/sliding window/Q/K/V biases without "
+                                    "an output bias")
     if qk_norm == "head":
+        _check_flag_biases("Qwen3ForCausalLM", bias, out_bias)
         return "Qwen3ForCausalLM"
+    if out_bias:
+        if window:
+            raise UnsupportedModelError("TransformerLM.attention_out_bias with sliding_window: "
+                                        "Llama (output bias) has no sliding window")
+        return "LlamaForCausalLM"
     if bias:
         return "Qwen2ForCausalLM"
     return "MistralForCausalLM" if window else "LlamaForCausalLM"
@@ -83,26 +101,30 @@ def _dense_family(bias: bool, qk_norm: str | None, window: int | None,
 
 def _moe_family(spec_kw: dict[str, Any], moe: dict[str, Any], all_moe: bool) -> str:
     qk_norm, bias, window = spec_kw["qk_norm"], spec_kw["attention_bias"], spec_kw["sliding_window"]
+    out_bias = spec_kw["attention_out_bias"]
     if spec_kw["rope_scaling"]:
         raise UnsupportedModelError("TransformerLM.rope_scaling with MoE: no supported HF family")
     if moe["shared_d_ff"]:
-        if qk_norm:
-            raise UnsupportedModelError(f"TransformerLM.qk_norm={qk_norm!r} with a shared "
-                                        "expert: Qwen2-MoE has no Q/K norm")
+        if qk_norm or out_bias:
+            raise UnsupportedModelError(f"TransformerLM.qk_norm={qk_norm!r}, attention_out_bias="
+                                        f"{out_bias} with a shared expert: Qwen2-MoE has no Q/K "
+                                        "norm and no output bias")
         return "Qwen2MoeForCausalLM"
     if qk_norm == "head":
+        _check_flag_biases("Qwen3MoeForCausalLM", bias, out_bias)
         return "Qwen3MoeForCausalLM"
     where = "every layer MoE (TransformerLM.moe_every=1)"
     if qk_norm == "projection":
-        if not all_moe or bias or window:
-            raise UnsupportedModelError(f"OLMoE (qk_norm='projection') needs {where}, no "
-                                        "attention bias and no sliding window")
+        if not all_moe or window:
+            raise UnsupportedModelError(f"OLMoE (qk_norm='projection') needs {where} and no "
+                                        "sliding window")
+        _check_flag_biases("OlmoeForCausalLM", bias, out_bias)
         return "OlmoeForCausalLM"
     if not moe["normalize"]:
         raise UnsupportedModelError("TopKRouter.normalize=False without qk_norm or a shared "
                                     "expert: Mixtral renormalises the top-k weights")
-    if not all_moe or bias:
-        raise UnsupportedModelError(f"Mixtral needs {where} and no attention bias")
+    if not all_moe or bias or out_bias:
+        raise UnsupportedModelError(f"Mixtral needs {where} and no attention biases")
     return "MixtralForCausalLM"
 
 
@@ -132,10 +154,8 @@ def spec_of(model: Any, *, selection_biases: bool = False,
         rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
         attention_bias=bool(bound("TransformerLM.attention_bias", False)),
         qk_norm=bound("TransformerLM.qk_norm"),
-        sliding_window=bound("TransformerLM.sliding_window"))
-    if bound("TransformerLM.attention_out_bias", False):
-        raise UnsupportedModelError("TransformerLM.attention_out_bias=True: no supported HF "
-                                    "family has an output-projection bias")
+        sliding_window=bound("TransformerLM.sliding_window"),
+        attention_out_bias=bool(bound("TransformerLM.attention_out_bias", False)))
     dense = [n for n in model.layer_names if n not in model.moe_layer_names]
     kw["d_ff"] = int(getattr(model, dense[0]).ffn.wo.shape[0]) if dense else 0
     moe_idx = tuple(i for i, n in enumerate(model.layer_names) if n in model.moe_layer_names)
@@ -143,7 +163,8 @@ def spec_of(model: Any, *, selection_biases: bool = False,
     if not model.causal:
         raise UnsupportedModelError("TransformerLM.causal=False: HF causal LMs are decoders")
     if not moe_idx:
-        arch = _dense_family(kw["attention_bias"], kw["qk_norm"], kw["sliding_window"], scaling)
+        arch = _dense_family(kw["attention_bias"], kw["attention_out_bias"], kw["qk_norm"],
+                             kw["sliding_window"], scaling)
         return ModelSpec(architecture=arch, **kw)
     if moe["num_experts"] and activation != "swiglu" and dense:
         raise UnsupportedModelError(f"TransformerLM.activation={activation!r}: HF MoE families "

@@ -13,6 +13,7 @@ Our names: `embedding [V,d]`, `final_norm/scale [d]`, `lm_head [d,V]`,
 `layer_i/attention_norm/scale`, `layer_i/ffn_norm/scale`,
 `layer_i/attention/{query [d,H,h], key [d,K,h], value [d,K,h], out [H,h,d]}`,
 `layer_i/attention/{query_bias [H,h], key_bias [K,h], value_bias [K,h]}`,
+`layer_i/attention/out_bias [d]` (o_proj.bias),
 `layer_i/attention/{query_norm,key_norm}/scale` (`[h]` 'head', `[H*h]`/`[K*h]`
 'projection'), dense `layer_i/ffn/{wi_gate,wi [d,f], wo [f,d]}`, MoE
 `layer_i/ffn/router/kernel [d,E]`, `layer_i/ffn/experts/{wi_gate,wi [E,d,f],
@@ -105,6 +106,8 @@ def _attention(spec: ModelSpec, p: str, o: str) -> list[Rule]:
         rules += [Rule(a + "q_proj.bias", (o, "attention", "query_bias"), "q_bias"),
                   Rule(a + "k_proj.bias", (o, "attention", "key_bias"), "kv_bias"),
                   Rule(a + "v_proj.bias", (o, "attention", "value_bias"), "kv_bias")]
+    if spec.attention_out_bias:
+        rules.append(Rule(a + "o_proj.bias", (o, "attention", "out_bias")))
     if spec.qk_norm:
         rules += [Rule(a + "q_norm.weight", (o, "attention", "query_norm", "scale")),
                   Rule(a + "k_norm.weight", (o, "attention", "key_norm", "scale"))]
