@@ -115,7 +115,13 @@ def test_sliding_window():
      "clip_qkv=8.0"),
     ("LlamaForCausalLM", {"sliding_window": 128}, "sliding_window=128.*no sliding window"),
     ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64,
-                          "max_window_layers": 2}, "layer_types=.*only some layers"),
+                          "max_window_layers": 2}, "max_window_layers=2: .*only some layers"),
+    ("Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 64,
+                          "layer_types": ["full_attention", "sliding_attention"] * 2},
+     r"layer_types=\['full_attention', 'sliding_attention'.*only some layers"),
+    ("LlamaForCausalLM", {"hidden_act": "gelu_pytorch_tanh"},
+     "hidden_act='gelu_pytorch_tanh'.*tanh-approximate GELU"),
+    ("Qwen2ForCausalLM", {"hidden_act": "gelu_new"}, "hidden_act='gelu_new'.*tanh"),
     ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2,
                             "router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
     ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2,
@@ -126,6 +132,19 @@ def test_sliding_window():
 def test_refusals_name_key_and_value(arch, extra, match):
     with pytest.raises(c.UnsupportedConfigError, match=match):
         c.parse_config({**BASE, **NEW, **extra, "architectures": [arch]})
+
+
+@pytest.mark.parametrize("arch,out_bias", [
+    ("LlamaForCausalLM", True), ("Qwen3ForCausalLM", True), ("OlmoeForCausalLM", True),
+    ("Qwen2ForCausalLM", False)])
+def test_attention_bias_flag_includes_the_output_bias(arch, out_bias):
+    """Llama/Qwen3/Qwen3-MoE/OLMoE `attention_bias` also biases o_proj; Qwen2's never does."""
+    extra = {k: v for k, v in FAMILIES[arch][0].items() if k != "attention_bias"}
+    spec = c.parse_config({**BASE, **NEW, **extra, "attention_bias": True,
+                           "architectures": [arch]})
+    assert spec.attention_bias and spec.attention_out_bias == out_bias
+    assert ("TransformerLM.attention_out_bias = True" in c.model_bindings(spec)) == out_bias
+    assert c.parse_config(c.hf_config(spec)) == spec
 
 
 def test_hf_config_round_trips_the_spec():

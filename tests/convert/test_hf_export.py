@@ -76,6 +76,15 @@ def test_single_file_and_truncation(tmp_path):
     ((), "MixtralForCausalLM"),
     (("TransformerLM.moe_every = 0",), "LlamaForCausalLM"),
     (("TransformerLM.moe_every = 2",), None),
+    (("TransformerLM.moe_every = 0", "TransformerLM.attention_bias = True"), "Qwen2ForCausalLM"),
+    (("TransformerLM.moe_every = 0", "TransformerLM.attention_bias = True",
+      "TransformerLM.attention_out_bias = True",
+      "TransformerLM.rope_scaling = {'rope_type': 'llama3', 'factor': 4.0, "
+      "'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}"),
+     "LlamaForCausalLM"),
+    (("TransformerLM.qk_norm = 'projection'", "TransformerLM.attention_bias = True",
+      "TransformerLM.attention_out_bias = True", "TopKRouter.normalize = False"),
+     "OlmoeForCausalLM"),
 ])
 def test_family_choice(extra, arch):
     if arch is None:
@@ -100,6 +109,11 @@ def test_family_choice(extra, arch):
      "TransformerLM.activation='relu'"),
     (("MoeLayer.num_shared_experts = 1",), "num_shared_experts without MoeLayer.shared_gate"),
     (("TransformerLM.causal = False", "TransformerLM.moe_every = 0"), "causal=False"),
+    (("TransformerLM.qk_norm = 'head'", "TransformerLM.attention_bias = True"),
+     "attention_bias=True, attention_out_bias=False as Qwen3MoeForCausalLM"),
+    (("TransformerLM.moe_every = 0", "TransformerLM.attention_out_bias = True",
+      "TransformerLM.attention_bias = True", "TransformerLM.sliding_window = 8"),
+     "attention_out_bias with sliding_window"),
 ])
 def test_export_refusals_name_the_feature(extra, match):
     with pytest.raises(family.UnsupportedModelError, match=match):

@@ -24,7 +24,8 @@ SPECS = {
     "Qwen2MoeForCausalLM": {"num_experts": E, "k": 2, "moe_d_ff": MF, "moe_layers": (0, 2),
                             "shared_d_ff": SF, "attention_bias": True},
     "Qwen3MoeForCausalLM": {"num_experts": E, "k": 2, "moe_d_ff": MF, "moe_layers": (1,),
-                            "qk_norm": "head"},
+                            "qk_norm": "head", "attention_bias": True,
+                            "attention_out_bias": True},
     "OlmoeForCausalLM": {"num_experts": E, "k": 2, "moe_d_ff": MF, "moe_layers": (0, 1, 2),
                          "qk_norm": "projection"},
 }
@@ -45,6 +46,8 @@ def _our_shapes(spec):
         if spec.attention_bias:
             s |= {(o, "attention", "query_bias"): (H, HD), (o, "attention", "key_bias"): (K, HD),
                   (o, "attention", "value_bias"): (K, HD)}
+        if spec.attention_out_bias:
+            s |= {(o, "attention", "out_bias"): (D,)}
         if spec.qk_norm:
             q, k = (HD, HD) if spec.qk_norm == "head" else (H * HD, K * HD)
             s |= {(o, "attention", "query_norm", "scale"): (q,),
@@ -80,6 +83,8 @@ HF_LAYER0 = {
                             "model.layers.0.mlp.experts.1.down_proj.weight": (D, MF),
                             "model.layers.1.mlp.gate_proj.weight": (F, D)},
     "Qwen3MoeForCausalLM": {"model.layers.1.mlp.gate.weight": (E, D),
+                            "model.layers.2.self_attn.o_proj.bias": (D,),
+                            "model.layers.2.self_attn.k_proj.bias": (K * HD,),
                             "model.layers.0.mlp.up_proj.weight": (F, D)},
     "OlmoeForCausalLM": {"model.layers.0.self_attn.q_norm.weight": (H * HD,),
                          "model.layers.0.self_attn.k_norm.weight": (K * HD,),

@@ -33,6 +33,7 @@ _QK_NORM = {"Qwen3ForCausalLM": "head", "Qwen3MoeForCausalLM": "head",
 _SLIDING = ("MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
             "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "relu": "reglu"}
+_TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh")
 ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                 "original_max_position_embeddings")
@@ -141,14 +142,17 @@ def _sliding_window(cfg: Mapping[str, Any], arch: str) -> int | None:
     if not cfg.get("use_sliding_window", False):
         return None
     layers = cfg["num_hidden_layers"]
-    types = cfg.get("layer_types") or [
-        "sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
-        for i in range(layers)]
+    key, value = "layer_types", cfg.get("layer_types")
+    types = value
+    if not types:
+        key, value = "max_window_layers", cfg.get("max_window_layers", 28)
+        types = ["sliding_attention" if i >= value else "full_attention" for i in range(layers)]
     if set(types) == {"full_attention"}:
         return None
     if set(types) != {"sliding_attention"}:
-        raise _refuse("layer_types", types, "a sliding window on only some layers is not "
-                      "supported (set max_window_layers=0 or use_sliding_window=false)")
+        raise _refuse(key, value, f"with use_sliding_window=true and {layers} layers, a sliding "
+                      "window on only some layers is not supported (set max_window_layers=0 "
+                      "or use_sliding_window=false)")
     return int(window)
 
 
@@ -190,6 +194,9 @@ def parse_config(cfg: Mapping[str, Any]) -> ModelSpec:
     """The spec of a supported HF config; UnsupportedConfigError or KeyError otherwise."""
     arch = architecture_of(cfg)
     act = cfg.get("hidden_act", "silu")
+    if act in _TANH_GELUS:
+        raise _refuse("hidden_act", act, "a gated tanh-approximate GELU is not supported "
+                      "(moe/experts.py has geglu with exact GELU only: hidden_act='gelu')")
     if act not in ACTIVATIONS:
         raise _refuse("hidden_act", act, f"supported: {', '.join(sorted(ACTIVATIONS))}")
     if ACTIVATIONS[act] != "swiglu" and arch in MOE:
