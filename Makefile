@@ -51,9 +51,10 @@ $(INTEROP_STAMP): setup.py pyproject.toml
 	$(INTEROP_PY) -m pip install --quiet -e ".[dev]" $(INTEROP_PINS)
 	touch $(INTEROP_STAMP)
 
-# Our models against transformers' on the same weights (import, score).
+# Our models against transformers' on the same weights (import, score, export, routing);
+# one xdist group per family shares its import.
 test-interop: $(INTEROP_STAMP)
-	$(INTEROP_PY) -m pytest -n 2 tests/interop $(PYTEST_ARGS)
+	$(INTEROP_PY) -m pytest -n 2 --dist loadgroup tests/interop $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_moe_layer.py --json docs/bench_moe_layer.json
