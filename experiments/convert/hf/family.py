@@ -1,10 +1,10 @@
 """Which HF family can hold one of our models, as a `ModelSpec`; refusals name the feature.
 
-Dense: Llama (Q/K/V + output biases allowed); Mistral (sliding window); Qwen2 (Q/K/V biases); Qwen3 (per-head
-Q/K norm). MoE (softmax top-k, dropless, SwiGLU experts): Mixtral (renormalised
-top-k, every layer MoE); Qwen2-MoE (a shared expert with its sigmoid gate;
-zero Q/K/V biases when ours has none); Qwen3-MoE (per-head Q/K norm); OLMoE
-(whole-projection Q/K norm, every layer MoE).
+Dense: Llama (Q/K/V + output biases allowed); Mistral (sliding window); Qwen2
+(Q/K/V biases only); Qwen3 (per-head Q/K norm). MoE (softmax top-k, dropless,
+SwiGLU experts): Mixtral (renormalised top-k, every layer MoE); Qwen2-MoE (a
+shared expert with its sigmoid gate; zero Q/K/V biases when ours has none);
+Qwen3-MoE (per-head Q/K norm); OLMoE (whole-projection Q/K norm, every layer MoE).
 """
 
 from __future__ import annotations
