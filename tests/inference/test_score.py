@@ -86,6 +86,19 @@ def test_logprobs_are_the_models_log_softmax(workdir):
         assert np.abs(got - want).max() > 1e-4
 
 
+def test_routing_is_the_scored_forwards_token_experts(workdir):
+    """`Scorer.routing`: per MoE layer the experts of each token, selection biases applied."""
+    routing = score_lib.load_scorer(workdir).routing(jnp.asarray([IDS]))
+    _, aux = _forward(workdir, dropless=True, biases=True)
+    _, unbiased = _forward(workdir, dropless=True, biases=False)
+    assert set(routing) == set(aux) and aux
+    for name, experts in routing.items():
+        assert experts.shape[0] == len(IDS)
+        np.testing.assert_array_equal(experts, aux[name].token_experts, err_msg=name)
+    assert any(np.any(np.asarray(routing[n]) != np.asarray(unbiased[n].token_experts))
+               for n in routing)
+
+
 def test_text_uses_the_workdirs_tokenizer(workdir):
     by_text = _score_json(workdir, "--text=" + TEXT)
     by_ids = _score_json(workdir, "--ids=" + ",".join(map(str, IDS[1:])))
