@@ -34,7 +34,7 @@ def load_runs(sweep: sweep_lib.Sweep, root: Path) -> dict[str, list[dict]]:
             steps = np.array([r["step"] for r in train])
             cum_flops = np.cumsum([r["flops"] for r in train])
             out.setdefault(variant, []).append({
-                "seed": seed, "workdir": str(workdir), "steps": steps,
+                "seed": seed, "workdir": str(workdir.relative_to(root)), "steps": steps,
                 "ce": np.array([r["ce"] for r in train]), "cum_flops": cum_flops,
                 "active": np.array([r.get("active_experts", np.nan) for r in train]),
                 "valid_steps": np.array([r["step"] for r in valid]),
@@ -157,7 +157,8 @@ def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file
               "![loss curves](evomoe/loss_curves.png)", "",
               "![active experts per token](evomoe/active_experts.png)", "",
               "![cumulative FLOPs](evomoe/flops.png)", "",
-              "## Runs", "", "| variant | seed | valid loss | workdir |", "|---|---|---|---|"]
+              "## Runs", "", "Workdirs relative to the sweep root (`scripts/sweep.py --root`).", "",
+              "| variant | seed | valid loss | workdir |", "|---|---|---|---|"]
     lines += [f"| `{v}` | {r['seed']} | {r['summary']['valid_loss']['all']:.4f} | "
               f"`{r['workdir']}` |" for v, rs in runs.items() for r in rs]
     out = docs_dir / f"{sweep.name}.md"

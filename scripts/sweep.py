@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root).absolute()
     if args.report_only:
         records = [sweep_lib.collect_run(sweep_lib.run_dir(root, sweep, variant, seed),
-                                         variant, seed)
+                                         variant, seed, root=root)
                    for variant, _ in sweep.runs() for seed in sweep.seeds
                    if (sweep_lib.run_dir(root, sweep, variant, seed) / "summary.json").exists()]
     else:

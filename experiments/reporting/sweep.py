@@ -153,7 +153,7 @@ def run_sweep(sweep: Sweep, root: Path, *, log=print) -> list[dict[str, Any]]:
                 if result.returncode != 0:
                     raise RuntimeError(f"routing analysis of {workdir} failed:\n"
                                        f"{result.stderr[-3000:]}")
-            records.append(collect_run(workdir, variant, seed))
+            records.append(collect_run(workdir, variant, seed, root=root))
     return records
 
 
@@ -195,15 +195,16 @@ class SweepRunError(RuntimeError):
         self.exit_code = 2 if result.returncode == 2 else 1
 
 
-def collect_run(workdir: Path, variant: str, seed: int) -> dict[str, Any]:
-    """Final numbers and curves of one finished run."""
+def collect_run(workdir: Path, variant: str, seed: int, *, root: Path) -> dict[str, Any]:
+    """Final numbers and curves of one finished run; its `workdir` is given relative
+    to the sweep root `root` (reports name no path of the machine they ran on)."""
     summary = json.loads((workdir / "summary.json").read_text())
     metrics = workdir / "metrics.jsonl"
     train = read_jsonl(metrics, "train")
     valid = read_jsonl(metrics, "valid")
     last = train[-50:]
     record = {
-        "variant": variant, "seed": seed, "workdir": str(workdir),
+        "variant": variant, "seed": seed, "workdir": str(workdir.relative_to(root)),
         "valid_loss": summary["valid_loss"],
         "valid_max_violation": valid[-1].get("max_violation") if valid else None,
         "train_batch_max_violation": _mean(r.get("batch_max_violation") for r in last),
@@ -223,11 +224,6 @@ def collect_run(workdir: Path, variant: str, seed: int) -> dict[str, Any]:
                                      "max_violation_per_domain": info["max_violation_per_domain"]}
                              for layer, info in layers.items()}
     return record
-
-
-def _relative(path: str) -> str:
-    p = Path(path)
-    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else path
 
 
 def _mean(values) -> float | None:
@@ -382,9 +378,10 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
     if (figures / "heatmaps.png").exists():
         lines += [f"![domain x expert heat maps (seed {sweep.seeds[0]})]"
                   f"({sweep.name}/heatmaps.png)", ""]
-    lines += ["## Runs", "", "| variant | seed | valid loss | workdir |", "|---|---|---|---|"]
+    lines += ["## Runs", "", "Workdirs relative to the sweep root (`scripts/sweep.py --root`).", "",
+              "| variant | seed | valid loss | workdir |", "|---|---|---|---|"]
     lines += [f"| `{r['variant']}` | {r['seed']} | {r['valid_loss'].get('all', float('nan')):.4f} "
-              f"| `{_relative(r['workdir'])}` |" for r in records]
+              f"| `{r['workdir']}` |" for r in records]
     out = docs_dir / f"{sweep.name}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (figures / "records.json").write_text(json.dumps(

@@ -119,3 +119,15 @@ def test_ctrl_c_waits_for_the_running_child_to_save(tmp_path):
     assert parent.returncode == 130, stderr
     assert marker.read_text() == "saved"  # the child was not killed before saving
     assert "caught: sweep interrupted during run v seed 0 (interrupted at step 3" in stderr
+
+
+def test_records_name_workdirs_relative_to_the_sweep_root(tmp_path):
+    from experiments.reporting.sweep import collect_run
+
+    workdir = tmp_path / "sweep_name" / "variant" / "seed0"
+    workdir.mkdir(parents=True)
+    (workdir / "summary.json").write_text(json.dumps({"valid_loss": {"all": 2.5}}))
+    (workdir / "metrics.jsonl").write_text(
+        json.dumps({"split": "train", "step": 1, "loss": 3.0, "ce": 3.0}) + "\n")
+    record = collect_run(workdir, "variant", 0, root=tmp_path)
+    assert record["workdir"] == "sweep_name/variant/seed0"  # no path of this machine
