@@ -65,28 +65,29 @@ def check_rope_scaling(rope_scaling: Mapping[str, Any] | None) -> RopeScaling | 
     if rope_scaling is None:
         return None
     if not isinstance(rope_scaling, Mapping):
-        raise ValueError(f"rope_scaling must be a dict or None, got {rope_scaling!r}")
+        raise ValueError(f"TransformerLM.rope_scaling must be a dict or None, got {rope_scaling!r}")
     rope_type = rope_scaling.get("rope_type")
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope_scaling['rope_type'] = {rope_type!r} is not supported "
+        raise ValueError(f"TransformerLM.rope_scaling['rope_type'] = {rope_type!r} is not supported "
                          f"(supported: {', '.join(ROPE_TYPES)})")
     allowed = ("rope_type",) + (_LLAMA3_KEYS if rope_type == "llama3" else ())
     for key, value in rope_scaling.items():
         if key not in allowed:
-            raise ValueError(f"rope_scaling[{key!r}] = {value!r} is not supported for rope_type "
-                             f"{rope_type!r} (allowed keys: {', '.join(allowed)})")
+            raise ValueError(f"TransformerLM.rope_scaling[{key!r}] = {value!r} is not supported "
+                             f"for rope_type {rope_type!r} (allowed keys: {', '.join(allowed)})")
     if rope_type == "default":
         return None
     missing = [key for key in _LLAMA3_KEYS if key not in rope_scaling]
     if missing:
-        raise ValueError(f"rope_scaling for rope_type 'llama3' lacks {', '.join(missing)}")
+        raise ValueError(f"TransformerLM.rope_scaling for rope_type 'llama3' lacks {', '.join(missing)}")
     for key in _LLAMA3_KEYS:
         value = rope_scaling[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"rope_scaling[{key!r}] must be a number > 0, got {value!r}")
+            raise ValueError(f"TransformerLM.rope_scaling[{key!r}] must be a number > 0, got {value!r}")
     if not rope_scaling["high_freq_factor"] > rope_scaling["low_freq_factor"]:
-        raise ValueError(f"rope_scaling['high_freq_factor'] = {rope_scaling['high_freq_factor']!r}"
-                         f" must exceed low_freq_factor = {rope_scaling['low_freq_factor']!r}")
+        raise ValueError(f"TransformerLM.rope_scaling['high_freq_factor'] = "
+                         f"{rope_scaling['high_freq_factor']!r} must exceed low_freq_factor = "
+                         f"{rope_scaling['low_freq_factor']!r}")
     return tuple(sorted(rope_scaling.items()))
 
 
@@ -178,12 +179,13 @@ class Attention(nnx.Module):
         if not rope_max_wavelength > 0:
             raise ValueError(f"rope_max_wavelength must be > 0, got {rope_max_wavelength}")
         if qk_norm is not None and qk_norm not in QK_NORMS:
-            raise ValueError(f"qk_norm must be None or one of {', '.join(QK_NORMS)}, "
+            raise ValueError(f"TransformerLM.qk_norm must be None or one of {', '.join(QK_NORMS)}, "
                              f"got {qk_norm!r}")
         if sliding_window is not None and (isinstance(sliding_window, bool)
                                            or not isinstance(sliding_window, int)
                                            or sliding_window < 1):
-            raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+            raise ValueError(f"TransformerLM.sliding_window must be None or an int >= 1, "
+                             f"got {sliding_window!r}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_max_wavelength = rope_max_wavelength
         self.rope_scaling = check_rope_scaling(rope_scaling)

@@ -160,7 +160,12 @@ class TransformerLM(nnx.Module):
         self.tie_embeddings = tie_embeddings
         self.dtype = dtype
         if dense_baseline:
-            baseline_d_ff, baseline_act = active_ffn(moe_block, dense_baseline_k)
+            try:
+                baseline_d_ff, baseline_act = active_ffn(moe_block, dense_baseline_k)
+            except ValueError as e:  # name the option the value came from
+                if dense_baseline_k is None:
+                    raise
+                raise ValueError(f"TransformerLM.dense_baseline_k={dense_baseline_k}: {e}") from e
 
         self.embedding = make_param(rngs, normal_init(embed_init_std), (vocab_size, d_model),
                                     (VOCAB, EMBED), param_dtype)

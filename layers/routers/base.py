@@ -96,7 +96,7 @@ def available_routers() -> tuple[str, ...]:
 
 
 def get_router(name: str) -> type:
-    check_one_of("router", name, _ROUTERS)
+    check_one_of("MoeLayer.router", name, _ROUTERS)
     return _ROUTERS[name]
 
 
