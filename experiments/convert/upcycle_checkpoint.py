@@ -487,12 +487,7 @@ def _read_dense(dense_workdir: Path, dense_config: Path, dense_step: int | None)
     checkpointer = Checkpointer(dense_workdir / "checkpoints", async_save=False, max_to_keep=None,
                                 read_only=True)
     try:
-        steps = checkpointer.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-        step = steps[-1] if dense_step is None else dense_step
-        if step not in steps:
-            raise ValueError(f"dense_step={step} not found; checkpoints at steps {steps}")
+        step = checkpointer.pick_step(dense_step, option="dense_step")
         restored = checkpointer.restore_step(step, abstract, jax.eval_shape(tx.init, abstract))
     finally:
         checkpointer.close()

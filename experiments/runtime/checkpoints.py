@@ -291,6 +291,18 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def pick_step(self, step: int | None, *, option: str = "step") -> int:
+        """`step` if it is saved here, else ValueError naming `option`; None = the latest.
+        FileNotFoundError when there is no checkpoint at all."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise ValueError(f"{option}={step} not found; checkpoints at steps {steps}")
+        return step
+
     def save(self, step: int, *, params: Any, opt_state: Any, data_state: dict[str, Any],
              rng_key_data: np.ndarray, force: bool = False,
              hook_state: HookStates | None = None) -> bool:

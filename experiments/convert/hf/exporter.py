@@ -58,12 +58,7 @@ def _read(workdir: Path, step: int | None) -> tuple[Any, dict, int, bool]:
     checkpointer = Checkpointer(workdir / "checkpoints", async_save=False, max_to_keep=None,
                                 read_only=True)
     try:
-        steps = checkpointer.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise ValueError(f"--step={step}: no such checkpoint; steps: {steps}")
+        step = checkpointer.pick_step(step, option="--step")
         vocab = int(checkpointer.stored_metadata(step, "params")["embedding"].shape[0])
         gin.clear_config()
         gin_utils.parse([str(config)], [])
