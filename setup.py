@@ -12,6 +12,11 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     "numpy>=1.26,<3",
     "matplotlib>=3.8,<4",
+    # scripts/prepare_data.py: .zst JSONL (zstandard), Parquet as dataset hubs export it
+    # (pyarrow), the progress bar with tokens/s and ETA (tqdm).
+    "zstandard>=0.22,<1",
+    "pyarrow>=15,<30",
+    "tqdm>=4.66,<5",
 ]
 
 EXTRAS_REQUIRE = {
