@@ -38,7 +38,7 @@ class Options:
 
     tokenizer: str = "byte"
     format: str = "auto"
-    fields: inputs.FieldOptions = inputs.FieldOptions()
+    fields: inputs.FieldOptions = dataclasses.field(default_factory=inputs.FieldOptions)
     validation_fraction: float = corpus.DEFAULT_VALIDATION_FRACTION
     dtype: str = "auto"
     shard_bytes: int = DEFAULT_SHARD_BYTES
