@@ -15,10 +15,11 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import queue as queue_lib
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,51 @@ class _SplitWriter:
                 "bytes": int(self.byte_counts.sum()), "byte_counts": self.byte_counts.tolist()}
 
 
+# Where shard writers send progress, (shard name, input bytes, tokens): a callable in
+# this process, or the queue to the parent in a worker process (`_init_worker`).
+_progress_sink: Callable[[tuple[str, int, int]], None] | None = None
+_REPORT_EVERY_S = 0.25
+
+
+def _init_worker(queue: Any) -> None:
+    global _progress_sink  # pylint: disable=global-statement
+    _progress_sink = queue.put
+
+
+class _ShardProgress:
+    """A shard's progress, sent at most every `_REPORT_EVERY_S`. Input bytes advance
+    with the text of plain (uncompressed) files and at the end of each file."""
+
+    def __init__(self, name: str):
+        self.name, self.input_bytes, self.tokens = name, 0, 0
+        self.last = time.monotonic()
+        self.file_size = self.file_credited = 0
+        self.plain = False
+
+    def start_file(self, path: str, size: int, fmt: str) -> None:
+        self.file_size, self.file_credited = size, 0
+        self.plain = fmt != "parquet" and not path.endswith((".gz", ".zst"))
+
+    def document(self, text_bytes: int, tokens: int) -> None:
+        if self.plain:
+            step = min(text_bytes, self.file_size - self.file_credited)
+            self.file_credited += step
+            self.input_bytes += step
+        self.tokens += tokens
+        if time.monotonic() - self.last > _REPORT_EVERY_S:
+            self.send()
+
+    def end_file(self) -> None:
+        self.input_bytes += self.file_size - self.file_credited
+        self.file_credited = self.file_size
+
+    def send(self) -> None:
+        if _progress_sink is not None and (self.input_bytes or self.tokens):
+            _progress_sink((self.name, self.input_bytes, self.tokens))
+        self.input_bytes = self.tokens = 0
+        self.last = time.monotonic()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Task:
     unit: Unit
@@ -161,15 +207,19 @@ def _fill_shard(tmp: Path, unit: Unit, options: Options, dtype: str) -> dict[str
     writers = {split: _SplitWriter(tmp, split, dtype) for split in shards.SPLITS}
     domain_table: dict[str, int] = {}
     skipped = []
-    for path, _ in unit.files:
+    progress = _ShardProgress(unit.name)
+    for path, size in unit.files:
         marks = {split: w.mark() for split, w in writers.items()}
         known_domains = len(domain_table)
+        progress.start_file(path, size, unit.format)
         try:
             for doc in inputs.read_documents(path, unit.format, options.fields):
                 split = corpus.split_of(doc.key, options.validation_fraction)
                 domain = domain_table.setdefault(doc.domain, len(domain_table))
-                writers[split].add(encode_to_array(tokenizer, doc.text), domain,
-                                   doc.text.encode("utf-8"))
+                text_bytes = doc.text.encode("utf-8")
+                tokens = encode_to_array(tokenizer, doc.text)
+                writers[split].add(tokens, domain, text_bytes)
+                progress.document(len(text_bytes), len(tokens))
         except inputs.BadFileError as e:
             if not options.skip_bad_files:
                 raise ValueError(f"{e} (pass --skip_bad_files to skip such files)") from e
@@ -179,6 +229,8 @@ def _fill_shard(tmp: Path, unit: Unit, options: Options, dtype: str) -> dict[str
             for name in list(domain_table)[known_domains:]:
                 del domain_table[name]
             skipped.append({"path": path, "reason": e.reason})
+        progress.end_file()
+    progress.send()
     return {"name": unit.name, "inputs": [p for p, _ in unit.files], "skipped": skipped,
             "domains": list(domain_table),
             "splits": {split: w.close() for split, w in writers.items()}, "files": {}}
@@ -268,9 +320,9 @@ def prepare(patterns: Sequence[str], output: str | os.PathLike[str], options: Op
     bar = _Progress(sum(u.input_bytes for u in units), sum(u.input_bytes for u in pending),
                     enabled=progress)
     try:
-        for meta in _run(tasks, workers):
-            bar.update(by_name[meta["name"]].input_bytes,
-                       sum(meta["splits"][s]["tokens"] for s in shards.SPLITS))
+        for meta in _run(tasks, workers, bar.report):
+            bar.shard_done(meta["name"], by_name[meta["name"]].input_bytes,
+                           sum(meta["splits"][s]["tokens"] for s in shards.SPLITS))
             if on_shard_done is not None:
                 on_shard_done(meta)
     finally:
@@ -282,14 +334,42 @@ def prepare(patterns: Sequence[str], output: str | os.PathLike[str], options: Op
     return manifest
 
 
-def _run(tasks: Sequence[_Task], workers: int) -> Iterable[dict[str, Any]]:
+def _run(tasks: Sequence[_Task], workers: int,
+         report: Callable[[tuple[str, int, int]], None]) -> Iterator[dict[str, Any]]:
+    """Writes the shards (inline for one worker), yielding each meta as it finishes;
+    progress goes to `report` meanwhile."""
+    global _progress_sink  # pylint: disable=global-statement
     if workers == 1 or len(tasks) <= 1:
-        for task in tasks:
-            yield write_shard(task)
+        _progress_sink = report
+        try:
+            for task in tasks:
+                yield write_shard(task)
+        finally:
+            _progress_sink = None
         return
     # spawn: no inherited locks or threads (grain, jax) in the workers.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap_unordered(write_shard, tasks)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with context.Pool(min(workers, len(tasks)), initializer=_init_worker,
+                      initargs=(queue,)) as pool:
+        results = pool.imap_unordered(write_shard, tasks)
+        for _ in tasks:
+            while True:
+                try:
+                    meta = results.next(timeout=_REPORT_EVERY_S)
+                    break
+                except multiprocessing.TimeoutError:
+                    _drain(queue, report)
+            _drain(queue, report)
+            yield meta
+
+
+def _drain(queue: Any, report: Callable[[tuple[str, int, int]], None]) -> None:
+    while True:
+        try:
+            report(queue.get_nowait())
+        except queue_lib.Empty:
+            return
 
 
 class _Progress:
@@ -298,6 +378,8 @@ class _Progress:
     def __init__(self, total_bytes: int, pending_bytes: int, *, enabled: bool):
         self._start = time.perf_counter()
         self._tokens = 0
+        self._credited: dict[str, tuple[int, int]] = {}  # Shard -> (bytes, tokens) so far.
+        self._done: set[str] = set()
         self._bar = None
         self._enabled = enabled
         if enabled:
@@ -308,14 +390,30 @@ class _Progress:
             self._bar = tqdm(total=total_bytes, initial=total_bytes - pending_bytes, unit="B",
                              unit_scale=True, desc="prepare", file=sys.stderr)
 
-    def update(self, input_bytes: int, tokens: int) -> None:
+    def report(self, message: tuple[str, int, int]) -> None:
+        """A shard writer's progress; late messages of a finished shard are ignored."""
+        name, input_bytes, tokens = message
+        if name in self._done:
+            return
+        done_bytes, done_tokens = self._credited.get(name, (0, 0))
+        self._credited[name] = (done_bytes + input_bytes, done_tokens + tokens)
+        self._advance(input_bytes, tokens)
+
+    def shard_done(self, name: str, input_bytes: int, tokens: int) -> None:
+        done_bytes, done_tokens = self._credited.pop(name, (0, 0))
+        self._done.add(name)
+        self._advance(input_bytes - done_bytes, tokens - done_tokens)
+        if self._bar is None and self._enabled:
+            print(f"prepare: {name} done, {self._rate():,.0f} tokens/s", file=sys.stderr)
+
+    def _rate(self) -> float:
+        return self._tokens / max(time.perf_counter() - self._start, 1e-9)
+
+    def _advance(self, input_bytes: int, tokens: int) -> None:
         self._tokens += tokens
-        rate = self._tokens / max(time.perf_counter() - self._start, 1e-9)
         if self._bar is not None:
-            self._bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+            self._bar.set_postfix_str(f"{self._rate():,.0f} tokens/s", refresh=False)
             self._bar.update(input_bytes)
-        elif self._enabled:
-            print(f"prepare: +{input_bytes} bytes, {rate:,.0f} tokens/s", file=sys.stderr)
 
     def close(self) -> None:
         if self._bar is not None:

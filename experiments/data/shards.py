@@ -21,12 +21,14 @@ does, so ``add_bos`` stays a choice of the run.
 ``MapDataset``: element i is the i-th chunk of the split in document order, the
 same element the in-memory ``ChunkSource`` gives for the same corpus, so packing,
 shuffling, per-process sharding and resume are the pipeline's own. Host memory
-and start-up time: the token files are memory-mapped (pages are read on access);
-start-up reads the offsets indexes (8 bytes per document) and verifies them.
+and start-up time: a chunk is read from its token file by a positional read
+(:class:`TokenFile`); the offsets indexes are memory-mapped, and start-up reads and
+verifies them (8 bytes per document).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -140,17 +142,56 @@ def check_tokenizer(prepared: dict[str, Any], run: dict[str, Any], where: str) -
 # ----------------------------------------------------------------------------- reading
 
 
+_MAX_OPEN_FILES = 256
+_open_files: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+
+def _descriptor(path: str) -> int:
+    """A read-only descriptor of `path`, from a small LRU cache (bounded open files)."""
+    fd = _open_files.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        while len(_open_files) >= _MAX_OPEN_FILES:
+            os.close(_open_files.popitem(last=False)[1])
+    _open_files[path] = fd
+    return fd
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenFile:
+    """A token file read by positional reads (``os.pread``).
+
+    Not a memory map: a mapped file's pages count in the process's RSS once touched,
+    and the kernel maps ~64 KB around each random access, so a long run's RSS would
+    grow towards the corpus size; reads through the page cache keep it flat (and
+    measured faster, docs/benchmarks.md). Picklable (no open descriptor inside).
+    """
+
+    path: str
+    dtype: str
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """``[stop - start] int32``: tokens ``start:stop``."""
+        if stop <= start:
+            return np.zeros(0, np.int32)
+        itemsize = np.dtype(self.dtype).itemsize
+        raw = os.pread(_descriptor(self.path), (stop - start) * itemsize, start * itemsize)
+        if len(raw) != (stop - start) * itemsize:
+            raise ValueError(f"shard file {self.path!r} is shorter than its offsets index")
+        return np.frombuffer(raw, np.dtype(self.dtype).newbyteorder("<")).astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitShard:
-    """One split of one shard, memory-mapped.
+    """One split of one shard.
 
     Attributes:
-      tokens: ``[tokens]`` uint16/uint32 memmap (empty array for an empty file).
-      offsets: ``[docs + 1] int64`` document boundaries.
+      tokens: the split's token file (``[tokens]`` uint16/uint32).
+      offsets: ``[docs + 1] int64`` document boundaries (memory-mapped).
       domain_ids: ``[docs] int32`` global domain ids.
     """
 
-    tokens: np.ndarray
+    tokens: TokenFile
     offsets: np.ndarray
     domain_ids: np.ndarray
 
@@ -193,10 +234,8 @@ def _load_split_shard(directory: Path, entry: dict[str, Any], split: str, dtype:
     offsets = np.load(base / names["offsets"], mmap_mode="r")
     local = np.asarray(np.load(base / names["domains"]), np.int32)
     table = np.array([domain_index[d] for d in entry["domains"]] or [0], np.int32)
-    count = int(offsets[-1]) if len(offsets) else 0
-    tokens = (np.memmap(base / names["tokens"], dtype=dtype, mode="r", shape=(count,))
-              if count else np.zeros(0, dtype))
-    return SplitShard(tokens=tokens, offsets=np.asarray(offsets, np.int64),
+    return SplitShard(tokens=TokenFile(str(base / names["tokens"]), dtype),
+                      offsets=np.asarray(offsets, np.int64),
                       domain_ids=table[local] if len(local) else local)
 
 
@@ -278,7 +317,7 @@ class ShardChunkSource:
         if bos and start == 0:
             out[0] = self._bos_id
             at = 1
-        out[at:at + hi - lo] = shard.tokens[first + lo:first + hi]
+        out[at:at + hi - lo] = shard.tokens.read(first + lo, first + hi)
         if end == length:
             out[-1] = self._eos_id
         return out

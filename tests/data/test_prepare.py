@@ -171,10 +171,10 @@ def test_kill_then_rerun_gives_byte_identical_shards(tmp_path):
     (killed / ".tmp-shard-00001-12345").mkdir()
     (killed / ".tmp-shard-00001-12345" / "train.tokens").write_bytes(b"partial")
     first_shard = _tree(killed / "shard-00000")
-    argv = [f"--input={f}" for f in files] + ["--validation_fraction=0.4", "--no_progress"]
-    assert prepare_data.main(argv + [f"--output={killed}", "--workers=1"]) == 0
+    argv = [f"--input={f}" for f in files] + ["--validation_fraction=0.4"]
+    assert prepare_data.main(argv + [f"--output={killed}", "--workers=1", "--no_progress"]) == 0
     assert _tree(killed / "shard-00000") == first_shard
-    clean = tmp_path / "clean"
+    clean = tmp_path / "clean"  # With the progress bar fed by the workers.
     assert prepare_data.main(argv + [f"--output={clean}", "--workers=2"]) == 0
     assert _tree(killed) == _tree(clean)
     assert len(json.loads((clean / shards.MANIFEST).read_text())["shards"]) == 3
