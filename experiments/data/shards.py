@@ -95,6 +95,11 @@ def _hash_cached(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(path)
 
 
+def _file_hash(path: str) -> str:
+    stat = os.stat(path)
+    return _hash_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
 def _tokenizer_file(spec: str) -> str | None:
     _, sep, argument = spec.partition(":")
     return argument if sep and argument else None
@@ -103,8 +108,9 @@ def _tokenizer_file(spec: str) -> str | None:
 def tokenizer_identity(spec: str | Tokenizer) -> dict[str, Any]:
     """What identifies a tokenizer: its spec, the sha256 of its file, vocab and special ids.
 
-    A spec ``'<kind>:<path>'`` (sentencepiece, hf, ...) hashes the file at path; a
-    Tokenizer instance is identified by its ``model_path`` attribute if it has one.
+    A spec ``'<kind>:<path>'`` (sentencepiece, hf, ...) hashes the file at path (a
+    directory: the names and hashes of its files); a Tokenizer instance is identified
+    by its ``model_path`` attribute if it has one.
     """
     tokenizer = make_tokenizer(spec)
     if not isinstance(spec, str):
@@ -114,8 +120,13 @@ def tokenizer_identity(spec: str | Tokenizer) -> dict[str, Any]:
     path = _tokenizer_file(spec)
     sha = None
     if path is not None and os.path.isfile(path):
-        stat = os.stat(path)
-        sha = _hash_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+        sha = _file_hash(path)
+    elif path is not None and os.path.isdir(path):  # A tokenizer directory: all its files.
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(path)):
+            if os.path.isfile(os.path.join(path, name)):
+                digest.update(f"{name}\0{_file_hash(os.path.join(path, name))}\0".encode())
+        sha = digest.hexdigest()
     return {"spec": spec, "kind": spec.partition(":")[0], "sha256": sha,
             "vocab_size": int(tokenizer.vocab_size), "pad_id": int(tokenizer.pad_id),
             "bos_id": int(tokenizer.bos_id), "eos_id": int(tokenizer.eos_id)}

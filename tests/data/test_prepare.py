@@ -348,3 +348,34 @@ def test_vocabulary_exceeding_the_dtype_is_refused(tmp_path, capsys, monkeypatch
     assert "vocabulary (70000 ids) exceeds dtype uint16 (at most 65536 ids)" in err
     assert not (tmp_path / "o").exists()
     assert shards.dtype_for(70_000) == "uint32" and shards.dtype_for(65_536) == "uint16"
+
+
+def test_sentencepiece_shards_check_the_model_file(jsonl, tmp_path):
+    """Shards prepared with a SentencePiece model: the same model copied elsewhere is
+    accepted (identity = file hash, not path) and gives the in-memory batches; another
+    model of the same vocabulary size is refused naming both specs."""
+    from experiments.data import tokenizers  # pylint: disable=g-import-not-at-top
+
+    pytest.importorskip("sentencepiece")
+    texts = [json.loads(line)["text"] * 3 + " the cat sat on the mat." for line in
+             _jsonl_lines(0)] * 4
+    first = tokenizers.train_sentencepiece(texts, tmp_path / "a.model", vocab_size=300)
+    tokenizers.train_sentencepiece(texts + ["other words"] * 9, tmp_path / "b.model",
+                                   vocab_size=first.vocab_size)
+    prepare.prepare([jsonl], tmp_path / "out", prepare.Options(
+        tokenizer=f"sentencepiece:{tmp_path / 'a.model'}", validation_fraction=FRACTION),
+        progress=False)
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy/a.model").write_bytes((tmp_path / "a.model").read_bytes())
+    common = {"seq_len": SEQ_LEN, "batch_size": 2, "validation_fraction": FRACTION,
+              "process_index": 0, "process_count": 1}
+    copied = f"sentencepiece:{tmp_path / 'copy/a.model'}"
+    _assert_same_batches(
+        data.make_train_iterator(f"jsonl:{jsonl}", seed=0, tokenizer=copied, **common),
+        data.make_train_iterator(f"shards:{tmp_path / 'out'}", seed=0, tokenizer=copied,
+                                 **common), 10)
+    with pytest.raises(ValueError, match=r"DataConfig.tokenizer 'sentencepiece:.*b\.model' "
+                                         r"\(vocab \d+, sha256 \w+\) does not match the "
+                                         r"tokenizer .* 'sentencepiece:.*a\.model'"):
+        data.make_train_iterator(f"shards:{tmp_path / 'out'}", seed=0,
+                                 tokenizer=f"sentencepiece:{tmp_path / 'b.model'}", **common)
