@@ -307,6 +307,7 @@ def prepare(patterns: Sequence[str], output: str | os.PathLike[str], options: Op
         raise ValueError(f"--workers must be >= 1, got {workers}")
     corpus.split_of("", options.validation_fraction)  # Validates the fraction.
     identity = shards.tokenizer_identity(options.tokenizer)
+    shards.check_eos(identity)
     dtype = shards.dtype_for(identity["vocab_size"], options.dtype)
     units = plan_units(inputs.expand_inputs(patterns), options.format, options.shard_bytes)
     output = Path(output)

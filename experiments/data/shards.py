@@ -127,15 +127,30 @@ def tokenizer_identity(spec: str | Tokenizer) -> dict[str, Any]:
             if os.path.isfile(os.path.join(path, name)):
                 digest.update(f"{name}\0{_file_hash(os.path.join(path, name))}\0".encode())
         sha = digest.hexdigest()
-    return {"spec": spec, "kind": spec.partition(":")[0], "sha256": sha,
-            "vocab_size": int(tokenizer.vocab_size), "pad_id": int(tokenizer.pad_id),
-            "bos_id": int(tokenizer.bos_id), "eos_id": int(tokenizer.eos_id)}
+    identity = {"spec": spec, "kind": spec.partition(":")[0], "sha256": sha,
+                "vocab_size": int(tokenizer.vocab_size), "pad_id": int(tokenizer.pad_id),
+                "bos_id": int(tokenizer.bos_id), "eos_id": int(tokenizer.eos_id)}
+    # Options that change the ids a tokenizer emits (e.g. a tokenizer.json's
+    # post-processor adding BOS) are part of its identity.
+    add_special = getattr(tokenizer, "add_special_tokens", None)
+    if isinstance(add_special, bool):
+        identity["add_special_tokens"] = add_special
+    return identity
+
+
+def check_eos(identity: dict[str, Any]) -> None:
+    """Documents end with EOS (added by the reader), so the tokenizer must have one."""
+    if identity["eos_id"] < 0:
+        raise ValueError(f"tokenizer {identity['spec']!r} has no EOS id (every document ends "
+                         "with EOS): name eos_token in its configuration")
 
 
 def _describe(identity: dict[str, Any]) -> str:
     sha = identity.get("sha256")
+    extra = ("" if identity.get("add_special_tokens") is None
+             else f", add_special_tokens={identity['add_special_tokens']}")
     return (f"{identity.get('spec')!r} (vocab {identity.get('vocab_size')}"
-            + (f", sha256 {sha[:12]}" if sha else "") + ")")
+            + (f", sha256 {sha[:12]}" if sha else "") + extra + ")")
 
 
 def check_tokenizer(prepared: dict[str, Any], run: dict[str, Any], where: str) -> None:
@@ -144,7 +159,8 @@ def check_tokenizer(prepared: dict[str, Any], run: dict[str, Any], where: str) -
     The kind, file hash, vocabulary and special ids must agree; the path may differ
     (the same file copied elsewhere).
     """
-    keys = ("kind", "sha256", "vocab_size", "pad_id", "bos_id", "eos_id")
+    keys = ("kind", "sha256", "vocab_size", "pad_id", "bos_id", "eos_id",
+            "add_special_tokens")
     if any(prepared.get(k) != run.get(k) for k in keys):
         raise ValueError(f"DataConfig.tokenizer {_describe(run)} does not match the tokenizer "
                          f"the shards in {where} were prepared with: {_describe(prepared)}")
@@ -351,7 +367,9 @@ def open_chunk_source(directory: str, split: str, *, seq_len: int, tokenizer: st
     if not shards:
         raise ValueError(f"the {split!r} split of source 'shards:{directory}' is empty "
                          f"(validation_fraction={manifest['validation_fraction']})")
-    check_tokenizer(manifest["tokenizer"], tokenizer_identity(tokenizer), directory)
+    identity = tokenizer_identity(tokenizer)
+    check_tokenizer(manifest["tokenizer"], identity, directory)
+    check_eos(identity)
     if manifest["validation_fraction"] != validation_fraction:
         raise ValueError(f"DataConfig.validation_fraction={validation_fraction} differs from "
                          f"the shards in {directory}, split with --validation_fraction="

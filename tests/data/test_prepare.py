@@ -379,3 +379,14 @@ def test_sentencepiece_shards_check_the_model_file(jsonl, tmp_path):
                                          r"tokenizer .* 'sentencepiece:.*a\.model'"):
         data.make_train_iterator(f"shards:{tmp_path / 'out'}", seed=0,
                                  tokenizer=f"sentencepiece:{tmp_path / 'b.model'}", **common)
+
+
+def test_tokenizer_without_eos_is_refused(tmp_path, capsys, monkeypatch):
+    """The reader ends every document with EOS: a tokenizer without one (e.g. a
+    tokenizer.json whose config names no eos_token) is refused before any work."""
+    (tmp_path / "a.txt").write_text("text")
+    monkeypatch.setattr(shards, "tokenizer_identity",
+                        lambda spec: {"spec": "hf:t.json", "vocab_size": 50, "eos_id": -1})
+    code, err = _run_cli(capsys, f"--input={tmp_path}/a.txt", f"--output={tmp_path}/o")
+    assert code == 2 and "tokenizer 'hf:t.json' has no EOS id" in err
+    assert not (tmp_path / "o").exists()
