@@ -390,3 +390,24 @@ def test_tokenizer_without_eos_is_refused(tmp_path, capsys, monkeypatch):
     code, err = _run_cli(capsys, f"--input={tmp_path}/a.txt", f"--output={tmp_path}/o")
     assert code == 2 and "tokenizer 'hf:t.json' has no EOS id" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_text_tools_refuse_a_shards_source():
+    from experiments.data import sources  # pylint: disable=g-import-not-at-top
+
+    with pytest.raises(ValueError, match="holds prepared tokens, not text"):
+        sources.load_source("shards:some/dir")
+
+
+def test_bench_data_runs(tmp_path):
+    """scripts/bench_data.py end to end at 1 MB (the figures themselves are not checked)."""
+    spec = importlib.util.spec_from_file_location("bench_data", REPO / "scripts/bench_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--sizes_mb", "1", "--batches", "5", "--steps", "0", "--workdir",
+                       str(tmp_path / "w"), "--json", str(out)]) == 0
+    entry = json.loads(out.read_text())["sizes"]["1"]
+    assert entry["prepare"][0]["documents"] > 100 and entry["validation_fraction"] == 0.05
+    assert entry["read"]["batches_per_s"] > 0 and entry["read"]["peak_rss_mb"] > 0
+    assert not (tmp_path / "w" / "corpus_1mb").exists()  # Deleted without --keep.
