@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("auto", *shards.DTYPES), default="auto",
                         help="Token dtype; auto: uint16 when the vocabulary fits, else uint32.")
     parser.add_argument("--shard_bytes", type=int, default=prepare.DEFAULT_SHARD_BYTES,
-                        help="Text files are grouped into shards of about this much input.")
+                        help="Files are grouped into shards of at most this much input "
+                             "(a larger file is a shard of its own); a shard is the unit of "
+                             "parallel work and of resume.")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="Worker processes (default: the CPU count).")
     parser.add_argument("--skip_bad_files", action="store_true",

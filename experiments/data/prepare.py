@@ -1,7 +1,7 @@
 """Input files -> token shards (the library behind ``scripts/prepare_data.py``).
 
-Plan: the input files (sorted) are cut into units: one per JSONL or Parquet file,
-consecutive text files grouped up to ``shard_bytes`` of input. Unit i becomes
+Plan: the input files (sorted) are cut into units: consecutive files of one format
+grouped up to ``shard_bytes`` of input (a larger file alone). Unit i becomes
 ``shard-<i>`` (format: :mod:`experiments.data.shards`), written by a worker
 process into a temporary directory and renamed into place when complete, so a
 killed run leaves finished shards and nothing half-written; a rerun with the same
@@ -29,7 +29,7 @@ from experiments.data import corpus, inputs, shards
 from experiments.data.files import write_atomically
 from experiments.data.tokenizers import encode_to_array, make_tokenizer
 
-DEFAULT_SHARD_BYTES = 256 << 20
+DEFAULT_SHARD_BYTES = 128 << 20
 _TMP_PREFIX = ".tmp-"
 
 
@@ -64,28 +64,23 @@ class Unit:
 
 
 def plan_units(files: Sequence[str], requested_format: str, shard_bytes: int) -> list[Unit]:
-    """Units in file order: a JSONL/Parquet file each; text files grouped by size."""
+    """Units in file order: consecutive files of one format grouped up to `shard_bytes`
+    of input (a larger file is a unit of its own)."""
     if shard_bytes <= 0:
         raise ValueError(f"--shard_bytes must be positive, got {shard_bytes}")
     units: list[Unit] = []
     group: list[tuple[str, int]] = []
-
-    def flush() -> None:
-        if group:
-            units.append(Unit(len(units), "text", tuple(group)))
-            group.clear()
-
+    group_format = ""
     for path in files:
         fmt = inputs.file_format(path, requested_format)
         size = os.path.getsize(path)
-        if fmt != "text":
-            flush()
-            units.append(Unit(len(units), fmt, ((path, size),)))
-            continue
-        if group and sum(s for _, s in group) + size > shard_bytes:
-            flush()
+        if group and (fmt != group_format or sum(s for _, s in group) + size > shard_bytes):
+            units.append(Unit(len(units), group_format, tuple(group)))
+            group = []
         group.append((path, size))
-    flush()
+        group_format = fmt
+    if group:
+        units.append(Unit(len(units), group_format, tuple(group)))
     return units
 
 

@@ -145,7 +145,8 @@ from experiments.data import prepare
 def stall(meta):
     pathlib.Path(sys.argv[3]).write_text(meta["name"])
     time.sleep(600)
-prepare.prepare(sys.argv[1].split(","), sys.argv[2], prepare.Options(validation_fraction=0.4),
+prepare.prepare(sys.argv[1].split(","), sys.argv[2],
+                prepare.Options(validation_fraction=0.4, shard_bytes=1),
                 progress=False, on_shard_done=stall)
 """
 
@@ -171,7 +172,7 @@ def test_kill_then_rerun_gives_byte_identical_shards(tmp_path):
     (killed / ".tmp-shard-00001-12345").mkdir()
     (killed / ".tmp-shard-00001-12345" / "train.tokens").write_bytes(b"partial")
     first_shard = _tree(killed / "shard-00000")
-    argv = [f"--input={f}" for f in files] + ["--validation_fraction=0.4"]
+    argv = [f"--input={f}" for f in files] + ["--validation_fraction=0.4", "--shard_bytes=1"]
     assert prepare_data.main(argv + [f"--output={killed}", "--workers=1", "--no_progress"]) == 0
     assert _tree(killed / "shard-00000") == first_shard
     clean = tmp_path / "clean"  # With the progress bar fed by the workers.
@@ -267,9 +268,10 @@ def test_compressed_jsonl_and_parquet_read_like_plain_jsonl(tmp_path):
     docs = list(inputs.read_documents(path, "parquet", inputs.FieldOptions("body", "lang")))
     assert [(d.text, d.domain) for d in docs] == expected and docs[0].key == f"{path}:1"
     manifest = prepare.prepare([str(tmp_path / "a.*")], tmp_path / "out", progress=False)
+    # Grouped by format: the two JSONL files in one shard, the Parquet file in another.
     assert manifest["domains"] == ["alpha", "beta"]
-    assert [s["inputs"][0].rsplit("/", 1)[1] for s in manifest["shards"]] == [
-        "a.jsonl.gz", "a.jsonl.zst", "a.parquet"]
+    assert [[Path(p).name for p in s["inputs"]] for s in manifest["shards"]] == [
+        ["a.jsonl.gz", "a.jsonl.zst"], ["a.parquet"]]
     assert sum(manifest["splits"][s]["documents"] for s in shards.SPLITS) == 3 * len(rows)
 
 
