@@ -72,13 +72,14 @@ def generate_corpus(directory: Path, size_mb: int, seed: int = 0) -> int:
     return written
 
 
-def _prepare(corpus: Path, output: Path, workers: int, fraction: float) -> dict:
+def _prepare(corpus: Path, output: Path, workers: int, fraction: float, shard_mb: int) -> dict:
     from experiments.data import prepare  # pylint: disable=g-import-not-at-top
 
     shutil.rmtree(output, ignore_errors=True)
     start = time.perf_counter()
     manifest = prepare.prepare([str(corpus / "*.jsonl")], output,
-                               prepare.Options(validation_fraction=fraction), workers=workers,
+                               prepare.Options(validation_fraction=fraction,
+                                               shard_bytes=shard_mb << 20), workers=workers,
                                progress=False)
     seconds = time.perf_counter() - start
     input_mb = sum(f.stat().st_size for f in corpus.glob("*.jsonl")) / 2**20
@@ -192,6 +193,9 @@ def _parse(argv: list[str] | None):
     parser.add_argument("--sizes_mb", type=int, nargs="+", default=[100, 2000])
     parser.add_argument("--workers", type=int, default=1,
                         help="Also prepare with this many workers (1: only the one-worker run).")
+    parser.add_argument("--shard_mb", type=int, default=32,
+                        help="prepare_data.py --shard_bytes, in MB (small: several shards at "
+                             "100 MB, so workers have work to share).")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--batches", type=int, default=2000)
@@ -233,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                 (corpus / "done").touch()
             entry = {"generate_s": time.perf_counter() - start,
                      "validation_fraction": _fraction(size, args),
-                     "prepare": [_prepare(corpus, shards_dir, 1, _fraction(size, args))]}
+                     "shard_mb": args.shard_mb,
+                     "prepare": [_prepare(corpus, shards_dir, 1, _fraction(size, args),
+                                          args.shard_mb)]}
             if args.workers > 1:
                 entry["prepare"].append(_prepare(corpus, shards_dir, args.workers,
-                                                 _fraction(size, args)))
+                                                 _fraction(size, args), args.shard_mb))
             entry["shards_mb"] = sum(f.stat().st_size for f in shards_dir.rglob("*")
                                      if f.is_file()) / 2**20
             entry["read"] = _read_in_subprocess(shards_dir, size, args)

@@ -190,6 +190,8 @@ def write_shard(task: _Task) -> dict[str, Any]:
             meta["files"][path.name] = {"bytes": path.stat().st_size,
                                         "sha256": shards.file_sha256(path)}
         write_atomically(tmp / shards.SHARD_META, _dumps(meta))
+        if final.exists():  # Not finished (no meta.json): left by hand or another tool.
+            shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -217,6 +219,8 @@ def _fill_shard(tmp: Path, unit: Unit, options: Options, dtype: str) -> dict[str
                 progress.document(len(text_bytes), len(tokens))
         except inputs.BadFileError as e:
             if not options.skip_bad_files:
+                for w in writers.values():
+                    w.file.close()
                 raise ValueError(f"{e} (pass --skip_bad_files to skip such files)") from e
             print(f"warning: skipping {e}", file=sys.stderr)
             for split, w in writers.items():
@@ -265,7 +269,7 @@ def _start_or_resume(output: Path, plan: dict[str, Any]) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _manifest(output: Path, plan: dict[str, Any], metas: Sequence[dict[str, Any]]) -> dict:
+def _manifest(plan: dict[str, Any], metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
     domains = sorted({d for m in metas for d in m["domains"]})
     splits = {}
     for split in shards.SPLITS:
@@ -325,7 +329,7 @@ def prepare(patterns: Sequence[str], output: str | os.PathLike[str], options: Op
         bar.close()
     metas = [json.loads((output / u.name / shards.SHARD_META).read_text(encoding="utf-8"))
              for u in units]
-    manifest = _manifest(output, plan, metas)
+    manifest = _manifest(plan, metas)
     write_atomically(output / shards.MANIFEST, _dumps(manifest))
     return manifest
 
