@@ -100,6 +100,11 @@ def _file_hash(path: str) -> str:
     return _hash_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
+# The spec kind of a Tokenizer instance passed instead of a spec string.
+_SPEC_KINDS = {"ByteTokenizer": "byte", "SentencePieceTokenizer": "sentencepiece",
+               "HFTokenizer": "hf"}
+
+
 def _tokenizer_file(spec: str) -> str | None:
     _, sep, argument = spec.partition(":")
     return argument if sep and argument else None
@@ -114,9 +119,9 @@ def tokenizer_identity(spec: str | Tokenizer) -> dict[str, Any]:
     """
     tokenizer = make_tokenizer(spec)
     if not isinstance(spec, str):
-        path = getattr(spec, "model_path", None)
-        spec = (f"{type(spec).__name__}:{path}" if path
-                else "byte" if type(spec).__name__ == "ByteTokenizer" else repr(spec))
+        kind = _SPEC_KINDS.get(type(spec).__name__, type(spec).__name__)
+        path = getattr(spec, "model_path", None) or getattr(spec, "path", None)
+        spec = f"{kind}:{path}" if path else kind
     path = _tokenizer_file(spec)
     sha = None
     if path is not None and os.path.isfile(path):
@@ -269,7 +274,7 @@ def _load_split_shard(directory: Path, entry: dict[str, Any], split: str, dtype:
 @gin.configurable(denylist=["directory", "split"])
 def open_split(directory: str | os.PathLike[str], split: str, *,
                verify: str = "index") -> tuple[dict[str, Any], list[SplitShard]]:
-    """The manifest and the memory-mapped shards of `split` (non-empty ones, in order).
+    """The manifest and the shards of `split` (non-empty ones, in order).
 
     verify: 'index' checks every file's size and the checksums of the offsets and
       domain files (cheap); 'full' also hashes the token files (reads the corpus).
