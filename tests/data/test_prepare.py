@@ -413,3 +413,13 @@ def test_bench_data_runs(tmp_path):
     assert entry["prepare"][0]["documents"] > 100 and entry["validation_fraction"] == 0.05
     assert entry["read"]["batches_per_s"] > 0 and entry["read"]["peak_rss_mb"] > 0
     assert not (tmp_path / "w" / "corpus_1mb").exists()  # Deleted without --keep.
+
+
+def test_a_tokenizer_instance_is_identified_like_its_spec(prepared):
+    """Python callers may pass a Tokenizer instead of a spec: same identity, accepted."""
+    from experiments.data.tokenizers import ByteTokenizer  # pylint: disable=g-import-not-at-top
+
+    assert shards.tokenizer_identity(ByteTokenizer()) == shards.tokenizer_identity("byte")
+    next(data.make_train_iterator(f"shards:{prepared}", seq_len=SEQ_LEN, batch_size=2,
+                                  tokenizer=ByteTokenizer(), validation_fraction=FRACTION,
+                                  process_index=0, process_count=1))
