@@ -28,7 +28,8 @@ from experiments.runtime import cli
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--input", action="append", default=[],
-                        help="File or glob ('**' recurses); repeat for several.")
+                        help="File, glob ('**' recurses) or directory (every file under "
+                             "it); repeat for several.")
     parser.add_argument("--output", help="Directory of the shards (created).")
     parser.add_argument("--verify", metavar="DIR",
                         help="Only check every shard file of DIR against its manifest (sha256).")

@@ -75,11 +75,14 @@ def file_format(path: str, requested: str = "auto") -> str:
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """The files matching any of `patterns` (``**`` recurses), sorted, without duplicates."""
+    """The files matching any of `patterns` (``**`` recurses; a directory stands for
+    every file under it), sorted, without duplicates."""
     if not patterns:
         raise ValueError("--input: give at least one file or glob")
     files: set[str] = set()
     for pattern in patterns:
+        if os.path.isdir(pattern):
+            pattern = os.path.join(pattern, "**", "*")
         matched = [f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)]
         if not matched:
             raise ValueError(f"--input {pattern!r} matches no files")

@@ -423,3 +423,11 @@ def test_a_tokenizer_instance_is_identified_like_its_spec(prepared):
     next(data.make_train_iterator(f"shards:{prepared}", seq_len=SEQ_LEN, batch_size=2,
                                   tokenizer=ByteTokenizer(), validation_fraction=FRACTION,
                                   process_index=0, process_count=1))
+
+
+def test_a_directory_input_means_every_file_under_it(tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "a.txt").write_text("first")
+    (tmp_path / "in" / "sub" / "b.jsonl").write_text('{"text": "second"}\n')
+    assert inputs.expand_inputs([str(tmp_path / "in")]) == [
+        str(tmp_path / "in" / "a.txt"), str(tmp_path / "in" / "sub" / "b.jsonl")]
