@@ -12,6 +12,11 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     "numpy>=1.26,<3",
     "matplotlib>=3.8,<4",
+    # tokenizers: an imported model's tokenizer.json (HF byte-level BPE, WordPiece,
+    # Unigram with their normalizers/pre-tokenizers; a hand-written BPE would get the
+    # byte-level mapping, merges ranks and added tokens subtly wrong). A ~3 MB Rust
+    # wheel (12 MB installed) that needs no torch.
+    "tokenizers>=0.21,<1",
 ]
 
 EXTRAS_REQUIRE = {

@@ -45,6 +45,7 @@ from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.runtime.workdir_lock import check_workdir
 from experiments.train import trainer  # noqa: F401  (registers `train`, read from config.gin)
+from experiments.train.config import model_vocab_size
 from experiments.train.optim import make_optimizer
 from layers.params import logical_axes_of
 from layers.renamed import gin_bound
@@ -475,7 +476,7 @@ def _read_dense(dense_workdir: Path, dense_config: Path, dense_step: int | None)
     """The dense model exactly as the dense run built it, and its checkpoint."""
     gin.clear_config()
     gin_utils.parse([str(dense_config)], [])
-    vocab_size = DataConfig().vocab_size()
+    vocab_size = model_vocab_size()
     model = _abstract_model(vocab_size)
     if model.moe_layer_names:
         raise NotDenseError(f"the checkpoint in {dense_workdir} is not dense: its config has MoE "
@@ -510,9 +511,10 @@ def _target_model(dense: _Dense, config: UpcycleConfig, dense_config: Path,
     gin_utils.parse([str(dense_config), *gin_files], [*bindings, *gin_params], gin_search_paths)
     if not gin_bound("MoeLayer.d_ff"):  # no granularity asked for: G = 1
         gin.bind_parameter("MoeLayer.d_ff", dense_d_ff)
-    if DataConfig().vocab_size() != dense.vocab_size:
-        raise ValueError("the target config changes the tokenizer's vocabulary size "
-                         f"({dense.vocab_size} -> {DataConfig().vocab_size()})")
+    if model_vocab_size() != dense.vocab_size:
+        raise ValueError("the target config changes the model's vocabulary size "
+                         f"(train.vocab_size or the data tokenizer's: {dense.vocab_size} -> "
+                         f"{model_vocab_size()})")
     return _abstract_model(dense.vocab_size)
 
 

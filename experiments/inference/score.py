@@ -30,6 +30,7 @@ from experiments.data.tokenizers import SentencePieceTokenizer, Tokenizer, make_
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers the run config's configurables)
+from experiments.train.config import model_vocab_size
 from experiments.train.run_state import build_model, split_model
 from layers.moe_layer import MoeLayer
 from moe.router_state import SELECTION_BIAS, RouterState
@@ -116,7 +117,7 @@ def load_scorer(workdir: str | Path, step: int | None = None) -> Scorer:
     checkpoints = workdir / "checkpoints"
     if not checkpoints.is_dir() or not any(checkpoints.iterdir()):
         raise FileNotFoundError(f"no checkpoint under {checkpoints}")
-    vocab_size = DataConfig().vocab_size()
+    vocab_size = model_vocab_size()
     model = build_model(_model_cls(), vocab_size, seed=0)
     if not getattr(model, "causal", True):
         raise ValueError(f"{workdir}: scoring needs a causal decoder; the run has "
