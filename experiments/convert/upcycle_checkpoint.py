@@ -40,6 +40,7 @@ from flax import nnx
 from experiments.convert import dense_to_moe
 from experiments.convert.verify import VerifyReport, verify_models
 from experiments.data.config import DataConfig
+from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
@@ -439,6 +440,7 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
         saved_params, saved_opt_state = place_on_mesh(params, opt_state, target,
                                                       config.mesh_shape)
     _write_checkpoint(out_workdir, dense.step, saved_params, saved_opt_state, restored)
+    copy_tokenizer_files(dense_workdir, out_workdir)  # an imported model keeps its tokenizer
     step = dense.step
 
     violations = sorted({v for p in plans for v in p.violations})

@@ -25,8 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.data.config import DataConfig
-from experiments.data.tokenizers import SentencePieceTokenizer, Tokenizer, make_tokenizer
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers the run config's configurables)
@@ -34,13 +32,6 @@ from experiments.train.config import model_vocab_size
 from experiments.train.run_state import build_model, split_model
 from layers.moe_layer import MoeLayer
 from moe.router_state import SELECTION_BIAS, RouterState
-
-# Tokenizer files stored in a workdir, in order of precedence, each with its
-# loader; they win over `DataConfig.tokenizer` (an imported model keeps its own).
-WORKDIR_TOKENIZERS: dict[str, Callable[[Path], Tokenizer]] = {
-    "tokenizer.model": lambda path: SentencePieceTokenizer(str(path)),
-}
-
 
 @dataclasses.dataclass
 class Scorer:
@@ -69,16 +60,6 @@ class Scores:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def workdir_tokenizer(workdir: str | Path) -> Tokenizer:
-    """The tokenizer file stored in the workdir (`WORKDIR_TOKENIZERS`, first
-    present wins), else the run's `DataConfig.tokenizer` (config parsed)."""
-    for name, load in WORKDIR_TOKENIZERS.items():
-        path = Path(workdir) / name
-        if path.is_file():
-            return load(path)
-    return make_tokenizer(DataConfig().tokenizer)
 
 
 def _model_cls() -> type:

@@ -105,16 +105,6 @@ def test_text_uses_the_workdirs_tokenizer(workdir):
     assert by_text == by_ids
 
 
-def test_a_tokenizer_file_in_the_workdir_wins(tmp_path, monkeypatch):
-    (tmp_path / "tok.txt").write_text("x")
-    sentinel = object()
-    monkeypatch.setattr(score_lib, "WORKDIR_TOKENIZERS", {"tok.txt": lambda path: sentinel})
-    assert score_lib.workdir_tokenizer(tmp_path) is sentinel
-    (tmp_path / "tok.txt").unlink()
-    gin.clear_config()
-    assert type(score_lib.workdir_tokenizer(tmp_path)).__name__ == "ByteTokenizer"
-
-
 @pytest.mark.parametrize("ids", [[5], [], [1, 259]])
 def test_check_ids_refuses(ids):
     with pytest.raises(ValueError, match="at least 2 tokens|outside the vocabulary"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from experiments.convert.hf.safetensors_io import SafetensorsReader
 from experiments.convert.hf.workdir import atomic_dir, read_hf_config
 from experiments.data import pipeline as data_lib
 from experiments.data.config import DataConfig
+from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
@@ -43,8 +43,6 @@ from layers.params import logical_axes_of
 from layers.transformer import TransformerLM
 
 _log = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -166,9 +164,7 @@ def import_hf(model_dir: str | Path, out_workdir: str | Path, *,
         finally:
             checkpointer.close()
         gin_utils.write_config(tmp)
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
+        copy_tokenizer_files(model_dir, tmp)
         (tmp / "hf_import.json").write_text(json.dumps(
             {"source": str(model_dir), "architecture": spec.architecture, "config": hf_cfg},
             indent=2) + "\n", encoding="utf-8")
