@@ -33,6 +33,9 @@ def write_bpe_tokenizer(directory: str | Path, *, vocab_size: int = 300,
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     if config:
+        # eos as transformers writes an AddedToken (a dict), the others as strings.
+        eos = {"__type": "AddedToken", "content": "</s>", "lstrip": False,
+               "normalized": False, "rstrip": False, "single_word": False}
         (directory / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "<pad>"}))
+            {"bos_token": "<s>", "eos_token": eos, "pad_token": "<pad>"}))
     return directory / "tokenizer.json"

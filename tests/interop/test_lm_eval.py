@@ -187,3 +187,23 @@ def test_cli_runs_a_local_task(workdir, tmp_path):
                         timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "toy_ll" in result.stdout and "acc" in result.stdout
+
+
+def test_exported_tokenizer_loads_in_transformers(workdir, tmp_path):
+    """import -> export carries tokenizer.json + tokenizer_config.json; transformers'
+    AutoTokenizer reads them into the same ids, specials and decoded text as ours."""
+    transformers = pytest.importorskip("transformers")
+    from experiments.convert.hf.exporter import export_hf  # pylint: disable=g-import-not-at-top
+    from experiments.inference.tokenizer import workdir_tokenizer  # pylint: disable=g-import-not-at-top
+
+    out = export_hf(workdir, tmp_path / "export")
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+    ours = workdir_tokenizer(workdir)
+    for text in ("the cat sat, héllo 😀\n  indented", "hello world"):
+        ids = ours.encode(text)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ids
+        assert theirs.decode(ids + [ours.eos_id], skip_special_tokens=True) == ours.decode(
+            ids + [ours.eos_id]) == text
+    assert (theirs.pad_token_id, theirs.bos_token_id, theirs.eos_token_id) == (
+        ours.pad_id, ours.bos_id, ours.eos_id)
