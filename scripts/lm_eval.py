@@ -17,13 +17,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named lm_eval.py: drop its directory from the path so that
-# `import lm_eval` finds the package, not this script.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 
 def main() -> None:
+    # This file is named lm_eval.py: drop its directory from the path so that
+    # `import lm_eval` finds the package, not this script.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     try:
         from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
     except ImportError:

@@ -33,6 +33,7 @@ from experiments.train.run_state import build_model, split_model
 from layers.moe_layer import MoeLayer
 from moe.router_state import SELECTION_BIAS, RouterState
 
+
 @dataclasses.dataclass
 class Scorer:
     """A restored model ready to score.

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.data.config import DataConfig
-from experiments.data.tokenizers import (HFTokenizer, SentencePieceTokenizer, Tokenizer,
-                                         make_tokenizer)
+from experiments.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, make_tokenizer
 
 # Files of a HF model directory that travel with the model (import, upcycle, export).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
