@@ -164,13 +164,14 @@ class SparseMoeLM(TemplateLM):
         return totals
 
     # --- generation -------------------------------------------------------------------
-    def _sampling(self, kwargs: dict[str, Any]) -> Any:
-        """Greedy unless do_sample with a temperature > 0 (`SamplingConfig` validates)."""
-        from experiments.inference.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
+    def _sampling(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`generate`'s keyword for the request: none (greedy) unless do_sample with a
+        temperature > 0 (`SamplingConfig` validates)."""
         if not kwargs.get("do_sample", False) or float(kwargs.get("temperature", 0.0)) == 0.0:
-            return SamplingConfig()
-        return SamplingConfig(temperature=float(kwargs["temperature"]),
-                              top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"))
+            return {}
+        from experiments.inference.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
+        return {"sampling": SamplingConfig(temperature=float(kwargs["temperature"]),
+                                           top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"))}
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Generates up to max_gen_toks tokens per request (stopping at an EOS id), decodes
@@ -201,7 +202,7 @@ class SparseMoeLM(TemplateLM):
                 prompts = [(self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-keep:]
                            for i in chunk]
                 new_tokens = self._generator.generate(prompts, max_new_tokens=max_new,
-                                                      sampling=sampling, eos_ids=self.eos_ids)
+                                                      eos_ids=self.eos_ids, **sampling)
                 for i, tokens in zip(chunk, new_tokens):
                     outputs[i] = cut_at_stop(self.tok_decode(tokens), until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])

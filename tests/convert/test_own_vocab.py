@@ -95,3 +95,16 @@ def test_training_refuses_a_data_tokenizer_larger_than_the_model(tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists()
     with pytest.raises(ValueError, match="train.vocab_size must be None or an int >= 1"):
         TrainConfig(vocab_size=0)
+
+
+def test_import_refuses_a_conflicting_vocab_binding(own_vocab, tmp_path):
+    """--gin_param train.vocab_size = 299 against config.json's 300: refused, nothing written."""
+    root, _, _ = own_vocab
+    gin.clear_config()
+    try:
+        with pytest.raises(ValueError, match=r"train.vocab_size = 299 disagrees with .*config.json "
+                                             r"vocab_size = 300"):
+            import_hf(root / "hf", tmp_path / "out", gin_params=[*DATA, "train.vocab_size = 299"])
+    finally:
+        gin.clear_config()
+    assert not (tmp_path / "out").exists()

@@ -92,9 +92,11 @@ def _write_tasks(root: Path) -> None:
           metric_list=[{"metric": "exact_match"}])
 
 
-def _evaluate(workdir: Path, root: Path, tasks: list[str]) -> tuple[dict, SparseMoeLM]:
+def _evaluate(workdir: Path, root: Path, tasks: list[str],
+              generator=None) -> tuple[dict, SparseMoeLM]:
     _write_tasks(root)
     lm = SparseMoeLM(workdir=str(workdir), batch_size=2, max_length=MAX_LENGTH)
+    lm._generator = generator  # None: the engine's, loaded on the first generate_until
     t0 = time.perf_counter()
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, log_samples=True,
                                       task_manager=TaskManager(include_path=str(root)))
@@ -161,6 +163,36 @@ def test_generate_until_equals_our_greedy_generation(workdir, tmp_path):
         prompt = lm.tokenizer.encode(doc["prompt"])[-keep:]
         (new,) = generator.generate([prompt], max_new_tokens=MAX_GEN_TOKS, eos_ids=lm.eos_ids)
         assert got == cut_at_stop(lm.tokenizer.decode(new), [".", "\n"])
+
+
+class _ReversingGenerator:
+    """Stands in for the engine: the new tokens are the prompt reversed (at most
+    max_new_tokens); records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, *, max_new_tokens, eos_ids=(), **kwargs):
+        self.calls.append(([list(p) for p in prompts], max_new_tokens, list(eos_ids), kwargs))
+        return [list(reversed(p))[:max_new_tokens] for p in prompts]
+
+
+def test_generate_until_batches_truncates_and_cuts(workdir, tmp_path):
+    """Requests go out in batches of batch_size, greedy (no sampling argument), with the
+    workdir's EOS ids, prompts cut to their last max_length - max_gen_toks tokens; the
+    decoded text comes back cut at the first `until` string."""
+    stub = _ReversingGenerator()
+    results, lm = _evaluate(workdir, tmp_path, ["toy_gen"], generator=stub)
+    assert [len(prompts) for prompts, *_ in stub.calls] == [2, 1]
+    assert all(c[1:] == (MAX_GEN_TOKS, [2], {}) for c in stub.calls)
+    keep = MAX_LENGTH - MAX_GEN_TOKS
+    sent = {tuple(p) for prompts, *_ in stub.calls for p in prompts}
+    for doc, (got,) in zip(GEN_DOCS, _responses(results, "toy_gen", GEN_DOCS)):
+        prompt = lm.tokenizer.encode(doc["prompt"])[-keep:]
+        assert tuple(prompt) in sent
+        assert got == cut_at_stop(lm.tokenizer.decode(list(reversed(prompt))[:MAX_GEN_TOKS]),
+                                  [".", "\n"])
+    assert len(lm.tokenizer.encode(GEN_DOCS[2]["prompt"])) > keep  # truncation exercised
 
 
 def test_cut_at_stop():
