@@ -92,10 +92,15 @@ def _write_tasks(root: Path) -> None:
           metric_list=[{"metric": "exact_match"}])
 
 
-def _evaluate(workdir: Path, root: Path, tasks: list[str],
+@pytest.fixture(scope="module")
+def lm(workdir) -> SparseMoeLM:
+    """The adapter, restored once for the module (rows of 2: batches are exercised)."""
+    return SparseMoeLM(workdir=str(workdir), batch_size=2, max_length=MAX_LENGTH)
+
+
+def _evaluate(lm: SparseMoeLM, root: Path, tasks: list[str],
               generator=None) -> tuple[dict, SparseMoeLM]:
     _write_tasks(root)
-    lm = SparseMoeLM(workdir=str(workdir), batch_size=2, max_length=MAX_LENGTH)
     lm._generator = generator  # None: the engine's, loaded on the first generate_until
     t0 = time.perf_counter()
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, log_samples=True,
@@ -125,8 +130,8 @@ def _reference_ll(scorer, tok, context: str, continuation: str) -> tuple[float, 
     return float(np.sum(scores.logprobs[-len(cont):])), greedy
 
 
-def test_loglikelihood_multiple_choice_and_rolling_equal_our_scorer(workdir, tmp_path):
-    results, lm = _evaluate(workdir, tmp_path, ["toy_ll", "toy_mc", "toy_rolling"])
+def test_loglikelihood_multiple_choice_and_rolling_equal_our_scorer(lm, tmp_path):
+    results, lm = _evaluate(lm, tmp_path, ["toy_ll", "toy_mc", "toy_rolling"])
     scorer, tok = lm.scorer, lm.tokenizer  # the reference: `score`, one sequence at a time
     assert type(tok).__name__ == "HFTokenizer" and tok.eos_id == 2
     # loglikelihood: (sum of the continuation's log-probs, whether greedy).
@@ -154,9 +159,9 @@ def test_loglikelihood_multiple_choice_and_rolling_equal_our_scorer(workdir, tmp
     assert "word_perplexity,none" in results["results"]["toy_rolling"]
 
 
-def test_generate_until_equals_our_greedy_generation(workdir, tmp_path):
+def test_generate_until_equals_our_greedy_generation(workdir, lm, tmp_path):
     generate = pytest.importorskip("experiments.inference.generate")
-    results, lm = _evaluate(workdir, tmp_path, ["toy_gen"])
+    results, lm = _evaluate(lm, tmp_path, ["toy_gen"])
     generator = generate.load_generator(workdir)
     keep = MAX_LENGTH - MAX_GEN_TOKS
     for doc, (got,) in zip(GEN_DOCS, _responses(results, "toy_gen", GEN_DOCS)):
@@ -177,12 +182,12 @@ class _ReversingGenerator:
         return [list(reversed(p))[:max_new_tokens] for p in prompts]
 
 
-def test_generate_until_batches_truncates_and_cuts(workdir, tmp_path):
+def test_generate_until_batches_truncates_and_cuts(lm, tmp_path):
     """Requests go out in batches of batch_size, greedy (no sampling argument), with the
     workdir's EOS ids, prompts cut to their last max_length - max_gen_toks tokens; the
     decoded text comes back cut at the first `until` string."""
     stub = _ReversingGenerator()
-    results, lm = _evaluate(workdir, tmp_path, ["toy_gen"], generator=stub)
+    results, lm = _evaluate(lm, tmp_path, ["toy_gen"], generator=stub)
     assert [len(prompts) for prompts, *_ in stub.calls] == [2, 1]
     assert all(c[1:] == (MAX_GEN_TOKS, [2], {}) for c in stub.calls)
     keep = MAX_LENGTH - MAX_GEN_TOKS
