@@ -167,6 +167,7 @@ def test_generate_until_equals_our_greedy_generation(workdir, lm, tmp_path):
     for doc, (got,) in zip(GEN_DOCS, _responses(results, "toy_gen", GEN_DOCS)):
         prompt = lm.tokenizer.encode(doc["prompt"])[-keep:]
         (new,) = generator.generate([prompt], max_new_tokens=MAX_GEN_TOKS, eos_ids=lm.eos_ids)
+        assert new  # one prompt at a time, unbatched: the reference
         assert got == cut_at_stop(lm.tokenizer.decode(new), [".", "\n"])
 
 
