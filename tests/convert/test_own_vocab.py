@@ -8,6 +8,7 @@ ids than the model has rows."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import gin
 import numpy as np
@@ -108,3 +109,28 @@ def test_import_refuses_a_conflicting_vocab_binding(own_vocab, tmp_path):
     finally:
         gin.clear_config()
     assert not (tmp_path / "out").exists()
+
+
+def test_train_on_new_text_with_the_models_tokenizer(own_vocab, tmp_path):
+    """scripts/train.py continues the import on the embedded corpus encoded by the model's
+    tokenizer.json (DataConfig.tokenizer = 'hf:...', 294 ids under 300 rows)."""
+    _, dense, tokenizer = own_vocab
+    workdir = tmp_path / "run"
+    shutil.copytree(dense, workdir)
+    result = run_script(
+        "scripts/train.py", f"--gin_file={workdir / 'config.gin'}", f"--workdir={workdir}",
+        f"--gin_param=DataConfig.tokenizer = 'hf:{workdir / 'tokenizer.json'}'",
+        "--gin_param=train.num_steps = 2", "--gin_param=train.eval_every = 2",
+        "--gin_param=Checkpointer.save_every = 2", "--quiet", timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["tokenizer"].startswith("hf:")
+    gin.clear_config()
+    try:
+        gin.parse_config_file(str(workdir / "config.gin"))
+        data = DataConfig()
+        assert data.tokenizer.startswith("hf:") and data.vocab_size() == tokenizer.vocab_size
+        assert model_vocab_size() == VOCAB
+    finally:
+        gin.clear_config()
+    assert (workdir / "checkpoints" / "2").is_dir()
