@@ -28,8 +28,9 @@ as done; the loop stops when every row is done or max_new_tokens tokens were
 produced. A host-side Python loop would cost a dispatch and a device-to-host
 sync per token to test for EOS; the while_loop tests it on the device.
 
-Sampling: step i draws with `fold_in(PRNGKey(seed), i)` (`sampling.sample`),
-so the same prompts, seed and config give the same tokens.
+Sampling: step i of row b draws with `fold_in(fold_in(PRNGKey(seed), i), b)`
+(`sampling.sample`), so the same prompts (in the same order), seed and config
+give the same tokens, whatever the batch bucket.
 
 MoE layers run their training call, dropless (`restore.make_dropless`), with
 the checkpoint's selection biases. Under a run's mesh (config binds
