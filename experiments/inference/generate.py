@@ -206,14 +206,19 @@ class Generator:
         rng = jax.random.PRNGKey(0)
         params, rest = self.restored.params, self.restored.rest
         state = self.restored.router_state
+        # Under a mesh, the cache and the token vectors are split over the batch axes
+        # on their first dimension: the prefill's outputs are the decode's inputs.
+        cache = jax.tree.map(lambda a: self._abstract(a.shape, a.dtype), jax.eval_shape(
+            lambda: nnx.merge(graphdef, params, rest).init_cache(batch, max_len)))
         with self.restored.context():
             if kind == "prefill":
-                fn = jax.jit(lambda *a: _prefill(graphdef, max_len, sampling, *a))
+                out_shardings = (None if self.restored.sharding is None else
+                                 jax.tree.map(lambda a: a.sharding, (cache, rows(jnp.int32))))
+                fn = jax.jit(lambda *a: _prefill(graphdef, max_len, sampling, *a),
+                             out_shardings=out_shardings)
                 lowered = fn.lower(params, rest, state, rows(jnp.int32, prompt_len),
                                    rows(jnp.int32), rows(bool), rng)
             else:
-                model = nnx.merge(graphdef, params, rest)
-                cache = jax.eval_shape(lambda: model.init_cache(batch, max_len))
                 donate = () if jax.default_backend() == "cpu" else (3,)
                 fn = jax.jit(lambda *a: _decode(graphdef, sampling, *a), donate_argnums=donate)
                 lowered = fn.lower(params, rest, state, cache, rows(jnp.int32), rows(jnp.int32),
