@@ -104,6 +104,8 @@ def test_sampling_is_seeded_and_degenerates_to_greedy(generator):
     assert generator.generate(PROMPTS, max_new_tokens=6, sampling=hot, seed=1) == first
     assert generator.generate(PROMPTS, max_new_tokens=6, sampling=hot, seed=2) != first
     assert first != greedy
+    # A row's draws depend on the seed and its row, not on the batch bucket (4 vs 1).
+    assert generator.generate(PROMPTS[:1], max_new_tokens=6, sampling=hot, seed=1) == first[:1]
     for config in (SamplingConfig(temperature=3.0, top_k=1),
                    SamplingConfig(temperature=3.0, top_p=1e-6)):
         assert generator.generate(PROMPTS, max_new_tokens=6, sampling=config, seed=1) == greedy
