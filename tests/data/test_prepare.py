@@ -431,3 +431,30 @@ def test_a_directory_input_means_every_file_under_it(tmp_path):
     (tmp_path / "in" / "sub" / "b.jsonl").write_text('{"text": "second"}\n')
     assert inputs.expand_inputs([str(tmp_path / "in")]) == [
         str(tmp_path / "in" / "a.txt"), str(tmp_path / "in" / "sub" / "b.jsonl")]
+
+
+def test_hf_tokenizer_json_shards(jsonl, tmp_path):
+    """Shards prepared with an HF tokenizer.json give the in-memory batches with that
+    tokenizer; the same file with `HFTokenizer.add_special_tokens = True` (its
+    post-processor adds <s>: other ids) is refused, naming the option."""
+    import gin  # pylint: disable=g-import-not-at-top
+
+    pytest.importorskip("tokenizers")
+    from tests.tokenizer_files import write_bpe_tokenizer  # pylint: disable=g-import-not-at-top
+
+    spec = f"hf:{write_bpe_tokenizer(tmp_path / 'tok', bos_template=True)}"
+    manifest = prepare.prepare([jsonl], tmp_path / "out", prepare.Options(
+        tokenizer=spec, validation_fraction=FRACTION), progress=False)
+    assert manifest["tokenizer"]["add_special_tokens"] is False
+    common = {"seq_len": SEQ_LEN, "batch_size": 2, "validation_fraction": FRACTION,
+              "process_index": 0, "process_count": 1, "tokenizer": spec}
+    _assert_same_batches(data.make_train_iterator(f"jsonl:{jsonl}", seed=0, **common),
+                         data.make_train_iterator(f"shards:{tmp_path / 'out'}", seed=0,
+                                                  **common), 10)
+    gin.bind_parameter("HFTokenizer.add_special_tokens", True)
+    try:
+        with pytest.raises(ValueError, match=r"add_special_tokens=True\) does not match .*"
+                                             r"add_special_tokens=False\)"):
+            data.make_train_iterator(f"shards:{tmp_path / 'out'}", seed=0, **common)
+    finally:
+        gin.clear_config()
