@@ -36,7 +36,14 @@ pytest.importorskip("transformers", reason="needs transformers: run `make test-i
 from tests.helpers import run_script  # noqa: E402
 from tests.interop.families import Family, save  # noqa: E402
 from tests.interop.test_reference import (  # noqa: E402
-    IDS, PARAMS, load_logged, logits_of, random_model, reference_logprobs, score)
+    IDS,
+    PARAMS,
+    load_logged,
+    logits_of,
+    random_model,
+    reference_logprobs,
+    score,
+)
 
 # Max |Δ log-prob| between ours (bf16 weights, f32 compute) and transformers in
 # bf16, and (dense families) between ours and the float32 model. A bf16

@@ -6,9 +6,8 @@ to 8 experts top-2 in every layer (softmax scores renormalised over the top 2,
 SwiGLU experts copied from the dense FFN, dropless, a random router), trained
 a few steps by `scripts/train.py` (so experts and router leave their upcycled
 start), exported by `scripts/export_hf.py`. transformers must load it as
-Mixtral with no missing or
-unexpected weight, give our scorer's logits within 1e-4, and route every
-token without a near tie to our experts.
+Mixtral with no missing or unexpected weight, give our scorer's logits within
+1e-4, and route every token without a near tie to our experts.
 """
 
 from __future__ import annotations
@@ -27,7 +26,12 @@ from experiments.reporting.metrics import read_jsonl  # noqa: E402
 from tests.helpers import run_script  # noqa: E402
 from tests.interop.families import FAMILIES, save  # noqa: E402
 from tests.interop.test_reference import (  # noqa: E402
-    IDS, assert_routing_matches, load_logged, logits_of, random_model)
+    IDS,
+    assert_routing_matches,
+    load_logged,
+    logits_of,
+    random_model,
+)
 
 DENSE = next(f for f in FAMILIES if f.name == "llama")
 STEPS = 3
