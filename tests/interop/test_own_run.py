@@ -7,12 +7,14 @@ SwiGLU experts copied from the dense FFN, dropless, a random router), trained
 a few steps by `scripts/train.py` (so experts and router leave their upcycled
 start), exported by `scripts/export_hf.py`. transformers must load it as
 Mixtral with no missing or unexpected weight, give our scorer's logits within
-1e-4, and route every token without a near tie to our experts.
+1e-4, and route every token without a near tie to our experts. The same for a gated shared expert
+(-> Qwen2-MoE), trained from scratch (upcycling refuses shared experts).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,25 +45,58 @@ TINY_DATA = ["DataConfig.seq_len = 32", "DataConfig.batch_size = 4",
 MIXTRAL_LIKE = ["TopKRouter.normalize = True", "MoeLayer.capacity_factor = None"]
 
 
+def _ok(result) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _train(workdir: Path, *flags: str) -> None:
+    _ok(run_script("scripts/train.py", f"--workdir={workdir}", f"--gin_param=train.num_steps = {STEPS}",
+                   "--gin_param=train.eval_every = 100", "--gin_param=train.log_every = 1",
+                   "--gin_param=learning_rate_schedule.warmup_steps = 1", *flags, "--quiet",
+                   timeout=300))
+
+
+def upcycled_llama(tmp: Path) -> Path:
+    """The imported dense Llama, upcycled to a Mixtral-like MoE, trained."""
+    save(DENSE, random_model(DENSE), tmp / "hf")
+    dense = DENSE.import_fn(tmp / "hf", tmp / "dense")
+    moe = tmp / "moe"
+    _ok(run_script("scripts/upcycle.py", f"--dense_workdir={dense}", f"--out_workdir={moe}",
+                   "--moe_layers=all", "--num_experts=8", "--k=2", "--granularity=1",
+                   "--router_init=normal", "--router_init_std=0.3",
+                   *(f"--gin_param={g}" for g in [*MIXTRAL_LIKE, *TINY_DATA])))
+    _train(moe)
+    return moe
+
+
+def shared_expert_from_scratch(tmp: Path) -> Path:
+    """A Qwen2-MoE-like model (gated shared expert, every layer MoE, unnormalised
+    top-2) trained from scratch: scripts/upcycle.py refuses shared experts (the
+    dense FFN becomes the routed experts), so this is our run without upcycling."""
+    workdir = tmp / "moe"
+    _train(workdir, "--gin_file=gin_configs/experiments/test_tiny.gin",
+           *(f"--gin_param={g}" for g in [
+               "TransformerLM.activation = 'swiglu'", "MoeLayer.activation = 'swiglu'",
+               "TransformerLM.moe_every = 1", "MoeLayer.num_shared_experts = 1",
+               "MoeLayer.shared_d_ff = 40", "MoeLayer.shared_gate = True",
+               "train.num_microbatches = 1", *TINY_DATA]))
+    return workdir
+
+
 class Variant(NamedTuple):
     name: str
-    gin: list[str]        # beyond MIXTRAL_LIKE
+    make: Callable[[Path], Path]   # tmp dir -> our trained MoE workdir
     architecture: str
 
 
-# A shared expert (-> Qwen2-MoE) is not here: scripts/upcycle.py refuses
-# `MoeLayer.num_shared_experts > 0` (the dense FFN becomes the routed experts).
-VARIANTS = [Variant("mixtral", [], "MixtralForCausalLM")]
+VARIANTS = [Variant("upcycled_llama_mixtral", upcycled_llama, "MixtralForCausalLM"),
+            Variant("shared_expert_qwen2_moe", shared_expert_from_scratch, "Qwen2MoeForCausalLM")]
 
 
 class Run(NamedTuple):
     variant: Variant
-    workdir: Path         # upcycled and trained
+    workdir: Path         # trained
     exported: Path
-
-
-def _ok(result) -> None:
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module", params=[
@@ -69,22 +104,13 @@ def _ok(result) -> None:
 def run(request, tmp_path_factory) -> Run:
     variant = request.param
     tmp = tmp_path_factory.mktemp(f"own_{variant.name}")
-    save(DENSE, random_model(DENSE), tmp / "hf")
-    dense = DENSE.import_fn(tmp / "hf", tmp / "dense")
-    moe = tmp / "moe"
-    _ok(run_script("scripts/upcycle.py", f"--dense_workdir={dense}", f"--out_workdir={moe}",
-                   "--moe_layers=all", "--num_experts=8", "--k=2", "--granularity=1",
-                   "--router_init=normal", "--router_init_std=0.3",
-                   *(f"--gin_param={g}" for g in [*MIXTRAL_LIKE, *variant.gin, *TINY_DATA])))
-    _ok(run_script("scripts/train.py", f"--workdir={moe}", f"--gin_param=train.num_steps = {STEPS}",
-                   "--gin_param=train.eval_every = 100", "--gin_param=train.log_every = 1",
-                   "--gin_param=learning_rate_schedule.warmup_steps = 1", "--quiet", timeout=300))
+    workdir = variant.make(tmp)
     out = tmp / "exported"
-    _ok(run_script("scripts/export_hf.py", f"--workdir={moe}", f"--out_dir={out}"))
-    return Run(variant, moe, out)
+    _ok(run_script("scripts/export_hf.py", f"--workdir={workdir}", f"--out_dir={out}"))
+    return Run(variant, workdir, out)
 
 
-def test_run_trained_from_the_upcycled_start(run):
+def test_run_trained(run):
     steps = [r["step"] for r in read_jsonl(run.workdir / "metrics.jsonl", "train")]
     assert steps == list(range(1, STEPS + 1))
     assert (run.workdir / "checkpoints" / str(STEPS)).is_dir()
