@@ -3,11 +3,13 @@
 Import -> `scripts/generate.py --temperature=0 --json` (the KV-cache engine)
 for 32 new tokens vs transformers `generate(do_sample=False,
 max_new_tokens=32)` on the same model. Both stop after the first EOS of the
-model's `eos_token_id` (the workdir keeps it in hf_import.json; transformers
-pads after it, which we cut). Where the two sequences part, greedy decoding
-met a near tie: the test then checks that transformers' top-2 logit margin at
-that step is below NEAR_TIE and says so (float32 sums in another order may
-pick the other token), and compares nothing after it.
+HF config's `eos_token_id` (given to ours as `--eos_ids`: without it, a model
+whose config has none, like Qwen2's, would stop at the data tokenizer's EOS on
+our side only; transformers pads after its EOS, which we cut). Where the two
+sequences part, greedy decoding met a near tie: the test then checks that
+transformers' top-2 logit margin at that step is below NEAR_TIE and says so
+(float32 sums in another order may pick the other token), and compares
+nothing after it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def ours(workdir: Path, prompt: list[int], eos: list[int]) -> list[int]:
     if (REPO / "scripts" / "generate.py").is_file():
         result = run_script("scripts/generate.py", f"--workdir={workdir}", "--json",
                             "--prompt_ids=" + ",".join(map(str, prompt)),
-                            f"--max_new_tokens={NEW_TOKENS}", "--temperature=0")
+                            f"--max_new_tokens={NEW_TOKENS}", "--temperature=0",
+                            "--eos_ids=" + (",".join(map(str, eos)) or "none"))
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])["ids"]
     generate = pytest.importorskip("experiments.inference.generate",
