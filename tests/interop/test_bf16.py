@@ -34,7 +34,7 @@ torch = pytest.importorskip("torch", reason="needs torch: run `make test-interop
 pytest.importorskip("transformers", reason="needs transformers: run `make test-interop`")
 
 from tests.helpers import run_script  # noqa: E402
-from tests.interop.families import Family, save  # noqa: E402
+from tests.interop.families import Family  # noqa: E402
 from tests.interop.test_reference import (  # noqa: E402
     IDS,
     PARAMS,
@@ -43,6 +43,7 @@ from tests.interop.test_reference import (  # noqa: E402
     random_model,
     reference_logprobs,
     score,
+    shared_import,
 )
 
 # Max |Δ log-prob| between ours (bf16 weights, f32 compute) and transformers in
@@ -73,11 +74,8 @@ class Bf16Case(NamedTuple):
 @pytest.fixture(scope="module", params=PARAMS)
 def bf16_case(request, tmp_path_factory) -> Bf16Case:
     family = request.param
-    tmp = tmp_path_factory.mktemp(f"{family.name}_bf16")
-    model = random_model(family)
-    save(family, model, tmp / "hf")
-    workdir = family.import_fn(tmp / "hf", tmp / "ours", "--dtype=bfloat16")
-    return Bf16Case(family, model, tmp / "hf", workdir)
+    workdir = shared_import(tmp_path_factory, family, "--dtype=bfloat16")
+    return Bf16Case(family, random_model(family), workdir.parent / "hf", workdir)
 
 
 def rounded(model):

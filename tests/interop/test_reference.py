@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs torch: run `make test-interop`")
 pytest.importorskip("transformers", reason="needs transformers: run `make test-interop`")
 
-from tests.helpers import run_script  # noqa: E402
+from tests.helpers import run_script, shared_dir  # noqa: E402
 from tests.interop.families import FAMILIES, VOCAB_SIZE, Family, save  # noqa: E402
 
 # Positions far enough apart that a wrong RoPE base shows in the log-probs;
@@ -70,13 +70,28 @@ class Case(NamedTuple):
     workdir: Path
 
 
+def shared_import(tmp_path_factory, family: Family, *flags: str) -> Path:
+    """`family`'s model saved and imported (with `flags`) once per pytest session:
+    the test modules and xdist workers that ask share one workdir (the models are
+    deterministic; tests only read it)."""
+    import fcntl  # pylint: disable=g-import-not-at-top
+
+    name = "_".join(["interop", family.name, *(f.strip("-").replace("=", "_") for f in flags)])
+    root = shared_dir(tmp_path_factory, name)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "ours").is_dir():
+            save(family, random_model(family), root / "hf")
+            family.import_fn(root / "hf", root / "ours", *flags)
+    return root / "ours"
+
+
 @pytest.fixture(scope="module", params=PARAMS)
 def case(request, tmp_path_factory) -> Case:
     family = request.param
-    tmp = tmp_path_factory.mktemp(family.name)
     model = random_model(family)
-    save(family, model, tmp / "hf")
-    workdir = family.import_fn(tmp / "hf", tmp / "ours")
+    workdir = shared_import(tmp_path_factory, family)
     return Case(family, model, logits_of(model, IDS)[0], workdir)
 
 
