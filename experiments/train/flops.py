@@ -14,7 +14,10 @@ Counts matmul FLOPs (2 per multiply-add) of one forward pass and multiplies by
     expert-parallel dispatch (`Sharding.configure_dispatch`) every (shard,
     expert) buffer in full, or T x k rows in its ragged modes; the EvoMoE
     dense-to-sparse gate one row per active (token, expert) pair, read from
-    the step's `kept_counts`. Tile padding inside the grouped matmul is
+    the step's `kept_counts`; so do dropless layers with zero-computation
+    experts (`NullExpertRouter`: only the FFN choices are rows), whose
+    capacity mode still computes E x C rows and whose einsum reference T x E.
+    Copy and constant experts (O(d) per token) are not counted. Tile padding inside the grouped matmul is
     ignored.
 """
 
@@ -62,8 +65,9 @@ class FlopCounter:
 
 def _moe_rows(moe: Any, tokens: int) -> int | None:
     """Expert rows per micro-batch of the dispatch the layer runs (None: from kept_counts)."""
-    if moe.router.variable_assignments:
-        return None
+    if moe.router.variable_assignments:  # dropless, a varying number of rows per token
+        # (the einsum reference still runs every expert on every token)
+        return tokens * moe.num_experts if moe.dispatch == "einsum" else None
     capacity = moe.capacity(tokens, False)
     if moe.dispatch == "expert_parallel":
         return ep_lib.dispatch_rows(tokens, moe.k, moe.num_experts, capacity,
