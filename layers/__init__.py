@@ -8,12 +8,14 @@ from layers.routers import (
     BaseRouter,
     DenseToSparseRouter,
     ExpertChoiceRouter,
+    NullExpertRouter,
     Routing,
     TopKRouter,
     register_router,
 )
+from layers.soft_moe import SoftMoeLayer
 from layers.transformer import TransformerLM, mask_tokens
 
 __all__ = ["BaseRouter", "DenseMLP", "DenseToSparseRouter", "ExpertChoiceRouter", "Experts",
-           "MoeLayer", "Routing", "TopKRouter", "TransformerLM", "active_ffn",
+           "MoeLayer", "NullExpertRouter", "Routing", "SoftMoeLayer", "TopKRouter", "TransformerLM", "active_ffn",
            "logical_axes_of", "mask_tokens", "register_router"]

@@ -49,7 +49,8 @@ class TransformerBlock(nnx.Module):
 
     @property
     def is_moe(self) -> bool:
-        return isinstance(self.ffn, MoeLayer)
+        # A MoE block other than MoeLayer (e.g. SoftMoeLayer) says so with `is_moe_block`.
+        return isinstance(self.ffn, MoeLayer) or getattr(self.ffn, "is_moe_block", False)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array | None,
                  token_mask: jax.Array | None, deterministic: bool, rng: jax.Array | None,

@@ -17,7 +17,9 @@ Counts matmul FLOPs (2 per multiply-add) of one forward pass and multiplies by
     the step's `kept_counts`; so do dropless layers with zero-computation
     experts (`NullExpertRouter`: only the FFN choices are rows), whose
     capacity mode still computes E x C rows and whose einsum reference T x E.
-    Copy and constant experts (O(d) per token) are not counted. Tile padding inside the grouped matmul is
+    Copy and constant experts (O(d) per token) are not counted. Soft MoE
+    (`SoftMoeLayer`) processes n x p slot rows per sequence and adds its
+    dispatch and combine matmuls, 4 x n x p x d per position. Tile padding inside the grouped matmul is
     ignored.
 """
 
@@ -63,8 +65,12 @@ class FlopCounter:
         return TRAIN_FACTOR * total
 
 
-def _moe_rows(moe: Any, tokens: int) -> int | None:
-    """Expert rows per micro-batch of the dispatch the layer runs (None: from kept_counts)."""
+def _moe_rows(moe: Any, tokens: int, seq_len: int) -> int | None:
+    """Expert rows per micro-batch of the dispatch the layer runs (None: from kept_counts).
+    A MoE block that is not a `MoeLayer` may say itself (`flop_rows(tokens, seq_len)`,
+    e.g. `layers.soft_moe.SoftMoeLayer`)."""
+    if hasattr(moe, "flop_rows"):
+        return moe.flop_rows(tokens, seq_len)
     if moe.router.variable_assignments:  # dropless, a varying number of rows per token
         # (the einsum reference still runs every expert on every token)
         return tokens * moe.num_experts if moe.dispatch == "einsum" else None
@@ -102,5 +108,6 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
     for name, moe in moe_layers.items():
         expert_size = sum(v.size for _, v in nnx.to_flat_state(nnx.state(moe.experts, nnx.Param)))
         per_row[name] = 2.0 * expert_size / moe.num_experts
-        rows[name] = _moe_rows(moe, tokens)
+        rows[name] = _moe_rows(moe, tokens, seq_len)
+        dense += getattr(moe, "flops_per_position", lambda: 0.0)()
     return FlopCounter(dense_per_position=dense, expert_per_row=per_row, static_rows=rows)
