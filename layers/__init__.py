@@ -15,7 +15,8 @@ from layers.routers import (
 )
 from layers.soft_moe import SoftMoeLayer
 from layers.transformer import TransformerLM, mask_tokens
+from layers.widenet import widenet_lm
 
 __all__ = ["BaseRouter", "DenseMLP", "DenseToSparseRouter", "ExpertChoiceRouter", "Experts",
            "MoeLayer", "NullExpertRouter", "Routing", "SoftMoeLayer", "TopKRouter", "TransformerLM", "active_ffn",
-           "logical_axes_of", "mask_tokens", "register_router"]
+           "logical_axes_of", "mask_tokens", "register_router", "widenet_lm"]

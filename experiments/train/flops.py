@@ -17,7 +17,8 @@ Counts matmul FLOPs (2 per multiply-add) of one forward pass and multiplies by
     the step's `kept_counts`; so do dropless layers with zero-computation
     experts (`NullExpertRouter`: only the FFN choices are rows), whose
     capacity mode still computes E x C rows and whose einsum reference T x E.
-    Copy and constant experts (O(d) per token) are not counted. Soft MoE
+    Copy and constant experts (O(d) per token) are not counted. Parameters
+    shared across layers (WideNet) count once per layer that uses them. Soft MoE
     (`SoftMoeLayer`) processes n x p slot rows per sequence and adds its
     dispatch and combine matmuls, 4 x n x p x d per position. Tile padding inside the grouped matmul is
     ignored.
@@ -101,6 +102,7 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
             continue
         if value.ndim >= 2:
             dense += 2.0 * value.size
+    dense += _repeated_use_flops(model, moe_layers)
     for name in getattr(model, "layer_names", ()):
         attention = getattr(model, name).attention
         dense += 4.0 * seq_len * attention.num_heads * attention.head_dim
@@ -111,3 +113,23 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
         rows[name] = _moe_rows(moe, tokens, seq_len)
         dense += getattr(moe, "flops_per_position", lambda: 0.0)()
     return FlopCounter(dense_per_position=dense, expert_per_row=per_row, static_rows=rows)
+
+
+def _repeated_use_flops(model: nnx.Module, moe_layers: dict[str, Any]) -> float:
+    """Forward FLOPs of parameters that several layers share (WideNet,
+    `layers.widenet`): the state holds them once, every layer computes with them."""
+    seen: set[int] = set()
+    extra = 0.0
+    for name in getattr(model, "layer_names", ()):
+        block = getattr(model, name, None)
+        if block is None:
+            continue
+        for path, value in nnx.iter_graph(block):
+            if not isinstance(value, nnx.Param):
+                continue
+            if name in moe_layers and "experts" in [str(p) for p in path]:
+                continue  # counted per row processed
+            if id(value) in seen and value.ndim >= 2:
+                extra += 2.0 * value.size
+            seen.add(id(value))
+    return extra
