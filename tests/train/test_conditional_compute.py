@@ -1,7 +1,9 @@
-"""Conditional-compute blocks in the trainer (in-process, tiny): zero-computation
-experts on a sharded mesh with a checkpoint resume."""
+"""Conditional-compute models in the trainer (in-process, tiny, 8 simulated devices
+as {data: 2, fsdp: 2, expert: 2}): zero-computation experts, Soft MoE and WideNet,
+each with a checkpoint resume that must reproduce the losses."""
 
 import dataclasses
+import json
 import shutil
 
 import gin
@@ -91,6 +93,38 @@ def test_soft_moe_encoder_trains_sharded_and_resumes_exactly(tmp_path):
     shutil.copytree(workdir, resumed)
     shutil.rmtree(resumed / "checkpoints" / "6")
     _run(resumed, *SOFT_MOE)
+    first = {r["step"]: r["loss"] for r in records}
+    second = {r["step"]: r["loss"] for r in read_jsonl(resumed / "metrics.jsonl", "train")}
+    assert second == pytest.approx(first, rel=1e-5)
+
+
+WIDENET = [
+    "train.model_cls = @widenet_lm",
+    "TransformerLM.num_layers = 3",
+    "TransformerLM.moe_every = 1",
+    "MESH_SHAPE = {'data': 2, 'fsdp': 2, 'expert': 2}",
+    "train.num_microbatches = 1",
+]
+
+
+def test_widenet_trains_sharded_with_one_copy_and_resumes_exactly(tmp_path):
+    workdir = tmp_path / "widenet"
+    _run(workdir, *WIDENET)
+    records = read_jsonl(workdir / "metrics.jsonl", "train")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["loss"] < records[0]["loss"]
+    # The checkpoint holds one attention and one MoE FFN (under layer_0).
+    metadata = json.loads((workdir / "checkpoints" / "6" / "params" / "_METADATA").read_text())
+    paths = set(metadata["tree_metadata"])
+    assert "('layer_0', 'attention', 'query')" in paths
+    assert "('layer_0', 'ffn', 'router', 'kernel')" in paths
+    deeper = {p for p in paths if p.startswith(("('layer_1'", "('layer_2'"))}
+    assert deeper == {f"('layer_{i}', '{norm}', 'scale')" for i in (1, 2)
+                      for norm in ("attention_norm", "ffn_norm")}
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")
+    _run(resumed, *WIDENET)
     first = {r["step"]: r["loss"] for r in records}
     second = {r["step"]: r["loss"] for r in read_jsonl(resumed / "metrics.jsonl", "train")}
     assert second == pytest.approx(first, rel=1e-5)
