@@ -55,6 +55,8 @@ def test_null_expert_run_logs_realised_experts_and_resumes_exactly(null_run, tmp
         assert 0 < r["null_fraction"] < 1
         assert r["active_experts"] + 2 * r["null_fraction"] == pytest.approx(2.0, abs=1e-5)
         assert np.isfinite(r["loss"])
+    # Dropless sort: the FLOPs follow the realised FFN rows, so they change with routing.
+    assert len({r["flops"] for r in records}) > 1
     params = (workdir / "operative_config.gin").read_text()
     assert "NullExpertRouter.null_experts = ('zero', 'copy', 'const')" in params
     resumed = tmp_path / "resumed"
