@@ -18,6 +18,7 @@ from layers.routers.null_experts import NullExpertRouter
 from layers.routers.top_k import TopKRouter
 
 __all__ = [
-    "ROUTER_DENYLIST", "BaseRouter", "DenseToSparseRouter", "ExpertChoiceRouter", "Routing",
-    "NullExpertRouter", "TopKRouter", "available_routers", "get_router", "register_router",
+    "ROUTER_DENYLIST", "BaseRouter", "DenseToSparseRouter", "ExpertChoiceRouter",
+    "NullExpertRouter", "Routing", "TopKRouter", "available_routers", "get_router",
+    "register_router",
 ]

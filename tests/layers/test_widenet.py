@@ -3,10 +3,8 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 from experiments.train.flops import flop_counter
