@@ -126,10 +126,6 @@ class NullExpertRouter(BaseRouter):
     def num_total(self) -> int:
         return self.num_experts + len(self.null_experts)
 
-    def kinds(self) -> tuple[str, ...]:
-        """Kind of every column of the logits: "ffn" E times, then the null experts."""
-        return ("ffn",) * self.num_experts + self.null_experts
-
     def all_logits(self, x: Array, *, deterministic: bool = True,
                    rng: Array | None = None) -> Array:
         """x `[T, d]` -> logits `[T, E + m] float32` (FFN columns first)."""
