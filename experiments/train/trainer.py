@@ -30,9 +30,8 @@ from experiments.runtime import distributed, gin_utils
 from experiments.runtime.checkpoints import Checkpointer, CheckpointMismatchError
 from experiments.runtime.workdir_lock import WorkdirLock, check_workdir
 from experiments.train import hooks as hooks_lib
-from experiments.train import profiling
 from experiments.train import interrupt as interrupt_lib
-from experiments.train import resume_check, run_state
+from experiments.train import profiling, resume_check, run_state
 from experiments.train.config import TrainConfig, TrainSetup
 from experiments.train.evaluation import EvalResult, evaluate
 from experiments.train.nonfinite import NonFiniteLossError, SkipGuard
