@@ -18,9 +18,10 @@ Every candidate is first checked against an XLA reference (outputs and
 gradients); a wrong one is reported as "wrong" and not timed. A candidate, shape
 or section that fails is recorded with its error and the run goes on. Progress
 goes to stdout; the JSON (--json) is rewritten after every case; at the end the
-device's section of --doc (docs/benchmarks.md) is replaced. Exit status 0 even
-when cases failed (they are in the JSON); 2 for bad flags or no accelerator
-without --small.
+device's section of --doc (docs/benchmarks.md) is replaced. SIGTERM (from
+`timeout`) stops the measuring and still writes both, marked incomplete. Exit
+status 0 even when cases failed (they are in the JSON); 1 when stopped by
+SIGTERM; 2 for bad flags or no accelerator without --small.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import platform as platform_lib
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -224,6 +226,14 @@ def run_step(run: Run) -> None:
             run.add("step", record, step.summary_line(record))
 
 
+class Stopped(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop measuring, write what was measured."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"stopped by signal {signum}")
+
+
 def _complete(data: dict) -> bool:
     records = data["gmm"] + data["layer"] + data["step"]
     return not any(r.get("status") == "skipped" for r in records)
@@ -242,15 +252,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{','.join(args.sections)}, load average {run.data['load_average']['start']}",
           flush=True)
     run.save()
-    for name, fn in (("gmm", run_gmm), ("layer", run_layer), ("step", run_step)):
-        if name not in args.sections:
-            continue
-        try:
-            fn(run)
-        except Exception as e:  # a section's own failure; the others still run
-            run.add(name, dict(status="error", error=error_text(e)),
-                    f"{name}: section error ({error_text(e)})")
-    run.data["complete"] = _complete(run.data)
+    signal.signal(signal.SIGTERM, _stop)
+    stopped = None
+    try:
+        for name, fn in (("gmm", run_gmm), ("layer", run_layer), ("step", run_step)):
+            if name not in args.sections:
+                continue
+            try:
+                fn(run)
+            except Exception as e:  # a section's own failure; the others still run
+                run.add(name, dict(status="error", error=error_text(e)),
+                        f"{name}: section error ({error_text(e)})")
+    except Stopped as e:  # partial results are still written, marked incomplete
+        stopped = str(e)
+        print(f"{stopped}: writing the results measured so far", flush=True)
+    run.data["complete"] = stopped is None and _complete(run.data)
     run.save()
     if not args.no_doc:
         key = report.section_key(device["kind"], platform, args.small)
@@ -258,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {run.json_path} and the section {key!r} of {args.doc}")
     else:
         print(f"wrote {run.json_path}")
-    return 0
+    return 0 if stopped is None else 1
 
 
 if __name__ == "__main__":
