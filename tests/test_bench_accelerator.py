@@ -244,3 +244,37 @@ def test_bad_flags_are_refused_naming_the_flag(args, message, capsys):
 def test_cpu_without_small_is_refused_with_the_way_out(capsys):
     assert _script().main(["--no_doc", "--json=/dev/null"]) == 2
     assert "no accelerator found (jax runs on cpu): pass --small" in capsys.readouterr().err
+
+
+def test_markdown_shows_wrong_error_and_skipped_cases():
+    """A run where things went wrong still renders: wrong and failed candidates are
+    marked, a case that could not run and a skipped one keep their rows, errors listed."""
+    ok = {"status": "ok", "tflops": 1.5, "ms": 2.0, "pct_of_dense": 80.0,
+          "speedup_over_ragged_dot": 1.25}
+    case = dict(shape="mixtral", num_groups=8, top_k=2, rows=16384, k=4096, n=14336,
+                routing="uniform", mode="fwd",
+                candidates={"gmm": {"status": "wrong", "correctness": {"ok": False}},
+                            "ragged_dot": ok, "tokamax": {"status": "unavailable",
+                                                          "reason": "not installed"},
+                            "gmm_mosaic_gpu": {"status": "error", "error": "NotImplementedError: sm80"}})
+    data = dict(device={"kind": "NVIDIA H200", "platform": "gpu", "count": 1},
+                load_average={"start": [0.1, 0.2, 0.3], "end": [1.0, 1.0, 1.0]},
+                command="python scripts/bench_accelerator.py", jax="0.10.2", elapsed_s=400.0,
+                complete=False, timing={"rounds": 5},
+                gmm=[case, dict(shape="deepseek", routing="skewed", mode="fwd_bwd",
+                                status="error", error="MemoryError: out of memory"),
+                     dict(shape="small", routing="skewed", mode="fwd", status="skipped")],
+                layer=[dict(config="E8_k2", dispatch="pallas", capacity_factor=None,
+                            status="error", error="ValueError: bad tiling")],
+                step=[dict(preset="top2_small", dispatch="sort", status="ok", ratio=1.1, ms=10.0,
+                           dense_ms=9.0, tokens_per_s=1e6, mfu=0.4, dense_mfu=0.45)])
+    text = report.markdown(data, "bench.json")
+    assert "### NVIDIA H200 (gpu, 1 device(s))" in text and "incomplete" in text
+    assert "| **wrong** | 1.5 TF/s, 80%, 1.25x rd | n/a | **error** |" in text
+    assert "| deepseek | skewed | fwd_bwd | error | error | error | error |" in text
+    assert "| small | skewed | fwd | skipped |" in text
+    assert "n/a: tokamax: not installed" in text
+    assert "| top2_small | sort | 1.10x | 10 | 9 | 1e+06 | 40.0% / 45.0% |" in text
+    assert "- deepseek skewed fwd_bwd: MemoryError: out of memory" in text
+    assert "- mixtral/gmm_mosaic_gpu: NotImplementedError: sm80" in text
+    assert "- E8_k2/pallas: ValueError: bad tiling" in text

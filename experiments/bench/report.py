@@ -160,6 +160,8 @@ def markdown(data: dict[str, Any], json_name: str) -> str:
     lines += step_table(data["step"])
     errors = [f"{r.get('shape', r.get('config', r.get('preset')))}/{n}: {c['error']}"
               for r in data["gmm"] for n, c in r.get("candidates", {}).items() if "error" in c]
+    errors += [f"{r.get('shape')} {r.get('routing')} {r.get('mode')}: {r['error']}"
+               for r in data["gmm"] if "error" in r]
     errors += [f"{r.get('config', r.get('preset'))}/{r.get('dispatch')}: {r['error']}"
                for r in data["layer"] + data["step"] if "error" in r]
     if errors:
