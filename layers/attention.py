@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import kv_cache
+from layers.kv_cache import KVCache
 from layers.norms import RMSNorm
 from layers.params import EMBED, HEADS, KV, constant_param, fan_in_init, make_param
 
@@ -229,6 +231,28 @@ class Attention(nnx.Module):
                 y = norm(y.reshape(*y.shape[:2], -1)).reshape(y.shape)
         return y
 
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The projections every attention path shares (training and the KV cache).
+
+        x `[B, S, d_model]`, positions `[B, S] int32` -> (q `[B, S, num_heads,
+        head_dim]`, k, v `[B, S, num_kv_heads, head_dim]`) in `dtype`: projected,
+        biased, q/k-normed, and q and k rotated by RoPE at `positions`.
+        """
+        x = x.astype(self.dtype)
+        q = self._project(x, self.query, self.query_bias, self.query_norm)
+        k = self._project(x, self.key, self.key_bias, self.key_norm)
+        v = self._project(x, self.value, self.value_bias, None)
+        q = apply_rope(q, positions, self.rope_max_wavelength, self.rope_scaling)
+        k = apply_rope(k, positions, self.rope_max_wavelength, self.rope_scaling)
+        return q, k, v
+
+    def output(self, o: jax.Array) -> jax.Array:
+        """Attention output o `[B, S, num_heads, head_dim]` -> `[B, S, d_model]`."""
+        y = jnp.einsum("bsnh,nhd->bsd", o, self.out[...].astype(self.dtype))
+        if self.out_bias is not None:
+            y = y + self.out_bias[...].astype(self.dtype)
+        return y
+
     def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array | None = None,
                  causal: bool = True) -> jax.Array:
         """x `[B, S, d_model]`, positions `[B, S] int32`, mask `[B, 1, S, S] bool` or None.
@@ -239,20 +263,31 @@ class Attention(nnx.Module):
         """
         if self.sliding_window is not None and not causal:
             raise ValueError("sliding_window needs causal attention (causal=True)")
-        x = x.astype(self.dtype)
-        q = self._project(x, self.query, self.query_bias, self.query_norm)
-        k = self._project(x, self.key, self.key_bias, self.key_norm)
-        v = self._project(x, self.value, self.value_bias, None)
-        q = apply_rope(q, positions, self.rope_max_wavelength, self.rope_scaling)
-        k = apply_rope(k, positions, self.rope_max_wavelength, self.rope_scaling)
+        q, k, v = self.qkv(x, positions)
         window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
         o = jax.nn.dot_product_attention(q, k, v, mask=mask,
                                          is_causal=causal and mask is None,
                                          local_window_size=window)
-        y = jnp.einsum("bsnh,nhd->bsd", o, self.out[...].astype(self.dtype))
-        if self.out_bias is not None:
-            y = y + self.out_bias[...].astype(self.dtype)
-        return y
+        return self.output(o)
+
+    def decode(self, x: jax.Array, *, positions: jax.Array, cache: KVCache,
+               cache_index: jax.Array, kv_valid: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Causal attention of S new tokens over a KV cache (`layers.kv_cache`).
+
+        x `[B, S, d_model]`, positions `[B, S] int32` (RoPE positions of the
+        new tokens), cache `{'key', 'value': [B, L, num_kv_heads, head_dim]}`,
+        cache_index: scalar int32, the slot of the first new token (the S new
+        keys and values are written to slots cache_index .. cache_index+S-1),
+        kv_valid `[B, L] bool`: slots holding real tokens after this write.
+        -> (`[B, S, d_model]`, the updated cache). The sliding window counts
+        slots (`kv_cache.cached_attention_mask`).
+        """
+        q, k, v = self.qkv(x, positions)
+        cache = kv_cache.write(cache, k, v, cache_index)
+        mask = kv_cache.cached_attention_mask(kv_valid, cache_index, q.shape[1],
+                                              window=self.sliding_window)
+        o = jax.nn.dot_product_attention(q, cache["key"], cache["value"], mask=mask)
+        return self.output(o), cache
 
 
 def _check_shapes(d_model: int, num_heads: int, num_kv_heads: int | None,

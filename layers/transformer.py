@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import renamed
+from layers import kv_cache, renamed
 from layers.attention import Attention, attention_mask, segment_positions
+from layers.kv_cache import KVCache
 from layers.mlp import DenseMLP
 from layers.moe_layer import MoeLayer, active_ffn
 from layers.norms import RMSNorm
@@ -56,6 +57,13 @@ class TransformerBlock(nnx.Module):
                  ) -> tuple[jax.Array, MoeAux | None]:
         x = x + self.attention(self.attention_norm(x), positions=positions, mask=mask,
                                causal=self.causal)
+        return self._ffn_residual(x, token_mask=token_mask, deterministic=deterministic, rng=rng,
+                                  router_state=router_state)
+
+    def _ffn_residual(self, x: jax.Array, *, token_mask: jax.Array | None, deterministic: bool,
+                      rng: jax.Array | None, router_state: dict[str, jax.Array] | None,
+                      ) -> tuple[jax.Array, MoeAux | None]:
+        """x + ffn(norm(x)) in `dtype`, and the MoE aux (None for a dense FFN)."""
         h = self.ffn_norm(x)
         if self.is_moe:
             y, aux = self.ffn(h, mask=token_mask, deterministic=deterministic, rng=rng,
@@ -63,6 +71,21 @@ class TransformerBlock(nnx.Module):
         else:
             y, aux = self.ffn(h), None
         return (x + y).astype(self.dtype), aux
+
+    def decode(self, x: jax.Array, *, positions: jax.Array, cache: KVCache,
+               cache_index: jax.Array, kv_valid: jax.Array, token_mask: jax.Array,
+               router_state: dict[str, jax.Array] | None = None,
+               ) -> tuple[jax.Array, KVCache, MoeAux | None]:
+        """The block on S new tokens over the layer's KV cache (`Attention.decode`).
+
+        token_mask `[B, S] bool`: the new tokens that are real (pads are kept
+        out of MoE routing statistics). -> (`[B, S, d_model]`, updated cache, aux).
+        """
+        a, cache = self.attention.decode(self.attention_norm(x), positions=positions,
+                                         cache=cache, cache_index=cache_index, kv_valid=kv_valid)
+        y, aux = self._ffn_residual(x + a, token_mask=token_mask, deterministic=True, rng=None,
+                                    router_state=router_state)
+        return y, cache, aux
 
 
 @gin.configurable(denylist=["vocab_size", "rngs"])
@@ -275,6 +298,10 @@ class TransformerLM(nnx.Module):
                 router_state=router_state.for_layer(name))
             if layer_aux is not None:
                 aux[name] = layer_aux
+        return self._logits(x), aux
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and output projection: x `[B, S, d_model]` -> `[B, S, vocab] float32`."""
         x = self.final_norm(x)
         if self.tie_embeddings:
             logits = jnp.einsum("bsd,vd->bsv", x, self.embedding[...].astype(self.dtype),
@@ -282,7 +309,56 @@ class TransformerLM(nnx.Module):
         else:
             logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32), aux
+        return logits.astype(jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int) -> dict[str, KVCache]:
+        """An empty KV cache `{layer name: {'key', 'value': [batch, max_len, K, head_dim]}}`
+        in the compute dtype (`layers.kv_cache`)."""
+        return {name: kv_cache.init(batch, max_len, getattr(self, name).attention.num_kv_heads,
+                                    getattr(self, name).attention.head_dim, self.dtype)
+                for name in self.layer_names}
+
+    def decode(self, inputs: jax.Array, *, positions: jax.Array, cache: dict[str, KVCache],
+               cache_index: jax.Array, kv_valid: jax.Array,
+               router_state: RouterState | None = None,
+               ) -> tuple[jax.Array, dict[str, KVCache], dict[str, MoeAux]]:
+        """S new tokens through the model with a KV cache: prefill (S = the prompt
+        bucket) and decode steps (S = 1) alike. Causal decoders only; deterministic.
+
+        inputs `[B, S] int32`; positions `[B, S] int32` (RoPE positions: real
+        tokens counted from 0 per row, whatever the padding); cache from
+        `init_cache(B, L)` (or a previous call); cache_index: scalar int32, the
+        slot of inputs[:, 0] (the new tokens take slots cache_index ..
+        cache_index+S-1, which must fit in L); kv_valid `[B, L] bool`: slots
+        holding real tokens once these are written (pads: False). MoE layers
+        run their training call (same router, `router_state` selection
+        biases) with the pads masked out; capacity is the layer's eval capacity
+        (make it dropless for generation: `eval_capacity_factor = None`).
+        -> (logits `[B, S, vocab] float32`, the updated cache, aux `{moe layer: MoeAux}`).
+        """
+        if not self.causal:
+            raise ValueError("decode needs a causal decoder (TransformerLM.causal = True)")
+        batch, seq = inputs.shape
+        if positions.shape != (batch, seq):
+            raise ValueError(f"positions must be [batch, seq]=({batch}, {seq}), "
+                             f"got {positions.shape}")
+        if kv_valid.ndim != 2 or kv_valid.shape[0] != batch:
+            raise ValueError(f"kv_valid must be [batch={batch}, max_len], got {kv_valid.shape}")
+        router_state = RouterState() if router_state is None else router_state
+        router_state.check_layers(self.moe_layer_names)
+        token_mask = jax.lax.dynamic_slice(kv_valid, (0, jnp.asarray(cache_index, jnp.int32)),
+                                           (batch, seq))
+        x = self.embedding[...][inputs].astype(self.dtype)
+        new_cache: dict[str, KVCache] = {}
+        aux: dict[str, MoeAux] = {}
+        for name in self.layer_names:
+            x, new_cache[name], layer_aux = getattr(self, name).decode(
+                x, positions=positions, cache=cache[name], cache_index=cache_index,
+                kv_valid=kv_valid, token_mask=token_mask,
+                router_state=router_state.for_layer(name))
+            if layer_aux is not None:
+                aux[name] = layer_aux
+        return self._logits(x), new_cache, aux
 
 
 def _check_moe_layers(moe_every: int, moe_layers: Sequence[int] | None,

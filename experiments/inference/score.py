@@ -1,15 +1,10 @@
 """Scoring: log p(ids[i] | ids[:i]) of a token sequence under a workdir's model.
 
-`load_scorer(workdir)` parses the run's `config.gin`, builds the model and
-restores its parameters read-only (a training run may still be writing), with
-the loss-free selection biases of the checkpoint's hook state applied as in
-training. `score(scorer, ids)` runs one deterministic forward pass (no KV cache).
-
-MoE layers score dropless: `load_scorer` sets every `MoeLayer`'s
-`eval_capacity_factor` to None on the built model (a static attribute, part of
-the graph), so a run trained with a capacity factor drops no token at scoring
-time. Gin cannot express this (`MoeLayer.eval_capacity_factor = None` means
-"same as capacity_factor").
+`load_scorer(workdir)` restores the run's model read-only
+(`experiments.inference.restore`: dropless MoE layers, the checkpoint's
+loss-free selection biases applied as in training, the run's mesh when its
+config binds MESH_SHAPE). `score(scorer, ids)` runs one deterministic forward
+pass (no KV cache).
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,12 +21,7 @@ from flax import nnx
 
 from experiments.data.config import DataConfig
 from experiments.data.tokenizers import SentencePieceTokenizer, Tokenizer, make_tokenizer
-from experiments.runtime import gin_utils
-from experiments.runtime.checkpoints import Checkpointer
-from experiments.train import trainer  # noqa: F401  (registers the run config's configurables)
-from experiments.train.run_state import build_model, split_model
-from layers.moe_layer import MoeLayer
-from moe.router_state import SELECTION_BIAS, RouterState
+from experiments.inference import restore as restore_lib
 
 # Tokenizer files stored in a workdir, in order of precedence, each with its
 # loader; they win over `DataConfig.tokenizer` (an imported model keeps its own).
@@ -80,80 +69,36 @@ def workdir_tokenizer(workdir: str | Path) -> Tokenizer:
     return make_tokenizer(DataConfig().tokenizer)
 
 
-def _model_cls() -> type:
-    """`train.model_cls` as configured in the run (TransformerLM by default)."""
-    try:
-        return gin.query_parameter("train.model_cls").scoped_configurable_fn
-    except ValueError:
-        from layers.transformer import TransformerLM  # pylint: disable=g-import-not-at-top
-        return TransformerLM
-
-
-def make_dropless(model: nnx.Module) -> int:
-    """Sets `eval_capacity_factor = None` on every MoeLayer of `model`; returns how many."""
-    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, MoeLayer)]
-    for layer in layers:
-        layer.eval_capacity_factor = None
-    return len(layers)
-
-
-def parse_run_config(workdir: Path) -> None:
-    """Clears gin and parses the workdir's saved `config.gin`."""
-    path = workdir / gin_utils.CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {workdir!s} a training or imported workdir?")
-    gin.clear_config()
-    gin_utils.parse([str(path)], [])
-
-
 def load_scorer(workdir: str | Path, step: int | None = None) -> Scorer:
-    """Restores `workdir`'s model (latest intact checkpoint, or `step`), read-only.
-
-    The run's `config.gin` is parsed here (gin is cleared first).
-    """
-    workdir = Path(workdir)
-    parse_run_config(workdir)
-    checkpoints = workdir / "checkpoints"
-    if not checkpoints.is_dir() or not any(checkpoints.iterdir()):
-        raise FileNotFoundError(f"no checkpoint under {checkpoints}")
-    vocab_size = DataConfig().vocab_size()
-    model = build_model(_model_cls(), vocab_size, seed=0)
-    if not getattr(model, "causal", True):
-        raise ValueError(f"{workdir}: scoring needs a causal decoder; the run has "
-                         f"TransformerLM.causal = False")
-    make_dropless(model)
-    graphdef, params, rest = split_model(model)
-    abstract = jax.eval_shape(lambda: params)
-    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
-    try:
-        if step is None:
-            restored = checkpointer.restore_latest(abstract, None)
-        else:
-            restored = checkpointer.restore_step(step, abstract, None)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"no intact checkpoint under {workdir / 'checkpoints'}")
-    biases = restored.balance_state or {}
-    router_state = RouterState(layers={
-        layer: {SELECTION_BIAS: jnp.asarray(biases[layer])}
-        for layer in getattr(model, "moe_layer_names", ()) if layer in biases})
-    restored_params = restored.params
+    """Restores `workdir`'s model (latest intact checkpoint, or `step`), read-only
+    (`experiments.inference.restore.restore_model`: the run's `config.gin` is
+    parsed there, gin is cleared first)."""
+    restored = restore_lib.restore_model(workdir, step)
+    graphdef, params, rest = restored.graphdef, restored.params, restored.rest
+    router_state = restored.router_state
 
     @jax.jit
-    def forward(ids: jax.Array) -> jax.Array:
-        logits, _ = nnx.merge(graphdef, restored_params, rest)(
+    def forward_jit(ids: jax.Array) -> jax.Array:
+        logits, _ = nnx.merge(graphdef, params, rest)(
             ids, deterministic=True, router_state=router_state)
         return logits.astype(jnp.float32)
 
     @jax.jit
-    def routing(ids: jax.Array) -> dict[str, jax.Array]:
-        _, aux = nnx.merge(graphdef, restored_params, rest)(
+    def routing_jit(ids: jax.Array) -> dict[str, jax.Array]:
+        _, aux = nnx.merge(graphdef, params, rest)(
             ids, deterministic=True, router_state=router_state)
         return {name: layer_aux.token_experts for name, layer_aux in aux.items()}
 
-    return Scorer(workdir=workdir, step=restored.step, vocab_size=vocab_size, forward=forward,
-                  selection_biases=not router_state.empty, routing=routing)
+    def forward(ids: jax.Array) -> jax.Array:
+        with restored.context():
+            return forward_jit(ids)
+
+    def routing(ids: jax.Array) -> dict[str, jax.Array]:
+        with restored.context():
+            return routing_jit(ids)
+
+    return Scorer(workdir=restored.workdir, step=restored.step, vocab_size=restored.vocab_size,
+                  forward=forward, selection_biases=not router_state.empty, routing=routing)
 
 
 def check_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
