@@ -10,8 +10,11 @@ MoE model and the dense model of equal active parameters
 (`TransformerLM.dense_baseline = True`) are built with random weights (or the
 MoE restored from --workdir, its dense twin built from the same config) and run
 through `experiments.inference.generate.Generator`, greedy, EOS disabled,
-for --new_tokens tokens, in cells (batch, context): the prompt has context -
-new_tokens tokens, so the cache bucket holds `context` slots.
+for --new_tokens tokens, in cells (batch, context). `context` is the KV cache's
+length bucket L (a power of two): the engine attends over all L slots at every
+step (masked), so L is the context a decode step pays for. The prompt has L/2
+tokens, the longest whose buckets (`generate.buckets`: prompt bucket P = L/2,
+cache L = next power of two >= P + new tokens) give that L.
 
 Every cell is compiled and run once before timing (warm-up excluded); then
 each round runs every (model, cell) once, in an order that alternates between
@@ -104,7 +107,11 @@ def _random_subject(preset: str, variant: str, gin_files: list[str], bindings: l
     gin_utils.parse(gin_files, [*bindings, *extra])
     model = build_model(TransformerLM, vocab_size, seed=0)
     gin.clear_config()
-    restored = restore_lib.from_model(model)
+    restore_lib.make_dropless(model)
+    graphdef, params, rest = split_model(model)
+    restored = restore_lib.RestoredModel(
+        workdir=Path("."), step=0, vocab_size=vocab_size, graphdef=graphdef, params=params,
+        rest=rest, router_state=RouterState())
     return Subject(preset, variant, generate_lib.Generator(restored), **_model_facts(model))
 
 
@@ -117,8 +124,9 @@ def _workdir_subjects(workdir: str, step: int | None) -> list[Subject]:
     return [moe, dense]
 
 
-def _timed_generate(generator: Any, prompts: np.ndarray, new_tokens: int) -> dict[str, float]:
-    """One greedy generation; {prefill_s, decode_s, decode_steps} from the engine's stats."""
+def _timed_generate(generator: Any, prompts: np.ndarray, new_tokens: int) -> dict[str, Any]:
+    """One greedy generation; {prefill_s, decode_s, decode_steps, buckets} from the
+    engine's stats (compilation excluded)."""
     start = time.perf_counter()
     out = generator.generate(prompts.tolist(), max_new_tokens=new_tokens,
                              sampling=SamplingConfig(), seed=0, eos_ids=())
@@ -128,14 +136,26 @@ def _timed_generate(generator: Any, prompts: np.ndarray, new_tokens: int) -> dic
                            f"{sorted({len(row) for row in out})}")
     stats = generator.last_stats
     return dict(prefill_s=float(stats.prefill_seconds), decode_s=float(stats.decode_seconds),
-                decode_steps=int(stats.decode_steps), wall_s=wall)
+                decode_steps=int(stats.decode_steps), wall_s=wall,
+                buckets=[stats.batch_bucket, stats.prompt_bucket, stats.length_bucket])
+
+
+def prompt_length(cell: Cell, new_tokens: int) -> int:
+    """context / 2, checked against the engine's buckets (cache bucket == context)."""
+    length = cell.context // 2
+    got = generate_lib.buckets(cell.batch, length, new_tokens)
+    if got[2] != cell.context or got[0] != cell.batch:
+        raise ValueError(f"--cells: {cell.batch}x{cell.context} with --new_tokens={new_tokens} "
+                         f"gives the engine's buckets (batch, prompt, cache) = {got}; use "
+                         f"powers of two with context >= max(16, 2 * new_tokens)")
+    return length
 
 
 def _prompts(cell: Cell, new_tokens: int, vocab_size: int) -> np.ndarray:
-    """`[batch, context - new_tokens] int32` random ids (specials excluded)."""
+    """`[batch, prompt_length] int32` random ids (specials excluded)."""
     rng = np.random.default_rng(cell.batch * 100_003 + cell.context)
     low = min(3, vocab_size - 1)
-    return rng.integers(low, vocab_size, (cell.batch, cell.context - new_tokens), np.int32)
+    return rng.integers(low, vocab_size, (cell.batch, prompt_length(cell, new_tokens)), np.int32)
 
 
 def measure(subjects: list[Subject], cells: list[Cell], new_tokens: int,
@@ -165,10 +185,11 @@ def _median(values: list[float]) -> float:
 
 
 def _cell_figures(runs: list[dict[str, float]], cell: Cell, new_tokens: int) -> dict[str, Any]:
-    prompt = cell.context - new_tokens
+    prompt = prompt_length(cell, new_tokens)
     step_s = [r["decode_s"] / r["decode_steps"] for r in runs]
     return dict(batch=cell.batch, context=cell.context, prompt_tokens=prompt,
                 new_tokens=new_tokens, decode_steps=runs[0]["decode_steps"],
+                engine_buckets=runs[0]["buckets"],
                 prefill_ms=1e3 * _median([r["prefill_s"] for r in runs]),
                 prefill_tokens_per_s=_median([cell.batch * prompt / r["prefill_s"] for r in runs]),
                 decode_ms_per_step=1e3 * _median(step_s),
@@ -319,10 +340,8 @@ def _check(args: argparse.Namespace) -> list[Cell]:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     cells = _cells(args.cells)
-    short = [c for c in cells if c.context <= args.new_tokens]
-    if short:
-        raise ValueError(f"--cells: context {short[0].context} leaves no prompt token with "
-                         f"--new_tokens={args.new_tokens}")
+    for cell in cells:
+        prompt_length(cell, args.new_tokens)
     return cells
 
 

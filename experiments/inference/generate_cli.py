@@ -62,7 +62,8 @@ def sampling_config(temperature: float, top_k: int | None, top_p: float | None) 
         message = str(e)
         for field in ("temperature", "top_k", "top_p"):
             if message.startswith(field) or message.startswith(f"SamplingConfig.{field}"):
-                message = f"--{field}" + message.split(field, 1)[1]
+                message = (f"--{field}" + message.split(field, 1)[1]).replace(
+                    "must be None or ", "must be ")
                 break
         raise ValueError(message) from None
 

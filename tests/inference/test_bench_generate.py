@@ -32,7 +32,8 @@ def test_small_run_writes_every_figure(tmp_path):
         assert set(model["cells"]) == {"b1_ctx16", "b1_ctx64", "b4_ctx16"}
         for name, cell in model["cells"].items():
             assert FIGURES <= set(cell), name
-            assert cell["prompt_tokens"] == cell["context"] - 4
+            assert cell["prompt_tokens"] == cell["context"] // 2
+            assert cell["engine_buckets"][2] == cell["context"]
             assert cell["decode_steps"] >= 3  # the first new token comes from the prefill
             assert cell["prefill_tokens_per_s"] > 0 and cell["decode_ms_per_step"] > 0
             assert abs(cell["decode_tokens_per_s"] * cell["decode_ms_per_step"] / 1e3

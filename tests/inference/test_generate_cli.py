@@ -1,5 +1,7 @@
-"""scripts/generate.py on a tiny trained run (the one tests/inference/test_score.py
-scores: MoE with a capacity factor that drops, loss-free selection biases).
+"""scripts/generate.py on a tiny run trained 2 steps (MoE with a capacity factor
+that drops, loss-free selection biases; nearly its random init, whose greedy
+continuations vary from token to token, unlike a briefly trained model's,
+which repeats the most frequent byte).
 
 Greedy output is checked against argmax decoding with full forward passes (no
 cache) of the scorer, which restores the model the same way (dropless, biases
@@ -21,17 +23,18 @@ import pytest
 from experiments.inference import generate_cli
 from experiments.inference import score as score_lib
 from tests.helpers import run_script, shared_training_run
-from tests.inference.test_score import PARAMS, TINY
 
-PROMPT_IDS = [1, 87, 107, 104, 35, 116]  # ByteTokenizer: BOS, "The q"
+TINY = "--gin_file=gin_configs/experiments/test_tiny.gin"
+PARAMS = ("train.num_steps = 2", "LossFreeBalancing.enabled = True",
+          "LossFreeBalancing.rate = 0.05", "MoeLayer.capacity_factor = 0.5")
+PROMPT_IDS = [1, 72]  # ByteTokenizer: BOS, "E"
 TEXT = "Hello"
 NEW = 12
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    # Same name and arguments as test_score's fixture: one training run per session.
-    return shared_training_run(tmp_path_factory, "score_tiny", TINY, "--quiet",
+    return shared_training_run(tmp_path_factory, "generate_tiny", TINY, "--quiet",
                                *(f"--gin_param={p}" for p in PARAMS))[0]
 
 
@@ -75,6 +78,7 @@ def test_greedy_is_argmax_of_the_full_forward(greedy, reference):
     [record] = greedy
     assert record["prompt"] == 0 and record["prompt_ids"] == PROMPT_IDS
     assert record["stop"] == "length"
+    assert len(set(reference[0])) > NEW // 2  # a continuation that varies
     _assert_greedy(record["ids"], *reference)
     # The byte tokenizer decodes the new tokens.
     assert record["text"] == bytes(i - 3 for i in record["ids"] if i >= 3).decode(
@@ -82,14 +86,15 @@ def test_greedy_is_argmax_of_the_full_forward(greedy, reference):
 
 
 def test_batch_file_gives_each_prompt_as_alone(workdir, greedy, tmp_path):
-    """Ragged prompts (text and ids, 1 to 6 tokens) in one batch, output in input order."""
+    """Ragged prompts (text and ids, 2 to 7 tokens) in one batch, output in input order."""
     batch = tmp_path / "prompts.jsonl"
-    lines = [{"prompt_ids": [1, 72]}, {"prompt": TEXT}, {"prompt_ids": PROMPT_IDS}]
+    lines = [{"prompt_ids": [1, 100, 101, 102, 35, 103, 104]}, {"prompt": TEXT},
+             {"prompt_ids": PROMPT_IDS}]
     batch.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
     records = _generate(workdir, f"--batch_file={batch}", f"--max_new_tokens={NEW}",
                         "--eos_ids=none")
     assert [r["prompt"] for r in records] == [0, 1, 2]
-    assert records[0]["prompt_ids"] == [1, 72]
+    assert records[0]["prompt_ids"] == lines[0]["prompt_ids"]
     assert records[1]["prompt_ids"] == [b + 3 for b in TEXT.encode()]
     assert records[2]["ids"] == greedy[0]["ids"]
     [alone] = _generate(workdir, f"--prompt={TEXT}", f"--max_new_tokens={NEW}", "--eos_ids=none")
@@ -107,17 +112,21 @@ def test_eos_stops_after_the_eos_token(workdir, greedy):
     assert record["stop"] == "eos"
 
 
-def test_sampling(workdir, greedy):
-    """top_k=1 is greedy at any temperature; the seed decides a sampled sequence."""
+def test_sampling(workdir, greedy, tmp_path):
+    """top_k=1 is greedy at any temperature; at temperature 5 (12 draws over 259
+    ids), rows of one batch differ, and the seed decides the draws."""
     prompt = "--prompt_ids=" + ",".join(map(str, PROMPT_IDS))
-    flags = (prompt, f"--max_new_tokens={NEW}", "--eos_ids=none")
-    [top1] = _generate(workdir, *flags, "--temperature=5", "--top_k=1", "--seed=3")
+    flags = (f"--max_new_tokens={NEW}", "--eos_ids=none", "--temperature=5")
+    [top1] = _generate(workdir, prompt, *flags, "--top_k=1", "--seed=3")
     assert top1["ids"] == greedy[0]["ids"]
-    runs = [_generate(workdir, *flags, "--temperature=5", f"--seed={s}")[0]["ids"]
-            for s in (1, 1, 2)]
+    batch = tmp_path / "twice.jsonl"
+    batch.write_text(2 * (json.dumps({"prompt_ids": PROMPT_IDS}) + "\n"))
+    runs = [[r["ids"] for r in _generate(workdir, f"--batch_file={batch}", *flags,
+                                         f"--seed={s}")] for s in (1, 1, 2)]
     assert runs[0] == runs[1]
-    assert runs[0] != runs[2]  # 12 draws at temperature 5 over 259 ids
-    assert runs[0] != greedy[0]["ids"]
+    assert runs[0][0] != runs[0][1]
+    assert runs[0] != runs[2]
+    assert greedy[0]["ids"] not in runs[0] + runs[2]
 
 
 def test_ids_outside_the_vocabulary(workdir, tmp_path):
