@@ -273,7 +273,7 @@ def markdown(result: dict[str, Any]) -> str:
             ratios.append(
                 f"| {preset} | {variant} | {ratio['measured']:.2f}x "
                 f"({ratio['long']}/{ratio['short']}) | {flops['with_cache']:.2f}x "
-                f"| {flops['without_cache']:.0f}x | {flops['attention_share_short']:.0%}, "
+                f"| {flops['without_cache']:.3g}x | {flops['attention_share_short']:.0%}, "
                 f"{flops['attention_share_long']:.0%} |")
         for name, ratio in figures["moe_over_dense"].items():
             versus.append(f"| {preset} | {name} | {ratio['prefill']:.2f}x "
@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         device=jax.devices()[0].device_kind, platform=jax.default_backend(),
         machine=platform.machine(), cpu_count=os.cpu_count(), jax=jax.__version__,
         load_average_before=list(load_before), new_tokens=args.new_tokens, rounds=args.rounds,
+        vocab_size=args.vocab_size, gin_params=args.gin_param,
         cells=[dataclasses.asdict(c) for c in cells], presets={})
     if args.workdir:
         groups = {"workdir": _workdir_subjects(args.workdir, args.step)}
