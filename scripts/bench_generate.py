@@ -88,6 +88,7 @@ class Subject:
     matmul_params: int  # active parameters a decode step multiplies (embedding lookup excluded)
     num_layers: int
     attention_width: int  # num_heads * head_dim
+    kv_bytes_per_slot: int  # keys and values of one cache slot, all layers
 
 
 def _model_facts(model: TransformerLM) -> dict[str, int]:
@@ -96,7 +97,9 @@ def _model_facts(model: TransformerLM) -> dict[str, int]:
     lookup = 0 if model.tie_embeddings else model.vocab_size * model.d_model
     return dict(total_params=model.param_count(), active_params=active,
                 matmul_params=active - lookup, num_layers=model.num_layers,
-                attention_width=first.num_heads * first.head_dim)
+                attention_width=first.num_heads * first.head_dim,
+                kv_bytes_per_slot=2 * model.num_layers * first.num_kv_heads * first.head_dim
+                * model.dtype.itemsize)
 
 
 def _random_subject(preset: str, variant: str, gin_files: list[str], bindings: list[str],
@@ -197,11 +200,18 @@ def _cell_figures(runs: list[dict[str, float]], cell: Cell, new_tokens: int) -> 
                 decode_ms_per_step_min=1e3 * min(step_s), decode_ms_per_step_max=1e3 * max(step_s))
 
 
+def _value(run: dict[str, float], field: str) -> float:
+    return run["decode_s"] / run["decode_steps"] if field == "decode" else run["prefill_s"]
+
+
 def _paired(a: list[dict[str, float]], b: list[dict[str, float]], field: str) -> float:
     """Median over rounds of a[field] / b[field] (per step for decode)."""
-    def value(run: dict[str, float]) -> float:
-        return run["decode_s"] / run["decode_steps"] if field == "decode" else run["prefill_s"]
-    return _median([value(x) / value(y) for x, y in zip(a, b)])
+    return _median([_value(x, field) / _value(y, field) for x, y in zip(a, b)])
+
+
+def _paired_difference_ms(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
+    """Median over rounds of the decode step time of a minus b, in ms."""
+    return 1e3 * _median([_value(x, "decode") - _value(y, "decode") for x, y in zip(a, b)])
 
 
 def flop_ratios(subject: Subject, short: int, long: int) -> dict[str, float]:
@@ -232,16 +242,20 @@ def summarize(subjects: list[Subject], cells: list[Cell], new_tokens: int,
         out["models"][subject.variant] = dict(
             total_params=subject.total_params, active_params=subject.active_params,
             matmul_params=subject.matmul_params, num_layers=subject.num_layers,
-            attention_width=subject.attention_width,
+            attention_width=subject.attention_width, kv_bytes_per_slot=subject.kv_bytes_per_slot,
             cells={c.name: _cell_figures(timings[(subject.variant, c.name)], c, new_tokens)
                    for c in cells})
         ones = sorted((c for c in cells if c.batch == 1), key=lambda c: c.context)
         if len(ones) >= 2:
             short, long = ones[0], ones[-1]
+            runs_long = timings[(subject.variant, long.name)]
+            runs_short = timings[(subject.variant, short.name)]
             out["context_ratio"][subject.variant] = dict(
                 short=short.context, long=long.context,
-                measured=_paired(timings[(subject.variant, long.name)],
-                                 timings[(subject.variant, short.name)], "decode"),
+                measured=_paired(runs_long, runs_short, "decode"),
+                growth_ms=_paired_difference_ms(runs_long, runs_short),
+                kv_cache_mb=dict(short=subject.kv_bytes_per_slot * short.context / 2**20,
+                                 long=subject.kv_bytes_per_slot * long.context / 2**20),
                 flops=flop_ratios(subject, short.context, long.context))
     variants = {s.variant for s in subjects}
     if {"moe", "dense"} <= variants:
@@ -256,9 +270,10 @@ def markdown(result: dict[str, Any]) -> str:
     """The tables pasted into docs/benchmarks.md ("Generation")."""
     lines = ["| preset | model | active params | cell | prefill tok/s | decode ms/step "
              "| decode tok/s |", "|---|---|---|---|---|---|---|"]
-    ratios = ["| preset | model | decode step ctx long/short | FLOP model, with cache "
-              "| FLOP model, without cache | attention share of the step (short, long) |",
-              "|---|---|---|---|---|---|"]
+    ratios = ["| preset | model | decode step ctx long/short | step time growth "
+              "| KV cache read per step (short, long) | FLOP model, with cache "
+              "| FLOP model, without cache | attention share of the step FLOPs (short, long) |",
+              "|---|---|---|---|---|---|---|---|"]
     versus = ["| preset | cell | MoE/dense prefill | MoE/dense decode |", "|---|---|---|---|"]
     for preset, figures in result["presets"].items():
         for variant, model in figures["models"].items():
@@ -272,7 +287,9 @@ def markdown(result: dict[str, Any]) -> str:
             flops = ratio["flops"]
             ratios.append(
                 f"| {preset} | {variant} | {ratio['measured']:.2f}x "
-                f"({ratio['long']}/{ratio['short']}) | {flops['with_cache']:.2f}x "
+                f"({ratio['long']}/{ratio['short']}) | {ratio['growth_ms']:+.2f} ms "
+                f"| {ratio['kv_cache_mb']['short']:.2g} MB, {ratio['kv_cache_mb']['long']:.3g} MB "
+                f"| {flops['with_cache']:.2f}x "
                 f"| {flops['without_cache']:.3g}x | {flops['attention_share_short']:.0%}, "
                 f"{flops['attention_share_long']:.0%} |")
         for name, ratio in figures["moe_over_dense"].items():
@@ -370,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         timings = measure(subjects, cells, args.new_tokens, args.rounds)
         result["presets"][name] = dict(
             gin_file=PRESETS.get(name, args.workdir), **summarize(subjects, cells,
-                                                                  args.new_tokens, timings))
+                                                                  args.new_tokens, timings),
+            rounds={f"{variant}/{cell}": runs for (variant, cell), runs in timings.items()})
         print(f"{name}: done (load {os.getloadavg()[0]:.2f})", flush=True)
     result["load_average_after"] = list(os.getloadavg())
     table = markdown(result)

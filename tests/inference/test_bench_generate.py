@@ -41,9 +41,11 @@ def test_small_run_writes_every_figure(tmp_path):
     for variant in ("moe", "dense"):
         ratio = figures["context_ratio"][variant]
         assert (ratio["short"], ratio["long"]) == (16, 64)
-        assert ratio["measured"] > 0
+        assert ratio["measured"] > 0 and ratio["kv_cache_mb"]["long"] == 4 * ratio["kv_cache_mb"]["short"]
+        assert "growth_ms" in ratio
         flops = ratio["flops"]
         assert 1 < flops["with_cache"] < 2 < 4 < flops["without_cache"]
     assert set(figures["moe_over_dense"]) == {"b1_ctx16", "b1_ctx64", "b4_ctx16"}
+    assert len(figures["rounds"]["moe/b1_ctx16"]) == 2
     text = table.read_text()
     assert "| tiny | moe |" in text and "| tiny | b4_ctx16 |" in text
