@@ -303,6 +303,7 @@ def _write_atomic(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
                                      prefix=f".{path.name}.") as tmp:
         tmp.write(text)
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
 
 
