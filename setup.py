@@ -12,6 +12,11 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     "numpy>=1.26,<3",
     "matplotlib>=3.8,<4",
+    # tokenizers: an imported model's tokenizer.json (HF byte-level BPE, WordPiece,
+    # Unigram with their normalizers/pre-tokenizers; a hand-written BPE would get the
+    # byte-level mapping, merge ranks and added tokens subtly wrong). A 3.4 MB abi3
+    # Rust wheel (11 MB installed; it pulls huggingface_hub, ~8 MB pure Python); no torch.
+    "tokenizers>=0.21,<1",
 ]
 
 EXTRAS_REQUIRE = {

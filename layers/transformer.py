@@ -320,7 +320,7 @@ class TransformerLM(nnx.Module):
 
     def decode(self, inputs: jax.Array, *, positions: jax.Array, cache: dict[str, KVCache],
                cache_index: jax.Array, kv_valid: jax.Array,
-               router_state: RouterState | None = None,
+               router_state: RouterState | None = None, last_only: bool = False,
                ) -> tuple[jax.Array, dict[str, KVCache], dict[str, MoeAux]]:
         """S new tokens through the model with a KV cache: prefill (S = the prompt
         bucket) and decode steps (S = 1) alike. Causal decoders only; deterministic.
@@ -334,6 +334,8 @@ class TransformerLM(nnx.Module):
         run their training call (same router, `router_state` selection
         biases) with the pads masked out; capacity is the layer's eval capacity
         (make it dropless for generation: `eval_capacity_factor = None`).
+        last_only: compute the logits of the last position only (`[B, 1, vocab]`;
+        a prefill needs no more, and `[B, S, vocab]` float32 is large).
         -> (logits `[B, S, vocab] float32`, the updated cache, aux `{moe layer: MoeAux}`).
         """
         if not self.causal:
@@ -358,7 +360,7 @@ class TransformerLM(nnx.Module):
                 router_state=router_state.for_layer(name))
             if layer_aux is not None:
                 aux[name] = layer_aux
-        return self._logits(x), new_cache, aux
+        return self._logits(x[:, -1:] if last_only else x), new_cache, aux
 
 
 def _check_moe_layers(moe_every: int, moe_layers: Sequence[int] | None,

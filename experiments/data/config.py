@@ -16,7 +16,7 @@ import numpy as np
 from experiments.data import corpus
 from experiments.data import pipeline as data
 from experiments.data.sources import load_source_split
-from experiments.data.tokenizers import TOKENIZER_SPECS, make_tokenizer
+from experiments.data.tokenizers import check_tokenizer_spec, make_tokenizer
 
 _SEQIO_PREFIX = "seqio:"
 
@@ -30,7 +30,8 @@ class DataConfig:
       seq_len: tokens per row.
       batch_size: rows per training step (split into micro-batches by the trainer).
       eval_batch_size: rows per evaluation batch.
-      tokenizer: 'byte' or 'sentencepiece:<path>'.
+      tokenizer: 'byte', 'sentencepiece:<path>' or 'hf:<path to tokenizer.json>'
+        (an imported model's tokenizer).
       validation_fraction: share of documents held out for validation.
       max_bytes_per_domain: size cap of the embedded corpus per domain.
       cache_dir: embedded-corpus cache (None = default).
@@ -51,10 +52,7 @@ class DataConfig:
     task_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
-        kind, _, path = str(self.tokenizer).partition(":")
-        if self.tokenizer != "byte" and not (kind == "sentencepiece" and path):
-            raise ValueError(f"DataConfig.tokenizer must be one of {TOKENIZER_SPECS}, "
-                             f"got {self.tokenizer!r}")
+        check_tokenizer_spec(self.tokenizer, "DataConfig.tokenizer")
 
     def _common(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "tokenizer": self.tokenizer,

@@ -88,6 +88,9 @@ def tokenize_documents(
     """Tokenizes every record, appending EOS (and prepending BOS if asked)."""
     if add_bos and tokenizer.bos_id < 0:
         raise ValueError("add_bos=True needs a tokenizer with a BOS id (bos_id >= 0)")
+    if tokenizer.eos_id < 0:
+        raise ValueError(f"{tokenizer!r} has no EOS id (every document ends with EOS): name "
+                         "eos_token in the tokenizer_config.json next to its tokenizer.json")
     domain_index = {d: i for i, d in enumerate(domains)}
     unknown = {r["domain"] for r in records} - domain_index.keys()
     if unknown:

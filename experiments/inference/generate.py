@@ -28,8 +28,9 @@ as done; the loop stops when every row is done or max_new_tokens tokens were
 produced. A host-side Python loop would cost a dispatch and a device-to-host
 sync per token to test for EOS; the while_loop tests it on the device.
 
-Sampling: step i draws with `fold_in(PRNGKey(seed), i)` (`sampling.sample`),
-so the same prompts, seed and config give the same tokens.
+Sampling: step i of row b draws with `fold_in(fold_in(PRNGKey(seed), i), b)`
+(`sampling.sample`), so the same prompts (in the same order), seed and config
+give the same tokens, whatever the batch bucket.
 
 MoE layers run their training call, dropless (`restore.make_dropless`), with
 the checkpoint's selection biases. Under a run's mesh (config binds
@@ -205,14 +206,19 @@ class Generator:
         rng = jax.random.PRNGKey(0)
         params, rest = self.restored.params, self.restored.rest
         state = self.restored.router_state
+        # Under a mesh, the cache and the token vectors are split over the batch axes
+        # on their first dimension: the prefill's outputs are the decode's inputs.
+        cache = jax.tree.map(lambda a: self._abstract(a.shape, a.dtype), jax.eval_shape(
+            lambda: nnx.merge(graphdef, params, rest).init_cache(batch, max_len)))
         with self.restored.context():
             if kind == "prefill":
-                fn = jax.jit(lambda *a: _prefill(graphdef, max_len, sampling, *a))
+                out_shardings = (None if self.restored.sharding is None else
+                                 jax.tree.map(lambda a: a.sharding, (cache, rows(jnp.int32))))
+                fn = jax.jit(lambda *a: _prefill(graphdef, max_len, sampling, *a),
+                             out_shardings=out_shardings)
                 lowered = fn.lower(params, rest, state, rows(jnp.int32, prompt_len),
                                    rows(jnp.int32), rows(bool), rng)
             else:
-                model = nnx.merge(graphdef, params, rest)
-                cache = jax.eval_shape(lambda: model.init_cache(batch, max_len))
                 donate = () if jax.default_backend() == "cpu" else (3,)
                 fn = jax.jit(lambda *a: _decode(graphdef, sampling, *a), donate_argnums=donate)
                 lowered = fn.lower(params, rest, state, cache, rows(jnp.int32), rows(jnp.int32),
@@ -248,7 +254,7 @@ def _prefill(graphdef, max_len: int, sampling: SamplingConfig, params, rest, rou
     kv_valid = _kv_valid(lengths, real, jnp.int32(prompt_len), jnp.int32(prompt_len), max_len)
     logits, cache, _ = model.decode(tokens, positions=positions, cache=cache,
                                     cache_index=jnp.int32(0), kv_valid=kv_valid,
-                                    router_state=router_state)
+                                    router_state=router_state, last_only=True)
     return cache, sample(logits[:, -1], jax.random.fold_in(rng, 0), sampling)
 
 

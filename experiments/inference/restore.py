@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from experiments.data.config import DataConfig
 from experiments.runtime import gin_utils
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers the run config's configurables)
+from experiments.train.config import model_vocab_size
 from experiments.train.run_state import build_model, split_model
 from layers.moe_layer import MoeLayer
 from layers.params import logical_axes_of
@@ -120,7 +120,7 @@ def restore_model(workdir: str | Path, step: int | None = None) -> RestoredModel
     checkpoints = workdir / "checkpoints"
     if not checkpoints.is_dir() or not any(checkpoints.iterdir()):
         raise FileNotFoundError(f"no checkpoint under {checkpoints}")
-    vocab_size = DataConfig().vocab_size()
+    vocab_size = model_vocab_size()
     model = build_model(model_cls(), vocab_size, seed=0)
     if not getattr(model, "causal", True):
         raise ValueError(f"{workdir}: scoring and generation need a causal decoder; the run has "

@@ -63,7 +63,13 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
 
 
 def sample(logits: jax.Array, rng: jax.Array, config: SamplingConfig) -> jax.Array:
-    """logits `[B, V] float32` -> next tokens `[B] int32` (greedy ignores `rng`)."""
+    """logits `[B, V] float32` -> next tokens `[B] int32` (greedy ignores `rng`).
+
+    Row b draws with `fold_in(rng, b)`: its token depends on its own logits, the
+    key and its row index, not on how many rows the batch has.
+    """
     if config.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, filter_logits(logits, config), axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda row: jax.random.fold_in(rng, row))(jnp.arange(logits.shape[0]))
+    filtered = filter_logits(logits, config)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)

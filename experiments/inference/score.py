@@ -19,22 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.data.config import DataConfig
-from experiments.data.tokenizers import SentencePieceTokenizer, Tokenizer, make_tokenizer
 from experiments.inference import restore as restore_lib
-
-# Tokenizer files stored in a workdir, in order of precedence, each with its
-# loader; they win over `DataConfig.tokenizer` (an imported model keeps its own).
-WORKDIR_TOKENIZERS: dict[str, Callable[[Path], Tokenizer]] = {
-    "tokenizer.model": lambda path: SentencePieceTokenizer(str(path)),
-}
 
 
 @dataclasses.dataclass
 class Scorer:
     """A restored model ready to score.
 
-    forward: `ids [1, n] int32 -> logits [1, n, vocab] float32` (jitted).
+    forward: `ids [B, n] int32, segment_ids [B, n] int32 | None -> logits
+    [B, n, vocab] float32` (jitted; segment 0 = padding, excluded from
+    attention and MoE routing).
     routing: `ids [1, n] int32 -> {MoE layer name: token_experts [n, k] int32}`
     (jitted; the experts each token is sent to, as scored).
     """
@@ -59,16 +53,6 @@ class Scores:
         return dataclasses.asdict(self)
 
 
-def workdir_tokenizer(workdir: str | Path) -> Tokenizer:
-    """The tokenizer file stored in the workdir (`WORKDIR_TOKENIZERS`, first
-    present wins), else the run's `DataConfig.tokenizer` (config parsed)."""
-    for name, load in WORKDIR_TOKENIZERS.items():
-        path = Path(workdir) / name
-        if path.is_file():
-            return load(path)
-    return make_tokenizer(DataConfig().tokenizer)
-
-
 def load_scorer(workdir: str | Path, step: int | None = None) -> Scorer:
     """Restores `workdir`'s model (latest intact checkpoint, or `step`), read-only
     (`experiments.inference.restore.restore_model`: the run's `config.gin` is
@@ -78,9 +62,9 @@ def load_scorer(workdir: str | Path, step: int | None = None) -> Scorer:
     router_state = restored.router_state
 
     @jax.jit
-    def forward_jit(ids: jax.Array) -> jax.Array:
+    def forward_jit(ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         logits, _ = nnx.merge(graphdef, params, rest)(
-            ids, deterministic=True, router_state=router_state)
+            ids, segment_ids=segment_ids, deterministic=True, router_state=router_state)
         return logits.astype(jnp.float32)
 
     @jax.jit
@@ -89,9 +73,9 @@ def load_scorer(workdir: str | Path, step: int | None = None) -> Scorer:
             ids, deterministic=True, router_state=router_state)
         return {name: layer_aux.token_experts for name, layer_aux in aux.items()}
 
-    def forward(ids: jax.Array) -> jax.Array:
+    def forward(ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         with restored.context():
-            return forward_jit(ids)
+            return forward_jit(ids, segment_ids)
 
     def routing(ids: jax.Array) -> dict[str, jax.Array]:
         with restored.context():
@@ -120,3 +104,64 @@ def score(scorer: Scorer, ids: Sequence[int]) -> Scores:
     picked = np.asarray(jnp.take_along_axis(logprobs, jnp.asarray(array[1:, None]), axis=-1))[:, 0]
     values = [float(v) for v in picked]
     return Scores(ids=[int(i) for i in array], logprobs=values, total=float(np.sum(picked)))
+
+
+@dataclasses.dataclass
+class TokenScores:
+    """logprobs `[n - 1] float32`: log p(ids[i] | ids[:i]), i = 1..n-1; greedy
+    `[n - 1] bool`: whether ids[i] is the argmax of that distribution."""
+
+    logprobs: np.ndarray
+    greedy: np.ndarray
+
+
+def length_bucket(n: int, minimum: int = 16) -> int:
+    """The padded length of an `n`-token input: the next power of two >= `minimum`."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@jax.jit
+def _pick(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logits `[B, L, V]`, targets `[B, L]` -> (log p(target) `[B, L]`, target == argmax `[B, L]`)."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets
+
+
+def score_batch(scorer: Scorer, sequences: Sequence[Sequence[int]], *,
+                batch_size: int = 8) -> list[TokenScores]:
+    """`score` for many sequences, in batches of `batch_size` rows.
+
+    Each sequence's input `ids[:-1]` is right-padded to its length bucket
+    (`length_bucket`) with segment id 0, and batches are padded to
+    `batch_size` rows, so the forward compiles once per length bucket; padding
+    changes no real token's logits (causal attention within the segment, no
+    routing of padding; MoE layers are dropless). Sequences are grouped by
+    bucket, longest first; results come back in the input order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    arrays = [check_ids(ids, scorer.vocab_size) for ids in sequences]
+    order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)
+    results: list[TokenScores | None] = [None] * len(arrays)
+    start = 0
+    while start < len(order):
+        bucket = length_bucket(arrays[order[start]].size - 1)
+        rows = [order[start]]
+        while (len(rows) < batch_size and start + len(rows) < len(order) and
+               length_bucket(arrays[order[start + len(rows)]].size - 1) == bucket):
+            rows.append(order[start + len(rows)])
+        start += len(rows)
+        ids = np.zeros((batch_size, bucket), np.int32)
+        targets = np.zeros((batch_size, bucket), np.int32)
+        segments = np.zeros((batch_size, bucket), np.int32)
+        for row, i in enumerate(rows):
+            n = arrays[i].size - 1
+            ids[row, :n], targets[row, :n], segments[row, :n] = arrays[i][:-1], arrays[i][1:], 1
+        logits = scorer.forward(jnp.asarray(ids), jnp.asarray(segments))
+        picked, greedy = (np.asarray(a) for a in _pick(logits, jnp.asarray(targets)))
+        for row, i in enumerate(rows):
+            n = arrays[i].size - 1
+            results[i] = TokenScores(logprobs=picked[row, :n].astype(np.float32),
+                                     greedy=greedy[row, :n].astype(bool))
+    return results  # type: ignore[return-value]

@@ -15,6 +15,7 @@ from experiments.reporting import analysis
 from experiments.reporting.metrics import METRICS_FILE, read_jsonl
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import Checkpointer
+from experiments.train.config import model_vocab_size
 from experiments.train.evaluation import make_routing_counts_step, routing_counts
 from experiments.train.trainer import build_model, split_model
 from moe.router_state import SELECTION_BIAS, RouterState
@@ -44,7 +45,7 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
     output_dir.mkdir(parents=True, exist_ok=True)
     data_config = DataConfig()
     domains = data_config.domains()
-    model = build_model(_model_cls(), data_config.vocab_size(), seed=0)
+    model = build_model(_model_cls(), model_vocab_size(data=data_config), seed=0)
     graphdef, params, rest = split_model(model)
     # Read-only: the run may still be training and saving.
     checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)

@@ -47,6 +47,9 @@ class TrainConfig:
     Attributes:
       model_cls: the model class, constructed as `model_cls(vocab_size=,
         rngs=)` with its other arguments from gin.
+      vocab_size: the model's vocabulary (embedding rows); None: the data
+        tokenizer's `DataConfig.vocab_size()`. An imported model binds its own
+        (often padded beyond its tokenizer's size); see `model_vocab_size`.
       num_steps: total optimizer steps.
       seed: seeds parameter init, the data order and the per-step RNG keys
         (`fold_in(PRNGKey(seed), step)`).
@@ -69,6 +72,7 @@ class TrainConfig:
     """
 
     model_cls: Callable[..., Any] = TransformerLM
+    vocab_size: int | None = None
     num_steps: int = 1000
     seed: int = 0
     num_microbatches: int = 1
@@ -92,12 +96,50 @@ class TrainConfig:
                      "num_microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or
+                                            not isinstance(self.vocab_size, int) or
+                                            self.vocab_size < 1):
+            raise ValueError(f"train.vocab_size must be None or an int >= 1, got "
+                             f"{self.vocab_size!r}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         object.__setattr__(self, "hooks", tuple(self.hooks))
 
 
 TrainConfig.gin_set_by = dict(_MOVED)  # read by gin_utils.parse to name the new binding
+
+
+def model_vocab_size(config: TrainConfig | None = None, data: DataConfig | None = None) -> int:
+    """The model's vocabulary size: `train.vocab_size` when bound, else the data
+    tokenizer's (`DataConfig.vocab_size()`).
+
+    Every consumer that builds a model (trainer, scorer, upcycler, reports) calls
+    this. Without `config`, `train.vocab_size` is read from the parsed gin config
+    (constructing `TrainConfig` there would build its hooks).
+    """
+    if config is not None:
+        vocab = config.vocab_size
+    else:
+        try:
+            vocab = gin.query_parameter("train.vocab_size")
+        except ValueError:  # not bound
+            vocab = None
+        if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int)
+                                  or vocab < 1):
+            raise ValueError(f"train.vocab_size must be None or an int >= 1, got {vocab!r}")
+    if vocab is not None:
+        return int(vocab)
+    return (data or DataConfig()).vocab_size()
+
+
+def check_data_vocab(model_vocab: int, data: DataConfig) -> None:
+    """Refuses a data tokenizer whose ids can reach past the model's vocabulary."""
+    data_vocab = data.vocab_size()
+    if data_vocab > model_vocab:
+        raise ValueError(
+            f"the data tokenizer (DataConfig.tokenizer = {data.tokenizer!r}) has {data_vocab} "
+            f"ids, more than the model's vocabulary (train.vocab_size = {model_vocab}): train "
+            f"with the model's tokenizer or a model of at least {data_vocab} rows")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +164,11 @@ class TrainSetup:
 
     def __post_init__(self):
         check_names(self.hooks)
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary (`model_vocab_size`)."""
+        return model_vocab_size(self.config, self.data)
 
     @classmethod
     def from_gin(cls, **config_changes: Any) -> TrainSetup:
