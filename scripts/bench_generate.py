@@ -20,7 +20,7 @@ Every cell is compiled and run once before timing (warm-up excluded); then
 each round runs every (model, cell) once, in an order that alternates between
 rounds, and each figure is the median over rounds; ratios are medians of the
 per-round ratios, so slow drift of a shared machine cancels to first order.
-Figures: prefill tokens/s (prompt tokens over the prefill's time), decode ms per
+Figures: prefill tokens/s (prompt tokens over the median prefill time), decode ms per
 step and tokens/s (batch / step time), and the decode step's context ratio
 (context 2048 over 128, batch 1) next to what a FLOP count predicts with a
 cache (attention grows with context, the rest does not) and without one (each
@@ -190,13 +190,14 @@ def _median(values: list[float]) -> float:
 def _cell_figures(runs: list[dict[str, float]], cell: Cell, new_tokens: int) -> dict[str, Any]:
     prompt = prompt_length(cell, new_tokens)
     step_s = [r["decode_s"] / r["decode_steps"] for r in runs]
+    prefill_s = _median([r["prefill_s"] for r in runs])
     return dict(batch=cell.batch, context=cell.context, prompt_tokens=prompt,
                 new_tokens=new_tokens, decode_steps=runs[0]["decode_steps"],
                 engine_buckets=runs[0]["buckets"],
-                prefill_ms=1e3 * _median([r["prefill_s"] for r in runs]),
-                prefill_tokens_per_s=_median([cell.batch * prompt / r["prefill_s"] for r in runs]),
+                prefill_ms=1e3 * prefill_s,
+                prefill_tokens_per_s=cell.batch * prompt / prefill_s,
                 decode_ms_per_step=1e3 * _median(step_s),
-                decode_tokens_per_s=_median([cell.batch / s for s in step_s]),
+                decode_tokens_per_s=cell.batch / _median(step_s),
                 decode_ms_per_step_min=1e3 * min(step_s), decode_ms_per_step_max=1e3 * max(step_s))
 
 

@@ -27,23 +27,13 @@ input: a workdir without checkpoint, --max_new_tokens < 1, a temperature < 0,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-from collections.abc import Callable
 
 from experiments.inference import generate_cli
+from experiments.inference import tokenizer as tokenizer_lib
 from experiments.runtime import cli
-
-
-def _tokenizer_functions() -> tuple[Callable, Callable]:
-    """(workdir_tokenizer, workdir_eos_ids) of `experiments.inference.tokenizer`;
-    until that module lands, the scorer's tokenizer and its EOS id."""
-    try:
-        from experiments.inference import tokenizer  # pylint: disable=g-import-not-at-top
-        return tokenizer.workdir_tokenizer, tokenizer.workdir_eos_ids
-    except ImportError:
-        from experiments.inference import score  # pylint: disable=g-import-not-at-top
-        return score.workdir_tokenizer, lambda workdir: [score.workdir_tokenizer(workdir).eos_id]
 
 
 def _parser() -> cli.ArgumentParser:
@@ -89,12 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from experiments.inference import generate  # pylint: disable=g-import-not-at-top
     generator = generate.load_generator(args.workdir, args.step)
-    vocab_size = generator.restored.vocab_size
-    workdir_tokenizer, workdir_eos_ids = _tokenizer_functions()
-    tokenizer = lambda: workdir_tokenizer(args.workdir)  # noqa: E731
+    vocab_size = generator.vocab_size
+    tokenizer = functools.cache(lambda: tokenizer_lib.workdir_tokenizer(args.workdir))
     prompts = generate_cli.encode_requests(requests, vocab_size, tokenizer)
     if eos_ids is None:
-        eos_ids = list(workdir_eos_ids(args.workdir))
+        eos_ids = tokenizer_lib.workdir_eos_ids(args.workdir)
     generate_cli.check_vocab_ids(eos_ids, vocab_size, "--eos_ids")
     outputs = generator.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                  seed=args.seed, eos_ids=eos_ids)
