@@ -162,6 +162,12 @@ CASES = {
     "evomoe_report_flag": Case("scripts/evomoe_report.py", ("--window=x",), ("--window",)),
     "upcycling_sweep_flag": Case("scripts/upcycling_sweep.py", ("--root={run}",), ("--json",),
                                  "run"),
+    "shards_not_prepared": _train("DataConfig.source = 'shards:{existing}'",
+                                  expected=("existing", "no manifest.json", "prepare_data.py")),
+    "prepare_data_no_match": Case("scripts/prepare_data.py", ("--input={missing}",
+                                                              "--output={run}"),
+                                  ("--input", "missing.jsonl", "matches no files"), "run"),
+    "bench_data_flag": Case("scripts/bench_data.py", ("--sizes_mb=x",), ("--sizes_mb",)),
 }
 
 
