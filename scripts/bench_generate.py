@@ -278,7 +278,7 @@ def markdown(result: dict[str, Any]) -> str:
     versus = ["| preset | cell | MoE/dense prefill | MoE/dense decode |", "|---|---|---|---|"]
     for preset, figures in result["presets"].items():
         for variant, model in figures["models"].items():
-            for name, cell in model["cells"].items():
+            for cell in model["cells"].values():
                 lines.append(
                     f"| {preset} | {variant} | {model['active_params'] / 1e6:.2f} M "
                     f"| batch {cell['batch']}, context {cell['context']} "

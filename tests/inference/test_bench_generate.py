@@ -46,8 +46,8 @@ def test_small_run_writes_every_figure(tmp_path):
     for variant in ("moe", "dense"):
         ratio = figures["context_ratio"][variant]
         assert (ratio["short"], ratio["long"]) == (16, 64)
-        assert ratio["measured"] > 0 and ratio["kv_cache_mb"]["long"] == 4 * ratio["kv_cache_mb"]["short"]
-        assert "growth_ms" in ratio
+        assert ratio["measured"] > 0 and "growth_ms" in ratio
+        assert ratio["kv_cache_mb"]["long"] == 4 * ratio["kv_cache_mb"]["short"]
         flops = ratio["flops"]
         assert 1 < flops["with_cache"] < 2 < 4 < flops["without_cache"]
     assert set(figures["moe_over_dense"]) == {"b1_ctx16", "b1_ctx64", "b4_ctx16"}

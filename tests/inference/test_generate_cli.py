@@ -146,7 +146,8 @@ def test_ids_outside_the_vocabulary(workdir, tmp_path):
 
 @pytest.mark.parametrize("content, expected", [
     ('{"prompt": "a"}\nnot json\n', "p.jsonl:2: not valid JSON"),
-    ('{"prompt": "a"}\n\n{"text": "b"}\n', "p.jsonl:3: key 'text' is not one of ('prompt', 'prompt_ids')"),
+    ('{"prompt": "a"}\n\n{"text": "b"}\n',
+     "p.jsonl:3: key 'text' is not one of ('prompt', 'prompt_ids')"),
     ('{"prompt": "a", "prompt_ids": [1]}\n', "p.jsonl:1: give exactly one of the keys"),
     ('{}\n', "p.jsonl:1: give exactly one of the keys"),
     ('[1, 2]\n', "p.jsonl:1: expected a JSON object"),
