@@ -7,14 +7,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import signal
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.bench import gmm, report
-from tests.helpers import REPO, run_script
+from experiments.bench import gmm, peaks, report
+from tests.helpers import REPO, run_script, start_script
 
 TINY = gmm.GmmShape("tiny", 4, 2, 16, 16, 8)  # M = 32 rows, K = 16, N = 8
 TOL = gmm.tolerance("float32", "cpu")
@@ -278,3 +280,41 @@ def test_markdown_shows_wrong_error_and_skipped_cases():
     assert "- deepseek skewed fwd_bwd: MemoryError: out of memory" in text
     assert "- mixtral/gmm_mosaic_gpu: NotImplementedError: sm80" in text
     assert "- E8_k2/pallas: ValueError: bad tiling" in text
+
+
+def test_sigterm_still_writes_the_partial_results(tmp_path):
+    """`timeout` (scripts/device_bench.sh) sends SIGTERM: the cases measured so far are
+    kept, the JSON says incomplete, the docs section is written, exit status 1."""
+    doc = tmp_path / "benchmarks.md"
+    shutil.copy(REPO / "docs/benchmarks.md", doc)
+    out = tmp_path / "bench.json"
+    process = start_script("scripts/bench_accelerator.py", "--small", "--sections=gmm",
+                           f"--json={out}", f"--doc={doc}", log_path=tmp_path / "log")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if out.exists() and json.loads(out.read_text())["gmm"]:
+                break  # the first case is in: stop the run in the middle of the second
+            time.sleep(0.5)
+        assert process.poll() is None, (tmp_path / "log").read_text()[-2000:]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 1, (tmp_path / "log").read_text()[-2000:]
+    finally:
+        process.kill()
+    data = json.loads(out.read_text())
+    assert not data["complete"] and 1 <= len(data["gmm"]) < 4
+    assert "stopped by signal 15: writing the results measured so far" in (
+        tmp_path / "log").read_text()
+    section = doc.read_text().split("<!-- bench-accelerator: cpu: cpu (--small) -->")[1]
+    assert "(incomplete: stopped early)" in section
+    assert "| mixtral_small (8, 2, 256, 64, 128) | uniform | fwd |" in section
+
+
+def test_peaks_give_mfu_only_where_known():
+    assert peaks.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+    assert peaks.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert peaks.peak_tflops("TPU v5 lite", "bfloat16") == 197.0
+    assert peaks.peak_tflops("NVIDIA H200", "float32") is None  # TF32 or not: not guessed
+    assert peaks.peak_tflops("cpu", "bfloat16") is None
+    assert peaks.mfu(989e12 * 0.5, 1.0, "NVIDIA H200", "bfloat16") == pytest.approx(0.5)
+    assert peaks.mfu(1e12, 1.0, "cpu", "float32") is None
