@@ -26,6 +26,7 @@ mkdir -p "$OUT"
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 {
   echo "python: $PY"; date -u; uptime
+  "$PY" -c "import importlib.util as u; print('missing packages:', [m for m in ('jax', 'flax', 'optax', 'gin', 'orbax', 'tensorboardX', 'numpy', 'grain') if u.find_spec(m) is None] or 'none', '; tokamax:', 'yes' if u.find_spec('tokamax') else 'no')"
   "$PY" -c "import jax; print('jax', jax.__version__, jax.default_backend(), jax.devices())"
   nvidia-smi -L 2>/dev/null || true
 } > "$OUT/environment.txt" 2>&1
