@@ -7,9 +7,12 @@ import json
 import shutil
 
 import gin
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.inference.generate import Generator
+from experiments.inference.restore import restore_model
 from experiments.reporting.metrics import read_jsonl
 from experiments.runtime import gin_utils
 from experiments.train.config import TrainSetup
@@ -57,6 +60,7 @@ def test_null_expert_run_logs_realised_experts_and_resumes_exactly(null_run, tmp
         assert np.isfinite(r["loss"])
     # Dropless sort: the FLOPs follow the realised FFN rows, so they change with routing.
     assert len({r["flops"] for r in records}) > 1
+    _check_generation(workdir)  # the decode path adds the copy/const outputs too
     params = (workdir / "operative_config.gin").read_text()
     assert "NullExpertRouter.null_experts = ('zero', 'copy', 'const')" in params
     resumed = tmp_path / "resumed"
@@ -123,6 +127,7 @@ def test_widenet_trains_sharded_with_one_copy_and_resumes_exactly(tmp_path):
     deeper = {p for p in paths if p.startswith(("('layer_1'", "('layer_2'"))}
     assert deeper == {f"('layer_{i}', '{norm}', 'scale')" for i in (1, 2)
                       for norm in ("attention_norm", "ffn_norm")}
+    _check_generation(workdir)
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir, resumed)
     shutil.rmtree(resumed / "checkpoints" / "6")
@@ -130,3 +135,20 @@ def test_widenet_trains_sharded_with_one_copy_and_resumes_exactly(tmp_path):
     first = {r["step"]: r["loss"] for r in records}
     second = {r["step"]: r["loss"] for r in read_jsonl(resumed / "metrics.jsonl", "train")}
     assert second == pytest.approx(first, rel=1e-5)
+
+
+def _check_generation(workdir):
+    """Restore the run (through `train.model_cls`) and decode with the KV cache:
+    greedy tokens equal the argmax of a full forward pass over the prompt and the
+    tokens before (WideNet: one cache per layer over the shared attention)."""
+    gin.clear_config()
+    try:
+        restored = restore_model(workdir)
+        prompt = [5, 6, 7, 8, 9]
+        new = Generator(restored).generate([prompt], max_new_tokens=4)[0]
+        with restored.context():
+            logits, _ = restored.model()(jnp.asarray([prompt + new[:-1]], jnp.int32))
+    finally:
+        gin.clear_config()
+    assert len(new) == 4
+    assert np.asarray(jnp.argmax(logits[0, len(prompt) - 1:], -1)).tolist() == new
