@@ -8,12 +8,13 @@ from layers.routers import (
     BaseRouter,
     DenseToSparseRouter,
     ExpertChoiceRouter,
+    HashRouter,
     Routing,
     TopKRouter,
     register_router,
 )
 from layers.transformer import TransformerLM, mask_tokens
 
-__all__ = ["BaseRouter", "DenseMLP", "DenseToSparseRouter", "ExpertChoiceRouter", "Experts",
+__all__ = ["BaseRouter", "DenseMLP", "DenseToSparseRouter", "ExpertChoiceRouter", "Experts", "HashRouter",
            "MoeLayer", "Routing", "TopKRouter", "TransformerLM", "active_ffn",
            "logical_axes_of", "mask_tokens", "register_router"]

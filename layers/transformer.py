@@ -19,7 +19,7 @@ from layers.norms import RMSNorm
 from layers.params import EMBED, VOCAB, fan_in_init, make_param, normal_init
 from moe.experts import is_glu
 from moe.layer_aux import MoeAux
-from moe.router_state import RouterState
+from moe.router_state import MODEL_INPUT_KEYS, RouterState
 
 # TransformerLM arguments replaced by MoeLayer / router bindings (layers.renamed).
 _RENAMED_MODEL_ARGS = ("num_experts", "k", "expert_d_ff", "moe_kwargs")
@@ -240,6 +240,12 @@ class TransformerLM(nnx.Module):
         """`{moe layer name: router-state keys its router reads}` (`moe.router_state`)."""
         return {name: self.moe_layer(name).router.state_keys for name in self.moe_layer_names}
 
+    def _with_model_inputs(self, router_state: RouterState, inputs: jax.Array) -> RouterState:
+        """The state plus the model inputs (`moe.router_state.MODEL_INPUT_KEYS`, e.g. the token
+        ids of hash routing) that some MoE layer's router declares in its `state_keys`."""
+        needed = {key for keys in self.router_state_keys.values() for key in keys}
+        return router_state.with_model_inputs(needed & set(MODEL_INPUT_KEYS), token_ids=inputs)
+
     def param_count(self) -> int:
         return sum(v.size for _, v in nnx.to_flat_state(nnx.state(self, nnx.Param)))
 
@@ -279,6 +285,7 @@ class TransformerLM(nnx.Module):
                                  f"got {arg.shape}")
         router_state = RouterState() if router_state is None else router_state
         router_state.check_layers(self.moe_layer_names)
+        router_state = self._with_model_inputs(router_state, inputs)
         if segment_ids is None:
             mask, token_mask = None, None
             if positions is None:
@@ -352,6 +359,7 @@ class TransformerLM(nnx.Module):
             raise ValueError(f"kv_valid must be [batch={batch}, max_len], got {kv_valid.shape}")
         router_state = RouterState() if router_state is None else router_state
         router_state.check_layers(self.moe_layer_names)
+        router_state = self._with_model_inputs(router_state, inputs)
         token_mask = jax.lax.dynamic_slice(kv_valid, (0, jnp.asarray(cache_index, jnp.int32)),
                                            (batch, seq))
         x = self.embedding[...][inputs].astype(self.dtype)
