@@ -13,7 +13,8 @@ heads, FFN and vocabulary) differ only in their attention:
 Each is run through the unchanged engine (`experiments.inference.generate.Generator`,
 greedy, no EOS) on the same random prompts; the figure is the median over rounds of the
 engine's seconds per decode step (compilation and warm-up excluded; the order of the
-models alternates between rounds). Cache bytes per token come from `init_cache` itself.
+models alternates between rounds), and the median of the per-round ratios to standard
+attention (slow drift of a shared machine cancels to first order). Cache bytes per token come from `init_cache` itself.
 The load average (`os.getloadavg`) is printed before and after: on a shared machine
 the times are indicative only.
 """
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in (kinds if r % 2 == 0 else kinds[::-1]):
             run(kind)
             times[kind].append(generators[kind].last_stats.seconds_per_decode_step)
+    ratios = {kind: statistics.median(t / s for t, s in zip(times[kind], times["standard"]))
+              for kind in kinds}
     stats = generators["standard"].last_stats
     result = {
         "shape": dict(d_model=D_MODEL, layers=LAYERS, heads=HEADS, head_dim=HEAD_DIM,
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "models": {kind: {"cache_bytes_per_token_per_layer": cache_bytes_per_token(models[kind]),
                           "params": models[kind].param_count(),
-                          "decode_ms_per_step": 1e3 * statistics.median(times[kind])}
+                          "decode_ms_per_step": 1e3 * statistics.median(times[kind]),
+                          "decode_time_vs_standard": ratios[kind]}
                    for kind in kinds},
     }
     print(json.dumps(result, indent=1))
