@@ -227,3 +227,16 @@ def test_yarn_frequencies_attention_factor_and_softmax_scale():
     assert softmax_scale(192, tuple(v3.items())) == pytest.approx(
         192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
     assert softmax_scale(192, None) == pytest.approx(192 ** -0.5)
+
+
+def test_flop_counter_counts_mla_scores_and_values_and_export_refuses_mla():
+    from experiments.convert.hf.family import UnsupportedModelError, spec_of
+    from experiments.train.flops import flop_counter
+    model = _mla_model(moe_every=0)
+    counter = flop_counter(model, batch_size=1, seq_len=10)
+    matmuls = sum(2.0 * v.size for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                  if v.ndim >= 2 and path[0] != "embedding")
+    heads, qk, dv = 4, 4 + 4, 6  # num_heads of _model; OPTIONS' widths
+    assert counter.dense_per_position == pytest.approx(matmuls + 2 * 2.0 * 10 * heads * (qk + dv))
+    with pytest.raises(UnsupportedModelError, match="TransformerLM.attention = @MLAttention"):
+        spec_of(model)
