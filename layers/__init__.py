@@ -17,5 +17,5 @@ from layers.routers import (
 from layers.transformer import TransformerLM, mask_tokens
 
 __all__ = ["BaseRouter", "DenseMLP", "DenseToSparseRouter", "ExpertChoiceRouter", "Experts",
-           "HashRouter", "MLAttention", "MoeLayer", "Routing", "TopKRouter", "TransformerLM", "active_ffn",
-           "logical_axes_of", "mask_tokens", "register_router"]
+           "HashRouter", "MLAttention", "MoeLayer", "Routing", "TopKRouter", "TransformerLM",
+           "active_ffn", "logical_axes_of", "mask_tokens", "register_router"]

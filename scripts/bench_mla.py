@@ -14,14 +14,14 @@ Each is run through the unchanged engine (`experiments.inference.generate.Genera
 greedy, no EOS) on the same random prompts; the figure is the median over rounds of the
 engine's seconds per decode step (compilation and warm-up excluded; the order of the
 models alternates between rounds), and the median of the per-round ratios to standard
-attention (slow drift of a shared machine cancels to first order). Cache bytes per token come from `init_cache` itself.
+attention (slow drift of a shared machine cancels to first order). Cache bytes per
+token come from `init_cache` itself.
 The load average (`os.getloadavg`) is printed before and after: on a shared machine
 the times are indicative only.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os

@@ -18,6 +18,6 @@ from layers.routers.hash import HashRouter
 from layers.routers.top_k import TopKRouter
 
 __all__ = [
-    "ROUTER_DENYLIST", "BaseRouter", "DenseToSparseRouter", "ExpertChoiceRouter", "HashRouter", "Routing",
-    "TopKRouter", "available_routers", "get_router", "register_router",
+    "ROUTER_DENYLIST", "BaseRouter", "DenseToSparseRouter", "ExpertChoiceRouter", "HashRouter",
+    "Routing", "TopKRouter", "available_routers", "get_router", "register_router",
 ]
