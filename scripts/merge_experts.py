@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Explicit groups, e.g. '0,1;2;3' (instead of --keep/--grouping).")
     parser.add_argument("--router_merge", choices=es.ROUTER_MERGES, default="combine")
     args = parser.parse_args(argv)
+    task = ex.task_from_args(args)
     if args.groups is not None and (args.keep is not None or args.keep_fraction is not None):
         parser.error("--groups sets the number of experts: give it without --keep/--keep_fraction")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -51,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                               router_merge=args.router_merge, clip_k=args.clip_k,
                               optimizer_state=args.optimizer_state, seed=args.seed,
                               step=args.step)
-    result = ex.merge_experts(args.workdir, args.out_workdir, config, ex.task_from_args(args))
+    result = ex.merge_experts(args.workdir, args.out_workdir, config, task)
     print(ex.summary_line(result))
+    if args.eval_batches:
+        print(ex.evaluate_before_after(result, task, args.eval_batches))
     return 0
 
 

@@ -47,6 +47,7 @@ from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import LOSS_FREE_HOOK, Checkpointer
 from experiments.runtime.workdir_lock import check_workdir
+from experiments.train import evaluation
 from experiments.train.optim import make_optimizer
 from moe import expert_surgery as es
 from moe.expert_stats import RoutingStats
@@ -188,6 +189,28 @@ def task_stats(restored: RestoredModel, task: TaskSpec,
     info = {**dataclasses.asdict(task), "step": restored.step,
             "num_tokens": {layer: float(s.num_tokens) for layer, s in stats.items()}}
     return stats, routing_stats.save_stats(restored.workdir, name, stats, info)
+
+
+def evaluate_workdir(workdir: str | Path, task: TaskSpec, num_batches: int) -> dict[str, Any]:
+    """Validation loss of a workdir's model on the task source (the first
+    `num_batches` validation batches; dropless, selection biases applied):
+    `{"loss", "domain_loss": {domain: loss}, "task_loss"}` (task_loss: the task
+    domain's loss, or the overall loss without a domain). Leaves gin parsed
+    with the workdir's config."""
+    restored = restore_model(workdir)
+    data = DataConfig()
+    if task.source is not None:
+        data = dataclasses.replace(data, source=task.source, eval_max_batches=None)
+    domains = data.domains()
+    batches = data.eval_batches()[:num_batches]
+    step = jax.jit(evaluation.make_eval_step(restored.graphdef, restored.rest, len(domains)))
+    with restored.context():
+        result = evaluation.evaluate(step, restored.params, batches, domains,
+                                     restored.router_state)
+    task_loss = (result.loss if task.domain is None
+                 else result.domain_loss.get(task.domain, float("nan")))
+    return {"loss": result.loss, "domain_loss": result.domain_loss, "task_loss": task_loss,
+            "num_batches": result.num_batches}
 
 
 # ---------------------------------------------------------------------------
@@ -415,11 +438,31 @@ def add_flags(parser: Any) -> None:
                         help="carry: moments transformed like the weights; reset: fresh AdamW.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None, help="Checkpoint step (default latest).")
+    parser.add_argument("--eval_batches", type=int, default=0,
+                        help="Also evaluate source and result on this many validation batches "
+                             "of the task source (0 = no evaluation); the losses go to "
+                             "surgery.json and the output.")
 
 
 def task_from_args(args: Any) -> TaskSpec:
+    """The task of the flags (also checks --eval_batches before anything runs)."""
+    if args.eval_batches < 0:
+        raise ValueError(f"eval_batches must be >= 0, got {args.eval_batches}")
     return TaskSpec(source=args.task_source, domain=args.task_domain, split=args.task_split,
                     batches=args.task_batches, seed=args.seed)
+
+
+def evaluate_before_after(result: SurgeryResult, task: TaskSpec, num_batches: int) -> str:
+    """Evaluates the source and the new workdir, adds `eval` to surgery.json; one line."""
+    record_path = result.out_workdir / SURGERY_FILE
+    record = json.loads(record_path.read_text())
+    before = evaluate_workdir(record["source_workdir"], task, num_batches)
+    after = evaluate_workdir(result.out_workdir, task, num_batches)
+    record["eval"] = {"before": before, "after": after}
+    record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    what = f"domain {task.domain}" if task.domain else "all domains"
+    return (f"validation loss on {what} ({before['num_batches']} batches): "
+            f"{before['task_loss']:.4f} -> {after['task_loss']:.4f}")
 
 
 def summary_line(result: SurgeryResult) -> str:
