@@ -71,7 +71,7 @@ class TaskSpec:
     source: a `DataConfig.source` ('embedded', 'jsonl:<path>', 'text:<glob>');
       None = the run's own. domain: only this domain's tokens count (None = all).
     split: 'train' (the first `batches` training batches, seed `seed`) or
-      'validation' (the first `batches` validation batches).
+      'validation' (`batches` validation batches evenly spaced over the split).
     """
 
     source: str | None = None
@@ -157,16 +157,16 @@ class SurgeryResult:
 
 def task_batches(task: TaskSpec) -> tuple[list[dict[str, np.ndarray]], int | None]:
     """The task's batches (run's data settings, `task.source`) and the domain id."""
-    data = DataConfig()
+    data = dataclasses.replace(DataConfig(), eval_max_batches=task.batches)
     if task.source is not None:
-        data = dataclasses.replace(data, source=task.source, eval_max_batches=None)
+        data = dataclasses.replace(data, source=task.source)
     domain_id = None
     if task.domain is not None:
         domains = data.domains()
         check_one_of("task_domain", task.domain, domains)
         domain_id = domains.index(task.domain)
     if task.split == "validation":
-        batches = data.eval_batches()[:task.batches]
+        batches = data.eval_batches()
     else:
         it = data.train_iterator(task.seed)
         batches = [dict(next(it)) for _ in range(task.batches)]
@@ -192,17 +192,18 @@ def task_stats(restored: RestoredModel, task: TaskSpec,
 
 
 def evaluate_workdir(workdir: str | Path, task: TaskSpec, num_batches: int) -> dict[str, Any]:
-    """Validation loss of a workdir's model on the task source (the first
-    `num_batches` validation batches; dropless, selection biases applied):
+    """Validation loss of a workdir's model on the task source (`num_batches`
+    validation batches evenly spaced over the split, as `DataConfig.eval_max_batches`
+    picks them; dropless, selection biases applied):
     `{"loss", "domain_loss": {domain: loss}, "task_loss"}` (task_loss: the task
     domain's loss, or the overall loss without a domain). Leaves gin parsed
     with the workdir's config."""
     restored = restore_model(workdir)
-    data = DataConfig()
+    data = dataclasses.replace(DataConfig(), eval_max_batches=num_batches)
     if task.source is not None:
-        data = dataclasses.replace(data, source=task.source, eval_max_batches=None)
+        data = dataclasses.replace(data, source=task.source)
     domains = data.domains()
-    batches = data.eval_batches()[:num_batches]
+    batches = data.eval_batches()
     step = jax.jit(evaluation.make_eval_step(restored.graphdef, restored.rest, len(domains)))
     with restored.context():
         result = evaluation.evaluate(step, restored.params, batches, domains,
