@@ -50,9 +50,11 @@ def _recording_class(name: str, sink: dict[str, RoutingStats]) -> type:
             tokens = x.reshape(-1, self.d_model)
             token_mask = (jnp.ones((tokens.shape[0],), jnp.float32) if mask is None
                           else mask.reshape(-1).astype(jnp.float32))
-            # Token-choice routing does not depend on the capacity (dropping happens after).
-            decision = self.router(tokens, mask=token_mask, capacity=None, deterministic=True,
-                                   rng=None, state=dict(router_state or {}))
+            # The layer's own routing again (deterministic, so the same decision).
+            decision = self.router(tokens, mask=token_mask,
+                                   capacity=self.capacity(tokens.shape[0], deterministic),
+                                   deterministic=deterministic, rng=None,
+                                   state=dict(router_state or {}))
             if decision.expert_choice or decision.aux.token_probs is None:
                 raise NoTokenRoutingError(
                     f"{name}: routing statistics need token-choice routing with per-token "

@@ -18,12 +18,14 @@ import gin
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments.convert import expert_surgery as ex
 from experiments.inference import routing_stats
-from experiments.inference.restore import restore_model
+from experiments.inference.restore import RestoredModel, restore_model
 from experiments.runtime import gin_utils
-from moe.router_state import SELECTION_BIAS
+from layers.transformer import TransformerLM
+from moe.router_state import SELECTION_BIAS, RouterState
 from tests.helpers import run_script, shared_training_run
 
 TINY = "--gin_file=gin_configs/experiments/test_tiny.gin"
@@ -173,3 +175,13 @@ def test_cli_with_bad_input_in_a_subprocess(run, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: groups must partition")
     assert not _leftovers(tmp_path, "out")
+
+
+def test_a_dense_checkpoint_is_refused():
+    model = TransformerLM(vocab_size=11, d_model=8, num_layers=2, num_heads=2, d_ff=8,
+                          moe_every=0, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    restored = RestoredModel(workdir=Path("dense"), step=0, vocab_size=11, graphdef=graphdef,
+                             params=params.to_pure_dict(), rest=rest, router_state=RouterState())
+    with pytest.raises(ex.NotMoeError, match="dense \\(no MoE layers\\)"):
+        ex._sizes(restored, ex.SurgeryConfig(keep=2), "prune")  # pylint: disable=protected-access

@@ -58,6 +58,14 @@ def test_prune_keeping_every_expert_is_the_identity():
     assert bias.tolist() == [4, 3, 2, 1]
 
 
+def test_shared_experts_and_the_shared_gate_are_left_alone():
+    layer = {**_labelled_layer(), "shared": {"wi": np.ones((3, 4)), "wo": np.ones((4, 3))},
+             "shared_gate": np.arange(3.0)}
+    for out, _ in (es.prune_layer(layer, [0, 2]), es.merge_layer(layer, [[0, 1], [2, 3]])):
+        assert out["shared"] is layer["shared"] and out["shared_gate"] is layer["shared_gate"]
+        assert out["router"]["kernel"].shape == (3, 2)
+
+
 @pytest.mark.parametrize("keep", [[], [0, 0], [4], [-1]])
 def test_prune_refuses_bad_keep(keep):
     with pytest.raises(ValueError, match="keep must be distinct expert indices in"):
@@ -250,3 +258,18 @@ def test_combined_merging_of_identical_experts_is_exact_for_top1_renormalised():
     logits, experts = _forward(model)
     assert np.isin(experts, [0, 1]).any()
     np.testing.assert_allclose(_forward(merged)[0], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_statistics_refuse_expert_choice_routing():
+    from experiments.inference.routing_stats import NoTokenRoutingError
+    from layers.routers import ExpertChoiceRouter
+    model = TransformerLM(vocab_size=V, d_model=16, num_layers=2, num_heads=4, d_ff=24,
+                          moe_every=2, causal=False, moe_block=functools.partial(
+                              MoeLayer, d_ff=8, num_experts=4, k=2, capacity_factor=1.0,
+                              router=ExpertChoiceRouter), dtype="float32", rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    restored = RestoredModel(workdir=Path("."), step=0, vocab_size=V, graphdef=graphdef,
+                             params=params.to_pure_dict(), rest=rest, router_state=RouterState())
+    batch = {"inputs": _inputs(), "segment_ids": np.ones((3, S), np.int32)}
+    with pytest.raises(NoTokenRoutingError, match="layer_1: routing statistics need token-choice"):
+        collect_stats(restored, [batch])
