@@ -134,7 +134,8 @@ class SurgeryConfig:
         else:
             n = max(1, round(self.keep_fraction * num_experts))
         if n >= num_experts:
-            raise ValueError(f"keep={n} must be < the current number of experts E={num_experts}")
+            what = f"groups gives {n} groups" if self.groups is not None else f"keep={n}"
+            raise ValueError(f"{what}: must be < the current number of experts E={num_experts}")
         return n
 
 
@@ -360,6 +361,10 @@ def run_surgery(operation: str, workdir: str | Path, out_workdir: str | Path,
     full = _read_full(workdir, restored.step, jax.eval_shape(lambda: restored.params), tx)
     params = _apply(jax.device_get(full.params), transforms)
     hooks = {h: dict(s) for h, s in full.hook_state.items()}
+    for hook, state in hooks.items():
+        if hook != LOSS_FREE_HOOK and set(state) & set(names):
+            raise ValueError(f"step hook {hook!r} keeps per-MoE-layer state in the checkpoint; "
+                             f"expert surgery only knows how to transform {LOSS_FREE_HOOK!r}'s")
     if LOSS_FREE_HOOK in hooks:
         for name, f in transforms.items():
             if name in hooks[LOSS_FREE_HOOK]:

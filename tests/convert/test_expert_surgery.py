@@ -147,7 +147,7 @@ def test_keep_below_k_needs_clip_k_and_clips_with_a_warning(run, tmp_path, clean
 
 
 @pytest.mark.parametrize("args,expected", [
-    (("--keep=4",), "keep=4 must be < the current number of experts E=4"),
+    (("--keep=4",), "keep=4: must be < the current number of experts E=4"),
     (("--keep_fraction=1.5",), "keep_fraction must be in (0, 1)"),
     (("--keep=2", "--keep_fraction=0.5"), "exactly one of keep and keep_fraction"),
     (("--keep=2", "--task_domain=poetry"), "task_domain must be one of"),
