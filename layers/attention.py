@@ -271,7 +271,8 @@ class Attention(nnx.Module):
         return self.output(o)
 
     def decode(self, x: jax.Array, *, positions: jax.Array, cache: KVCache,
-               cache_index: jax.Array, kv_valid: jax.Array) -> tuple[jax.Array, KVCache]:
+               cache_index: jax.Array, kv_valid: jax.Array, prefill: bool = False,
+               ) -> tuple[jax.Array, KVCache]:
         """Causal attention of S new tokens over a KV cache (`layers.kv_cache`).
 
         x `[B, S, d_model]`, positions `[B, S] int32` (RoPE positions of the
@@ -281,12 +282,22 @@ class Attention(nnx.Module):
         kv_valid `[B, L] bool`: slots holding real tokens after this write.
         -> (`[B, S, d_model]`, the updated cache). The sliding window counts
         slots (`kv_cache.cached_attention_mask`).
+
+        prefill: the S tokens are the first ones (cache_index 0, nothing cached
+        before them): they attend over their own S keys only, the same result
+        as over all L slots (the others are masked) for S x S work, not S x L.
         """
         q, k, v = self.qkv(x, positions)
         cache = kv_cache.write(cache, k, v, cache_index)
-        mask = kv_cache.cached_attention_mask(kv_valid, cache_index, q.shape[1],
-                                              window=self.sliding_window)
-        o = jax.nn.dot_product_attention(q, cache["key"], cache["value"], mask=mask)
+        num_new = q.shape[1]
+        if prefill:
+            mask = kv_cache.cached_attention_mask(kv_valid[:, :num_new], jnp.int32(0), num_new,
+                                                  window=self.sliding_window)
+            o = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:
+            mask = kv_cache.cached_attention_mask(kv_valid, cache_index, num_new,
+                                                  window=self.sliding_window)
+            o = jax.nn.dot_product_attention(q, cache["key"], cache["value"], mask=mask)
         return self.output(o), cache
 
 

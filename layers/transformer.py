@@ -74,7 +74,7 @@ class TransformerBlock(nnx.Module):
 
     def decode(self, x: jax.Array, *, positions: jax.Array, cache: KVCache,
                cache_index: jax.Array, kv_valid: jax.Array, token_mask: jax.Array,
-               router_state: dict[str, jax.Array] | None = None,
+               router_state: dict[str, jax.Array] | None = None, prefill: bool = False,
                ) -> tuple[jax.Array, KVCache, MoeAux | None]:
         """The block on S new tokens over the layer's KV cache (`Attention.decode`).
 
@@ -82,7 +82,8 @@ class TransformerBlock(nnx.Module):
         out of MoE routing statistics). -> (`[B, S, d_model]`, updated cache, aux).
         """
         a, cache = self.attention.decode(self.attention_norm(x), positions=positions,
-                                         cache=cache, cache_index=cache_index, kv_valid=kv_valid)
+                                         cache=cache, cache_index=cache_index, kv_valid=kv_valid,
+                                         prefill=prefill)
         y, aux = self._ffn_residual(x + a, token_mask=token_mask, deterministic=True, rng=None,
                                     router_state=router_state)
         return y, cache, aux
@@ -320,7 +321,8 @@ class TransformerLM(nnx.Module):
 
     def decode(self, inputs: jax.Array, *, positions: jax.Array, cache: dict[str, KVCache],
                cache_index: jax.Array, kv_valid: jax.Array,
-               router_state: RouterState | None = None, last_only: bool = False,
+               router_state: RouterState | None = None, prefill: bool = False,
+               last_only: bool = False,
                ) -> tuple[jax.Array, dict[str, KVCache], dict[str, MoeAux]]:
         """S new tokens through the model with a KV cache: prefill (S = the prompt
         bucket) and decode steps (S = 1) alike. Causal decoders only; deterministic.
@@ -334,6 +336,8 @@ class TransformerLM(nnx.Module):
         run their training call (same router, `router_state` selection
         biases) with the pads masked out; capacity is the layer's eval capacity
         (make it dropless for generation: `eval_capacity_factor = None`).
+        prefill: these are the first tokens (cache_index 0, an empty cache):
+        attention reads only their own keys (`Attention.decode`), same result.
         last_only: compute the logits of the last position only (`[B, 1, vocab]`;
         a prefill needs no more, and `[B, S, vocab]` float32 is large).
         -> (logits `[B, S, vocab] float32`, the updated cache, aux `{moe layer: MoeAux}`).
@@ -357,7 +361,7 @@ class TransformerLM(nnx.Module):
             x, new_cache[name], layer_aux = getattr(self, name).decode(
                 x, positions=positions, cache=cache[name], cache_index=cache_index,
                 kv_valid=kv_valid, token_mask=token_mask,
-                router_state=router_state.for_layer(name))
+                router_state=router_state.for_layer(name), prefill=prefill)
             if layer_aux is not None:
                 aux[name] = layer_aux
         return self._logits(x[:, -1:] if last_only else x), new_cache, aux

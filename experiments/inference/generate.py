@@ -254,7 +254,8 @@ def _prefill(graphdef, max_len: int, sampling: SamplingConfig, params, rest, rou
     kv_valid = _kv_valid(lengths, real, jnp.int32(prompt_len), jnp.int32(prompt_len), max_len)
     logits, cache, _ = model.decode(tokens, positions=positions, cache=cache,
                                     cache_index=jnp.int32(0), kv_valid=kv_valid,
-                                    router_state=router_state, last_only=True)
+                                    router_state=router_state, prefill=True,
+                                    last_only=True)
     return cache, sample(logits[:, -1], jax.random.fold_in(rng, 0), sampling)
 
 
