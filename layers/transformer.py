@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import kv_cache, renamed
+from layers import renamed
 from layers.attention import Attention, attention_mask, segment_positions
 from layers.kv_cache import KVCache
 from layers.mlp import DenseMLP
@@ -19,7 +19,7 @@ from layers.norms import RMSNorm
 from layers.params import EMBED, VOCAB, fan_in_init, make_param, normal_init
 from moe.experts import is_glu
 from moe.layer_aux import MoeAux
-from moe.router_state import RouterState
+from moe.router_state import MODEL_INPUT_KEYS, RouterState
 
 # TransformerLM arguments replaced by MoeLayer / router bindings (layers.renamed).
 _RENAMED_MODEL_ARGS = ("num_experts", "k", "expert_d_ff", "moe_kwargs")
@@ -120,6 +120,12 @@ class TransformerLM(nnx.Module):
         norm_eps; applied before RoPE.
       sliding_window: None, or W: query i attends to keys i - W < j <= i
         (Mistral; decoder only).
+      attention: the attention factory (gin: `TransformerLM.attention =
+        @MLAttention` for multi-head latent attention, `layers.mla`; default
+        `Attention`), called as `attention(d_model, num_heads, num_kv_heads=,
+        head_dim=, rope_max_wavelength=, rope_scaling=, qkv_bias=, out_bias=,
+        qk_norm=, norm_eps=, sliding_window=, dtype=, param_dtype=, rngs=)`; it
+        provides `__call__`, `decode` and `init_cache` (its own cache layout).
       moe_every: MoE layer spacing (above).
       moe_layers: explicit 0-based indices of the MoE layers (e.g. (1, 2));
         overrides moe_every when given.
@@ -164,6 +170,7 @@ class TransformerLM(nnx.Module):
                  rope_scaling: dict[str, Any] | None = None, attention_bias: bool = False,
                  attention_out_bias: bool = False, qk_norm: str | None = None,
                  sliding_window: int | None = None,
+                 attention: Callable[..., nnx.Module] = Attention,
                  dtype="bfloat16", param_dtype="float32", rngs: nnx.Rngs,
                  num_experts: int | None = None, k: int | None = None,
                  expert_d_ff: int | None = None, moe_kwargs: dict[str, Any] | None = None):
@@ -197,12 +204,12 @@ class TransformerLM(nnx.Module):
         self.layer_names = tuple(f"layer_{i}" for i in range(num_layers))
         moe_names = []
         for i, name in enumerate(self.layer_names):
-            attention = Attention(d_model, num_heads, num_kv_heads=num_kv_heads,
-                                  head_dim=head_dim, rope_max_wavelength=rope_max_wavelength,
-                                  rope_scaling=rope_scaling, qkv_bias=attention_bias,
-                                  out_bias=attention_out_bias, qk_norm=qk_norm,
-                                  norm_eps=norm_eps, sliding_window=sliding_window,
-                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            mixer = attention(d_model, num_heads, num_kv_heads=num_kv_heads,
+                              head_dim=head_dim, rope_max_wavelength=rope_max_wavelength,
+                              rope_scaling=rope_scaling, qkv_bias=attention_bias,
+                              out_bias=attention_out_bias, qk_norm=qk_norm,
+                              norm_eps=norm_eps, sliding_window=sliding_window,
+                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             if self.is_moe_index(i) and not dense_baseline:
                 ffn = moe_block(d_model, causal=causal, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs)
@@ -212,7 +219,7 @@ class TransformerLM(nnx.Module):
                              else (d_ff, activation))
                 ffn = dense_block(d_model, size, activation=act, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-            setattr(self, name, TransformerBlock(attention, ffn, d_model=d_model, causal=causal,
+            setattr(self, name, TransformerBlock(mixer, ffn, d_model=d_model, causal=causal,
                                                  norm_eps=norm_eps, dtype=dtype,
                                                  param_dtype=param_dtype, rngs=rngs))
         self.moe_layer_names = tuple(moe_names)
@@ -240,6 +247,12 @@ class TransformerLM(nnx.Module):
     def router_state_keys(self) -> dict[str, tuple[str, ...]]:
         """`{moe layer name: router-state keys its router reads}` (`moe.router_state`)."""
         return {name: self.moe_layer(name).router.state_keys for name in self.moe_layer_names}
+
+    def _with_model_inputs(self, router_state: RouterState, inputs: jax.Array) -> RouterState:
+        """The state plus the model inputs (`moe.router_state.MODEL_INPUT_KEYS`, e.g. the token
+        ids of hash routing) that some MoE layer's router declares in its `state_keys`."""
+        needed = {key for keys in self.router_state_keys.values() for key in keys}
+        return router_state.with_model_inputs(needed & set(MODEL_INPUT_KEYS), token_ids=inputs)
 
     def param_count(self) -> int:
         return sum(v.size for _, v in nnx.to_flat_state(nnx.state(self, nnx.Param)))
@@ -280,6 +293,7 @@ class TransformerLM(nnx.Module):
                                  f"got {arg.shape}")
         router_state = RouterState() if router_state is None else router_state
         router_state.check_layers(self.moe_layer_names)
+        router_state = self._with_model_inputs(router_state, inputs)
         if segment_ids is None:
             mask, token_mask = None, None
             if positions is None:
@@ -314,10 +328,11 @@ class TransformerLM(nnx.Module):
         return logits.astype(jnp.float32)
 
     def init_cache(self, batch: int, max_len: int) -> dict[str, KVCache]:
-        """An empty KV cache `{layer name: {'key', 'value': [batch, max_len, K, head_dim]}}`
-        in the compute dtype (`layers.kv_cache`)."""
-        return {name: kv_cache.init(batch, max_len, getattr(self, name).attention.num_kv_heads,
-                                    getattr(self, name).attention.head_dim, self.dtype)
+        """An empty KV cache `{layer name: the layer's attention cache}` in the compute dtype:
+        `{'key', 'value': [batch, max_len, K, head_dim]}` for `Attention` (`layers.kv_cache`),
+        `{'c_kv': [batch, max_len, kv_lora_rank], 'k_rope': [batch, max_len,
+        qk_rope_head_dim]}` for `layers.mla.MLAttention`. Every leaf is `[batch, max_len, ...]`."""
+        return {name: getattr(self, name).attention.init_cache(batch, max_len, self.dtype)
                 for name in self.layer_names}
 
     def decode(self, inputs: jax.Array, *, positions: jax.Array, cache: dict[str, KVCache],
@@ -353,6 +368,7 @@ class TransformerLM(nnx.Module):
             raise ValueError(f"kv_valid must be [batch={batch}, max_len], got {kv_valid.shape}")
         router_state = RouterState() if router_state is None else router_state
         router_state.check_layers(self.moe_layer_names)
+        router_state = self._with_model_inputs(router_state, inputs)
         token_mask = jax.lax.dynamic_slice(kv_valid, (0, jnp.asarray(cache_index, jnp.int32)),
                                            (batch, seq))
         x = self.embedding[...][inputs].astype(self.dtype)

@@ -168,6 +168,7 @@ CASES = {
                                                               "--output={run}"),
                                   ("--input", "missing.jsonl", "matches no files"), "run"),
     "bench_data_flag": Case("scripts/bench_data.py", ("--sizes_mb=x",), ("--sizes_mb",)),
+    "bench_mla_rounds": Case("scripts/bench_mla.py", ("--rounds=0",), ("--rounds", "got 0")),
 }
 
 
