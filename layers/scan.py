@@ -282,3 +282,31 @@ def same_layer_layout(tree: Any, like: Any) -> bool:
     if isinstance(tree, (list, tuple)) and isinstance(like, (list, tuple)):
         return all(same_layer_layout(a, b) for a, b in zip(tree, like))
     return True
+
+
+def find_plan(tree: Any) -> LayerPlan | None:
+    """The layout of the first layers dict found in `tree` (None if it has none)."""
+    if is_layer_tree(tree):
+        return tree_plan(tree)
+    children = (tree.values() if isinstance(tree, Mapping)
+                else tree if isinstance(tree, (list, tuple)) else ())
+    for child in children:
+        plan = find_plan(child)
+        if plan is not None:
+            return plan
+    return None
+
+
+def to_layer_plan(tree: Any, plan: LayerPlan) -> Any:
+    """`tree` with every layers dict in it (parameters, optimizer moments) in the
+    layout of `plan`; containers walked as by `match_layer_layout`."""
+    if is_layer_tree(tree):
+        converted = scan_tree(tree, plan) if plan.repeats else unscan_tree(tree)
+        return {k: v if str(k).startswith("layer_") or k == SCANNED else to_layer_plan(v, plan)
+                for k, v in converted.items()}
+    if isinstance(tree, Mapping):
+        return {k: to_layer_plan(v, plan) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        items = [to_layer_plan(v, plan) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return tree

@@ -453,12 +453,22 @@ class TransformerLM(nnx.Module):
 
 
 def _stack_router_states(states: Sequence[dict[str, jax.Array]]) -> dict[str, jax.Array]:
-    """The router states of one unit position's layers, stacked over the repeats."""
-    keys = set(states[0])
-    if any(set(s) != keys for s in states[1:]):
-        raise ValueError("the scanned layers at one unit position need the same router-state "
-                         f"keys; got {[sorted(s) for s in states]}")
-    return {k: jnp.stack([jnp.asarray(s[k]) for s in states]) for k in sorted(keys)}
+    """The router states of one unit position's layers, stacked over the repeats.
+
+    A key some of these layers lack is zero for them (a zero selection bias
+    selects as no bias); its shape and dtype must agree where it is given."""
+    given: dict[str, jax.Array] = {}
+    for state in states:
+        for k, v in state.items():
+            given.setdefault(k, jnp.asarray(v))
+    out = {}
+    for k, like in sorted(given.items()):
+        values = [jnp.asarray(s[k]) if k in s else jnp.zeros_like(like) for s in states]
+        if any(v.shape != like.shape or v.dtype != like.dtype for v in values):
+            raise ValueError(f"router state {k!r}: the scanned layers at one unit position "
+                             f"need one shape and dtype, got {[(v.shape, v.dtype.name) for v in values]}")
+        out[k] = jnp.stack(values)
+    return out
 
 
 def _check_moe_layers(moe_every: int, moe_layers: Sequence[int] | None,

@@ -81,22 +81,35 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
     """The FLOP counter of `model` (a `TransformerLM`) for micro-batches of
     `batch_size / num_microbatches` rows of `seq_len` tokens."""
     tokens = batch_size // num_microbatches * seq_len
-    moe_layers = {name: getattr(model, name).ffn for name in getattr(model, "moe_layer_names", ())}
+    moe_layers = {name: model.moe_layer(name) for name in getattr(model, "moe_layer_names", ())}
+    # Scanned layers' parameters are stacked: one `scanned/unit_{j}` per unit position.
+    moe_blocks = {id(moe) for moe in moe_layers.values()}
     dense = 0.0
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = [str(p) for p in path]
-        if names[0] in moe_layers and "experts" in names:
+        if "experts" in names and _under_moe(model, names, moe_blocks):
             continue
         if names[0] == "embedding" and not getattr(model, "tie_embeddings", False):
             continue
         if value.ndim >= 2:
             dense += 2.0 * value.size
     for name in getattr(model, "layer_names", ()):
-        attention = getattr(model, name).attention
+        attention = model.block(name).attention
         dense += 4.0 * seq_len * attention.num_heads * attention.head_dim
     per_row, rows = {}, {}
     for name, moe in moe_layers.items():
         expert_size = sum(v.size for _, v in nnx.to_flat_state(nnx.state(moe.experts, nnx.Param)))
+        expert_size //= model.layer_repeats(name)
         per_row[name] = 2.0 * expert_size / moe.num_experts
         rows[name] = _moe_rows(moe, tokens)
     return FlopCounter(dense_per_position=dense, expert_per_row=per_row, static_rows=rows)
+
+
+def _under_moe(model: nnx.Module, names: list[str], moe_blocks: set[int]) -> bool:
+    """Whether the parameter at path `names` belongs to one of the MoE FFNs (by id)."""
+    module = model
+    for name in names[:names.index("experts")]:
+        module = getattr(module, name, None)
+        if module is None:
+            return False
+    return id(module) in moe_blocks
