@@ -370,7 +370,8 @@ class Checkpointer:
         checkpoint `step` was written with, and the targets' own layout when it
         differs (None when the layouts agree)."""
         wanted = scan_lib.find_plan(abstract_params)
-        stored = scan_lib.find_plan(self.stored_metadata(step, "params"))
+        metadata = self.stored_metadata(step, "params")
+        stored = scan_lib.find_plan(getattr(metadata, "tree", metadata))
         if wanted is None or stored is None or wanted == stored:
             return abstract_params, abstract_opt_state, None
         strip = functools.partial(jax.tree.map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
