@@ -140,7 +140,7 @@ def spec_of(model: Any, *, selection_biases: bool = False,
             "the checkpoint holds loss-free selection biases (train.loss_free / "
             "selection_bias router state); HF routers have none: pass --drop_selection_bias "
             "to export without them (routing then changes)")
-    attention = model.layer_0.attention
+    attention = model.block("layer_0").attention
     activation = bound("TransformerLM.activation", "relu")
     if activation not in _GLU:
         raise UnsupportedModelError(f"TransformerLM.activation={activation!r}: HF decoders "
