@@ -465,8 +465,9 @@ def _stack_router_states(states: Sequence[dict[str, jax.Array]]) -> dict[str, ja
     for k, like in sorted(given.items()):
         values = [jnp.asarray(s[k]) if k in s else jnp.zeros_like(like) for s in states]
         if any(v.shape != like.shape or v.dtype != like.dtype for v in values):
+            got = [(v.shape, v.dtype.name) for v in values]
             raise ValueError(f"router state {k!r}: the scanned layers at one unit position "
-                             f"need one shape and dtype, got {[(v.shape, v.dtype.name) for v in values]}")
+                             f"need one shape and dtype, got {got}")
         out[k] = jnp.stack(values)
     return out
 

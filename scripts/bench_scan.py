@@ -82,7 +82,7 @@ def bench_compile(size: Size, depths: list[int]) -> list[dict[str, Any]]:
     batch = jax.eval_shape(lambda: _batch(size))
     for layers in depths:
         for scan in (True, False):
-            step, params, opt_state, _ = _step(lambda: _model(size, layers, scan=scan))
+            step, params, opt_state, _ = _step(functools.partial(_model, size, layers, scan=scan))
             start = time.perf_counter()
             lowered = step.lower(params, opt_state, batch, jax.random.key(0))
             lowered_at = time.perf_counter()

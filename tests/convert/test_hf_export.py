@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.runtime.checkpoints import Checkpointer
 from experiments.convert.hf import config as config_lib
 from experiments.convert.hf import family, mapping
 from experiments.convert.hf.exporter import export_hf
@@ -24,6 +23,7 @@ from experiments.convert.hf.safetensors_io import (
     write_sharded,
 )
 from experiments.runtime import gin_utils
+from experiments.runtime.checkpoints import Checkpointer
 from layers.transformer import TransformerLM
 from tests.convert.test_hf_mapping import _random_tree
 from tests.convert.test_hf_mapping import _spec as mapping_spec
