@@ -345,12 +345,16 @@ class TransformerLM(nnx.Module):
                    aux: dict[str, MoeAux]) -> jax.Array:
         """Unscanned layer i (`run(block, x, i, its router state)`), under the remat policy."""
         name = self.layer_names[i]
-        graphdef, params = nnx.split(getattr(self, name))
+        block, state = getattr(self, name), router_state.for_layer(name)
+        if self.remat_policy == "none":
+            x, layer_aux = run(block, x, i, state)
+        else:
+            graphdef, params = nnx.split(block)
 
-        def layer(params, x, state):
-            return run(nnx.merge(graphdef, params), x, i, state)
+            def layer(params, x, state):
+                return run(nnx.merge(graphdef, params), x, i, state)
 
-        x, layer_aux = remat(layer, self.remat_policy)(params, x, router_state.for_layer(name))
+            x, layer_aux = remat(layer, self.remat_policy)(params, x, state)
         if layer_aux is not None:
             aux[name] = layer_aux
         return x
