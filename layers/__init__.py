@@ -1,6 +1,7 @@
 """Flax NNX modules built on the pure functions of `moe/`."""
 
 from layers.experts import Experts
+from layers.mla import MLAttention
 from layers.mlp import DenseMLP
 from layers.moe_layer import MoeLayer, active_ffn
 from layers.params import logical_axes_of
@@ -8,6 +9,7 @@ from layers.routers import (
     BaseRouter,
     DenseToSparseRouter,
     ExpertChoiceRouter,
+    HashRouter,
     Routing,
     TopKRouter,
     register_router,
@@ -15,5 +17,5 @@ from layers.routers import (
 from layers.transformer import TransformerLM, mask_tokens
 
 __all__ = ["BaseRouter", "DenseMLP", "DenseToSparseRouter", "ExpertChoiceRouter", "Experts",
-           "MoeLayer", "Routing", "TopKRouter", "TransformerLM", "active_ffn",
-           "logical_axes_of", "mask_tokens", "register_router"]
+           "HashRouter", "MLAttention", "MoeLayer", "Routing", "TopKRouter", "TransformerLM",
+           "active_ffn", "logical_axes_of", "mask_tokens", "register_router"]

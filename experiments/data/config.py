@@ -13,7 +13,7 @@ from typing import Any
 import gin
 import numpy as np
 
-from experiments.data import corpus
+from experiments.data import corpus, shards
 from experiments.data import pipeline as data
 from experiments.data.sources import load_source_split
 from experiments.data.tokenizers import check_tokenizer_spec, make_tokenizer
@@ -25,8 +25,9 @@ _SEQIO_PREFIX = "seqio:"
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Attributes:
-      source: 'embedded', 'text:<glob>', 'jsonl:<path>' or 'seqio:<task or
-        mixture>' (needs the `seqio` extra; see experiments/data/seqio_bridge.py).
+      source: 'embedded', 'text:<glob>', 'jsonl:<path>', 'shards:<dir>' (made by
+        scripts/prepare_data.py; docs/data.md) or 'seqio:<task or mixture>' (needs
+        the `seqio` extra; see experiments/data/seqio_bridge.py).
       seq_len: tokens per row.
       batch_size: rows per training step (split into micro-batches by the trainer).
       eval_batch_size: rows per evaluation batch.
@@ -118,6 +119,8 @@ class DataConfig:
     def domains(self) -> list[str]:
         if self._is_seqio():
             return self._seqio().domains()
+        if (shards_dir := shards.parse_source(self.source)) is not None:
+            return shards.domains(shards_dir)
         return load_source_split(self.source, "validation",
                                  validation_fraction=self.validation_fraction,
                                  cache_dir=self.cache_dir,
@@ -127,6 +130,8 @@ class DataConfig:
         """Byte unigram entropy of the split's text (a scale for byte-level losses)."""
         if self._is_seqio():
             return self._seqio().unigram_entropy(split)
+        if (shards_dir := shards.parse_source(self.source)) is not None:
+            return corpus.entropy_of_counts(shards.byte_counts(shards_dir, split))
         records = load_source_split(self.source, split,
                                     validation_fraction=self.validation_fraction,
                                     cache_dir=self.cache_dir,

@@ -248,13 +248,15 @@ def _prefill(graphdef, max_len: int, sampling: SamplingConfig, params, rest, rou
     batch, prompt_len = tokens.shape
     positions = jnp.maximum(jnp.arange(prompt_len, dtype=jnp.int32)[None]
                             - (prompt_len - lengths)[:, None], 0)
-    cache = jax.tree.map(lambda c: sharding_lib.constrain(c, (sharding_lib.BATCH, None, None,
-                                                              None)),
+    # Every cache leaf is [B, L, ...] whatever the attention kind (`TransformerLM.init_cache`).
+    cache = jax.tree.map(lambda c: sharding_lib.constrain(c, (sharding_lib.BATCH,)
+                                                          + (None,) * (c.ndim - 1)),
                          model.init_cache(batch, max_len))
     kv_valid = _kv_valid(lengths, real, jnp.int32(prompt_len), jnp.int32(prompt_len), max_len)
     logits, cache, _ = model.decode(tokens, positions=positions, cache=cache,
                                     cache_index=jnp.int32(0), kv_valid=kv_valid,
-                                    router_state=router_state, last_only=True)
+                                    router_state=router_state, prefill=True,
+                                    last_only=True)
     return cache, sample(logits[:, -1], jax.random.fold_in(rng, 0), sampling)
 
 

@@ -109,11 +109,13 @@ def parse_run_config(workdir: Path) -> None:
     gin_utils.parse([str(path)], [])
 
 
-def restore_model(workdir: str | Path, step: int | None = None) -> RestoredModel:
+def restore_model(workdir: str | Path, step: int | None = None, *,
+                  causal_only: bool = True) -> RestoredModel:
     """Restores `workdir`'s model (latest intact checkpoint, or `step`), read-only.
 
-    Refuses a non-causal model (scoring and generation need a decoder) and a
-    workdir without checkpoints (FileNotFoundError).
+    Refuses a non-causal model when `causal_only` (scoring and generation need
+    a decoder; the routing analysis and statistics do not) and a workdir
+    without checkpoints (FileNotFoundError).
     """
     workdir = Path(workdir)
     parse_run_config(workdir)
@@ -122,7 +124,7 @@ def restore_model(workdir: str | Path, step: int | None = None) -> RestoredModel
         raise FileNotFoundError(f"no checkpoint under {checkpoints}")
     vocab_size = model_vocab_size()
     model = build_model(model_cls(), vocab_size, seed=0)
-    if not getattr(model, "causal", True):
+    if causal_only and not getattr(model, "causal", True):
         raise ValueError(f"{workdir}: scoring and generation need a causal decoder; the run has "
                          f"TransformerLM.causal = False")
     make_dropless(model)

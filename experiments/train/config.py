@@ -14,6 +14,7 @@ from experiments.data.config import DataConfig
 from experiments.runtime import distributed
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
+from experiments.train import profiling
 from experiments.train.hooks import StepHook, check_names
 from experiments.train.loss_free import LossFreeBalancing
 from experiments.train.phases import PhasePlan
@@ -69,6 +70,9 @@ class TrainConfig:
         or an unlisted device).
       hooks: further step hooks (`experiments.train.hooks.StepHook`), run after
         the loss-free and EvoMoE ones.
+      profile_steps: 'N:M' writes a jax profiler trace of steps N..M (inclusive)
+        into the run's TensorBoard directory (`experiments.train.profiling`);
+        None: no trace.
       checkpoint_every, max_to_keep, async_checkpoints: moved to
         `Checkpointer.save_every`, `max_to_keep`, `async_save`; binding them
         (or passing them) is an error naming the new binding.
@@ -87,6 +91,7 @@ class TrainConfig:
     phase_plan: PhasePlan | None = None
     peak_tflops: float | None = None
     hooks: Sequence[StepHook] = ()
+    profile_steps: str | None = None
     checkpoint_every: Any = _MOVED_CHECKPOINT_EVERY
     max_to_keep: Any = _MOVED_MAX_TO_KEEP
     async_checkpoints: Any = _MOVED_ASYNC
@@ -111,6 +116,7 @@ class TrainConfig:
                              f"{self.peak_tflops!r}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        profiling.parse_profile_steps(self.profile_steps, num_steps=self.num_steps)
         object.__setattr__(self, "hooks", tuple(self.hooks))
 
 

@@ -95,7 +95,10 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
             dense += 2.0 * value.size
     for name in getattr(model, "layer_names", ()):
         attention = model.block(name).attention
-        dense += 4.0 * seq_len * attention.num_heads * attention.head_dim
+        if hasattr(attention, "attention_flops"):  # its own count (layers.mla.MLAttention)
+            dense += attention.attention_flops(seq_len)
+        else:
+            dense += 4.0 * seq_len * attention.num_heads * attention.head_dim
     per_row, rows = {}, {}
     for name, moe in moe_layers.items():
         expert_size = sum(v.size for _, v in nnx.to_flat_state(nnx.state(moe.experts, nnx.Param)))

@@ -25,7 +25,9 @@ scripts = sorted(pathlib.Path("scripts").glob("*.py"))
 assert scripts
 for path in scripts:
     spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
 print(len(scripts), sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}))
 """
 

@@ -46,31 +46,33 @@ def _biases(model: TransformerLM, scale: float = 1.0) -> RouterState:
         for name in model.moe_layer_names})
 
 
-@nnx.jit
-def _decode(model, tokens, positions, cache, cache_index, kv_valid, router_state):
+@functools.partial(nnx.jit, static_argnames="prefill")
+def _decode(model, tokens, positions, cache, cache_index, kv_valid, router_state, prefill=False):
     logits, cache, _ = model.decode(tokens, positions=positions, cache=cache,
                                     cache_index=cache_index, kv_valid=kv_valid,
-                                    router_state=router_state)
+                                    router_state=router_state, prefill=prefill)
     return logits, cache
 
 
 def _cached_logits(model: TransformerLM, tokens: np.ndarray, pads: np.ndarray, *,
-                   prefix: int, max_len: int, router_state=None) -> np.ndarray:
+                   prefix: int, max_len: int, router_state=None,
+                   prefill: bool = True) -> np.ndarray:
     """Logits `[B, T, V]` of the cached path: tokens `[B, T]` (row b left-padded with
-    pads[b] tokens) prefilled up to `prefix`, then one token per decode call."""
+    pads[b] tokens) prefilled up to `prefix` (`prefill`: attending over the prefix's
+    own keys; else over all cache slots), then one token per decode call."""
     batch, total = tokens.shape
     slots = np.arange(max_len)
     cache = model.init_cache(batch, max_len)
     positions = np.maximum(np.arange(total)[None] - pads[:, None], 0).astype(np.int32)
 
-    def call(start: int, stop: int, cache):
+    def call(start: int, stop: int, cache, first: bool = False):
         kv_valid = (slots[None] >= pads[:, None]) & (slots[None] < stop)
         logits, cache = _decode(model, jnp.asarray(tokens[:, start:stop]),
                                 jnp.asarray(positions[:, start:stop]), cache, jnp.int32(start),
-                                jnp.asarray(kv_valid), router_state)
+                                jnp.asarray(kv_valid), router_state, prefill=first)
         return np.asarray(logits), cache
 
-    out, cache = call(0, prefix, cache)
+    out, cache = call(0, prefix, cache, first=prefill)
     outs = [out]
     for i in range(prefix, total):
         out, cache = call(i, i + 1, cache)
@@ -132,8 +134,9 @@ def test_selection_biases_reach_the_cached_path():
     np.testing.assert_allclose(cached, np.asarray(biased), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("prefill", [True, False])
 @pytest.mark.parametrize("case", ["moe_top2", "sliding_window_3"])
-def test_left_padded_rows_equal_each_row_alone(case):
+def test_left_padded_rows_equal_each_row_alone(case, prefill):
     """Row 0 is padded with 3 garbage tokens, row 1 not at all; each row's logits at
     its real tokens equal its own unpadded forward (positions count real tokens)."""
     model = _model(**CASES[case])
@@ -141,7 +144,7 @@ def test_left_padded_rows_equal_each_row_alone(case):
     pads = np.array([3, 0], np.int32)
     tokens = np.stack([np.concatenate([[7, 7, 7], real[0]]),
                        np.concatenate([real[1], _tokens(seed=4)[1, :3]])]).astype(np.int32)
-    cached = _cached_logits(model, tokens, pads, prefix=5, max_len=T + 1)
+    cached = _cached_logits(model, tokens, pads, prefix=5, max_len=T + 1, prefill=prefill)
     for row, start in ((0, 3), (1, 0)):
         alone, _ = model(jnp.asarray(real[row : row + 1]))
         np.testing.assert_allclose(cached[row, start : start + T - 3], np.asarray(alone)[0],
