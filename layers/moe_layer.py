@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Mapping
@@ -12,11 +13,13 @@ import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from layers import renamed
 from layers.experts import Experts
 from layers.mlp import DenseMLP
 from layers.params import EMBED, fan_in_init, make_param
+from layers.remat import MOE_COMBINE, MOE_ROUTING
 from layers.routers import BaseRouter, Routing, TopKRouter, get_router
 from moe import balance
 from moe.dispatch import available_dispatches, expert_choice_dispatch, get_dispatch
@@ -154,6 +157,7 @@ class MoeLayer(nnx.Module):
         decision = self.router(tokens, mask=token_mask, capacity=capacity,
                                deterministic=deterministic, rng=rng,
                                state=dict(router_state or {}))
+        decision = _tag_routing(decision)
         ffn = self.experts.ffn(self.dtype)
         compute_tokens = tokens.astype(self.dtype)
         if decision.expert_choice:
@@ -164,7 +168,7 @@ class MoeLayer(nnx.Module):
             if decision.local_output is not None:  # experts computed by the router
                 y = (y.astype(jnp.float32) + decision.local_output).astype(y.dtype)
         aux = decision.aux.replace(**stats, num_tokens=jnp.sum(token_mask))
-        y = y.reshape(batch, seq, self.d_model)
+        y = checkpoint_name(y, MOE_COMBINE).reshape(batch, seq, self.d_model)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
@@ -195,6 +199,15 @@ class MoeLayer(nnx.Module):
             max_violation=balance.max_violation(counts),
             active_experts=jnp.sum(kept) / jnp.maximum(jnp.sum(token_mask), 1.0),
         )
+
+
+def _tag_routing(decision: Routing) -> Routing:
+    """The decision's index and weight arrays tagged `moe_routing` (the `save_moe`
+    remat policy keeps them, `layers.remat`)."""
+    fields = ("expert_index", "weights", "priority", "token_index", "expert_weights")
+    return dataclasses.replace(decision, **{
+        f: checkpoint_name(getattr(decision, f), MOE_ROUTING)
+        for f in fields if getattr(decision, f) is not None})
 
 
 def _expert_choice(tokens: Array, decision: Routing, token_mask: Array,

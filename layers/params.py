@@ -15,6 +15,8 @@ from flax import nnx
 
 # Logical axis names used by the layers.
 EMBED, MLP, EXPERT, HEADS, KV, VOCAB, NORM = "embed", "mlp", "expert", "heads", "kv", "vocab", "norm"
+# The leading axis of scanned layers' stacked parameters (`layers.scan`).
+LAYERS = "layers"
 
 
 def fan_in_init(fan_in_axes: Sequence[int], scale: float = 1.0):

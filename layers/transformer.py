@@ -11,12 +11,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import renamed
+from layers import scan as scan_lib
 from layers.attention import Attention, attention_mask, segment_positions
 from layers.kv_cache import KVCache
 from layers.mlp import DenseMLP
 from layers.moe_layer import MoeLayer, active_ffn
 from layers.norms import RMSNorm
 from layers.params import EMBED, VOCAB, fan_in_init, make_param, normal_init
+from layers.remat import check_remat_policy, remat
 from moe.experts import is_glu
 from moe.layer_aux import MoeAux
 from moe.router_state import MODEL_INPUT_KEYS, RouterState
@@ -99,7 +101,9 @@ class TransformerLM(nnx.Module):
     Layer i (0-based) has a MoE FFN iff `moe_every > 0 and (i + 1) % moe_every
     == 0`: moe_every=1 -> every layer, 2 -> layers 1, 3, 5, ... (Switch /
     GShard "every other FFN", the first layer stays dense), 4 -> 3, 7, ...;
-    moe_every=0 -> all dense. Layers are attributes named "layer_{i}".
+    moe_every=0 -> all dense. Layers are attributes named "layer_{i}", except
+    the scanned ones (`scan_layers`), which live stacked in `scanned/unit_{j}`;
+    `block(name)` finds either by layer name.
 
     Args:
       vocab_size (set by the caller, from the tokenizer), d_model, num_layers,
@@ -154,6 +158,13 @@ class TransformerLM(nnx.Module):
       dtype: compute dtype (residual stream, attention, FFN matmuls); the
         router and norms compute in float32 and logits are float32.
       param_dtype: parameter dtype.
+      scan_layers: run the repeating unit of the layer pattern (e.g. [dense,
+        MoE] for moe_every=2) under one `jax.lax.scan`, its parameters stacked
+        along a leading `layers` axis (`layers.scan`: plan, layouts and the
+        checkpoint conversion). Same losses and gradients; compile time no
+        longer grows with depth.
+      remat_policy: what the backward pass keeps of each block's activations:
+        'none', 'full', 'save_dots', 'save_moe', 'offload_dots' (`layers.remat`).
       num_experts, k, expert_d_ff, moe_kwargs: deprecated (`layers.renamed`):
         they become arguments of `moe_block`, with a DeprecationWarning.
     """
@@ -171,7 +182,8 @@ class TransformerLM(nnx.Module):
                  attention_out_bias: bool = False, qk_norm: str | None = None,
                  sliding_window: int | None = None,
                  attention: Callable[..., nnx.Module] = Attention,
-                 dtype="bfloat16", param_dtype="float32", rngs: nnx.Rngs,
+                 dtype="bfloat16", param_dtype="float32", scan_layers: bool = False,
+                 remat_policy: str = "none", rngs: nnx.Rngs,
                  num_experts: int | None = None, k: int | None = None,
                  expert_d_ff: int | None = None, moe_kwargs: dict[str, Any] | None = None):
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model),
@@ -181,6 +193,9 @@ class TransformerLM(nnx.Module):
         self.moe_every, self.moe_layers = moe_every, _check_moe_layers(moe_every, moe_layers,
                                                                         num_layers)
         is_glu(activation)  # validates the name even when every FFN is a MoE block
+        if not isinstance(scan_layers, bool):
+            raise ValueError(f"TransformerLM.scan_layers must be True or False, got {scan_layers!r}")
+        self.remat_policy = check_remat_policy(remat_policy)
         if sliding_window is not None and not causal:
             raise ValueError(f"sliding_window={sliding_window} needs a causal model (causal=True)")
         moe_block = renamed.moe_block_from_old_args(moe_block, dict(
@@ -201,8 +216,10 @@ class TransformerLM(nnx.Module):
 
         self.embedding = make_param(rngs, normal_init(embed_init_std), (vocab_size, d_model),
                                     (VOCAB, EMBED), param_dtype)
-        self.layer_names = tuple(f"layer_{i}" for i in range(num_layers))
-        moe_names = []
+        self.layer_names = tuple(scan_lib.layer_name(i) for i in range(num_layers))
+        self.plan = scan_lib.plan_layers([self.is_moe_index(i) for i in range(num_layers)],
+                                         scan_layers)
+        moe_names, blocks = [], []
         for i, name in enumerate(self.layer_names):
             mixer = attention(d_model, num_heads, num_kv_heads=num_kv_heads,
                               head_dim=head_dim, rope_max_wavelength=rope_max_wavelength,
@@ -219,9 +236,14 @@ class TransformerLM(nnx.Module):
                              else (d_ff, activation))
                 ffn = dense_block(d_model, size, activation=act, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-            setattr(self, name, TransformerBlock(mixer, ffn, d_model=d_model, causal=causal,
-                                                 norm_eps=norm_eps, dtype=dtype,
-                                                 param_dtype=param_dtype, rngs=rngs))
+            blocks.append(TransformerBlock(mixer, ffn, d_model=d_model, causal=causal,
+                                           norm_eps=norm_eps, dtype=dtype,
+                                           param_dtype=param_dtype, rngs=rngs))
+        for i in self.plan.unscanned():
+            setattr(self, self.layer_names[i], blocks[i])
+        self.scanned = (scan_lib.ScannedUnits([[blocks[i] for i in self.plan.unit_layers(j)]
+                                               for j in range(self.plan.unit)])
+                        if self.plan.repeats else None)
         self.moe_layer_names = tuple(moe_names)
         self.final_norm = RMSNorm(d_model, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
                                   rngs=rngs)
@@ -235,8 +257,20 @@ class TransformerLM(nnx.Module):
             return i in self.moe_layers
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
 
+    def block(self, name: str) -> TransformerBlock:
+        """Layer `name`'s block. A scanned layer's is its unit position's stacked
+        block (shared by every repeat): read its settings, not its parameters."""
+        location = self.plan.location(self.layer_names.index(name))
+        if location is None:
+            return getattr(self, name)
+        return self.scanned.unit(location[1])
+
+    def layer_repeats(self, name: str) -> int:
+        """How many layers share `block(name)`'s stacked parameters (1 = unscanned)."""
+        return 1 if self.plan.location(self.layer_names.index(name)) is None else self.plan.repeats
+
     def moe_layer(self, name: str) -> MoeLayer:
-        return getattr(self, name).ffn
+        return self.block(name).ffn
 
     @property
     def experts_per_layer(self) -> dict[str, int]:
@@ -264,6 +298,7 @@ class TransformerLM(nnx.Module):
         for name in self.moe_layer_names:
             moe = self.moe_layer(name)
             experts = sum(v.size for _, v in nnx.to_flat_state(nnx.state(moe.experts, nnx.Param)))
+            experts //= self.layer_repeats(name)
             inactive += experts - experts // moe.num_experts * moe.k
         return self.param_count() - inactive
 
@@ -306,15 +341,73 @@ class TransformerLM(nnx.Module):
 
         x = self.embedding[...][inputs].astype(self.dtype)
         aux: dict[str, MoeAux] = {}
-        for i, name in enumerate(self.layer_names):
-            x, layer_aux = getattr(self, name)(
-                x, positions=positions, mask=mask, token_mask=token_mask,
-                deterministic=deterministic,
-                rng=None if rng is None else jax.random.fold_in(rng, i),
-                router_state=router_state.for_layer(name))
-            if layer_aux is not None:
-                aux[name] = layer_aux
+        call = dict(positions=positions, mask=mask, token_mask=token_mask,
+                    deterministic=deterministic)
+
+        def run(block: TransformerBlock, x: jax.Array, i: jax.Array | int,
+                state: dict[str, jax.Array]) -> tuple[jax.Array, MoeAux | None]:
+            return block(x, rng=None if rng is None else jax.random.fold_in(rng, i),
+                         router_state=state, **call)
+
+        for i in range(self.plan.start):
+            x = self._unscanned(run, x, i, router_state, aux)
+        if self.scanned is not None:
+            x = self._scan(run, x, router_state, aux)
+        for i in range(self.plan.stop, self.num_layers):
+            x = self._unscanned(run, x, i, router_state, aux)
         return self._logits(x), aux
+
+    def _unscanned(self, run, x: jax.Array, i: int, router_state: RouterState,
+                   aux: dict[str, MoeAux]) -> jax.Array:
+        """Unscanned layer i (`run(block, x, i, its router state)`), under the remat policy."""
+        name = self.layer_names[i]
+        block, state = getattr(self, name), router_state.for_layer(name)
+        if self.remat_policy == "none":
+            x, layer_aux = run(block, x, i, state)
+        else:
+            graphdef, params = nnx.split(block)
+
+            def layer(params, x, state):
+                return run(nnx.merge(graphdef, params), x, i, state)
+
+            x, layer_aux = remat(layer, self.remat_policy)(params, x, state)
+        if layer_aux is not None:
+            aux[name] = layer_aux
+        return x
+
+    def _scan(self, run, x: jax.Array, router_state: RouterState,
+              aux: dict[str, MoeAux]) -> jax.Array:
+        """The scanned layers: one `lax.scan` over the repeats of the unit. Each
+        repeat r gets its layers' router state (stacked over r) and returns its
+        layers' aux, which is unstacked into `aux[layer name]`."""
+        plan = self.plan
+        states = tuple(_stack_router_states([router_state.for_layer(self.layer_names[i])
+                                             for i in plan.unit_layers(j)])
+                       for j in range(plan.unit))
+
+        def body(units, x, r, states):
+            auxes = []
+            for j in range(plan.unit):
+                x, layer_aux = run(units.unit(j), x, plan.start + r * plan.unit + j, states[j])
+                auxes.append(layer_aux)
+            return x, tuple(auxes)
+
+        x, auxes = scan_lib.scan_units(self.scanned, body, x, states,
+                                       lambda f: remat(f, self.remat_policy, prevent_cse=False))
+        for r in range(plan.repeats):
+            for j, stacked in enumerate(auxes):
+                if stacked is not None:
+                    aux[self.layer_names[plan.start + r * plan.unit + j]] = jax.tree.map(
+                        lambda a, r=r: a[r], stacked)
+        return x
+
+    def unrolled_blocks(self):
+        """`(layer name, block)` in layer order, a scanned layer's block sliced out
+        of the stack (for code that runs layer by layer, e.g. `decode`)."""
+        for i, name in enumerate(self.layer_names):
+            location = self.plan.location(i)
+            yield name, (getattr(self, name) if location is None
+                         else scan_lib.slice_module(self.scanned.unit(location[1]), location[0]))
 
     def _logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output projection: x `[B, S, d_model]` -> `[B, S, vocab] float32`."""
@@ -332,7 +425,7 @@ class TransformerLM(nnx.Module):
         `{'key', 'value': [batch, max_len, K, head_dim]}` for `Attention` (`layers.kv_cache`),
         `{'c_kv': [batch, max_len, kv_lora_rank], 'k_rope': [batch, max_len,
         qk_rope_head_dim]}` for `layers.mla.MLAttention`. Every leaf is `[batch, max_len, ...]`."""
-        return {name: getattr(self, name).attention.init_cache(batch, max_len, self.dtype)
+        return {name: self.block(name).attention.init_cache(batch, max_len, self.dtype)
                 for name in self.layer_names}
 
     def decode(self, inputs: jax.Array, *, positions: jax.Array, cache: dict[str, KVCache],
@@ -374,14 +467,34 @@ class TransformerLM(nnx.Module):
         x = self.embedding[...][inputs].astype(self.dtype)
         new_cache: dict[str, KVCache] = {}
         aux: dict[str, MoeAux] = {}
-        for name in self.layer_names:
-            x, new_cache[name], layer_aux = getattr(self, name).decode(
+        for name, block in self.unrolled_blocks():
+            x, new_cache[name], layer_aux = block.decode(
                 x, positions=positions, cache=cache[name], cache_index=cache_index,
                 kv_valid=kv_valid, token_mask=token_mask,
                 router_state=router_state.for_layer(name), prefill=prefill)
             if layer_aux is not None:
                 aux[name] = layer_aux
         return self._logits(x[:, -1:] if last_only else x), new_cache, aux
+
+
+def _stack_router_states(states: Sequence[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    """The router states of one unit position's layers, stacked over the repeats.
+
+    A key some of these layers lack is zero for them (a zero selection bias
+    selects as no bias); its shape and dtype must agree where it is given."""
+    given: dict[str, jax.Array] = {}
+    for state in states:
+        for k, v in state.items():
+            given.setdefault(k, jnp.asarray(v))
+    out = {}
+    for k, like in sorted(given.items()):
+        values = [jnp.asarray(s[k]) if k in s else jnp.zeros_like(like) for s in states]
+        if any(v.shape != like.shape or v.dtype != like.dtype for v in values):
+            got = [(v.shape, v.dtype.name) for v in values]
+            raise ValueError(f"router state {k!r}: the scanned layers at one unit position "
+                             f"need one shape and dtype, got {got}")
+        out[k] = jnp.stack(values)
+    return out
 
 
 def _check_moe_layers(moe_every: int, moe_layers: Sequence[int] | None,

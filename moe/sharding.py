@@ -47,6 +47,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("vocab", None),
     ("kv", None),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned layers (layers.scan)
 )
 
 

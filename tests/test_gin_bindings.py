@@ -83,6 +83,7 @@ ALTERNATIVES = {
     "TransformerLM.activation": "gelu",
     "TransformerLM.dtype": "bfloat16",
     "TransformerLM.param_dtype": "bfloat16",
+    "TransformerLM.remat_policy": "full",
     "MoeLayer.dispatch": "einsum",
     "MoeLayer.activation": "gelu",
     "TopKRouter.score": "sigmoid",

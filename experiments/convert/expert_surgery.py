@@ -49,6 +49,7 @@ from experiments.runtime.checkpoints import LOSS_FREE_HOOK, Checkpointer
 from experiments.runtime.workdir_lock import check_workdir
 from experiments.train import evaluation
 from experiments.train.optim import make_optimizer
+from layers import scan as scan_lib
 from moe import expert_surgery as es
 from moe.expert_stats import RoutingStats
 from moe.validation import check_one_of
@@ -348,6 +349,10 @@ def run_surgery(operation: str, workdir: str | Path, out_workdir: str | Path,
     workdir, out = Path(workdir).absolute(), Path(out_workdir).absolute()
     _check_out(workdir, out)
     restored = restore_model(workdir, config.step)
+    if scan_lib.SCANNED in restored.params:
+        raise ValueError(f"{workdir}: expert surgery does not handle scanned layers yet "
+                         "(TransformerLM.scan_layers = True in its config.gin); set it to False "
+                         "there: the checkpoint restores unscanned (layers.scan)")
     names, e, k, new_e, new_k = _sizes(restored, config, operation)
     stats, stats_file = task_stats(restored, task)
     plans, transforms = {}, {}

@@ -48,6 +48,7 @@ from experiments.runtime.workdir_lock import check_workdir
 from experiments.train import trainer  # noqa: F401  (registers `train`, read from config.gin)
 from experiments.train.config import model_vocab_size
 from experiments.train.optim import make_optimizer
+from layers import scan as scan_lib
 from layers.params import logical_axes_of
 from layers.renamed import gin_bound
 from layers.routers import ExpertChoiceRouter
@@ -159,8 +160,8 @@ def _abstract_model(vocab_size: int) -> TransformerLM:
 
 
 def _dense_ffn_info(model: TransformerLM) -> tuple[int, str]:
-    layer = getattr(model, model.layer_names[0]).ffn
-    return layer.wi.shape[1], layer.activation
+    layer = model.block(model.layer_names[0]).ffn
+    return layer.wi.shape[-1], layer.activation
 
 
 def target_bindings(config: UpcycleConfig, *, num_layers: int, dense_d_ff: int,
@@ -220,9 +221,9 @@ def plan_layers(dense: TransformerLM, target: TransformerLM, config: UpcycleConf
                          "MoE gin file")
     plans = []
     for name in target.moe_layer_names:
-        moe = getattr(target, name).ffn
-        dense_ffn = getattr(dense, name).ffn
-        d_ff, activation = dense_ffn.wi.shape[1], dense_ffn.activation
+        moe = target.moe_layer(name)
+        dense_ffn = dense.block(name).ffn
+        d_ff, activation = dense_ffn.wi.shape[-1], dense_ffn.activation
         expert_act = moe.experts.activation
         if expert_act != activation:
             raise ValueError(f"{name}: expert activation {expert_act!r} differs from the dense "
@@ -427,14 +428,20 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
     dense = _read_dense(dense_workdir, dense_config, config.dense_step)
     target = _target_model(dense, config, dense_config, gin_files, gin_params, gin_search_paths)
     plans = plan_layers(dense.model, target, config, config.router_init)
-    target_graphdef, target_abstract = nnx.split(target, nnx.Param)[:2]
-    target_abstract = target_abstract.to_pure_dict()
+    target_graphdef, target_layout = nnx.split(target, nnx.Param)[:2]
+    target_layout = target_layout.to_pure_dict()
+    # The mapping works on unscanned trees (`layer_{i}`); either model may be scanned.
+    target_abstract = scan_lib.unscan_tree(target_layout)
+    unscanned = scan_lib.LayerPlan(dense.model.num_layers)
 
     restored = dense.restored
-    params, scales = upcycle_params(restored.params, target_abstract, plans, config,
-                                    config.router_init)
-    opt_state = upcycle_opt_state(restored.opt_state, dense.tx.init(params), target_abstract,
-                                  plans, config.optimizer_state)
+    params, scales = upcycle_params(scan_lib.unscan_tree(restored.params), target_abstract,
+                                    plans, config, config.router_init)
+    opt_state = upcycle_opt_state(scan_lib.to_layer_plan(restored.opt_state, unscanned),
+                                  dense.tx.init(params), target_abstract, plans,
+                                  config.optimizer_state)
+    params = scan_lib.match_layer_layout(params, target_layout)
+    opt_state = scan_lib.to_layer_plan(opt_state, target.plan)
     saved_params, saved_opt_state = params, opt_state
     if config.mesh_shape:
         saved_params, saved_opt_state = place_on_mesh(params, opt_state, target,

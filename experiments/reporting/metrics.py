@@ -160,9 +160,11 @@ class ProgressLine:
         self._pending = False  # a "\r" line without its newline yet
 
     def update(self, step: int, loss: float, tokens_per_sec: float,
-               dropped: float | None = None) -> None:
+               dropped: float | None = None, mfu: float | None = None,
+               data_wait: float | None = None) -> None:
         """`dropped`: the step's dropped fraction of assignments (mean over MoE
-        layers), shown when nonzero."""
+        layers), shown when nonzero; `mfu` (when the device's peak is known) and
+        `data_wait` (fraction of the step spent waiting for data, shown from 5%)."""
         now = time.monotonic()
         done = step - self._start_step
         rate = done / max(now - self._start, 1e-9)
@@ -171,6 +173,10 @@ class ProgressLine:
         filled = int(width * step / max(self.total_steps, 1))
         line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total_steps} "
                 f"loss {loss:.4f} {tokens_per_sec / 1e3:.1f}k tok/s eta {eta:.0f}s")
+        if mfu is not None:
+            line += f" mfu {100 * mfu:.1f}%"
+        if data_wait is not None and data_wait >= 0.05:
+            line += f" data wait {100 * data_wait:.0f}%"
         if dropped:
             line += f" dropped {dropped:.4f}"
         if self._tty:

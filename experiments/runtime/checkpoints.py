@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -53,6 +54,8 @@ from etils import epath
 
 from experiments.runtime.checksums import tree_digest
 from experiments.runtime.log_filters import quiet_read_only_warnings
+from layers import scan as scan_lib
+from layers.scan import LayerPlan
 
 _log = logging.getLogger(__name__)
 
@@ -89,6 +92,15 @@ def _host_array(leaf: Any) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     return np.asarray(jax.device_get(leaf))
+
+
+def _place_like(tree: Any, abstract: Any) -> Any:
+    """`tree`'s arrays on the shardings of `abstract`'s leaves (where they have one)."""
+    def place(leaf, like):
+        sharding = getattr(like, "sharding", None)
+        return leaf if sharding is None else jax.device_put(leaf, sharding)
+
+    return jax.tree.map(place, tree, abstract)
 
 
 def _default_sharding(abstract: Any) -> Any:
@@ -352,10 +364,28 @@ class Checkpointer:
             raise CorruptCheckpointError(f"{item} metadata unreadable: {type(e).__name__}: "
                                          f"{_first_line(e)}") from e
 
+    def _stored_layout(self, step: int, abstract_params: Any, abstract_opt_state: Any | None,
+                       ) -> tuple[Any, Any, LayerPlan | None]:
+        """The restore targets in the layer layout (scanned or not, `layers.scan`)
+        checkpoint `step` was written with, and the targets' own layout when it
+        differs (None when the layouts agree)."""
+        wanted = scan_lib.find_plan(abstract_params)
+        metadata = self.stored_metadata(step, "params")
+        stored = scan_lib.find_plan(getattr(metadata, "tree", metadata))
+        if wanted is None or stored is None or wanted == stored:
+            return abstract_params, abstract_opt_state, None
+        strip = functools.partial(jax.tree.map, lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
+        return (scan_lib.to_layer_plan(strip(abstract_params), stored),
+                None if abstract_opt_state is None
+                else scan_lib.to_layer_plan(strip(abstract_opt_state), stored), wanted)
+
     def check_matches(self, step: int, abstract_params: Any,
                       abstract_opt_state: Any | None) -> None:
         """CheckpointMismatchError if checkpoint `step`'s stored structure, shapes or
-        dtypes differ from the targets (`abstract_opt_state=None`: params only)."""
+        dtypes differ from the targets (`abstract_opt_state=None`: params only).
+        The layer layout may differ: scanned and unscanned layers convert."""
+        abstract_params, abstract_opt_state, _ = self._stored_layout(step, abstract_params,
+                                                                     abstract_opt_state)
         differences = tree_differences("params", self.stored_metadata(step, "params"),
                                        abstract_params)
         if abstract_opt_state is not None and not differences:
@@ -366,6 +396,20 @@ class Checkpointer:
 
     def _restore_step(self, step: int, abstract_params: Any,
                       abstract_opt_state: Any | None) -> Restored:
+        wanted_params, wanted_opt_state = abstract_params, abstract_opt_state
+        abstract_params, abstract_opt_state, wanted_plan = self._stored_layout(
+            step, abstract_params, abstract_opt_state)
+        restored = self._restore_stored(step, abstract_params, abstract_opt_state)
+        if wanted_plan is None:
+            return restored
+        # Written in the other layer layout: verified as stored, then converted and placed.
+        params = _place_like(scan_lib.to_layer_plan(restored.params, wanted_plan), wanted_params)
+        opt_state = (None if restored.opt_state is None else _place_like(
+            scan_lib.to_layer_plan(restored.opt_state, wanted_plan), wanted_opt_state))
+        return dataclasses.replace(restored, params=params, opt_state=opt_state)
+
+    def _restore_stored(self, step: int, abstract_params: Any,
+                        abstract_opt_state: Any | None) -> Restored:
         items = {"params": ocp.args.StandardRestore(_default_sharding(abstract_params)),
                      "data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
         if abstract_opt_state is not None:

@@ -172,7 +172,7 @@ class Sharding:
         for micro-batches of `tokens_per_call` tokens (capacity omitted when None).
         """
         ep = self.expert_parallel_size
-        layers = {name: getattr(model, name).ffn for name in getattr(model, "moe_layer_names", ())}
+        layers = {name: model.moe_layer(name) for name in getattr(model, "moe_layer_names", ())}
         if not layers:
             return "dispatch: no MoE layers"
         enabled = self.ep_options.enabled and ep > 1

@@ -65,6 +65,9 @@ class TrainConfig:
         and listed in the summary, before it stops (0: stop at the first).
       phase_plan: the EvoMoE step hook (`experiments.train.phases.PhasePlan`):
         dense warm-up, diversify, dense-to-sparse soft and hard phases in one run.
+      peak_tflops: peak TFLOP/s per device for the MFU scalar; None = the
+        table in `experiments.train.throughput` by device kind (no MFU on CPU
+        or an unlisted device).
       hooks: further step hooks (`experiments.train.hooks.StepHook`), run after
         the loss-free and EvoMoE ones.
       profile_steps: 'N:M' writes a jax profiler trace of steps N..M (inclusive)
@@ -86,6 +89,7 @@ class TrainConfig:
     quiet: bool = False
     max_skipped_steps: int = 0
     phase_plan: PhasePlan | None = None
+    peak_tflops: float | None = None
     hooks: Sequence[StepHook] = ()
     profile_steps: str | None = None
     checkpoint_every: Any = _MOVED_CHECKPOINT_EVERY
@@ -106,6 +110,10 @@ class TrainConfig:
                                             self.vocab_size < 1):
             raise ValueError(f"train.vocab_size must be None or an int >= 1, got "
                              f"{self.vocab_size!r}")
+        if self.peak_tflops is not None and (isinstance(self.peak_tflops, bool) or not isinstance(
+                self.peak_tflops, (int, float)) or not self.peak_tflops > 0):
+            raise ValueError(f"train.peak_tflops must be None or a number > 0, got "
+                             f"{self.peak_tflops!r}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         profiling.parse_profile_steps(self.profile_steps, num_steps=self.num_steps)

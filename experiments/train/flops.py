@@ -92,11 +92,13 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
     """The FLOP counter of `model` (a `TransformerLM`) for micro-batches of
     `batch_size / num_microbatches` rows of `seq_len` tokens."""
     tokens = batch_size // num_microbatches * seq_len
-    moe_layers = {name: getattr(model, name).ffn for name in getattr(model, "moe_layer_names", ())}
+    moe_layers = {name: model.moe_layer(name) for name in getattr(model, "moe_layer_names", ())}
+    # Scanned layers' parameters are stacked: one `scanned/unit_{j}` per unit position.
+    moe_blocks = {id(moe) for moe in moe_layers.values()}
     dense = 0.0
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = [str(p) for p in path]
-        if names[0] in moe_layers and "experts" in names:
+        if "experts" in names and _under_moe(model, names, moe_blocks):
             continue
         if names[0] == "embedding" and not getattr(model, "tie_embeddings", False):
             continue
@@ -104,7 +106,7 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
             dense += 2.0 * value.size
     dense += _repeated_use_flops(model, moe_layers)
     for name in getattr(model, "layer_names", ()):
-        attention = getattr(model, name).attention
+        attention = model.block(name).attention
         if hasattr(attention, "attention_flops"):  # its own count (layers.mla.MLAttention)
             dense += attention.attention_flops(seq_len)
         else:
@@ -112,6 +114,7 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
     per_row, rows = {}, {}
     for name, moe in moe_layers.items():
         expert_size = sum(v.size for _, v in nnx.to_flat_state(nnx.state(moe.experts, nnx.Param)))
+        expert_size //= model.layer_repeats(name)
         per_row[name] = 2.0 * expert_size / moe.num_experts
         rows[name] = _moe_rows(moe, tokens, seq_len)
         dense += getattr(moe, "flops_per_position", lambda: 0.0)()
@@ -136,3 +139,13 @@ def _repeated_use_flops(model: nnx.Module, moe_layers: dict[str, Any]) -> float:
                 extra += 2.0 * value.size
             seen.add(id(value))
     return extra
+
+
+def _under_moe(model: nnx.Module, names: list[str], moe_blocks: set[int]) -> bool:
+    """Whether the parameter at path `names` belongs to one of the MoE FFNs (by id)."""
+    module = model
+    for name in names[:names.index("experts")]:
+        module = getattr(module, name, None)
+        if module is None:
+            return False
+    return id(module) in moe_blocks

@@ -9,6 +9,8 @@ import gin
 import jax
 import optax
 
+from layers.scan import SCANNED
+
 _log = logging.getLogger(__name__)
 
 # Parameters whose path contains one of these names are never weight-decayed,
@@ -50,13 +52,14 @@ def _path_names(path) -> list[str]:
 
 
 def decay_mask(params: Any) -> Any:
-    """True where weight decay applies: rank >= 2 and not a norm scale or bias."""
+    """True where weight decay applies: rank >= 2 and not a norm scale or bias.
+    The rank of a scanned layer's parameter excludes its leading `layers` axis."""
 
     def is_decayed(path, leaf) -> bool:
         names = [n.lower() for n in _path_names(path)]
         if any(word in n for n in names for word in _NO_DECAY_NAMES):
             return False
-        return getattr(leaf, "ndim", 0) >= 2
+        return getattr(leaf, "ndim", 0) - (names[:1] == [SCANNED]) >= 2
 
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 

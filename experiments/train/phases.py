@@ -43,6 +43,7 @@ import optax
 
 from experiments.convert import dense_to_moe
 from experiments.train.hooks import HookContext, HookState, StepHook, TrainState
+from layers import scan as scan_lib
 from moe import upcycle
 from moe.dense_to_sparse import TEMPERATURE_SCHEDULES, DtsState, temperature_schedule
 from moe.router_state import DTS_HARD, DTS_TEMPERATURE, RouterState
@@ -207,9 +208,13 @@ def diversify_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, A
     Every MoE-model parameter whose path and shape exist in `dense_params` is
     copied; each MoE layer's `ffn/experts` are spawned from the dense
     `ffn` weights of that layer; what is left (the routers) keeps its value in
-    `moe_params`, a freshly initialised MoE model.
+    `moe_params`, a freshly initialised MoE model. Either model may have scanned
+    layers (`layers.scan`): the mapping runs unscanned, the result has
+    `moe_params`' layout.
     """
     fresh = []
+    layout, dense_params = moe_params, scan_lib.unscan_tree(dense_params)
+    moe_params = scan_lib.unscan_tree(moe_params)
 
     def experts_for(layer: str, dense_ffn: dict[str, Any], experts: dict[str, Any]) -> dict:
         spawned = upcycle.spawn_experts(dense_ffn, next(iter(experts.values())).shape[0],
@@ -235,7 +240,7 @@ def diversify_params(dense_params: Mapping[str, Any], moe_params: Mapping[str, A
                                 experts_for=experts_for, missing=missing)
     _log.info("diversify: %d layers spawned with %r; fresh parameters: %s", len(moe_layers),
               plan.diversify, fresh)
-    return out
+    return scan_lib.match_layer_layout(out, layout)
 
 
 def transfer_opt_state(old_state: Any, new_params: Any, tx: optax.GradientTransformation,
@@ -267,5 +272,10 @@ def transfer_opt_state(old_state: Any, new_params: Any, tx: optax.GradientTransf
     def other(dense: Any, fresh: Any) -> Any:
         return cast(dense, fresh) if np.shape(dense) == np.shape(fresh) else fresh
 
-    return dense_to_moe.map_opt_state(old_state, tx.init(new_params), set(new_params),
-                                      moments=moments, other=other)
+    # The mapping runs on unscanned trees; the result has `new_params`' layout.
+    plan = scan_lib.find_plan(new_params)
+    unscanned = scan_lib.unscan_tree(new_params)
+    old_state = scan_lib.to_layer_plan(old_state, scan_lib.LayerPlan(plan.num_layers))
+    out = dense_to_moe.map_opt_state(old_state, tx.init(unscanned), set(unscanned),
+                                     moments=moments, other=other)
+    return scan_lib.to_layer_plan(out, plan)

@@ -23,6 +23,7 @@ from experiments.reporting.metrics import (
 )
 from experiments.runtime import gin_utils
 from experiments.train.evaluation import EvalResult
+from experiments.train.throughput import throughput_scalars
 
 _log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ class StepLog:
 
     def __init__(self, log_dir: Path, *, domains: list[str], num_steps: int, start_step: int,
                  resumed: bool, log_every: int, summary_window: int, quiet: bool,
-                 console: Console | None = None, tokenizer: str = ""):
+                 console: Console | None = None, tokenizer: str = "",
+                 num_devices: int = 1, peak_tflops: float | None = None):
         self.log_dir, self.num_steps, self.log_every = log_dir, num_steps, log_every
         self.start_step = start_step
         self.writer = MetricsWriter(log_dir, resume_step=start_step if resumed else None)
@@ -48,14 +50,21 @@ class StepLog:
         self.dropped = summary_lib.DroppedMean()
         self._last_time = time.monotonic()
         self._closed = False
+        self.num_devices, self.peak_tflops = num_devices, peak_tflops
 
     def train_step(self, step: int, metrics: Mapping[str, Any], *, learning_rate: float,
-                   flops: float, hook_scalars: Mapping[str, float]) -> None:
+                   flops: float, hook_scalars: Mapping[str, float],
+                   data_seconds: float = 0.0) -> None:
         """The step's record (every step); MoE scalars, histograms and progress every
-        `log_every` steps and at the last."""
+        `log_every` steps and at the last. `data_seconds`: time spent waiting for
+        this step's batch (`experiments.train.throughput`)."""
         now = time.monotonic()
-        tokens_per_sec = float(metrics["num_tokens"]) / max(now - self._last_time, 1e-9)
+        step_seconds = max(now - self._last_time, 1e-9)
+        tokens_per_sec = float(metrics["num_tokens"]) / step_seconds
         self._last_time = now
+        throughput = throughput_scalars(
+            tokens=float(metrics["num_tokens"]), flops=flops, step_seconds=step_seconds,
+            data_seconds=data_seconds, num_devices=self.num_devices, peak=self.peak_tflops)
         self.window.add(metrics["domain_ce_sum"], metrics["domain_tokens"])
         self.dropped.add(metrics["moe"])
         log_now = step % self.log_every == 0 or step == self.num_steps
@@ -63,7 +72,7 @@ class StepLog:
         scalars.update({name: float(metrics[name]) for name in metrics["loss_terms"]})
         scalars.update(learning_rate=learning_rate, tokens_per_sec=tokens_per_sec, flops=flops,
                        seq_balance=float(metrics["seq_balance"]),
-                       **train_moe_scalars(metrics["moe"]), **hook_scalars)
+                       **throughput, **train_moe_scalars(metrics["moe"]), **hook_scalars)
         self.writer.write(step, "train", scalars,
                           tb_scalars=moe_scalars(metrics["moe"]) if log_now else None)
         if log_now:
@@ -72,7 +81,9 @@ class StepLog:
                                       load_fractions(stats.counts), step)
             if self.progress:
                 self.progress.update(step, scalars["loss"], tokens_per_sec,
-                                     dropped=scalars.get("dropped_fraction"))
+                                     dropped=scalars.get("dropped_fraction"),
+                                     mfu=throughput.get("mfu"),
+                                     data_wait=throughput["data_wait_fraction"])
 
     def evaluation(self, step: int, result: EvalResult) -> None:
         self.writer.write(step, "valid", dict(result.scalars(),

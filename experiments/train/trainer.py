@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +32,7 @@ from experiments.runtime.checkpoints import Checkpointer, CheckpointMismatchErro
 from experiments.runtime.workdir_lock import WorkdirLock, check_workdir
 from experiments.train import hooks as hooks_lib
 from experiments.train import interrupt as interrupt_lib
-from experiments.train import profiling, resume_check, run_state
+from experiments.train import profiling, resume_check, run_state, throughput
 from experiments.train.config import TrainConfig, TrainSetup
 from experiments.train.evaluation import EvalResult, evaluate
 from experiments.train.nonfinite import NonFiniteLossError, SkipGuard
@@ -117,7 +118,9 @@ def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs,
         log = StepLog(log_dir, domains=data.domains(), num_steps=config.num_steps,
                       start_step=run.step, resumed=run.resumed, log_every=config.log_every,
                       summary_window=config.summary_window, quiet=config.quiet,
-                      console=console, tokenizer=data.tokenizer)
+                      console=console, tokenizer=data.tokenizer,
+                      num_devices=jax.device_count(), peak_tflops=throughput.peak_tflops(
+                          jax.devices()[0].device_kind, config.peak_tflops))
         profiler = profiling.StepProfiler(
             profiling.parse_profile_steps(config.profile_steps, num_steps=config.num_steps),
             log.writer.tensorboard_dir)
@@ -126,7 +129,9 @@ def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs,
         for step in range(start_step + 1, config.num_steps + 1):
             run.step = step
             console.messages(step, hooks_lib.messages(hooks, run.hook_states, step))
+            waited = time.monotonic()
             batch = next(train_iter)
+            data_seconds = time.monotonic() - waited
             for hook in hooks:
                 batch = hook.before_step(step, batch)
             current = runtimes[run.train.structure]
@@ -149,7 +154,8 @@ def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs,
             run_state.after_step(hooks, run, metrics, runtimes)
             if not skipped:  # a skipped step's metrics are not finite: not logged
                 log.train_step(step, metrics, learning_rate=float(schedule(step - 1)),
-                               flops=step_flops, hook_scalars=_hook_scalars(hooks, run, metrics))
+                               flops=step_flops, hook_scalars=_hook_scalars(hooks, run, metrics),
+                               data_seconds=data_seconds)
             if step == start_step + 1:
                 gin_utils.write_operative_config(log_dir, notes=runtimes.dispatch_lines.values())
             if step % config.eval_every == 0 or step == config.num_steps:

@@ -23,6 +23,7 @@ from experiments.convert.hf.safetensors_io import (
     write_sharded,
 )
 from experiments.runtime import gin_utils
+from experiments.runtime.checkpoints import Checkpointer
 from layers.transformer import TransformerLM
 from tests.convert.test_hf_mapping import _random_tree
 from tests.convert.test_hf_mapping import _spec as mapping_spec
@@ -132,8 +133,11 @@ def test_selection_biases_refused_unless_dropped():
         gin.clear_config()
 
 
-def test_import_then_export_gives_the_same_tensors(tmp_path):
-    """A Mixtral (per-expert layout, 3 shards) imported onto a mesh and exported."""
+@pytest.mark.parametrize("scan", [False, True])
+def test_import_then_export_gives_the_same_tensors(tmp_path, scan):
+    """A Mixtral (per-expert layout, 3 shards) imported onto a mesh and exported;
+    scan=True: imported into a scanned model (`TransformerLM.scan_layers`, its
+    checkpoint stacks the layers), exported unstacked again."""
     spec = dataclasses.replace(mapping_spec("MixtralForCausalLM"), d_ff=12)
     hf = dict(mapping.to_hf(_random_tree(spec).__getitem__, spec))
     src = tmp_path / "src"
@@ -144,7 +148,11 @@ def test_import_then_export_gives_the_same_tensors(tmp_path):
     gin.clear_config()
     try:
         # MESH_SHAPE bound: each tensor is placed on its sharding as it is read.
-        import_hf(src, tmp_path / "work", gin_params=["MESH_SHAPE = {'data': -1, 'expert': 1}"])
+        import_hf(src, tmp_path / "work", gin_params=[
+            "MESH_SHAPE = {'data': -1, 'expert': 1}", f"TransformerLM.scan_layers = {scan}"])
+        stored = Checkpointer(tmp_path / "work" / "checkpoints",
+                              read_only=True).stored_metadata(0, "params").tree
+        assert ("scanned" in stored) is scan and ("layer_0" in stored) is not scan
         export_hf(tmp_path / "work", tmp_path / "out", dtype="float32", max_shard_bytes=20_000)
     finally:
         gin.clear_config()

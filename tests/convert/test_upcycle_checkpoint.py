@@ -171,3 +171,21 @@ def test_cli_error_exit_status(dense_run, tmp_path):
                         f"--out_workdir={tmp_path / 'moe'}", "--moe_layers=7")
     assert result.returncode == 2
     assert "moe_layers (7,) out of range" in result.stderr
+
+
+def test_upcycle_into_a_scanned_model_verifies(dense_run, tmp_path, clean_gin):
+    """The dense run (unscanned, 2 layers) upcycled into an all-MoE target with
+    `TransformerLM.scan_layers = True`: the mapping runs unscanned, the written
+    checkpoint is scanned (`scanned/unit_0`, 2 repeats), and --verify's exactness
+    check (dense vs upcycled logits) passes on the scanned model."""
+    out = tmp_path / "moe"
+    result = ex.upcycle(dense_run, out, gin_params=[NORMALIZED, "TransformerLM.scan_layers = True"],
+                        config=ex.UpcycleConfig(moe_layers="all", num_experts=4, k=2),
+                        verify=True, verify_batches=1)
+    assert result.moe_layers == ("layer_0", "layer_1")
+    assert result.verify.max_abs_logit_diff <= 1e-5 * max(result.verify.logit_scale, 1.0)
+    moe = _restore(out, _abstract_params(out), DENSE_STEPS)
+    assert set(moe.params) >= {"scanned"} and "layer_0" not in moe.params
+    assert moe.params["scanned"]["unit_0"]["ffn"]["experts"]["wi"].shape[:2] == (2, 4)
+    mu = moe.opt_state[1][0].mu
+    assert mu["scanned"]["unit_0"]["ffn"]["router"]["kernel"].shape[0] == 2

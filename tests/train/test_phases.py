@@ -155,6 +155,37 @@ def test_soft_phase_needs_a_dense_to_sparse_model():
     phases.check_moe_model(PhasePlan(dense_steps=3, soft_until=3), model)  # no soft phase
 
 
+def test_switch_with_scanned_layers_equals_unscanned():
+    """EvoMoE's switch on 4 layers: the dense structure scans as one unit of 1 (R = 4),
+    the MoE one ([dense, MoE] x 2) as one unit of 2 (R = 2). Diversified parameters and
+    transferred optimizer state equal the unscanned switch's, in the MoE layout."""
+    from layers import scan as scan_lib
+
+    def lm(structure, scan):
+        cls = PLAN.model_for(structure, TransformerLM)
+        return split_model(nnx.jit(lambda: cls(
+            vocab_size=24, d_model=16, num_layers=4, num_heads=2, d_ff=32, moe_every=2,
+            num_experts=4, k=1, expert_d_ff=48, moe_kwargs={"gating": "dense_to_sparse"},
+            dtype="float32", scan_layers=scan, rngs=nnx.Rngs(params=0)))())[1]
+
+    plan = PhasePlan(dense_steps=1, soft_until=2, diversify="noise")
+    tx = optim.make_optimizer(optim.learning_rate_schedule(10, warmup_steps=2))
+    outs = {}
+    for scan in (False, True):
+        dense, moe = lm("dense", scan), lm("moe", scan)
+        assert ("scanned" in dense) is scan and ("scanned" in moe) is scan
+        state = tx.init(dense)
+        _, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, dense), state, dense)
+        new = phases.diversify_params(dense, moe, ["layer_1", "layer_3"], plan,
+                                      jax.random.PRNGKey(7))
+        assert jax.tree.structure(new) == jax.tree.structure(moe)
+        opt = phases.transfer_opt_state(state, new, tx, ["layer_1", "layer_3"], copy_moments=True)
+        assert jax.tree.structure(opt) == jax.tree.structure(tx.init(new))
+        outs[scan] = (scan_lib.unscan_tree(new), scan_lib.to_layer_plan(
+            opt, scan_lib.LayerPlan(4)))
+    jax.tree.map(np.testing.assert_array_equal, outs[True], outs[False])
+
+
 def _get(tree, path):
     for key in path:
         tree = tree[key]

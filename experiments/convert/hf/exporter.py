@@ -30,6 +30,7 @@ from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers `train` for the config)
+from layers import scan as scan_lib
 from layers.transformer import TransformerLM
 
 _log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def _read(workdir: Path, step: int | None) -> tuple[Any, dict, int, bool]:
         checkpointer.close()
     biases = restored.balance_state or {}
     has_biases = any(np.any(np.asarray(v) != 0) for v in biases.values())
-    return model, jax.device_get(restored.params), step, has_biases
+    # HF names layers one by one: a scanned model's stacked layers are unstacked.
+    return model, scan_lib.unscan_tree(jax.device_get(restored.params)), step, has_biases
 
 
 def export_hf(workdir: str | Path, out_dir: str | Path, *, step: int | None = None,

@@ -52,8 +52,8 @@ def _moe_options(model: Any) -> dict[str, Any]:
         if getattr(router, "bias", None) is not None:
             raise UnsupportedModelError("TopKRouter.use_bias=True: HF routers have no logit bias")
         shared = moe.shared
-        options.append((moe.num_experts, moe.k, int(moe.experts.wo.shape[1]), router.normalize,
-                        None if shared is None else int(shared.wo.shape[0]),
+        options.append((moe.num_experts, moe.k, int(moe.experts.wo.shape[-2]), router.normalize,
+                        None if shared is None else int(shared.wo.shape[-2]),
                         shared is not None and bound("MoeLayer.shared_gate", False)))
     if len(set(options)) > 1:
         raise UnsupportedModelError(f"MoE layers differ ({sorted(set(options))}): HF families "
@@ -140,7 +140,7 @@ def spec_of(model: Any, *, selection_biases: bool = False,
             "the checkpoint holds loss-free selection biases (train.loss_free / "
             "selection_bias router state); HF routers have none: pass --drop_selection_bias "
             "to export without them (routing then changes)")
-    attention = model.layer_0.attention
+    attention = model.block("layer_0").attention
     if type(attention).__name__ != "Attention":
         raise UnsupportedModelError(f"TransformerLM.attention = @{type(attention).__name__}: no "
                                     "supported HF family holds it (DeepSeek-V2/V3 export of "
@@ -161,7 +161,7 @@ def spec_of(model: Any, *, selection_biases: bool = False,
         sliding_window=bound("TransformerLM.sliding_window"),
         attention_out_bias=bool(bound("TransformerLM.attention_out_bias", False)))
     dense = [n for n in model.layer_names if n not in model.moe_layer_names]
-    kw["d_ff"] = int(getattr(model, dense[0]).ffn.wo.shape[0]) if dense else 0
+    kw["d_ff"] = int(model.block(dense[0]).ffn.wo.shape[-2]) if dense else 0
     moe_idx = tuple(i for i, n in enumerate(model.layer_names) if n in model.moe_layer_names)
     moe = _moe_options(model) if moe_idx else {}
     if not model.causal:

@@ -39,6 +39,7 @@ from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers `train` for the config)
 from experiments.train.config import model_vocab_size
 from experiments.train.optim import make_optimizer
+from layers import scan as scan_lib
 from layers.params import logical_axes_of
 from layers.transformer import TransformerLM
 
@@ -142,10 +143,12 @@ def import_hf(model_dir: str | Path, out_workdir: str | Path, *,
                              f"{model_dir / 'config.json'} vocab_size = {spec.vocab_size}")
         model = nnx.eval_shape(lambda: TransformerLM(vocab_size=spec.vocab_size,
                                                      rngs=nnx.Rngs(0)))
-        abstract = nnx.state(model, nnx.Param).to_pure_dict()
+        layout = nnx.state(model, nnx.Param).to_pure_dict()
+        # HF names layers one by one: load unscanned, then stack a scanned model's layers.
+        abstract, scanned = scan_lib.unscan_tree(layout), scan_lib.SCANNED in layout
         place = None
         sharder = None
-        if mesh_lib.mesh_shape_from_gin() is not None:
+        if mesh_lib.mesh_shape_from_gin() is not None and not scanned:
             sharder = mesh_lib.Sharding()
             shardings = traverse_util.flatten_dict(
                 sharder.param_shardings(abstract, logical_axes_of(model)))
@@ -154,6 +157,11 @@ def import_hf(model_dir: str | Path, out_workdir: str | Path, *,
             def place(path, value):  # pylint: disable=function-redefined
                 return jax.device_put(np.asarray(value, flat_abs[path].dtype), shardings[path])
         params = load_params(model_dir, spec, abstract, place)
+        if scanned:
+            params = scan_lib.match_layer_layout(params, layout)
+            if mesh_lib.mesh_shape_from_gin() is not None:
+                sharder = mesh_lib.Sharding()
+                params = sharder.place_params(params, logical_axes_of(model))
         tx = make_optimizer(optax.constant_schedule(0.0))
         opt_state = sharder.init_opt_state(tx, params) if sharder else tx.init(params)
         checkpointer = Checkpointer(tmp / "checkpoints", async_save=False, max_to_keep=None)
