@@ -2,6 +2,7 @@
 
   python scripts/sweep.py gin_configs/sweeps/global_batch_lbl.gin
   python scripts/sweep.py gin_configs/sweeps/loss_free_balancing.gin --report_only
+  python scripts/sweep.py gin_configs/sweeps/loss_free_balancing.gin --from_records
 
 Runs go to --root/NAME/<variant>/seed<k> (default workdirs/sweeps); finished
 runs are skipped and interrupted ones resume from their checkpoints. The
@@ -25,9 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs_dir", default="docs/experiments", help="where the report goes")
     parser.add_argument("--report_only", action="store_true",
                         help="only collect finished runs and rewrite the report")
+    parser.add_argument("--from_records", action="store_true",
+                        help="rewrite the report from its committed DOCS_DIR/NAME/records.json "
+                             "(no runs needed; the plots are kept as they are)")
     args = parser.parse_args(argv)
+    if args.report_only and args.from_records:
+        parser.error("--report_only and --from_records exclude each other")
     sweep = sweep_lib.load_sweep(args.sweep_file)
     root = Path(args.root).absolute()
+    if args.from_records:
+        records = sweep_lib.read_records(Path(args.docs_dir), sweep.name)
+        report = sweep_lib.write_report(sweep, records, args.sweep_file, Path(args.docs_dir),
+                                        plots=False)
+        print(f"wrote {report} ({len(records)} runs, from {sweep_lib.RECORDS_FILE})")
+        return 0
     if args.report_only:
         records = [sweep_lib.collect_run(sweep_lib.run_dir(root, sweep, variant, seed),
                                          variant, seed, root=root)
