@@ -1,15 +1,16 @@
 """Report of the research preset's calibration (docs/experiments/calibration.md).
 
-  python scripts/sweep.py gin_configs/sweeps/calibration_screen.gin   # the screen
-  python scripts/sweep.py gin_configs/sweeps/calibration.gin          # 3 seeds
-  python scripts/calibration_report.py                 # from the runs under --root
-  python scripts/calibration_report.py --from_records  # from the committed records
+  python scripts/sweep.py gin_configs/sweeps/calibration.gin   # trains (resumable)
+  python scripts/calibration_report.py                         # from the runs under --root
+  python scripts/calibration_report.py --from_records          # from the committed records
 
-Collects the finished runs of both sweeps (`experiments.reporting.sweep.collect_run`),
-writes their records (no per-step curves) to docs/experiments/calibration/records.json
-and the report, with the paired MoE-vs-dense differences and the verdict of
-`experiments.reporting.protocol` (threshold: 3 standard errors). With
-`--from_records` nothing is read but that file, and the report comes out identical.
+Collects the finished runs of the calibration sweep (`experiments.reporting.sweep.
+collect_run`, plus parameter counts and each run's config.gin), writes them (no per-step
+curves) to docs/experiments/calibration/records.json and writes the report: every MoE
+candidate paired by seed with the dense model of equal active parameters and with its
+dense model of equal total parameters, judged by `experiments.reporting.protocol` at 3
+standard errors. With `--from_records` nothing else is read and the report comes out
+identical.
 """
 
 from __future__ import annotations
@@ -23,18 +24,19 @@ from experiments.reporting import protocol
 from experiments.reporting import sweep as sweep_lib
 from experiments.runtime import cli
 
-SCREEN = "gin_configs/sweeps/calibration_screen.gin"
-FINAL = "gin_configs/sweeps/calibration.gin"
+SWEEP = "gin_configs/sweeps/calibration.gin"
+PRESET = "gin_configs/experiments/research.gin"
+DOCS = Path("docs/experiments")
 NAME = "calibration"
 THRESHOLD = 3.0  # standard errors of the paired difference (issue 17's calibration target)
-MOE, ACTIVE, TOTAL = "moe", "dense_active", "dense_total"
-# Screen variants are `<candidate>_moe` / `<candidate>_dense_active`.
-SCREEN_SUFFIXES = ("_" + MOE, "_" + ACTIVE)
+ACTIVE = "dense_active"  # one model for every candidate (see the sweep file)
+# Candidate c has variants `c_moe` and `c_dense_total`.
+MOE_SUFFIX, TOTAL_SUFFIX = "_moe", "_dense_total"
 
 
-def collect(sweep_file: str, root: Path) -> list[dict[str, Any]]:
-    """Records of the sweep's finished runs, with the model's parameter counts."""
-    sweep = sweep_lib.load_sweep(sweep_file)
+def collect(root: Path) -> list[dict[str, Any]]:
+    """Records of the sweep's finished runs, with parameter counts and config.gin."""
+    sweep = sweep_lib.load_sweep(SWEEP)
     records = []
     for variant, _ in sweep.runs():
         for seed in sweep.seeds:
@@ -43,102 +45,122 @@ def collect(sweep_file: str, root: Path) -> list[dict[str, Any]]:
                 record = sweep_lib.collect_run(workdir, variant, seed, root=root)
                 record.pop("curves")
                 record.update(param_counts(workdir))
-                # Every binding of the run: a test checks the preset is still the calibrated one.
+                # Every binding of the run: a test checks the preset is the calibrated one.
                 record["config"] = (workdir / "config.gin").read_text()
                 records.append(record)
     return records
 
 
+def _parse(gin_files: list[str], params: list[str]):
+    # pylint: disable=g-import-not-at-top
+    import gin
+
+    from experiments.runtime import gin_utils
+    from experiments.train import trainer  # noqa: F401  registers the configurables
+
+    gin.clear_config()
+    gin_utils.parse(gin_files, params)
+    return gin
+
+
 def param_counts(workdir: Path) -> dict[str, int]:
     """`{'params': total, 'active_params': per token}` of the run's model (shapes only)."""
     # pylint: disable=g-import-not-at-top
-    import gin
     from flax import nnx
 
     from experiments.data.config import DataConfig
-    from experiments.runtime import gin_utils
-    from experiments.train import trainer  # noqa: F401  registers the configurables
     from layers.transformer import TransformerLM
 
-    gin.clear_config()
-    gin_utils.parse([str(workdir / gin_utils.CONFIG_FILE)], [])
+    gin = _parse([str(workdir / "config.gin")], [])
     vocab_size = DataConfig().vocab_size()
     model = nnx.eval_shape(lambda: TransformerLM(vocab_size=vocab_size, rngs=nnx.Rngs(0)))
     gin.clear_config()
     return {"params": int(model.param_count()), "active_params": int(model.active_param_count())}
 
 
-def screen_table(records: list[dict[str, Any]]) -> list[str]:
-    """One row per screened candidate (seed 0): both losses, the gap, times and loads."""
-    runs = {(r["variant"], r["seed"]): r for r in records}
-    candidates = list(dict.fromkeys(r["variant"].removesuffix(s) for r in records
-                                    for s in SCREEN_SUFFIXES if r["variant"].endswith(s)))
-    lines = ["| candidate | steps | MoE valid | dense (active) valid | gap MoE - dense | "
-             "MoE wall s (steps/s, load) | dense wall s (steps/s, load) |",
-             "|---|---|---|---|---|---|---|"]
-    for candidate in candidates:
-        moe, dense = (runs.get((candidate + s, 0)) for s in SCREEN_SUFFIXES)
-        cells = [f"`{candidate}`", str((moe or dense or {}).get("steps", "-"))]
-        for r in (moe, dense):
-            cells.append(f"{protocol.final_loss(r):.4f}" if r else "not run")
-        cells.append(f"{protocol.final_loss(moe) - protocol.final_loss(dense):+.4f}"
-                     if moe and dense else "-")
-        for r in (moe, dense):
-            cells.append(f"{r['wall_seconds']:.0f} ({r['steps_per_second']:.2f}, "
-                         f"{r['load_average'] or float('nan'):.1f})" if r else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+def preset_config(seed: int) -> str:
+    """config.gin of a run of the preset as committed, with `train.seed = seed`."""
+    gin = _parse([PRESET], [f"train.seed = {seed}"])
+    text = gin.config_str()
+    gin.clear_config()
+    return text
+
+
+def preset_candidate(records: list[dict[str, Any]]) -> str | None:
+    """The candidate whose MoE runs are the committed preset (None: none of them)."""
+    for r in records:
+        if r["variant"].endswith(MOE_SUFFIX) and r["config"] == preset_config(r["seed"]):
+            return r["variant"].removesuffix(MOE_SUFFIX)
+    return None
+
+
+def candidates(records: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["variant"].removesuffix(MOE_SUFFIX) for r in records
+                              if r["variant"].endswith(MOE_SUFFIX)))
+
+
+def _gap(records, variant: str, baseline: str) -> tuple[str, str]:
+    """(`mean ± SE (n)` of variant - baseline paired by seed, the verdict's outcome)."""
+    if not {variant, baseline} <= {r["variant"] for r in records}:
+        return "not run", "-"
+    p = protocol.paired(records, variant, baseline)
+    if p.n < 2:
+        return f"{p.mean:+.4f} (n={p.n})" if p.n else "n=0", protocol.verdict(p, THRESHOLD).outcome
+    return f"{p.mean:+.4f} ± {p.se:.4f} (n={p.n})", protocol.verdict(p, THRESHOLD).outcome
+
+
+def candidate_table(records: list[dict[str, Any]], preset: str | None) -> list[str]:
+    runs = protocol.by_variant(records)
+    lines = ["| candidate | params (active) | MoE valid loss | MoE - dense_active | verdict "
+             f"({THRESHOLD:g} SE) | MoE - dense_total | MoE wall s / run | steps/s | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in candidates(records):
+        moe = list(runs[c + MOE_SUFFIX].values())
+        active_gap, outcome = _gap(records, c + MOE_SUFFIX, ACTIVE)
+        total_gap, _ = _gap(records, c + MOE_SUFFIX, c + TOTAL_SUFFIX)
+        name = f"`{c}`" + (" (the preset)" if c == preset else "")
+        lines.append(
+            f"| {name} | {moe[0]['params']:,} ({moe[0]['active_params']:,}) | "
+            f"{protocol.format_mean_se([protocol.final_loss(r) for r in moe])} | {active_gap} | "
+            f"{outcome} | {total_gap} | {protocol.mean_std([r['wall_seconds'] for r in moe], 0)} | "
+            f"{protocol.mean_std([r['steps_per_second'] for r in moe], 2)} | "
+            f"{protocol.mean_std([r['load_average'] for r in moe], 1)} |")
     return lines
 
 
-def size_lines(records: list[dict[str, Any]]) -> list[str]:
-    sizes = {r["variant"]: (r["params"], r["active_params"]) for r in records if "params" in r}
-    return [f"- `{v}`: {p:,} parameters, {a:,} active per token" for v, (p, a) in sizes.items()]
-
-
-def render(screen: list[dict[str, Any]], final: list[dict[str, Any]],
-           sweep: sweep_lib.Sweep, screen_sweep: sweep_lib.Sweep) -> str:
-    """The report's markdown (the final sweep's description and findings as its text)."""
-    lines = ["# Calibration of the research preset", "",
+def render(records: list[dict[str, Any]], sweep: sweep_lib.Sweep) -> str:
+    """The report's markdown (the sweep's description and findings as its text)."""
+    preset = preset_candidate(records)
+    lines = [f"# {sweep.title}", "",
              "Generated by `scripts/calibration_report.py` from the runs of", "", "```sh",
-             f"nice -n 19 python scripts/sweep.py {SCREEN}",
-             f"nice -n 19 python scripts/sweep.py {FINAL}",
-             "python scripts/calibration_report.py", "```", "",
-             "(resumable: finished runs are skipped; `python scripts/calibration_report.py "
-             "--from_records` rewrites this file from `calibration/records.json` alone).", "",
-             sweep.description.strip(), ""]
+             f"nice -n 19 python scripts/sweep.py {SWEEP}   # resumable: finished runs are "
+             "skipped", "python scripts/calibration_report.py", "```", "",
+             "(`python scripts/calibration_report.py --from_records` rewrites this file from "
+             f"`{NAME}/records.json` alone).", "", sweep.description.strip(), ""]
     if sweep.findings:
         lines += ["## Findings", "", sweep.findings.strip(), ""]
-    lines += ["## The 3-seed comparison", ""]
-    if final:
-        lines += size_lines(final) + [""]
-        lines += protocol.variant_table(final, baseline=ACTIVE, threshold=THRESHOLD) + [""]
-        variants = {r["variant"] for r in final}
-        for variant, baseline in ((MOE, ACTIVE), (MOE, TOTAL)):
-            if {variant, baseline} <= variants:
-                v = protocol.verdict(protocol.paired(final, variant, baseline), THRESHOLD)
-                lines += [f"**`{variant}` has lower validation loss than `{baseline}`** — "
-                          f"{v.text()}", ""]
-        lines += [f"![validation loss vs steps and FLOPs]({NAME}/loss_curves.png)", ""]
-    else:
-        lines += ["No 3-seed run has finished yet.", ""]
-    lines += ["## The screen (seed 0)", "",
-              "Wall seconds include start-up and compilation; steps/s is the training loop's; "
-              "load is the mean 1-minute load average of this 2-core machine during the run "
-              "(shared with other jobs, which inflates the times).", ""]
-    lines += screen_table(screen) + ["", f"Candidates (`{SCREEN}`, on top of "
-                                     f"{', '.join(f'`{f}`' for f in screen_sweep.gin_files)} "
-                                     f"with {', '.join(f'`{b}`' for b in screen_sweep.bindings)}):",
-                                     ""]
-    for variant, bindings in screen_sweep.runs():
-        text = ", ".join(f"`{k} = {v!r}`" for k, v in bindings.items()) or "(the preset)"
-        lines.append(f"- `{variant}`: {text}")
-    lines += [""] + size_lines(screen) + [""]
-    lines += ["## Runs", "", "Workdirs relative to the sweep root (`scripts/sweep.py --root`).", ""]
-    lines += protocol.run_table(final + screen)
+    lines += ["## Candidates", "",
+              "Paired differences of the final validation loss (nats/byte) by seed, mean ± "
+              "standard error; the verdict judges \"the MoE has lower loss than the dense model "
+              f"of equal active parameters\" at {THRESHOLD:g} SE. Wall seconds include start-up "
+              "and compilation; steps/s is the training loop's; load is the mean 1-minute load "
+              "average of this 2-core machine during the run (shared with other jobs, which "
+              "inflates the times).", ""]
+    lines += candidate_table(records, preset) + [""]
+    for c in candidates(records):
+        for baseline in (ACTIVE, c + TOTAL_SUFFIX):
+            if baseline in {r["variant"] for r in records}:
+                v = protocol.verdict(protocol.paired(records, c + MOE_SUFFIX, baseline),
+                                     THRESHOLD)
+                lines += [f"- **`{c}{MOE_SUFFIX}` has lower validation loss than "
+                          f"`{baseline}`** — {v.text()}"]
+    lines += ["", "## Every variant", ""]
+    lines += protocol.variant_table(records, baseline=ACTIVE, threshold=THRESHOLD) + [""]
+    lines += [f"![validation loss vs steps and FLOPs]({NAME}/loss_curves.png)", "",
+              "## Runs", "", "Workdirs relative to the sweep root (`scripts/sweep.py --root`).",
+              ""]
+    lines += protocol.run_table(records)
     return "\n".join(lines) + "\n"
-
-
-DOCS = Path("docs/experiments")
 
 
 @cli.entry_point
@@ -146,27 +168,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--root", default="workdirs/sweeps", help="where the run workdirs are")
     parser.add_argument("--from_records", action="store_true",
-                        help=f"read only {DOCS}/{NAME}/records.json")
+                        help=f"read only {DOCS}/{NAME}/{sweep_lib.RECORDS_FILE}")
     args = parser.parse_args(argv)
     records_file = DOCS / NAME / sweep_lib.RECORDS_FILE
     if args.from_records:
-        stored = json.loads(records_file.read_text())
-        screen, final = stored["screen"], stored["final"]
+        records = json.loads(records_file.read_text())
     else:
-        root = Path(args.root).absolute()
-        screen, final = collect(SCREEN, root), collect(FINAL, root)
-        if not screen and not final:
+        records = collect(Path(args.root).absolute())
+        if not records:
             print(f"no finished runs under {args.root}", file=sys.stderr)
             return 1
         records_file.parent.mkdir(parents=True, exist_ok=True)
-        records_file.write_text(json.dumps({"screen": screen, "final": final}, indent=1) + "\n")
-    if final:
-        protocol.plot_loss_curves(final, DOCS / NAME / "loss_curves.png",
-                                  title="research preset, mean over seeds")
+        records_file.write_text(json.dumps(records, indent=1) + "\n")
+    protocol.plot_loss_curves(records, DOCS / NAME / "loss_curves.png",
+                              title="calibration sweep, mean over seeds")
     out = DOCS / f"{NAME}.md"
-    sweep, screen_sweep = sweep_lib.load_sweep(FINAL), sweep_lib.load_sweep(SCREEN)
-    out.write_text(render(screen, final, sweep, screen_sweep), encoding="utf-8")
-    print(f"wrote {out} ({len(final)} + {len(screen)} screen runs)")
+    out.write_text(render(records, sweep_lib.load_sweep(SWEEP)), encoding="utf-8")
+    print(f"wrote {out} ({len(records)} runs)")
     return 0
 
 

@@ -50,14 +50,14 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, float(np.std(values, ddof=1) / math.sqrt(len(values)))
 
 
-def mean_std(values: Sequence[float | None]) -> str:
+def mean_std(values: Sequence[float | None], digits: int = 4) -> str:
     """`mean ± sample std` of the finite values (one value alone; `-` for none)."""
     values = finite(values)
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def format_mean_se(values: Sequence[float | None], digits: int = 4) -> str:
@@ -224,7 +224,7 @@ def variant_table(records: Sequence[Record], baseline: str | None = None,
     for variant, seeds in runs.items():
         rs = list(seeds.values())
         row = (f"| `{variant}` | {len(rs)} | {format_mean_se([final_loss(r) for r in rs])} | "
-               f"{mean_std([r.get('wall_seconds') for r in rs])} |")
+               f"{mean_std([r.get('wall_seconds') for r in rs], 0)} |")
         if baseline is not None:
             if variant == baseline:
                 row += " - | - |"

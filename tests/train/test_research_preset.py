@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import gin
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -41,10 +42,34 @@ def _bindings(path: str) -> dict[str, object]:
 
 
 def test_sweep_variants_are_the_model_files():
+    # Each candidate c (`c_moe`, `c_dense_total`) sets only moe_every on top of the model
+    # files; `dense_active` is shared (see the next test).
     sweep = sweep_lib.load_sweep(REPO / "gin_configs/sweeps/calibration.gin")
     gin.clear_config()
     assert list(sweep.gin_files) == [PRESET]
-    assert dict(sweep.variants) == {"moe": {}, **{v: _bindings(f) for v, f in DENSE.items()}}
+    files = {"moe": {}, **{v: _bindings(f) for v, f in DENSE.items()}}
+    for variant, bindings in sweep.variants.items():
+        kind = "dense_active" if variant == "dense_active" else variant.split("_", 1)[1]
+        rest = {k: v for k, v in bindings.items() if k != "TransformerLM.moe_every"}
+        assert rest == files[kind], variant
+        assert variant == "dense_active" or "TransformerLM.moe_every" in bindings
+    assert {"alt_moe", "dense_active", "alt_dense_total"} <= set(sweep.variants)
+
+
+def test_dense_active_is_one_model_whatever_moe_every():
+    # With dense_baseline every FFN is dense with d_ff k x expert d_ff = the dense FFNs'
+    # d_ff, so the candidates share one dense_active model: same parameters, same init.
+    def init(moe_every):
+        gin.clear_config()
+        gin_utils.parse([str(REPO / PRESET), str(REPO / DENSE["dense_active"])],
+                        [*SHRINK, f"TransformerLM.moe_every = {moe_every}"])
+        state = nnx.to_flat_state(nnx.state(
+            TransformerLM(vocab_size=259, rngs=nnx.Rngs(params=3)), nnx.Param))
+        return {k: np.asarray(v.get_value()) for k, v in state}
+
+    alt, every = init(2), init(1)
+    assert sorted(alt) == sorted(every)
+    assert all(np.array_equal(alt[k], every[k]) for k in alt)
 
 
 def _model(*gin_files: str) -> TransformerLM:
