@@ -99,7 +99,7 @@ def test_research_preset_trains_two_steps(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 2 and math.isfinite(summary["valid_loss"]["all"])
-    assert set(summary["moe"]) == {"layer_1", "layer_3"}  # the preset's depth, moe_every 2
+    assert set(summary["moe"]) == {f"layer_{i}" for i in range(4)}  # 4 layers, moe_every 1
 
 
 @pytest.fixture(autouse=True)
