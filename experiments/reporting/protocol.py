@@ -161,7 +161,7 @@ class Verdict:
         tail = f" ({'; '.join(notes)})" if notes else ""
         if p.n < 2:
             return (f"{self.outcome}: {p.n} paired seed(s), fewer than the two a standard "
-                    f"error needs (threshold {self.threshold:g} SE){tail}.")
+                    f"error needs (threshold {self.threshold:g} SE{''.join('; ' + n for n in notes)}).")
         bound = f"{self.threshold:g} SE ({self.threshold * p.se:.4f})"
         rule = {"supported": f"more than {bound} below zero",
                 "contradicted": f"more than {bound} above zero",
