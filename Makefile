@@ -16,7 +16,7 @@ INTEROP_PY := $(INTEROP_VENV)/bin/python
 INTEROP_STAMP := $(INTEROP_VENV)/.installed
 INTEROP_PINS := "torch==2.13.0+cpu" "transformers==5.24.0" "lm-eval==0.4.13"
 
-.PHONY: setup train test test-seqio test-interop bench lint clean
+.PHONY: setup train test test-seqio test-interop bench bench-accel lint clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ test-interop: $(INTEROP_STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_moe_layer.py --json docs/bench_moe_layer.json
+
+# One-call accelerator benchmark (GPU/TPU; BENCH_ACCEL_ARGS=--small on CPU): JSON in
+# docs/ and this device's section of docs/benchmarks.md (docs/benchmarks.md).
+BENCH_ACCEL_ARGS ?=
+bench-accel: $(STAMP)
+	$(PY) scripts/bench_accelerator.py $(BENCH_ACCEL_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moe layers experiments scripts tests

@@ -12,6 +12,16 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     "numpy>=1.26,<3",
     "matplotlib>=3.8,<4",
+    # tokenizers: an imported model's tokenizer.json (HF byte-level BPE, WordPiece,
+    # Unigram with their normalizers/pre-tokenizers; a hand-written BPE would get the
+    # byte-level mapping, merge ranks and added tokens subtly wrong). A 3.4 MB abi3
+    # Rust wheel (11 MB installed; it pulls huggingface_hub, ~8 MB pure Python); no torch.
+    "tokenizers>=0.21,<1",
+    # scripts/prepare_data.py: .zst JSONL (zstandard), Parquet as dataset hubs export it
+    # (pyarrow), the progress bar with tokens/s and ETA (tqdm).
+    "zstandard>=0.22,<1",
+    "pyarrow>=15,<30",
+    "tqdm>=4.66,<5",
 ]
 
 EXTRAS_REQUIRE = {

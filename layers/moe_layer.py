@@ -161,6 +161,8 @@ class MoeLayer(nnx.Module):
         else:
             y, stats = self._token_choice(compute_tokens, decision, token_mask, ffn,
                                           None if decision.dropless else capacity)
+            if decision.local_output is not None:  # experts computed by the router
+                y = (y.astype(jnp.float32) + decision.local_output).astype(y.dtype)
         aux = decision.aux.replace(**stats, num_tokens=jnp.sum(token_mask))
         y = y.reshape(batch, seq, self.d_model)
         if self.shared is not None:

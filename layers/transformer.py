@@ -12,13 +12,14 @@ from flax import nnx
 
 from layers import renamed
 from layers.attention import Attention, attention_mask, segment_positions
+from layers.kv_cache import KVCache
 from layers.mlp import DenseMLP
 from layers.moe_layer import MoeLayer, active_ffn
 from layers.norms import RMSNorm
 from layers.params import EMBED, VOCAB, fan_in_init, make_param, normal_init
 from moe.experts import is_glu
 from moe.layer_aux import MoeAux
-from moe.router_state import RouterState
+from moe.router_state import MODEL_INPUT_KEYS, RouterState
 
 # TransformerLM arguments replaced by MoeLayer / router bindings (layers.renamed).
 _RENAMED_MODEL_ARGS = ("num_experts", "k", "expert_d_ff", "moe_kwargs")
@@ -48,7 +49,8 @@ class TransformerBlock(nnx.Module):
 
     @property
     def is_moe(self) -> bool:
-        return isinstance(self.ffn, MoeLayer)
+        # A MoE block other than MoeLayer (e.g. SoftMoeLayer) says so with `is_moe_block`.
+        return isinstance(self.ffn, MoeLayer) or getattr(self.ffn, "is_moe_block", False)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array | None,
                  token_mask: jax.Array | None, deterministic: bool, rng: jax.Array | None,
@@ -56,6 +58,13 @@ class TransformerBlock(nnx.Module):
                  ) -> tuple[jax.Array, MoeAux | None]:
         x = x + self.attention(self.attention_norm(x), positions=positions, mask=mask,
                                causal=self.causal)
+        return self._ffn_residual(x, token_mask=token_mask, deterministic=deterministic, rng=rng,
+                                  router_state=router_state)
+
+    def _ffn_residual(self, x: jax.Array, *, token_mask: jax.Array | None, deterministic: bool,
+                      rng: jax.Array | None, router_state: dict[str, jax.Array] | None,
+                      ) -> tuple[jax.Array, MoeAux | None]:
+        """x + ffn(norm(x)) in `dtype`, and the MoE aux (None for a dense FFN)."""
         h = self.ffn_norm(x)
         if self.is_moe:
             y, aux = self.ffn(h, mask=token_mask, deterministic=deterministic, rng=rng,
@@ -63,6 +72,22 @@ class TransformerBlock(nnx.Module):
         else:
             y, aux = self.ffn(h), None
         return (x + y).astype(self.dtype), aux
+
+    def decode(self, x: jax.Array, *, positions: jax.Array, cache: KVCache,
+               cache_index: jax.Array, kv_valid: jax.Array, token_mask: jax.Array,
+               router_state: dict[str, jax.Array] | None = None, prefill: bool = False,
+               ) -> tuple[jax.Array, KVCache, MoeAux | None]:
+        """The block on S new tokens over the layer's KV cache (`Attention.decode`).
+
+        token_mask `[B, S] bool`: the new tokens that are real (pads are kept
+        out of MoE routing statistics). -> (`[B, S, d_model]`, updated cache, aux).
+        """
+        a, cache = self.attention.decode(self.attention_norm(x), positions=positions,
+                                         cache=cache, cache_index=cache_index, kv_valid=kv_valid,
+                                         prefill=prefill)
+        y, aux = self._ffn_residual(x + a, token_mask=token_mask, deterministic=True, rng=None,
+                                    router_state=router_state)
+        return y, cache, aux
 
 
 @gin.configurable(denylist=["vocab_size", "rngs"])
@@ -95,6 +120,12 @@ class TransformerLM(nnx.Module):
         norm_eps; applied before RoPE.
       sliding_window: None, or W: query i attends to keys i - W < j <= i
         (Mistral; decoder only).
+      attention: the attention factory (gin: `TransformerLM.attention =
+        @MLAttention` for multi-head latent attention, `layers.mla`; default
+        `Attention`), called as `attention(d_model, num_heads, num_kv_heads=,
+        head_dim=, rope_max_wavelength=, rope_scaling=, qkv_bias=, out_bias=,
+        qk_norm=, norm_eps=, sliding_window=, dtype=, param_dtype=, rngs=)`; it
+        provides `__call__`, `decode` and `init_cache` (its own cache layout).
       moe_every: MoE layer spacing (above).
       moe_layers: explicit 0-based indices of the MoE layers (e.g. (1, 2));
         overrides moe_every when given.
@@ -139,6 +170,7 @@ class TransformerLM(nnx.Module):
                  rope_scaling: dict[str, Any] | None = None, attention_bias: bool = False,
                  attention_out_bias: bool = False, qk_norm: str | None = None,
                  sliding_window: int | None = None,
+                 attention: Callable[..., nnx.Module] = Attention,
                  dtype="bfloat16", param_dtype="float32", rngs: nnx.Rngs,
                  num_experts: int | None = None, k: int | None = None,
                  expert_d_ff: int | None = None, moe_kwargs: dict[str, Any] | None = None):
@@ -172,12 +204,12 @@ class TransformerLM(nnx.Module):
         self.layer_names = tuple(f"layer_{i}" for i in range(num_layers))
         moe_names = []
         for i, name in enumerate(self.layer_names):
-            attention = Attention(d_model, num_heads, num_kv_heads=num_kv_heads,
-                                  head_dim=head_dim, rope_max_wavelength=rope_max_wavelength,
-                                  rope_scaling=rope_scaling, qkv_bias=attention_bias,
-                                  out_bias=attention_out_bias, qk_norm=qk_norm,
-                                  norm_eps=norm_eps, sliding_window=sliding_window,
-                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            mixer = attention(d_model, num_heads, num_kv_heads=num_kv_heads,
+                              head_dim=head_dim, rope_max_wavelength=rope_max_wavelength,
+                              rope_scaling=rope_scaling, qkv_bias=attention_bias,
+                              out_bias=attention_out_bias, qk_norm=qk_norm,
+                              norm_eps=norm_eps, sliding_window=sliding_window,
+                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             if self.is_moe_index(i) and not dense_baseline:
                 ffn = moe_block(d_model, causal=causal, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs)
@@ -187,7 +219,7 @@ class TransformerLM(nnx.Module):
                              else (d_ff, activation))
                 ffn = dense_block(d_model, size, activation=act, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-            setattr(self, name, TransformerBlock(attention, ffn, d_model=d_model, causal=causal,
+            setattr(self, name, TransformerBlock(mixer, ffn, d_model=d_model, causal=causal,
                                                  norm_eps=norm_eps, dtype=dtype,
                                                  param_dtype=param_dtype, rngs=rngs))
         self.moe_layer_names = tuple(moe_names)
@@ -215,6 +247,12 @@ class TransformerLM(nnx.Module):
     def router_state_keys(self) -> dict[str, tuple[str, ...]]:
         """`{moe layer name: router-state keys its router reads}` (`moe.router_state`)."""
         return {name: self.moe_layer(name).router.state_keys for name in self.moe_layer_names}
+
+    def _with_model_inputs(self, router_state: RouterState, inputs: jax.Array) -> RouterState:
+        """The state plus the model inputs (`moe.router_state.MODEL_INPUT_KEYS`, e.g. the token
+        ids of hash routing) that some MoE layer's router declares in its `state_keys`."""
+        needed = {key for keys in self.router_state_keys.values() for key in keys}
+        return router_state.with_model_inputs(needed & set(MODEL_INPUT_KEYS), token_ids=inputs)
 
     def param_count(self) -> int:
         return sum(v.size for _, v in nnx.to_flat_state(nnx.state(self, nnx.Param)))
@@ -255,6 +293,7 @@ class TransformerLM(nnx.Module):
                                  f"got {arg.shape}")
         router_state = RouterState() if router_state is None else router_state
         router_state.check_layers(self.moe_layer_names)
+        router_state = self._with_model_inputs(router_state, inputs)
         if segment_ids is None:
             mask, token_mask = None, None
             if positions is None:
@@ -275,6 +314,10 @@ class TransformerLM(nnx.Module):
                 router_state=router_state.for_layer(name))
             if layer_aux is not None:
                 aux[name] = layer_aux
+        return self._logits(x), aux
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and output projection: x `[B, S, d_model]` -> `[B, S, vocab] float32`."""
         x = self.final_norm(x)
         if self.tie_embeddings:
             logits = jnp.einsum("bsd,vd->bsv", x, self.embedding[...].astype(self.dtype),
@@ -282,7 +325,63 @@ class TransformerLM(nnx.Module):
         else:
             logits = jnp.einsum("bsd,dv->bsv", x, self.lm_head[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32), aux
+        return logits.astype(jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int) -> dict[str, KVCache]:
+        """An empty KV cache `{layer name: the layer's attention cache}` in the compute dtype:
+        `{'key', 'value': [batch, max_len, K, head_dim]}` for `Attention` (`layers.kv_cache`),
+        `{'c_kv': [batch, max_len, kv_lora_rank], 'k_rope': [batch, max_len,
+        qk_rope_head_dim]}` for `layers.mla.MLAttention`. Every leaf is `[batch, max_len, ...]`."""
+        return {name: getattr(self, name).attention.init_cache(batch, max_len, self.dtype)
+                for name in self.layer_names}
+
+    def decode(self, inputs: jax.Array, *, positions: jax.Array, cache: dict[str, KVCache],
+               cache_index: jax.Array, kv_valid: jax.Array,
+               router_state: RouterState | None = None, prefill: bool = False,
+               last_only: bool = False,
+               ) -> tuple[jax.Array, dict[str, KVCache], dict[str, MoeAux]]:
+        """S new tokens through the model with a KV cache: prefill (S = the prompt
+        bucket) and decode steps (S = 1) alike. Causal decoders only; deterministic.
+
+        inputs `[B, S] int32`; positions `[B, S] int32` (RoPE positions: real
+        tokens counted from 0 per row, whatever the padding); cache from
+        `init_cache(B, L)` (or a previous call); cache_index: scalar int32, the
+        slot of inputs[:, 0] (the new tokens take slots cache_index ..
+        cache_index+S-1, which must fit in L); kv_valid `[B, L] bool`: slots
+        holding real tokens once these are written (pads: False). MoE layers
+        run their training call (same router, `router_state` selection
+        biases) with the pads masked out; capacity is the layer's eval capacity
+        (make it dropless for generation: `eval_capacity_factor = None`).
+        prefill: these are the first tokens (cache_index 0, an empty cache):
+        attention reads only their own keys (`Attention.decode`), same result.
+        last_only: compute the logits of the last position only (`[B, 1, vocab]`;
+        a prefill needs no more, and `[B, S, vocab]` float32 is large).
+        -> (logits `[B, S, vocab] float32`, the updated cache, aux `{moe layer: MoeAux}`).
+        """
+        if not self.causal:
+            raise ValueError("decode needs a causal decoder (TransformerLM.causal = True)")
+        batch, seq = inputs.shape
+        if positions.shape != (batch, seq):
+            raise ValueError(f"positions must be [batch, seq]=({batch}, {seq}), "
+                             f"got {positions.shape}")
+        if kv_valid.ndim != 2 or kv_valid.shape[0] != batch:
+            raise ValueError(f"kv_valid must be [batch={batch}, max_len], got {kv_valid.shape}")
+        router_state = RouterState() if router_state is None else router_state
+        router_state.check_layers(self.moe_layer_names)
+        router_state = self._with_model_inputs(router_state, inputs)
+        token_mask = jax.lax.dynamic_slice(kv_valid, (0, jnp.asarray(cache_index, jnp.int32)),
+                                           (batch, seq))
+        x = self.embedding[...][inputs].astype(self.dtype)
+        new_cache: dict[str, KVCache] = {}
+        aux: dict[str, MoeAux] = {}
+        for name in self.layer_names:
+            x, new_cache[name], layer_aux = getattr(self, name).decode(
+                x, positions=positions, cache=cache[name], cache_index=cache_index,
+                kv_valid=kv_valid, token_mask=token_mask,
+                router_state=router_state.for_layer(name), prefill=prefill)
+            if layer_aux is not None:
+                aux[name] = layer_aux
+        return self._logits(x[:, -1:] if last_only else x), new_cache, aux
 
 
 def _check_moe_layers(moe_every: int, moe_layers: Sequence[int] | None,

@@ -79,6 +79,9 @@ class MoeAux:
                                           doc="mean entropy of the router distribution")
     active_experts: Array | None = aux_field("mean", "layer_mean",
                                           doc="experts per token after dropping")
+    null_fraction: Array | None = aux_field(
+        "mean", "layer_mean", doc="fraction of the k choices that went to zero-computation "
+        "experts (layers.routers.null_experts)")
     sequence_max_violation: Array | None = aux_field(
         "mean", "layer_mean", doc="mean MaxVio per sequence (filled by the train step)")
     batch_max_violation: Array | None = aux_field(

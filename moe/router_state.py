@@ -23,6 +23,9 @@ Array = jax.Array
 SELECTION_BIAS = "selection_bias"      # per layer: [E] float32, selection only
 DTS_TEMPERATURE = "dts_temperature"    # shared: scalar float32 tau
 DTS_HARD = "dts_hard"                  # shared: scalar bool, hard (top-k) phase
+# Model inputs a router may read (TransformerLM adds them for routers that declare them).
+TOKEN_IDS = "token_ids"                # shared: [B, S] int32 input token ids (hash routing)
+MODEL_INPUT_KEYS = (TOKEN_IDS,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,14 @@ class RouterState:
         if unknown:
             raise ValueError(f"router state has inputs for {unknown}, which are not MoE "
                              f"layers; MoE layers: {tuple(moe_layers)}")
+
+    def with_model_inputs(self, needed: set[str] | frozenset[str], *,
+                          token_ids: Array) -> RouterState:
+        """This state plus the model inputs in `needed` (`MODEL_INPUT_KEYS`) as shared
+        entries: token_ids `[B, S] int32` under `TOKEN_IDS`. Unchanged when none is needed."""
+        if TOKEN_IDS not in needed:
+            return self
+        return self.merge(RouterState(shared={TOKEN_IDS: token_ids}))
 
     @property
     def empty(self) -> bool:

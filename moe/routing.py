@@ -79,6 +79,7 @@ def top_k_gating(
     rng: Array | None = None,
     num_groups: int | None = None,
     top_groups: int | None = None,
+    group_score: str = "top2_sum",
 ) -> TokenChoice:
     """Token-choice top-k routing (Switch, GShard, Mixtral, DeepSeek-V3).
 
@@ -95,10 +96,11 @@ def top_k_gating(
       noise_std: std of additive Gaussian noise on the logits used for
         selection (training only; needs `rng`). Weights stay noise-free.
       rng: PRNG key for the noise.
-      num_groups, top_groups: DeepSeek-V3 group-limited routing: experts are
-        split into `num_groups` equal groups, a group scores the sum of its two
-        best biased scores, and selection is restricted to the `top_groups`
-        best groups.
+      num_groups, top_groups: group-limited routing: experts are split into
+        `num_groups` equal groups and selection is restricted to the
+        `top_groups` best groups, a group scoring (`group_score`) "top2_sum":
+        the sum of its two best (biased) selection scores (DeepSeek-V3), or
+        "max": its best one (DeepSeek-V2's group_limited_greedy).
 
     Returns:
       TokenChoice(expert_index `[T, k] int32`, weights `[T, k] float32`,
@@ -127,7 +129,7 @@ def top_k_gating(
                 f"got {selection_bias.shape}")
         selection = selection + jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
     if num_groups is not None:
-        selection = _limit_to_top_groups(selection, num_groups, top_groups, k)
+        selection = _limit_to_top_groups(selection, num_groups, top_groups, k, group_score)
 
     _, expert_index = jax.lax.top_k(selection, k)
     weights = jnp.take_along_axis(probs, expert_index, axis=-1)
@@ -137,9 +139,14 @@ def top_k_gating(
     return TokenChoice(expert_index.astype(jnp.int32), weights, probs)
 
 
+GROUP_SCORES = ("top2_sum", "max")
+
+
 def _limit_to_top_groups(selection: Array, num_groups: int, top_groups: int | None,
-                         k: int) -> Array:
+                         k: int, group_score: str = "top2_sum") -> Array:
     """Masks the selection scores of experts outside the best groups to -inf."""
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
     num_tokens, num_experts = selection.shape
     if num_groups < 1 or num_experts % num_groups:
         raise ValueError(
@@ -151,9 +158,11 @@ def _limit_to_top_groups(selection: Array, num_groups: int, top_groups: int | No
         raise ValueError(
             f"top_groups={top_groups} groups of {per_group} experts cannot hold k={k} choices")
     grouped = selection.reshape(num_tokens, num_groups, per_group)
-    best_two = jax.lax.top_k(grouped, min(2, per_group))[0]
-    group_score = jnp.sum(best_two, axis=-1)
-    _, keep_groups = jax.lax.top_k(group_score, top_groups)
+    if group_score == "max":
+        scores = jnp.max(grouped, axis=-1)
+    else:
+        scores = jnp.sum(jax.lax.top_k(grouped, min(2, per_group))[0], axis=-1)
+    _, keep_groups = jax.lax.top_k(scores, top_groups)
     group_mask = jnp.zeros((num_tokens, num_groups), bool).at[
         jnp.arange(num_tokens)[:, None], keep_groups].set(True)
     expert_mask = jnp.repeat(group_mask, per_group, axis=-1)

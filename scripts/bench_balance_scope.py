@@ -22,6 +22,7 @@ import numpy as np
 
 from experiments.data.config import DataConfig
 from experiments.runtime import cli, gin_utils
+from experiments.train.config import model_vocab_size
 from experiments.train.optim import learning_rate_schedule, make_optimizer
 from experiments.train.train_step import LossWeights, make_train_step
 from experiments.train.trainer import build_model, split_model
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     gin_utils.parse([args.gin_file], [])
     data = DataConfig()
-    model = build_model(TransformerLM, data.vocab_size(), seed=0)
+    model = build_model(TransformerLM, model_vocab_size(data=data), seed=0)
     graphdef, params, rest = split_model(model)
     tx = make_optimizer(learning_rate_schedule(1000))
     opt_state = tx.init(params)

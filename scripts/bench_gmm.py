@@ -1,8 +1,10 @@
 """Times `moe.kernels.gmm` against a dense matmul of equal FLOPs and `jax.lax.ragged_dot`.
 
 Per shape the three are timed in one process in interleaved rounds (the
-order alternates every round) and the reported ratios are medians of the
-per-round paired ratios, so slow drift of the machine cancels. FLOPs count
+order alternates every round; `experiments.bench.timing`) and the reported
+ratios are medians of the per-round paired ratios, so slow drift of the
+machine cancels. `scripts/bench_accelerator.py` runs the same comparison at
+more shapes with a correctness check. FLOPs count
 only the useful work, `2 * M * K * N` per matmul (three matmuls with the
 backward pass).
 
@@ -26,7 +28,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench import timing
 from experiments.runtime import cli
 from moe import kernels
 
@@ -94,28 +96,10 @@ def _candidates(shape: Shape, dtype, backend: str | None, tiling, mode: str, see
     return out
 
 
-def _time(fn, args, iters: int) -> float:
-    """Seconds per call, `iters` back-to-back calls."""
-    start = time.perf_counter()
-    for _ in range(iters):
-        result = fn(*args)
-    jax.block_until_ready(result)
-    return (time.perf_counter() - start) / iters
-
-
 def bench(shape: Shape, dtype, backend: str | None, tiling, mode: str, rounds: int,
           min_time: float, seed: int) -> dict:
     fns = _candidates(shape, dtype, backend, tiling, mode, seed)
-    iters = {}
-    for name, (fn, args) in fns.items():
-        jax.block_until_ready(fn(*args))  # compile
-        iters[name] = max(1, round(min_time / max(_time(fn, args, 1), 1e-6)))
-    names = list(fns)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            fn, args = fns[name]
-            times[name].append(_time(fn, args, iters[name]))
+    times = timing.interleaved(fns, rounds, min_time)  # compiles first (not timed)
     flops = 2 * shape.rows * shape.k * shape.n * (1 if mode == "fwd" else 3)
 
     def tflops(name: str) -> float:
@@ -123,7 +107,7 @@ def bench(shape: Shape, dtype, backend: str | None, tiling, mode: str, rounds: i
 
     def paired(baseline: str) -> float:
         # Throughput of gmm relative to the baseline: t_baseline / t_gmm, per round.
-        return statistics.median(b / g for g, b in zip(times["gmm"], times[baseline]))
+        return timing.median_ratio(times[baseline], times["gmm"])
 
     return {"shape": shape.name, "rows": shape.rows, "k": shape.k, "n": shape.n,
                 "num_groups": shape.num_groups, "mode": mode, "rounds": rounds,

@@ -2,7 +2,9 @@
 
 For each configuration the MoE layer and the dense baseline are timed in the
 same process, alternating (interleaved rounds), and the reported figure is the
-median of the per-round ratios t_moe / t_dense.
+median of the per-round ratios t_moe / t_dense (`experiments.bench.timing`;
+the layer builders are `experiments.bench.layer`, shared with
+`scripts/bench_accelerator.py`).
 
     python scripts/bench_moe_layer.py [--json PATH] [--rounds N] [--small]
 """
@@ -12,84 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from experiments.bench.layer import compile_pair, dense_ffn, moe_layer
+from experiments.bench.timing import paired_ratio
 from experiments.runtime import cli
-from layers import MoeLayer
 from moe.dispatch import available_dispatches
 
 # (name, E, k, d_ff per expert); d_ff * k is constant, so active FLOPs match.
 CONFIGS = [("E8_k2", 8, 2, 1024), ("E64_k8_fine", 64, 8, 256)]
-
-
-def _dense_ffn(d_model: int, d_ff: int, key: jax.Array):
-    k1, k2 = jax.random.split(key)
-    params = {"wi": jax.random.normal(k1, (d_model, d_ff)) * d_model**-0.5,
-              "wo": jax.random.normal(k2, (d_ff, d_model)) * d_ff**-0.5}
-
-    def apply(params, x):
-        return jax.nn.relu(x @ params["wi"]) @ params["wo"]
-
-    return params, apply
-
-
-def _moe(d_model, d_ff, num_experts, k, dispatch, capacity_factor):
-    layer = MoeLayer(d_model, d_ff, num_experts, k, dispatch=dispatch,
-                     capacity_factor=capacity_factor, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(layer, nnx.Param)
-
-    def apply(params, x):
-        y, aux = nnx.merge(graphdef, params)(x[None])
-        return y[0], aux
-
-    return params, apply
-
-
-def _compile(apply, params, x, with_aux: bool):
-    def forward(params, x):
-        out = apply(params, x)
-        return out[0] if with_aux else out
-
-    def loss(params, x):
-        out = apply(params, x)
-        y, extra = (out[0], 0.01 * out[1].lbl) if with_aux else (out, 0.0)
-        return jnp.mean(y**2) + extra
-
-    fwd = jax.jit(forward).lower(params, x).compile()
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
-    return fwd, fwd_bwd
-
-
-def _time(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
-def paired_ratio(candidate, baseline, args_c, args_b, rounds: int) -> dict:
-    """Median of per-round ratios, baseline and candidate alternating."""
-    _time(candidate, *args_c), _time(baseline, *args_b)  # warm-up
-    ratios, t_c, t_b = [], [], []
-    for r in range(rounds):
-        if r % 2:
-            tc, tb = _time(candidate, *args_c), _time(baseline, *args_b)
-        else:
-            tb, tc = _time(baseline, *args_b), _time(candidate, *args_c)
-        ratios.append(tc / tb)
-        t_c.append(tc)
-        t_b.append(tb)
-    return {"ratio": statistics.median(ratios), "ms": 1e3 * statistics.median(t_c),
-            "dense_ms": 1e3 * statistics.median(t_b),
-            "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
 @cli.entry_point
@@ -125,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for name, num_experts, k, d_ff in configs:
-        dense_params, dense_apply = _dense_ffn(args.d_model, k * d_ff, jax.random.key(1))
-        dense_fwd, dense_fb = _compile(dense_apply, dense_params, x, with_aux=False)
+        dense_params, dense_apply = dense_ffn(args.d_model, k * d_ff, jax.random.key(1))
+        dense_fwd, dense_fb = compile_pair(dense_apply, dense_params, x, with_aux=False)
         for dispatch in dispatches:
             for cf in factors:
-                params, apply = _moe(args.d_model, d_ff, num_experts, k, dispatch, cf)
+                params, apply = moe_layer(args.d_model, d_ff, num_experts, k, dispatch, cf)
                 try:
-                    fwd, fb = _compile(apply, params, x, with_aux=True)
+                    fwd, fb = compile_pair(apply, params, x, with_aux=True)
                 except Exception as err:  # e.g. out of memory for einsum masks at E=64
                     print(f"{name:<13} {dispatch:<11} {cf!s:>5} skipped: {type(err).__name__}")
                     results.append(dict(config=name, dispatch=dispatch, capacity_factor=cf,

@@ -7,8 +7,8 @@ Restores the latest intact checkpoint read-only (or --step), runs one
 deterministic forward pass with MoE layers dropless and the loss-free selection
 biases applied, and prints one line per scored token (or, with --json, an
 object with `ids`, `logprobs` = log p(ids[i] | ids[:i]) for i = 1..n-1, and
-`total`). --text is encoded with the workdir's tokenizer (a tokenizer file
-stored in the workdir, else the run's DataConfig.tokenizer). Exit status 2
+`total`). --text is encoded with the workdir's tokenizer (its tokenizer.json
+or tokenizer.model, else the run's DataConfig.tokenizer). Exit status 2
 when the workdir has no checkpoint, an id is outside the vocabulary, or there
 are fewer than 2 tokens.
 """
@@ -19,6 +19,7 @@ import json
 import sys
 
 from experiments.inference import score as score_lib
+from experiments.inference.tokenizer import workdir_tokenizer
 from experiments.runtime import cli
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = _parse_ids(args.ids) if args.ids is not None else None
     scorer = score_lib.load_scorer(args.workdir, args.step)
     if ids is None:
-        ids = score_lib.workdir_tokenizer(args.workdir).encode(args.text)
+        ids = workdir_tokenizer(args.workdir).encode(args.text)
     scores = score_lib.score(scorer, ids)
     if args.json:
         print(json.dumps(scores.as_dict()))

@@ -15,6 +15,10 @@ current step, saves its checkpoint and exits with `interrupted at step N;
 checkpoint saved in <dir>; run the same command to resume`; a second Ctrl-C
 aborts at once, without saving the current step.
 
+`--profile_steps=N:M` (or `train.profile_steps = 'N:M'`) writes a jax profiler
+trace of steps N..M into <workdir>/tensorboard (docs/training.md, "Profiling a
+step").
+
 Errors are one line (`--verbose` adds the traceback); nothing is written when
 the configuration or an input is refused. Exit status: 0 done; 2 configuration
 error; 3 another trainer holds the workdir; 4 the loss or an update became
@@ -25,12 +29,14 @@ Ctrl-C, without saving); 143 interrupted by SIGTERM (checkpoint saved).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 from experiments.runtime import cli, gin_utils
 from experiments.runtime.workdir_lock import check_workdir
+from experiments.train import profiling
 from experiments.train.interrupt import Aborted, Interrupted
 from experiments.train.trainer import TrainSetup, train
 
@@ -48,12 +54,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", required=True,
                         help="Run directory (checkpoints, metrics, TensorBoard, configs).")
     parser.add_argument("--quiet", action="store_true", help="No progress line or summary.")
+    parser.add_argument("--profile_steps", default=None, metavar="N:M",
+                        help="Write a jax profiler trace of steps N..M (inclusive) into "
+                             "<workdir>/tensorboard (overrides train.profile_steps).")
     return parser.parse_args(argv)
 
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.profile_steps is not None:
+        profiling.parse_profile_steps(args.profile_steps, "--profile_steps")  # before gin
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     check_workdir(args.workdir)
     if not args.gin_file:
@@ -64,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         args.gin_file = [str(saved)]
     gin_utils.parse(args.gin_file, args.gin_param, args.gin_search_path)
     setup = TrainSetup.from_gin(**({"quiet": True} if args.quiet else {}))
+    if args.profile_steps is not None:
+        profiling.parse_profile_steps(args.profile_steps, "--profile_steps",
+                                      num_steps=setup.config.num_steps)
+        setup = dataclasses.replace(
+            setup, config=dataclasses.replace(setup.config, profile_steps=args.profile_steps))
     try:
         # WorkdirLockedError: exit 3, NonFiniteLossError: 4, a refused configuration: 2.
         train(args.workdir, setup)

@@ -113,6 +113,36 @@ CASES = {
                                 ("existing/config.gin",), "existing"),
     "score_ids_not_ints": Case("scripts/score.py", ("--workdir={nockpt}", "--ids=1,x"),
                                ("--ids", "'1,x'"), "nockpt"),
+    **{f"generate_{name}": Case("scripts/generate.py", ("--workdir={nockpt}", *args), expected,
+                                "nockpt")
+       for name, args, expected in [
+           ("no_checkpoint", ("--prompt_ids=1,2", "--max_new_tokens=4"),
+            ("no checkpoint", "nockpt/checkpoints")),
+           ("max_new_tokens_0", ("--prompt_ids=1,2", "--max_new_tokens=0"),
+            ("--max_new_tokens", "got 0")),
+           ("top_p_above_1", ("--prompt_ids=1,2", "--max_new_tokens=4", "--temperature=1",
+                              "--top_p=1.5"), ("--top_p", "1.5")),
+           ("top_p_0", ("--prompt_ids=1,2", "--max_new_tokens=4", "--top_p=0"),
+            ("--top_p", "got 0")),
+           ("negative_temperature", ("--prompt_ids=1,2", "--max_new_tokens=4",
+                                     "--temperature=-1"), ("--temperature", "-1")),
+           ("top_k_0", ("--prompt_ids=1,2", "--max_new_tokens=4", "--top_k=0"),
+            ("--top_k", "got 0")),
+           ("prompt_and_ids", ("--prompt=a", "--prompt_ids=1,2", "--max_new_tokens=4"),
+            ("--prompt_ids", "not allowed with", "--prompt")),
+           ("no_prompt", ("--max_new_tokens=4",),
+            ("one of the arguments", "--prompt", "--batch_file", "required")),
+           ("ids_not_ints", ("--prompt_ids=1,x", "--max_new_tokens=4"),
+            ("--prompt_ids", "'1,x'")),
+           ("eos_ids_not_ints", ("--prompt_ids=1", "--max_new_tokens=4", "--eos_ids=eos"),
+            ("--eos_ids", "'eos'", "'none'")),
+           ("batch_not_json", ("--batch_file={bad_jsonl}", "--max_new_tokens=4"),
+            ("bad_prompts.jsonl:2", "not valid JSON")),
+           ("batch_bad_key", ("--batch_file={key_jsonl}", "--max_new_tokens=4"),
+            ("key_prompts.jsonl:1", "'text'", "'prompt_ids'")),
+           ("batch_missing", ("--batch_file={missing}", "--max_new_tokens=4"),
+            ("--batch_file", "missing.jsonl")),
+       ]},
     "tokenizer_no_text_field": Case("scripts/train_tokenizer.py",
                                     ("--source=jsonl:{nofield}", "--output={run}/t.model"),
                                     ("load_jsonl.text_field", "'content'"), "run"),
@@ -133,6 +163,13 @@ CASES = {
     "calibration_report_flag": Case("scripts/calibration_report.py", ("--nope",), ("--nope",)),
     "upcycling_sweep_flag": Case("scripts/upcycling_sweep.py", ("--root={run}",), ("--json",),
                                  "run"),
+    "shards_not_prepared": _train("DataConfig.source = 'shards:{existing}'",
+                                  expected=("existing", "no manifest.json", "prepare_data.py")),
+    "prepare_data_no_match": Case("scripts/prepare_data.py", ("--input={missing}",
+                                                              "--output={run}"),
+                                  ("--input", "missing.jsonl", "matches no files"), "run"),
+    "bench_data_flag": Case("scripts/bench_data.py", ("--sizes_mb=x",), ("--sizes_mb",)),
+    "bench_mla_rounds": Case("scripts/bench_mla.py", ("--rounds=0",), ("--rounds", "got 0")),
 }
 
 
@@ -156,7 +193,10 @@ def _hf_dirs(paths: dict[str, Path]) -> None:
 def _inputs(base: Path) -> dict[str, str]:
     paths = {name: base / name for name in ("run", "existing", "afile", "nofield", "empty",
                                             "missing", "bad_sweep", "k5_sweep", "docs", "hf",
-                                            "hfkey", "hftrunc", "hfshape", "nockpt")}
+                                            "hfkey", "hftrunc", "hfshape", "nockpt",
+                                            "bad_jsonl", "key_jsonl")}
+    paths["bad_jsonl"] = base / "bad_prompts.jsonl"
+    paths["key_jsonl"] = base / "key_prompts.jsonl"
     paths["nofield"] = base / "nofield.jsonl"
     paths["empty"] = base / "empty.jsonl"
     paths["missing"] = base / "missing.jsonl"
@@ -170,6 +210,8 @@ def _inputs(base: Path) -> dict[str, str]:
     _hf_dirs(paths)
     paths["nofield"].write_text('{"content": "some text", "lang": "en"}\n')
     paths["empty"].write_text("")
+    paths["bad_jsonl"].write_text('{"prompt_ids": [1, 2]}\n{"prompt": "a"\n')
+    paths["key_jsonl"].write_text('{"text": "a"}\n')
     paths["bad_sweep"].write_text("Sweep.bogus = 3\n")
     paths["k5_sweep"].write_text(
         "Sweep.gin_files = ['gin_configs/experiments/test_tiny.gin']\n"

@@ -117,9 +117,9 @@ def test_readme_lists_every_script():
     assert listed == present, f"missing: {sorted(present - listed)}, stale: {sorted(listed - present)}"
 
 
-# Tags only some runs write (an EvoMoE phase plan); every other documented tag must
-# appear in the README's tiny MoE run.
-CONDITIONAL_TAGS = {"train/phase", "train/gate_temperature"}
+# Tags only some runs write (an EvoMoE phase plan, zero-computation experts); every
+# other documented tag must appear in the README's tiny MoE run.
+CONDITIONAL_TAGS = {"train/phase", "train/gate_temperature", "train/null_fraction"}
 
 
 def _documented_tags() -> set[str]:

@@ -22,6 +22,7 @@ import jax
 import pytest
 from flax import nnx
 
+from experiments.data import prepare
 from experiments.data.config import DataConfig
 from experiments.data.tokenizers import train_sentencepiece
 from experiments.runtime import gin_utils
@@ -94,6 +95,7 @@ ALTERNATIVES = {
     "LossFreeBalancing.schedule": "inverse",
     "Sharding.ep_dropless": "ragged",
     "initialize_distributed.enabled": False,
+    "open_split.verify": "full",
 }
 
 TINY = "gin_configs/experiments/test_tiny.gin"
@@ -111,6 +113,8 @@ CASES = {
         "DataConfig.validation_fraction = 0.5")),
     "test_tiny_text": (TINY, ("DataConfig.source = 'text:{text}'",
                               "DataConfig.validation_fraction = 0.5")),
+    "test_tiny_shards": (TINY, ("DataConfig.source = 'shards:{shards}'",
+                                "DataConfig.validation_fraction = 0.5")),
 }
 
 
@@ -154,8 +158,9 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
-    """A JSONL file, a directory of text files and a SentencePiece model, with
-    records in both splits at validation_fraction 0.5."""
+    """A JSONL file, a directory of text files, a SentencePiece model and the JSONL
+    file prepared as token shards, with records in both splits at validation_fraction
+    0.5."""
     root = tmp_path_factory.mktemp("gin_walk_data")
     texts = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 8
              for i in range(24)]
@@ -171,7 +176,11 @@ def files(tmp_path_factory) -> dict[str, str]:
         (text_dir / f"{j}.txt").write_text(t, encoding="utf-8")
     spm = root / "spm.model"
     train_sentencepiece(texts, spm, vocab_size=300)
-    return {"jsonl": str(jsonl), "text": str(text_dir / "*.txt"), "spm": str(spm)}
+    shards = root / "shards"
+    prepare.prepare([str(jsonl)], shards, prepare.Options(validation_fraction=0.5),
+                    progress=False)
+    return {"jsonl": str(jsonl), "text": str(text_dir / "*.txt"), "spm": str(spm),
+            "shards": str(shards)}
 
 
 @pytest.fixture(autouse=True)
@@ -224,7 +233,8 @@ EXPECTED_CALLS = ("train", "DataConfig", "TransformerLM", "MoeLayer", "LossWeigh
                   "Checkpointer", "make_sharded_train_iterator", "make_train_iterator",
                   "make_eval_iterator", "initialize_distributed")
 EXPECTED_CASE_CALLS = {"test_tiny_jsonl_sentencepiece": ("load_jsonl", "SentencePieceTokenizer"),
-                       "test_tiny_text": ("load_text_files",)}
+                       "test_tiny_text": ("load_text_files",),
+                       "test_tiny_shards": ("open_split",)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

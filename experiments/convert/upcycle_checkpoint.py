@@ -40,11 +40,13 @@ from flax import nnx
 from experiments.convert import dense_to_moe
 from experiments.convert.verify import VerifyReport, verify_models
 from experiments.data.config import DataConfig
+from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.runtime.workdir_lock import check_workdir
 from experiments.train import trainer  # noqa: F401  (registers `train`, read from config.gin)
+from experiments.train.config import model_vocab_size
 from experiments.train.optim import make_optimizer
 from layers.params import logical_axes_of
 from layers.renamed import gin_bound
@@ -438,6 +440,7 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
         saved_params, saved_opt_state = place_on_mesh(params, opt_state, target,
                                                       config.mesh_shape)
     _write_checkpoint(out_workdir, dense.step, saved_params, saved_opt_state, restored)
+    copy_tokenizer_files(dense_workdir, out_workdir)  # an imported model keeps its tokenizer
     step = dense.step
 
     violations = sorted({v for p in plans for v in p.violations})
@@ -475,7 +478,7 @@ def _read_dense(dense_workdir: Path, dense_config: Path, dense_step: int | None)
     """The dense model exactly as the dense run built it, and its checkpoint."""
     gin.clear_config()
     gin_utils.parse([str(dense_config)], [])
-    vocab_size = DataConfig().vocab_size()
+    vocab_size = model_vocab_size()
     model = _abstract_model(vocab_size)
     if model.moe_layer_names:
         raise NotDenseError(f"the checkpoint in {dense_workdir} is not dense: its config has MoE "
@@ -510,9 +513,10 @@ def _target_model(dense: _Dense, config: UpcycleConfig, dense_config: Path,
     gin_utils.parse([str(dense_config), *gin_files], [*bindings, *gin_params], gin_search_paths)
     if not gin_bound("MoeLayer.d_ff"):  # no granularity asked for: G = 1
         gin.bind_parameter("MoeLayer.d_ff", dense_d_ff)
-    if DataConfig().vocab_size() != dense.vocab_size:
-        raise ValueError("the target config changes the tokenizer's vocabulary size "
-                         f"({dense.vocab_size} -> {DataConfig().vocab_size()})")
+    if model_vocab_size() != dense.vocab_size:
+        raise ValueError("the target config changes the model's vocabulary size "
+                         f"(train.vocab_size or the data tokenizer's: {dense.vocab_size} -> "
+                         f"{model_vocab_size()})")
     return _abstract_model(dense.vocab_size)
 
 

@@ -13,10 +13,10 @@ from typing import Any
 import gin
 import numpy as np
 
-from experiments.data import corpus
+from experiments.data import corpus, shards
 from experiments.data import pipeline as data
 from experiments.data.sources import load_source_split
-from experiments.data.tokenizers import TOKENIZER_SPECS, make_tokenizer
+from experiments.data.tokenizers import check_tokenizer_spec, make_tokenizer
 
 _SEQIO_PREFIX = "seqio:"
 
@@ -25,12 +25,14 @@ _SEQIO_PREFIX = "seqio:"
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Attributes:
-      source: 'embedded', 'text:<glob>', 'jsonl:<path>' or 'seqio:<task or
-        mixture>' (needs the `seqio` extra; see experiments/data/seqio_bridge.py).
+      source: 'embedded', 'text:<glob>', 'jsonl:<path>', 'shards:<dir>' (made by
+        scripts/prepare_data.py; docs/data.md) or 'seqio:<task or mixture>' (needs
+        the `seqio` extra; see experiments/data/seqio_bridge.py).
       seq_len: tokens per row.
       batch_size: rows per training step (split into micro-batches by the trainer).
       eval_batch_size: rows per evaluation batch.
-      tokenizer: 'byte' or 'sentencepiece:<path>'.
+      tokenizer: 'byte', 'sentencepiece:<path>' or 'hf:<path to tokenizer.json>'
+        (an imported model's tokenizer).
       validation_fraction: share of documents held out for validation.
       max_bytes_per_domain: size cap of the embedded corpus per domain.
       cache_dir: embedded-corpus cache (None = default).
@@ -51,10 +53,7 @@ class DataConfig:
     task_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
-        kind, _, path = str(self.tokenizer).partition(":")
-        if self.tokenizer != "byte" and not (kind == "sentencepiece" and path):
-            raise ValueError(f"DataConfig.tokenizer must be one of {TOKENIZER_SPECS}, "
-                             f"got {self.tokenizer!r}")
+        check_tokenizer_spec(self.tokenizer, "DataConfig.tokenizer")
 
     def _common(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "tokenizer": self.tokenizer,
@@ -120,6 +119,8 @@ class DataConfig:
     def domains(self) -> list[str]:
         if self._is_seqio():
             return self._seqio().domains()
+        if (shards_dir := shards.parse_source(self.source)) is not None:
+            return shards.domains(shards_dir)
         return load_source_split(self.source, "validation",
                                  validation_fraction=self.validation_fraction,
                                  cache_dir=self.cache_dir,
@@ -129,6 +130,8 @@ class DataConfig:
         """Byte unigram entropy of the split's text (a scale for byte-level losses)."""
         if self._is_seqio():
             return self._seqio().unigram_entropy(split)
+        if (shards_dir := shards.parse_source(self.source)) is not None:
+            return corpus.entropy_of_counts(shards.byte_counts(shards_dir, split))
         records = load_source_split(self.source, split,
                                     validation_fraction=self.validation_fraction,
                                     cache_dir=self.cache_dir,

@@ -333,6 +333,11 @@ def unigram_entropy(records: Iterable[Record]) -> UnigramEntropy:
         counts += np.bincount(
             np.frombuffer(r["text"].encode("utf-8"), np.uint8), minlength=256
         )
+    return entropy_of_counts(counts)
+
+
+def entropy_of_counts(counts: np.ndarray) -> UnigramEntropy:
+    """The unigram entropy of ``[256] int64`` byte counts."""
     total = int(counts.sum())
     if total == 0:
         raise ValueError("records must contain at least one byte of text")

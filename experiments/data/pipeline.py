@@ -52,7 +52,7 @@ import gin
 import grain
 import numpy as np
 
-from experiments.data import corpus
+from experiments.data import corpus, shards
 from experiments.data.corpus import Record
 from experiments.data.sources import load_source_split
 from experiments.data.tokenizers import Tokenizer, encode_to_array, make_tokenizer
@@ -88,6 +88,9 @@ def tokenize_documents(
     """Tokenizes every record, appending EOS (and prepending BOS if asked)."""
     if add_bos and tokenizer.bos_id < 0:
         raise ValueError("add_bos=True needs a tokenizer with a BOS id (bos_id >= 0)")
+    if tokenizer.eos_id < 0:
+        raise ValueError(f"{tokenizer!r} has no EOS id (every document ends with EOS): name "
+                         "eos_token in the tokenizer_config.json next to its tokenizer.json")
     domain_index = {d: i for i, d in enumerate(domains)}
     unknown = {r["domain"] for r in records} - domain_index.keys()
     if unknown:
@@ -277,6 +280,12 @@ def _prepare(
     _check_positive("batch_size", batch_size)
     index, count = _process_shard(process_index, process_count)
     tok = make_tokenizer(tokenizer)
+    shards_dir = shards.parse_source(source)
+    if shards_dir is not None:
+        chunk_source = shards.open_chunk_source(
+            shards_dir, split, seq_len=seq_len, tokenizer=tokenizer, add_bos=add_bos,
+            validation_fraction=validation_fraction)
+        return _sharded_chunks(chunk_source, source, split, index, count, tok)
     data = load_source_split(
         source,
         split,
@@ -290,7 +299,13 @@ def _prepare(
             f"(validation_fraction={validation_fraction})"
         )
     documents = tokenize_documents(data.records, tok, data.domains, add_bos=add_bos)
-    chunks = grain.MapDataset.source(ChunkSource(documents, seq_len))[index::count]
+    return _sharded_chunks(ChunkSource(documents, seq_len), source, split, index, count, tok)
+
+
+def _sharded_chunks(chunk_source: Any, source: str, split: str, index: int, count: int,
+                    tok: Tokenizer) -> _Prepared:
+    """This process's chunks `[index::count]` of a random-access chunk source."""
+    chunks = grain.MapDataset.source(chunk_source)[index::count]
     if len(chunks) == 0:
         raise ValueError(
             f"process {index} of process_count={count} gets no data from the {split!r} "
@@ -339,7 +354,8 @@ def make_train_iterator(
     and `add_bos`, the two that gin may bind here.
 
     Args:
-      source: 'embedded', 'text:<glob>' or 'jsonl:<path>'.
+      source: 'embedded', 'text:<glob>', 'jsonl:<path>' or 'shards:<dir>' (prepared by
+        scripts/prepare_data.py; see experiments/data/shards.py).
       seq_len: Row length S.
       batch_size: Rows per batch B on this process.
       seed: Seeds the chunk shuffle (reshuffled each epoch) and the order of

@@ -46,6 +46,8 @@ from experiments.data.corpus import Record
 from experiments.data.sources import read_text_files
 from experiments.data.tokenizers import TOKENIZER_SPECS, ByteTokenizer
 
+SEQIO_TOKENIZER_SPECS = TOKENIZER_SPECS[:2]  # 'byte', 'sentencepiece:<model path>'
+
 # tf.data runs on the host; TensorFlow must not take the accelerators JAX uses.
 try:
     tf.config.set_visible_devices([], "GPU")
@@ -92,8 +94,8 @@ def make_vocabulary(spec: str | seqio.Vocabulary = "byte") -> seqio.Vocabulary:
         if not os.path.isfile(path):
             raise ValueError(f"vocabulary model path is not a file: {path!r}")
         return seqio.SentencePieceVocabulary(path)
-    raise ValueError(f"vocabulary must be one of {TOKENIZER_SPECS} or a seqio.Vocabulary, "
-                     f"got {spec!r}")
+    raise ValueError(f"vocabulary must be one of {SEQIO_TOKENIZER_SPECS} or a seqio.Vocabulary "
+                     f"(a seqio source has no 'hf:' tokenizer), got {spec!r}")
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:

@@ -122,6 +122,10 @@ def parse_source(source: str) -> tuple[str, str]:
     ('jsonl', 'data/train.jsonl')
     """
     scheme, sep, argument = source.partition(":")
+    if scheme == "shards":
+        raise ValueError(f"source {source!r} holds prepared tokens, not text: only the "
+                         "training pipeline (DataConfig.source) reads it; give the text "
+                         "source here ('embedded', 'text:<glob>' or 'jsonl:<path>')")
     if scheme not in SOURCE_SCHEMES:
         raise ValueError(
             f"source must be 'embedded', 'text:<glob>' or 'jsonl:<path>', got {source!r}"

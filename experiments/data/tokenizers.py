@@ -1,6 +1,6 @@
-"""Tokenizers: bytes (default) and an optional local SentencePiece model.
+"""Tokenizers: bytes (default), a local SentencePiece model, a HF ``tokenizer.json``.
 
-Both implement :class:`Tokenizer`: ``encode(str) -> list[int]``,
+All implement :class:`Tokenizer`: ``encode(str) -> list[int]``,
 ``decode(list[int]) -> str``, ``vocab_size``, ``pad_id``, ``bos_id``,
 ``eos_id``, plus ``encode_array(str) -> [n] int32`` for the data pipeline.
 
@@ -12,11 +12,18 @@ SentencePiece models trained with :func:`train_sentencepiece` use the same
 special ids (0 pad, 1 bos, 2 eos, 3 unk) and keep whitespace verbatim, so code
 round-trips with its indentation and newlines. ``sentencepiece`` is an optional
 dependency (the ``seqio`` extra) and is imported only when needed.
+
+:class:`HFTokenizer` reads an imported model's ``tokenizer.json`` with the
+``tokenizers`` package (byte-level BPE, WordPiece, Unigram, with their
+normalizers, pre-tokenizers and added tokens exactly as transformers applies
+them); its special ids come from ``tokenizer_config.json`` /
+``special_tokens_map.json`` next to it.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -166,11 +173,123 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self._model_path!r})"
 
 
-TOKENIZER_SPECS = ("byte", "sentencepiece:<model path>")
+# The special tokens' keys of tokenizer_config.json / special_tokens_map.json.
+_SPECIAL_KEYS = {"pad": "pad_token", "bos": "bos_token", "eos": "eos_token"}
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as the config files write it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+@gin.configurable(denylist=["path"])
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` package).
+
+    Special tokens (pad, bos, eos) are named by ``tokenizer_config.json``, else
+    ``special_tokens_map.json``, in the same directory; an id is -1 when no file
+    names it (``pad_id`` then falls back to ``eos_id``, else 0: padded positions
+    are masked, the id only has to be valid). ``encode`` adds no special tokens
+    unless ``add_special_tokens`` (the tokenizer.json's post-processor, e.g. a
+    Llama BOS); ``decode`` skips special tokens. ``vocab_size`` counts added
+    tokens (a model's embedding may have more rows: ``train.vocab_size``).
+    """
+
+    gin_set_by: ClassVar[dict[str, str]] = {
+        "path": "DataConfig.tokenizer = 'hf:<path to tokenizer.json>'"}
+
+    def __init__(self, path: str | os.PathLike[str], add_special_tokens: bool = False):
+        path = Path(path)
+        if path.is_dir():
+            path = path / HF_TOKENIZER_FILE
+        if not path.is_file():
+            raise ValueError(f"tokenizer.json not found: {str(path)!r}")
+        try:
+            from tokenizers import Tokenizer as _HF  # pylint: disable=g-import-not-at-top
+        except ImportError as e:
+            raise ImportError("a tokenizer.json needs the 'tokenizers' package: "
+                              "pip install 'tokenizers>=0.21,<1'") from e
+        try:
+            self._tok = _HF.from_file(str(path))
+        except Exception as e:  # the Rust side raises its own Exception type
+            raise ValueError(f"{path}: not a tokenizer.json the tokenizers package reads "
+                             f"({e})") from None
+        self._path = path
+        self.add_special_tokens = bool(add_special_tokens)
+        config = _read_json(path.parent / "tokenizer_config.json")
+        special_map = _read_json(path.parent / "special_tokens_map.json")
+        self._ids: dict[str, int] = {}
+        for name, key in _SPECIAL_KEYS.items():
+            content = _token_content(config.get(key)) or _token_content(special_map.get(key))
+            token_id = self._tok.token_to_id(content) if content is not None else None
+            if content is not None and token_id is None:
+                raise ValueError(f"{path}: {key} {content!r} is not in the vocabulary")
+            self._ids[name] = -1 if token_id is None else int(token_id)
+
+    @property
+    def path(self) -> str:
+        return str(self._path)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def pad_id(self) -> int:
+        if self._ids["pad"] >= 0:
+            return self._ids["pad"]
+        return max(self._ids["eos"], 0)
+
+    @property
+    def bos_id(self) -> int:
+        return self._ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._ids["eos"]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=self.add_special_tokens).ids)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """``[n] int32`` token ids."""
+        return np.asarray(self.encode(text), dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Special tokens (pad, bos, eos, added specials) decode to nothing."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self._path)!r})"
+
+
+TOKENIZER_SPECS = ("byte", "sentencepiece:<model path>", "hf:<tokenizer.json path>")
+_PATH_KINDS = ("sentencepiece", "hf")
+
+
+def check_tokenizer_spec(spec: str, name: str = "tokenizer") -> None:
+    """Refuses a spec string that is none of `TOKENIZER_SPECS` (files are not opened)."""
+    kind, _, path = str(spec).partition(":")
+    if spec != "byte" and not (kind in _PATH_KINDS and path):
+        raise ValueError(f"{name} must be one of {TOKENIZER_SPECS}, got {spec!r}")
 
 
 def make_tokenizer(spec: str | Tokenizer = "byte") -> Tokenizer:
-    """A tokenizer from ``'byte'`` or ``'sentencepiece:<path to .model>'``.
+    """A tokenizer from ``'byte'``, ``'sentencepiece:<path to .model>'`` or
+    ``'hf:<path to tokenizer.json>'`` (its directory also works).
 
     A :class:`Tokenizer` instance is returned unchanged.
     """
@@ -180,12 +299,13 @@ def make_tokenizer(spec: str | Tokenizer = "byte") -> Tokenizer:
         raise ValueError(
             f"tokenizer must be one of {TOKENIZER_SPECS} or a Tokenizer, got {spec!r}"
         )
+    check_tokenizer_spec(spec)
     if spec == "byte":
         return ByteTokenizer()
     kind, _, path = spec.partition(":")
-    if kind == "sentencepiece" and path:
+    if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
-    raise ValueError(f"tokenizer must be one of {TOKENIZER_SPECS}, got {spec!r}")
+    return HFTokenizer(path)
 
 
 def encode_to_array(tokenizer: Tokenizer, text: str) -> np.ndarray:

@@ -1,15 +1,10 @@
 """Scoring: log p(ids[i] | ids[:i]) of a token sequence under a workdir's model.
 
-`load_scorer(workdir)` parses the run's `config.gin`, builds the model and
-restores its parameters read-only (a training run may still be writing), with
-the loss-free selection biases of the checkpoint's hook state applied as in
-training. `score(scorer, ids)` runs one deterministic forward pass (no KV cache).
-
-MoE layers score dropless: `load_scorer` sets every `MoeLayer`'s
-`eval_capacity_factor` to None on the built model (a static attribute, part of
-the graph), so a run trained with a capacity factor drops no token at scoring
-time. Gin cannot express this (`MoeLayer.eval_capacity_factor = None` means
-"same as capacity_factor").
+`load_scorer(workdir)` restores the run's model read-only
+(`experiments.inference.restore`: dropless MoE layers, the checkpoint's
+loss-free selection biases applied as in training, the run's mesh when its
+config binds MESH_SHAPE). `score(scorer, ids)` runs one deterministic forward
+pass (no KV cache).
 """
 
 from __future__ import annotations
@@ -19,33 +14,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.data.config import DataConfig
-from experiments.data.tokenizers import SentencePieceTokenizer, Tokenizer, make_tokenizer
-from experiments.runtime import gin_utils
-from experiments.runtime.checkpoints import Checkpointer
-from experiments.train import trainer  # noqa: F401  (registers the run config's configurables)
-from experiments.train.run_state import build_model, split_model
-from layers.moe_layer import MoeLayer
-from moe.router_state import SELECTION_BIAS, RouterState
-
-# Tokenizer files stored in a workdir, in order of precedence, each with its
-# loader; they win over `DataConfig.tokenizer` (an imported model keeps its own).
-WORKDIR_TOKENIZERS: dict[str, Callable[[Path], Tokenizer]] = {
-    "tokenizer.model": lambda path: SentencePieceTokenizer(str(path)),
-}
+from experiments.inference import restore as restore_lib
 
 
 @dataclasses.dataclass
 class Scorer:
     """A restored model ready to score.
 
-    forward: `ids [1, n] int32 -> logits [1, n, vocab] float32` (jitted).
+    forward: `ids [B, n] int32, segment_ids [B, n] int32 | None -> logits
+    [B, n, vocab] float32` (jitted; segment 0 = padding, excluded from
+    attention and MoE routing).
     routing: `ids [1, n] int32 -> {MoE layer name: token_experts [n, k] int32}`
     (jitted; the experts each token is sent to, as scored).
     """
@@ -70,90 +53,36 @@ class Scores:
         return dataclasses.asdict(self)
 
 
-def workdir_tokenizer(workdir: str | Path) -> Tokenizer:
-    """The tokenizer file stored in the workdir (`WORKDIR_TOKENIZERS`, first
-    present wins), else the run's `DataConfig.tokenizer` (config parsed)."""
-    for name, load in WORKDIR_TOKENIZERS.items():
-        path = Path(workdir) / name
-        if path.is_file():
-            return load(path)
-    return make_tokenizer(DataConfig().tokenizer)
-
-
-def _model_cls() -> type:
-    """`train.model_cls` as configured in the run (TransformerLM by default)."""
-    try:
-        return gin.query_parameter("train.model_cls").scoped_configurable_fn
-    except ValueError:
-        from layers.transformer import TransformerLM  # pylint: disable=g-import-not-at-top
-        return TransformerLM
-
-
-def make_dropless(model: nnx.Module) -> int:
-    """Sets `eval_capacity_factor = None` on every MoeLayer of `model`; returns how many."""
-    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, MoeLayer)]
-    for layer in layers:
-        layer.eval_capacity_factor = None
-    return len(layers)
-
-
-def parse_run_config(workdir: Path) -> None:
-    """Clears gin and parses the workdir's saved `config.gin`."""
-    path = workdir / gin_utils.CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {workdir!s} a training or imported workdir?")
-    gin.clear_config()
-    gin_utils.parse([str(path)], [])
-
-
 def load_scorer(workdir: str | Path, step: int | None = None) -> Scorer:
-    """Restores `workdir`'s model (latest intact checkpoint, or `step`), read-only.
-
-    The run's `config.gin` is parsed here (gin is cleared first).
-    """
-    workdir = Path(workdir)
-    parse_run_config(workdir)
-    checkpoints = workdir / "checkpoints"
-    if not checkpoints.is_dir() or not any(checkpoints.iterdir()):
-        raise FileNotFoundError(f"no checkpoint under {checkpoints}")
-    vocab_size = DataConfig().vocab_size()
-    model = build_model(_model_cls(), vocab_size, seed=0)
-    if not getattr(model, "causal", True):
-        raise ValueError(f"{workdir}: scoring needs a causal decoder; the run has "
-                         f"TransformerLM.causal = False")
-    make_dropless(model)
-    graphdef, params, rest = split_model(model)
-    abstract = jax.eval_shape(lambda: params)
-    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
-    try:
-        if step is None:
-            restored = checkpointer.restore_latest(abstract, None)
-        else:
-            restored = checkpointer.restore_step(step, abstract, None)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"no intact checkpoint under {workdir / 'checkpoints'}")
-    biases = restored.balance_state or {}
-    router_state = RouterState(layers={
-        layer: {SELECTION_BIAS: jnp.asarray(biases[layer])}
-        for layer in getattr(model, "moe_layer_names", ()) if layer in biases})
-    restored_params = restored.params
+    """Restores `workdir`'s model (latest intact checkpoint, or `step`), read-only
+    (`experiments.inference.restore.restore_model`: the run's `config.gin` is
+    parsed there, gin is cleared first)."""
+    restored = restore_lib.restore_model(workdir, step)
+    graphdef, params, rest = restored.graphdef, restored.params, restored.rest
+    router_state = restored.router_state
 
     @jax.jit
-    def forward(ids: jax.Array) -> jax.Array:
-        logits, _ = nnx.merge(graphdef, restored_params, rest)(
-            ids, deterministic=True, router_state=router_state)
+    def forward_jit(ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        logits, _ = nnx.merge(graphdef, params, rest)(
+            ids, segment_ids=segment_ids, deterministic=True, router_state=router_state)
         return logits.astype(jnp.float32)
 
     @jax.jit
-    def routing(ids: jax.Array) -> dict[str, jax.Array]:
-        _, aux = nnx.merge(graphdef, restored_params, rest)(
+    def routing_jit(ids: jax.Array) -> dict[str, jax.Array]:
+        _, aux = nnx.merge(graphdef, params, rest)(
             ids, deterministic=True, router_state=router_state)
         return {name: layer_aux.token_experts for name, layer_aux in aux.items()}
 
-    return Scorer(workdir=workdir, step=restored.step, vocab_size=vocab_size, forward=forward,
-                  selection_biases=not router_state.empty, routing=routing)
+    def forward(ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        with restored.context():
+            return forward_jit(ids, segment_ids)
+
+    def routing(ids: jax.Array) -> dict[str, jax.Array]:
+        with restored.context():
+            return routing_jit(ids)
+
+    return Scorer(workdir=restored.workdir, step=restored.step, vocab_size=restored.vocab_size,
+                  forward=forward, selection_biases=not router_state.empty, routing=routing)
 
 
 def check_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:
@@ -175,3 +104,64 @@ def score(scorer: Scorer, ids: Sequence[int]) -> Scores:
     picked = np.asarray(jnp.take_along_axis(logprobs, jnp.asarray(array[1:, None]), axis=-1))[:, 0]
     values = [float(v) for v in picked]
     return Scores(ids=[int(i) for i in array], logprobs=values, total=float(np.sum(picked)))
+
+
+@dataclasses.dataclass
+class TokenScores:
+    """logprobs `[n - 1] float32`: log p(ids[i] | ids[:i]), i = 1..n-1; greedy
+    `[n - 1] bool`: whether ids[i] is the argmax of that distribution."""
+
+    logprobs: np.ndarray
+    greedy: np.ndarray
+
+
+def length_bucket(n: int, minimum: int = 16) -> int:
+    """The padded length of an `n`-token input: the next power of two >= `minimum`."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@jax.jit
+def _pick(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logits `[B, L, V]`, targets `[B, L]` -> (log p(target) `[B, L]`, target == argmax `[B, L]`)."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets
+
+
+def score_batch(scorer: Scorer, sequences: Sequence[Sequence[int]], *,
+                batch_size: int = 8) -> list[TokenScores]:
+    """`score` for many sequences, in batches of `batch_size` rows.
+
+    Each sequence's input `ids[:-1]` is right-padded to its length bucket
+    (`length_bucket`) with segment id 0, and batches are padded to
+    `batch_size` rows, so the forward compiles once per length bucket; padding
+    changes no real token's logits (causal attention within the segment, no
+    routing of padding; MoE layers are dropless). Sequences are grouped by
+    bucket, longest first; results come back in the input order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    arrays = [check_ids(ids, scorer.vocab_size) for ids in sequences]
+    order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)
+    results: list[TokenScores | None] = [None] * len(arrays)
+    start = 0
+    while start < len(order):
+        bucket = length_bucket(arrays[order[start]].size - 1)
+        rows = [order[start]]
+        while (len(rows) < batch_size and start + len(rows) < len(order) and
+               length_bucket(arrays[order[start + len(rows)]].size - 1) == bucket):
+            rows.append(order[start + len(rows)])
+        start += len(rows)
+        ids = np.zeros((batch_size, bucket), np.int32)
+        targets = np.zeros((batch_size, bucket), np.int32)
+        segments = np.zeros((batch_size, bucket), np.int32)
+        for row, i in enumerate(rows):
+            n = arrays[i].size - 1
+            ids[row, :n], targets[row, :n], segments[row, :n] = arrays[i][:-1], arrays[i][1:], 1
+        logits = scorer.forward(jnp.asarray(ids), jnp.asarray(segments))
+        picked, greedy = (np.asarray(a) for a in _pick(logits, jnp.asarray(targets)))
+        for row, i in enumerate(rows):
+            n = arrays[i].size - 1
+            results[i] = TokenScores(logprobs=picked[row, :n].astype(np.float32),
+                                     greedy=greedy[row, :n].astype(bool))
+    return results  # type: ignore[return-value]

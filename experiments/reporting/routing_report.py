@@ -7,26 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import gin
-import jax
+import numpy as np
 
 from experiments.data.config import DataConfig
+from experiments.inference import restore as restore_lib
+from experiments.inference import routing_stats
+from experiments.inference.restore import restore_model
 from experiments.reporting import analysis
 from experiments.reporting.metrics import METRICS_FILE, read_jsonl
-from experiments.runtime import gin_utils
-from experiments.runtime.checkpoints import Checkpointer
-from experiments.train.evaluation import make_routing_counts_step, routing_counts
-from experiments.train.trainer import build_model, split_model
-from moe.router_state import SELECTION_BIAS, RouterState
-
-
-def _model_cls() -> type:
-    """`train.model_cls` as configured in the run (TransformerLM by default)."""
-    try:
-        return gin.query_parameter("train.model_cls").scoped_configurable_fn
-    except ValueError:
-        from layers.transformer import TransformerLM  # pylint: disable=g-import-not-at-top
-        return TransformerLM
 
 
 def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
@@ -34,37 +22,27 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
     """Writes `<output_dir>/routing_<layer>.{png,json}`, `routing.json` and
     `loss_curves.png` (output_dir defaults to `<workdir>/analysis`).
 
-    The run's `config.gin` must already be parsed (see `parse_run_config`).
-    Returns the `routing.json` contents plus `files`, the paths written. A
-    dense run has no routing: `layers` is empty and only `routing.json` and the
-    loss curves are written.
+    Restores the run's model from its `config.gin` and latest intact
+    checkpoint (`experiments.inference.restore.restore_model`: gin is cleared
+    and the run's config parsed; MoE layers dropless; the loss-free selection
+    biases applied) and counts, per domain, the expert assignments of the
+    validation tokens with the routing statistics of
+    `experiments.inference.routing_stats` (one pass per domain, the other
+    domains' tokens as padding). Returns the `routing.json` contents plus
+    `files`, the paths written. A dense run has no routing: `layers` is empty
+    and only `routing.json` and the loss curves are written.
     """
     workdir = Path(workdir)
     output_dir = Path(output_dir) if output_dir is not None else workdir / "analysis"
+    restored = restore_model(workdir, causal_only=False)
     output_dir.mkdir(parents=True, exist_ok=True)
     data_config = DataConfig()
     domains = data_config.domains()
-    model = build_model(_model_cls(), data_config.vocab_size(), seed=0)
-    graphdef, params, rest = split_model(model)
-    # Read-only: the run may still be training and saving.
-    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True)
-    try:
-        restored = checkpointer.restore_latest(jax.eval_shape(lambda: params), None)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"no intact checkpoint under {workdir / 'checkpoints'}")
     batches = data_config.eval_batches()[:max_batches]
-    # Loss-free selection biases are part of the router: route as the trainer did.
-    biases = restored.balance_state
-    router_state = None
-    if biases:
-        router_state = RouterState(layers={
-            layer: {SELECTION_BIAS: biases[layer]}
-            for layer in getattr(model, "moe_layer_names", ()) if layer in biases})
-    step_fn = make_routing_counts_step(graphdef, rest, len(domains))
-    counts = routing_counts(step_fn, restored.params, batches, router_state)
-
+    per_domain = routing_stats.collect_domain_stats(restored, batches, len(domains))
+    counts = {layer: np.stack([stats[layer].counts for stats in per_domain])
+              for layer in (per_domain[0] if per_domain else {})}
+    router_state = restored.router_state if restored.router_state.layers else None
     report: dict[str, Any] = {"step": restored.step, "num_batches": len(batches),
                               "selection_biases": router_state is not None, "layers": {}}
     files: list[Path] = []
@@ -94,8 +72,6 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
 
 
 def parse_run_config(workdir: str | Path) -> None:
-    """Parses the run's saved `config.gin` (written by the trainer)."""
-    path = Path(workdir) / gin_utils.CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {workdir!s} a training workdir?")
-    gin_utils.parse([str(path)], [])
+    """Clears gin and parses the run's saved `config.gin` (written by the trainer);
+    FileNotFoundError naming it when it is missing."""
+    restore_lib.parse_run_config(Path(workdir))

@@ -14,6 +14,7 @@ from experiments.data.config import DataConfig
 from experiments.runtime import distributed
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
+from experiments.train import profiling
 from experiments.train.hooks import StepHook, check_names
 from experiments.train.loss_free import LossFreeBalancing
 from experiments.train.phases import PhasePlan
@@ -47,6 +48,9 @@ class TrainConfig:
     Attributes:
       model_cls: the model class, constructed as `model_cls(vocab_size=,
         rngs=)` with its other arguments from gin.
+      vocab_size: the model's vocabulary (embedding rows); None: the data
+        tokenizer's `DataConfig.vocab_size()`. An imported model binds its own
+        (often padded beyond its tokenizer's size); see `model_vocab_size`.
       num_steps: total optimizer steps.
       seed: seeds parameter init, the data order and the per-step RNG keys
         (`fold_in(PRNGKey(seed), step)`).
@@ -63,12 +67,16 @@ class TrainConfig:
         dense warm-up, diversify, dense-to-sparse soft and hard phases in one run.
       hooks: further step hooks (`experiments.train.hooks.StepHook`), run after
         the loss-free and EvoMoE ones.
+      profile_steps: 'N:M' writes a jax profiler trace of steps N..M (inclusive)
+        into the run's TensorBoard directory (`experiments.train.profiling`);
+        None: no trace.
       checkpoint_every, max_to_keep, async_checkpoints: moved to
         `Checkpointer.save_every`, `max_to_keep`, `async_save`; binding them
         (or passing them) is an error naming the new binding.
     """
 
     model_cls: Callable[..., Any] = TransformerLM
+    vocab_size: int | None = None
     num_steps: int = 1000
     seed: int = 0
     num_microbatches: int = 1
@@ -79,6 +87,7 @@ class TrainConfig:
     max_skipped_steps: int = 0
     phase_plan: PhasePlan | None = None
     hooks: Sequence[StepHook] = ()
+    profile_steps: str | None = None
     checkpoint_every: Any = _MOVED_CHECKPOINT_EVERY
     max_to_keep: Any = _MOVED_MAX_TO_KEEP
     async_checkpoints: Any = _MOVED_ASYNC
@@ -92,12 +101,51 @@ class TrainConfig:
                      "num_microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or
+                                            not isinstance(self.vocab_size, int) or
+                                            self.vocab_size < 1):
+            raise ValueError(f"train.vocab_size must be None or an int >= 1, got "
+                             f"{self.vocab_size!r}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        profiling.parse_profile_steps(self.profile_steps, num_steps=self.num_steps)
         object.__setattr__(self, "hooks", tuple(self.hooks))
 
 
 TrainConfig.gin_set_by = dict(_MOVED)  # read by gin_utils.parse to name the new binding
+
+
+def model_vocab_size(config: TrainConfig | None = None, data: DataConfig | None = None) -> int:
+    """The model's vocabulary size: `train.vocab_size` when bound, else the data
+    tokenizer's (`DataConfig.vocab_size()`).
+
+    Every consumer that builds a model (trainer, scorer, upcycler, reports) calls
+    this. Without `config`, `train.vocab_size` is read from the parsed gin config
+    (constructing `TrainConfig` there would build its hooks).
+    """
+    if config is not None:
+        vocab = config.vocab_size
+    else:
+        try:
+            vocab = gin.query_parameter("train.vocab_size")
+        except ValueError:  # not bound
+            vocab = None
+        if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int)
+                                  or vocab < 1):
+            raise ValueError(f"train.vocab_size must be None or an int >= 1, got {vocab!r}")
+    if vocab is not None:
+        return int(vocab)
+    return (data or DataConfig()).vocab_size()
+
+
+def check_data_vocab(model_vocab: int, data: DataConfig) -> None:
+    """Refuses a data tokenizer whose ids can reach past the model's vocabulary."""
+    data_vocab = data.vocab_size()
+    if data_vocab > model_vocab:
+        raise ValueError(
+            f"the data tokenizer (DataConfig.tokenizer = {data.tokenizer!r}) has {data_vocab} "
+            f"ids, more than the model's vocabulary (train.vocab_size = {model_vocab}): train "
+            f"with the model's tokenizer or a model of at least {data_vocab} rows")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +170,11 @@ class TrainSetup:
 
     def __post_init__(self):
         check_names(self.hooks)
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary (`model_vocab_size`)."""
+        return model_vocab_size(self.config, self.data)
 
     @classmethod
     def from_gin(cls, **config_changes: Any) -> TrainSetup:

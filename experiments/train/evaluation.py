@@ -1,4 +1,5 @@
-"""Evaluation on the validation split: loss per domain and routing counts."""
+"""Evaluation on the validation split: loss per domain and routing counts (per-domain routing
+statistics of a checkpoint: `experiments.inference.routing_stats`)."""
 
 from __future__ import annotations
 
@@ -93,39 +94,3 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np
         expert_counts=counts,
         dropped_fraction={layer: v / num_batches for layer, v in dropped.items()},
         num_batches=num_batches)
-
-
-def make_routing_counts_step(graphdef: nnx.GraphDef, rest: Any, num_domains: int) -> Callable:
-    """`step(params, batch[, router_state]) -> {moe layer: [D, E] counts}`: expert
-    assignments of each domain's tokens (`router_state`, e.g. the loss-free
-    selection biases, goes to the model call), jitted.
-
-    The model runs once per domain with the other domains' tokens marked as
-    padding (segment id 0), which excludes them from routing statistics. A
-    segment holds a single document, so the domain's own tokens see exactly
-    the context they see in a normal pass.
-    """
-
-    def step(params, batch, router_state: RouterState | None = None):
-        model = nnx.merge(graphdef, params, rest)
-        per_domain = []
-        for d in range(num_domains):
-            segment_ids = jnp.where(batch["domain"] == d, batch["segment_ids"], 0)
-            _, aux = model(batch["inputs"], segment_ids=segment_ids,
-                           positions=batch["positions"], deterministic=True,
-                           router_state=router_state)
-            per_domain.append({layer: a.counts for layer, a in aux.items()})
-        return {layer: jnp.stack([p[layer] for p in per_domain]) for layer in per_domain[0]}
-
-    return jax.jit(step)
-
-
-def routing_counts(step: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
-                   router_state: RouterState | None = None) -> dict[str, np.ndarray]:
-    """Sums `make_routing_counts_step` outputs over `batches`: `{layer: [D, E]}`."""
-    total: dict[str, np.ndarray] = {}
-    args = () if router_state is None else (router_state,)
-    for batch in batches:
-        for layer, counts in jax.device_get(step(params, dict(batch), *args)).items():
-            total[layer] = total.get(layer, 0) + np.asarray(counts, np.float64)
-    return total

@@ -14,7 +14,13 @@ Counts matmul FLOPs (2 per multiply-add) of one forward pass and multiplies by
     expert-parallel dispatch (`Sharding.configure_dispatch`) every (shard,
     expert) buffer in full, or T x k rows in its ragged modes; the EvoMoE
     dense-to-sparse gate one row per active (token, expert) pair, read from
-    the step's `kept_counts`. Tile padding inside the grouped matmul is
+    the step's `kept_counts`; so do dropless layers with zero-computation
+    experts (`NullExpertRouter`: only the FFN choices are rows), whose
+    capacity mode still computes E x C rows and whose einsum reference T x E.
+    Copy and constant experts (O(d) per token) are not counted. Parameters
+    shared across layers (WideNet) count once per layer that uses them. Soft MoE
+    (`SoftMoeLayer`) processes n x p slot rows per sequence and adds its
+    dispatch and combine matmuls, 4 x n x p x d per position. Tile padding inside the grouped matmul is
     ignored.
 """
 
@@ -60,10 +66,15 @@ class FlopCounter:
         return TRAIN_FACTOR * total
 
 
-def _moe_rows(moe: Any, tokens: int) -> int | None:
-    """Expert rows per micro-batch of the dispatch the layer runs (None: from kept_counts)."""
-    if moe.router.variable_assignments:
-        return None
+def _moe_rows(moe: Any, tokens: int, seq_len: int) -> int | None:
+    """Expert rows per micro-batch of the dispatch the layer runs (None: from kept_counts).
+    A MoE block that is not a `MoeLayer` may say itself (`flop_rows(tokens, seq_len)`,
+    e.g. `layers.soft_moe.SoftMoeLayer`)."""
+    if hasattr(moe, "flop_rows"):
+        return moe.flop_rows(tokens, seq_len)
+    if moe.router.variable_assignments:  # dropless, a varying number of rows per token
+        # (the einsum reference still runs every expert on every token)
+        return tokens * moe.num_experts if moe.dispatch == "einsum" else None
     capacity = moe.capacity(tokens, False)
     if moe.dispatch == "expert_parallel":
         return ep_lib.dispatch_rows(tokens, moe.k, moe.num_experts, capacity,
@@ -91,12 +102,37 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
             continue
         if value.ndim >= 2:
             dense += 2.0 * value.size
+    dense += _repeated_use_flops(model, moe_layers)
     for name in getattr(model, "layer_names", ()):
         attention = getattr(model, name).attention
-        dense += 4.0 * seq_len * attention.num_heads * attention.head_dim
+        if hasattr(attention, "attention_flops"):  # its own count (layers.mla.MLAttention)
+            dense += attention.attention_flops(seq_len)
+        else:
+            dense += 4.0 * seq_len * attention.num_heads * attention.head_dim
     per_row, rows = {}, {}
     for name, moe in moe_layers.items():
         expert_size = sum(v.size for _, v in nnx.to_flat_state(nnx.state(moe.experts, nnx.Param)))
         per_row[name] = 2.0 * expert_size / moe.num_experts
-        rows[name] = _moe_rows(moe, tokens)
+        rows[name] = _moe_rows(moe, tokens, seq_len)
+        dense += getattr(moe, "flops_per_position", lambda: 0.0)()
     return FlopCounter(dense_per_position=dense, expert_per_row=per_row, static_rows=rows)
+
+
+def _repeated_use_flops(model: nnx.Module, moe_layers: dict[str, Any]) -> float:
+    """Forward FLOPs of parameters that several layers share (WideNet,
+    `layers.widenet`): the state holds them once, every layer computes with them."""
+    seen: set[int] = set()
+    extra = 0.0
+    for name in getattr(model, "layer_names", ()):
+        block = getattr(model, name, None)
+        if block is None:
+            continue
+        for path, value in nnx.iter_graph(block):
+            if not isinstance(value, nnx.Param):
+                continue
+            if name in moe_layers and "experts" in [str(p) for p in path]:
+                continue  # counted per row processed
+            if id(value) in seen and value.ndim >= 2:
+                extra += 2.0 * value.size
+            seen.add(id(value))
+    return extra

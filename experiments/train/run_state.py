@@ -16,7 +16,7 @@ from experiments.reporting import console
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import hooks as hooks_lib
-from experiments.train.config import TrainSetup
+from experiments.train.config import TrainSetup, check_data_vocab
 from experiments.train.evaluation import make_eval_step
 from experiments.train.flops import FlopCounter, flop_counter
 from experiments.train.hooks import HookContext, HookState, StepHook, TrainState
@@ -40,7 +40,8 @@ def check_model(setup: TrainSetup) -> None:
     nothing compiled or allocated), checks them with the hooks and chooses their
     dispatch, so that the model's configuration errors surface before the trainer
     touches the workdir."""
-    vocab_size, seed = setup.data.vocab_size(), setup.config.seed
+    vocab_size, seed = setup.vocab_size, setup.config.seed
+    check_data_vocab(vocab_size, setup.data)
     for structure in dict.fromkeys(hooks_lib.structure_after(setup.hooks, step)
                                    for step in (0, setup.config.num_steps)):
         factory = hooks_lib.model_for(setup.hooks, structure, setup.config.model_cls)
@@ -96,7 +97,7 @@ class Runtimes:
     def _build(self, structure: str) -> Runtime:
         setup, config = self.setup, self.setup.config
         factory = hooks_lib.model_for(setup.hooks, structure, config.model_cls)
-        model = build_model(factory, setup.data.vocab_size(), config.seed)
+        model = build_model(factory, setup.vocab_size, config.seed)
         for hook in setup.hooks:
             hook.check_model(structure, model)
         sharder, num_domains = setup.sharding, len(setup.data.domains())

@@ -31,7 +31,7 @@ from experiments.runtime.checkpoints import Checkpointer, CheckpointMismatchErro
 from experiments.runtime.workdir_lock import WorkdirLock, check_workdir
 from experiments.train import hooks as hooks_lib
 from experiments.train import interrupt as interrupt_lib
-from experiments.train import resume_check, run_state
+from experiments.train import profiling, resume_check, run_state
 from experiments.train.config import TrainConfig, TrainSetup
 from experiments.train.evaluation import EvalResult, evaluate
 from experiments.train.nonfinite import NonFiniteLossError, SkipGuard
@@ -105,6 +105,7 @@ def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs,
     log_dir = distributed.process_log_dir(workdir)  # other processes log beside process 0
     checkpointer = setup.checkpointer(workdir / "checkpoints")
     log: StepLog | None = None
+    profiler: profiling.StepProfiler | None = None
     try:
         try:
             run = run_state.start(setup, runtimes, checkpointer, train_iter,
@@ -117,6 +118,9 @@ def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs,
                       start_step=run.step, resumed=run.resumed, log_every=config.log_every,
                       summary_window=config.summary_window, quiet=config.quiet,
                       console=console, tokenizer=data.tokenizer)
+        profiler = profiling.StepProfiler(
+            profiling.parse_profile_steps(config.profile_steps, num_steps=config.num_steps),
+            log.writer.tensorboard_dir)
         start_step, last_eval = run.step, None
         skips = SkipGuard(config.max_skipped_steps, checkpointer)
         for step in range(start_step + 1, config.num_steps + 1):
@@ -126,12 +130,14 @@ def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs,
             for hook in hooks:
                 batch = hook.before_step(step, batch)
             current = runtimes[run.train.structure]
+            profiler.before_step(step)
             console.before_step(run.train.structure)
             params, opt_state, metrics = current.train_step(
                 run.train.params, run.train.opt_state, batch,
                 jax.random.fold_in(run.base_key, step),
                 router_state=hooks_lib.router_state(hooks, run.hook_states, step, run.ctx))
             metrics = jax.device_get(metrics)
+            profiler.after_step(step, params)
             console.after_step()
             skipped = skips.check(step, metrics)  # a non-finite update was not applied
             run.train = run.train._replace(params=params, opt_state=opt_state)
@@ -165,6 +171,8 @@ def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs,
                          moe_layers=list(run.ctx.experts_per_layer),
                          checkpoint_dir=checkpointer.directory, skipped_steps=skips.skipped)
     finally:
+        if profiler is not None:
+            profiler.close()
         checkpointer.close()
         if log is not None:
             log.close()

@@ -52,6 +52,10 @@ class Routing:
       expert_weights: `[E, C] float32` their combine weights.
     aux: the router's part of the layer's `MoeAux` (losses, mean_probs,
       router_entropy, token_* ...); the layer adds counts and dispatch statistics.
+    local_output: optional `[T, d_model] float32` output of experts the router
+      computes itself, without dispatch (zero-computation experts: copy and
+      constant experts, `layers.routers.null_experts`); the layer adds it to
+      the dispatched output (token choice only).
     """
 
     aux: MoeAux
@@ -61,6 +65,7 @@ class Routing:
     dropless: bool = False
     token_index: Array | None = None
     expert_weights: Array | None = None
+    local_output: Array | None = None
 
     def __post_init__(self):
         token_form = self.expert_index is not None and self.weights is not None

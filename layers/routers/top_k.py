@@ -50,7 +50,9 @@ class TopKRouter(BaseRouter):
       normalize: renormalise the k selected scores to sum to 1.
       route_scale: multiplies the combine weights (DeepSeek-V3: 2.5).
       noise_std: training-only additive Gaussian noise on the selection logits.
-      num_groups, top_groups: DeepSeek-V3 group-limited routing.
+      num_groups, top_groups: group-limited routing (DeepSeek-V2/V3).
+      group_score: how a group scores for it: "top2_sum" (DeepSeek-V3, the
+        default) or "max" (DeepSeek-V2's group_limited_greedy).
       batch_prioritized: capacity slots go to tokens with the highest top-1
         probability first (V-MoE BPR; encoders only, needs a capacity factor).
     Router state: `selection_bias` `[E]` added to the scores for selection only
@@ -64,9 +66,13 @@ class TopKRouter(BaseRouter):
                  init_std: float = 0.02, jitter_eps: float = 0.0, use_bias: bool = False,
                  score: str = "softmax", normalize: bool = False, route_scale: float = 1.0,
                  noise_std: float = 0.0, num_groups: int | None = None,
-                 top_groups: int | None = None, batch_prioritized: bool = False,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 top_groups: int | None = None, group_score: str = "top2_sum",
+                 batch_prioritized: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
         check_one_of("TopKRouter.score", score, routing.SCORE_FUNCTIONS)
+        check_one_of("TopKRouter.group_score", group_score, routing.GROUP_SCORES)
+        if group_score != "top2_sum" and num_groups is None:
+            raise ValueError(f"TopKRouter.group_score={group_score!r} needs "
+                             "TopKRouter.num_groups (group-limited routing)")
         if noise_std < 0:
             raise ValueError(f"TopKRouter.noise_std must be >= 0, got {noise_std}")
         if route_scale <= 0:
@@ -80,7 +86,7 @@ class TopKRouter(BaseRouter):
                          rngs=rngs)
         self.score, self.normalize, self.route_scale = score, normalize, route_scale
         self.noise_std = noise_std
-        self.num_groups, self.top_groups = num_groups, top_groups
+        self.num_groups, self.top_groups, self.group_score = num_groups, top_groups, group_score
         self.batch_prioritized = batch_prioritized
 
     def check_capacity_factor(self, capacity_factor: float | None) -> None:
@@ -99,7 +105,7 @@ class TopKRouter(BaseRouter):
             logits, self.k, normalize=self.normalize, score=self.score,
             selection_bias=state.get(SELECTION_BIAS), route_scale=self.route_scale,
             noise_std=noise_std, rng=noise_rng, num_groups=self.num_groups,
-            top_groups=self.top_groups)
+            top_groups=self.top_groups, group_score=self.group_score)
         priority = jnp.max(gating.probs, axis=-1) if self.batch_prioritized else None
         return Routing(aux=token_choice_aux(logits, gating, mask, self.num_experts, self.score),
                        expert_index=gating.expert_index, weights=gating.weights * mask[:, None],

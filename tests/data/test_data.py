@@ -345,6 +345,7 @@ def test_gin_configures_the_train_iterator(jsonl_path):
     ("load_text_files.pattern = '*.txt'", "DataConfig.source = 'text:<glob>'"),
     ("SentencePieceTokenizer.model_path = 'm.model'",
      "DataConfig.tokenizer = 'sentencepiece:<path>'"),
+    ("HFTokenizer.path = 'tokenizer.json'", "DataConfig.tokenizer = 'hf:<path to tokenizer.json>'"),
 ])
 def test_binding_a_value_dataconfig_sets_is_an_error_naming_where_to_bind_it(binding, instead):
     """DataConfig (or the source/tokenizer string) always passes these, so a binding

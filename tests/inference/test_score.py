@@ -105,16 +105,6 @@ def test_text_uses_the_workdirs_tokenizer(workdir):
     assert by_text == by_ids
 
 
-def test_a_tokenizer_file_in_the_workdir_wins(tmp_path, monkeypatch):
-    (tmp_path / "tok.txt").write_text("x")
-    sentinel = object()
-    monkeypatch.setattr(score_lib, "WORKDIR_TOKENIZERS", {"tok.txt": lambda path: sentinel})
-    assert score_lib.workdir_tokenizer(tmp_path) is sentinel
-    (tmp_path / "tok.txt").unlink()
-    gin.clear_config()
-    assert type(score_lib.workdir_tokenizer(tmp_path)).__name__ == "ByteTokenizer"
-
-
 @pytest.mark.parametrize("ids", [[5], [], [1, 259]])
 def test_check_ids_refuses(ids):
     with pytest.raises(ValueError, match="at least 2 tokens|outside the vocabulary"):
@@ -126,3 +116,21 @@ def test_cli_refuses_an_id_outside_the_vocabulary(workdir):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: token id 259 is outside the vocabulary [0, 259)"]
+
+
+def test_score_batch_equals_score_one_sequence_at_a_time(workdir):
+    """Padded batches (right padding, segment 0, one compile per length bucket) give each
+    sequence's own log-probs and argmax flags, in the input order, on the MoE run
+    (selection biases, dropless). Lengths span three buckets; 5 sequences in rows of 2,
+    so batches hold padding rows as well as padded positions."""
+    scorer = score_lib.load_scorer(workdir)
+    sequences = [IDS, IDS[:2], IDS[5:25], IDS[::-1], IDS[3:9]]
+    assert {score_lib.length_bucket(len(s) - 1) for s in sequences} == {16, 32, 64}
+    batched = score_lib.score_batch(scorer, sequences, batch_size=2)
+    for ids, got in zip(sequences, batched):
+        want = score_lib.score(scorer, ids)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+        logits = np.asarray(scorer.forward(jnp.asarray([ids])))[0, :-1]
+        np.testing.assert_array_equal(got.greedy, logits.argmax(-1) == np.asarray(ids[1:]))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        score_lib.score_batch(scorer, sequences, batch_size=0)

@@ -37,10 +37,11 @@ WINDOW = 5
 MOE = dict(TINY, num_hidden_layers=3)
 
 
-def import_model(hf_dir: Path, out_workdir: Path) -> Path:
-    """Our importer CLI on a saved HF model directory; returns the workdir."""
+def import_model(hf_dir: Path, out_workdir: Path, *flags: str) -> Path:
+    """Our importer CLI on a saved HF model directory (plus `flags`, e.g.
+    `--dtype=bfloat16`); returns the workdir."""
     result = run_script("scripts/import_hf.py", f"--hf_dir={hf_dir}",
-                        f"--out_workdir={out_workdir}", f"--gin_file={DATA_GIN}")
+                        f"--out_workdir={out_workdir}", f"--gin_file={DATA_GIN}", *flags)
     if result.returncode != 0:
         raise AssertionError(f"import failed: {result.stderr[-3000:]}")
     return out_workdir
@@ -58,7 +59,7 @@ def top_level_rope_theta(config: dict[str, Any]) -> dict[str, Any]:
 class Family(NamedTuple):
     name: str
     config: Callable[[], transformers.PretrainedConfig]
-    import_fn: Callable[[Path, Path], Path] = import_model
+    import_fn: Callable[..., Path] = import_model
     rewrite_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     @property

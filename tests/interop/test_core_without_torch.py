@@ -9,7 +9,10 @@ from tests.helpers import REPO, script_env
 
 HEAVY = ("torch", "transformers", "lm_eval")
 # The seqio bridge needs TensorFlow, the optional 'seqio' extra (tests/data/test_seqio_optional.py).
-SKIP = ("experiments.data.seqio_bridge", "experiments.data.seqio_tasks")
+# The lm-eval adapter is an lm_eval plugin (scripts/lm_eval.py imports it only when
+# run): it imports lm_eval itself.
+SKIP = ("experiments.data.seqio_bridge", "experiments.data.seqio_tasks",
+        "experiments.inference.lm_eval_adapter")
 
 IMPORT_ALL = f"""
 import importlib, importlib.util, pathlib, pkgutil, sys
@@ -22,7 +25,9 @@ scripts = sorted(pathlib.Path("scripts").glob("*.py"))
 assert scripts
 for path in scripts:
     spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
 print(len(scripts), sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}))
 """
 

@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs torch: run `make test-interop`")
 pytest.importorskip("transformers", reason="needs transformers: run `make test-interop`")
 
-from tests.helpers import run_script  # noqa: E402
+from tests.helpers import run_script, shared_dir  # noqa: E402
 from tests.interop.families import FAMILIES, VOCAB_SIZE, Family, save  # noqa: E402
 
 # Positions far enough apart that a wrong RoPE base shows in the log-probs;
@@ -70,13 +70,28 @@ class Case(NamedTuple):
     workdir: Path
 
 
+def shared_import(tmp_path_factory, family: Family, *flags: str) -> Path:
+    """`family`'s model saved and imported (with `flags`) once per pytest session:
+    the test modules and xdist workers that ask share one workdir (the models are
+    deterministic; tests only read it)."""
+    import fcntl  # pylint: disable=g-import-not-at-top
+
+    name = "_".join(["interop", family.name, *(f.strip("-").replace("=", "_") for f in flags)])
+    root = shared_dir(tmp_path_factory, name)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "ours").is_dir():
+            save(family, random_model(family), root / "hf")
+            family.import_fn(root / "hf", root / "ours", *flags)
+    return root / "ours"
+
+
 @pytest.fixture(scope="module", params=PARAMS)
 def case(request, tmp_path_factory) -> Case:
     family = request.param
-    tmp = tmp_path_factory.mktemp(family.name)
     model = random_model(family)
-    save(family, model, tmp / "hf")
-    workdir = family.import_fn(tmp / "hf", tmp / "ours")
+    workdir = shared_import(tmp_path_factory, family)
     return Case(family, model, logits_of(model, IDS)[0], workdir)
 
 
@@ -151,21 +166,27 @@ def hf_experts(model, ids: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     return layers
 
 
-@pytest.mark.parametrize("case", MOE_PARAMS, indirect=True)
-def test_routing_matches_transformers(case):
+def assert_routing_matches(label: str, workdir: Path, model, ids: list[int]) -> None:
+    """Per MoE layer, our top-k experts (`Scorer.routing` of `workdir`) equal
+    transformers' (`model`) on every token without a near tie (`hf_experts`)."""
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
     from experiments.inference import score as score_lib  # pylint: disable=g-import-not-at-top
 
-    scorer = score_lib.load_scorer(case.workdir)
-    ours = scorer.routing(jnp.asarray([IDS], jnp.int32))
+    scorer = score_lib.load_scorer(workdir)
+    ours = scorer.routing(jnp.asarray([ids], jnp.int32))
     names = sorted(ours, key=lambda name: int(name.rsplit("_", 1)[-1]))
-    theirs = hf_experts(case.model, IDS)
+    theirs = hf_experts(model, ids)
     assert len(names) == len(theirs), (names, len(theirs))
     for name, (want, clear) in zip(names, theirs):
-        got = np.sort(np.asarray(ours[name]).reshape(len(IDS), -1), axis=-1)
-        assert clear.sum() >= len(IDS) // 2, f"{name}: too many near ties"
+        got = np.sort(np.asarray(ours[name]).reshape(len(ids), -1), axis=-1)
+        assert clear.sum() >= len(ids) // 2, f"{name}: too many near ties"
         agree = np.all(got == np.sort(want, axis=-1), axis=-1)
-        measured(case, f"routing {name}", f"{agree[clear].sum()}/{clear.sum()} clear tokens "
-                 f"agree ({agree.sum()}/{len(IDS)} with near ties)")
+        print(f"\nMEASURED {label}: routing {name}: {agree[clear].sum()}/{clear.sum()} clear "
+              f"tokens agree ({agree.sum()}/{len(ids)} with near ties)")
         np.testing.assert_array_equal(got[clear], np.sort(want, axis=-1)[clear], err_msg=name)
+
+
+@pytest.mark.parametrize("case", MOE_PARAMS, indirect=True)
+def test_routing_matches_transformers(case):
+    assert_routing_matches(case.family.name, case.workdir, case.model, IDS)

@@ -267,7 +267,9 @@ def test_attention_with_llama3_rope_matches_numpy_reference():
 
 
 @pytest.mark.parametrize("scaling, message", [
-    ({"rope_type": "yarn", "factor": 4.0}, "rope_scaling\\['rope_type'\\] = 'yarn' is not supported"),
+    ({"rope_type": "longrope", "factor": 4.0},
+     "rope_scaling\\['rope_type'\\] = 'longrope' is not supported"),
+    ({"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' lacks original_max_position_embeddings"),
     ({"factor": 4.0}, "rope_scaling\\['rope_type'\\] = None is not supported"),
     ({**LLAMA3, "rope_theta": 1e4}, "rope_scaling\\['rope_theta'\\] = 10000.0 is not supported"),
     ({"rope_type": "default", "factor": 2.0}, "rope_scaling\\['factor'\\] = 2.0"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,10 @@ from flax import nnx, traverse_util
 
 from experiments.convert.hf import config as config_lib
 from experiments.convert.hf import family, mapping
-from experiments.convert.hf.importer import DTYPES, TOKENIZER_FILES
+from experiments.convert.hf.importer import DTYPES
 from experiments.convert.hf.safetensors_io import write_sharded
 from experiments.convert.hf.workdir import atomic_dir
+from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers `train` for the config)
@@ -91,8 +91,6 @@ def export_hf(workdir: str | Path, out_dir: str | Path, *, step: int | None = No
                       max_shard_bytes=max_shard_bytes)
         cfg = config_lib.hf_config(spec, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        for name in TOKENIZER_FILES:
-            if (workdir / name).is_file():
-                shutil.copy2(workdir / name, tmp / name)
+        copy_tokenizer_files(workdir, tmp)
     _log.info("exported %s step %d as %s into %s", workdir, step, spec.architecture, out_dir)
     return out_dir

@@ -141,6 +141,10 @@ def spec_of(model: Any, *, selection_biases: bool = False,
             "selection_bias router state); HF routers have none: pass --drop_selection_bias "
             "to export without them (routing then changes)")
     attention = model.layer_0.attention
+    if type(attention).__name__ != "Attention":
+        raise UnsupportedModelError(f"TransformerLM.attention = @{type(attention).__name__}: no "
+                                    "supported HF family holds it (DeepSeek-V2/V3 export of "
+                                    "multi-head latent attention is not done yet)")
     activation = bound("TransformerLM.activation", "relu")
     if activation not in _GLU:
         raise UnsupportedModelError(f"TransformerLM.activation={activation!r}: HF decoders "

@@ -2,17 +2,20 @@
 
 The workdir (`checkpoints/0`, `config.gin`, the model's `tokenizer.json` when
 it has one, `hf_import.json`) is what `scripts/train.py` continues and
-`scripts/upcycle.py` upcycles. The vocabulary size is the HF config's: a model
-with its own vocabulary imports without a data config that matches it (the
-checkpoint then holds no data-iterator position; train with a data config
-whose tokenizer is the model's).
+`scripts/upcycle.py` upcycles. The vocabulary size is the HF config's, written
+to `config.gin` as `train.vocab_size` (every consumer builds the model with
+`model_vocab_size()`): a model with its own vocabulary imports, scores,
+upcycles and exports whatever the data config's tokenizer. Training refuses a
+data tokenizer with more ids than the model has rows; train new data with the
+model's own tokenizer (`DataConfig.tokenizer = 'hf:<workdir>/tokenizer.json'`).
+The checkpoint holds the data iterator's start when the data tokenizer's ids
+fit the model's vocabulary.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,17 +32,17 @@ from experiments.convert.hf.safetensors_io import SafetensorsReader
 from experiments.convert.hf.workdir import atomic_dir, read_hf_config
 from experiments.data import pipeline as data_lib
 from experiments.data.config import DataConfig
+from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers `train` for the config)
+from experiments.train.config import model_vocab_size
 from experiments.train.optim import make_optimizer
 from layers.params import logical_axes_of
 from layers.transformer import TransformerLM
 
 _log = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -104,14 +107,15 @@ def load_params(model_dir: Path, spec: config_lib.ModelSpec, abstract: Mapping,
 
 
 def _data_state(vocab: int, seed: int) -> dict[str, Any]:
-    """The data iterator's start, when the data config's vocabulary is the model's."""
+    """The data iterator's start, when the data tokenizer's ids fit the model's vocabulary."""
     try:
         data_config = DataConfig()
         data_vocab = data_config.vocab_size()
-        if data_vocab == vocab:
+        if data_vocab <= vocab:
             return data_lib.iterator_state(data_config.train_iterator(seed))
-        _log.warning("the data config's tokenizer has %d tokens, the model %d: the checkpoint "
-                     "holds no data position; train with the model's tokenizer", data_vocab, vocab)
+        _log.warning("the data config's tokenizer has %d tokens, more than the model's %d: the "
+                     "checkpoint holds no data position; train with the model's tokenizer",
+                     data_vocab, vocab)
     except (ValueError, OSError, KeyError) as e:
         _log.warning("no data iterator position saved (%s)", e)
     return {}
@@ -131,7 +135,11 @@ def import_hf(model_dir: str | Path, out_workdir: str | Path, *,
         gin_utils.parse(list(gin_files), [*config_lib.model_bindings(spec),
                                           "TransformerLM.dtype = 'float32'",
                                           f"TransformerLM.param_dtype = '{dtype}'",
-                                          f"train.seed = {seed}", *gin_params])
+                                          f"train.seed = {seed}",
+                                          f"train.vocab_size = {spec.vocab_size}", *gin_params])
+        if model_vocab_size() != spec.vocab_size:
+            raise ValueError(f"train.vocab_size = {model_vocab_size()} disagrees with "
+                             f"{model_dir / 'config.json'} vocab_size = {spec.vocab_size}")
         model = nnx.eval_shape(lambda: TransformerLM(vocab_size=spec.vocab_size,
                                                      rngs=nnx.Rngs(0)))
         abstract = nnx.state(model, nnx.Param).to_pure_dict()
@@ -156,9 +164,7 @@ def import_hf(model_dir: str | Path, out_workdir: str | Path, *,
         finally:
             checkpointer.close()
         gin_utils.write_config(tmp)
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
+        copy_tokenizer_files(model_dir, tmp)
         (tmp / "hf_import.json").write_text(json.dumps(
             {"source": str(model_dir), "architecture": spec.architecture, "config": hf_cfg},
             indent=2) + "\n", encoding="utf-8")

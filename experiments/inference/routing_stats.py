@@ -1,0 +1,156 @@
+"""Routing statistics of a restored checkpoint over a data source (one pass).
+
+`collect_stats(restored, batches)` runs the model (dropless, the checkpoint's
+selection biases applied, as `restore_model` prepares it) over the batches and
+returns, per MoE layer, a `moe.expert_stats.RoutingStats`: expert load, mean
+router probability, co-selection counts, per-expert mean output norm, router
+logit similarity and mean routed logit vectors. With `domain=d` only the
+tokens of domain d count (the others are padding, as in evaluation's
+per-domain routing); `collect_domain_stats` does one pass per domain (the
+routing analysis, `experiments.reporting.routing_report`, reads its counts).
+
+`save_stats` / `load_stats` keep them next to the checkpoint, in
+`<workdir>/routing_stats/<name>.npz` with a JSON sidecar naming the source,
+step and token count, so expert pruning and merging reuse one pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.inference.restore import RestoredModel
+from layers.moe_layer import MoeLayer
+from moe import expert_stats
+from moe.expert_stats import RoutingStats
+
+STATS_DIR = "routing_stats"
+
+
+class NoTokenRoutingError(ValueError):
+    """A MoE layer's router is not token choice with per-token routing (e.g. expert choice)."""
+
+
+def _recording_class(name: str, sink: dict[str, RoutingStats]) -> type:
+    """A MoeLayer subclass whose call also records the layer's routing statistics."""
+
+    class Recording(MoeLayer):
+        def __call__(self, x, *, mask=None, deterministic=True, rng=None, router_state=None):
+            y, aux = MoeLayer.__call__(self, x, mask=mask, deterministic=deterministic, rng=rng,
+                                       router_state=router_state)
+            tokens = x.reshape(-1, self.d_model)
+            token_mask = (jnp.ones((tokens.shape[0],), jnp.float32) if mask is None
+                          else mask.reshape(-1).astype(jnp.float32))
+            # The layer's own routing again (deterministic, so the same decision).
+            decision = self.router(tokens, mask=token_mask,
+                                   capacity=self.capacity(tokens.shape[0], deterministic),
+                                   deterministic=deterministic, rng=None,
+                                   state=dict(router_state or {}))
+            if decision.expert_choice or decision.aux.token_probs is None:
+                raise NoTokenRoutingError(
+                    f"{name}: routing statistics need token-choice routing with per-token "
+                    f"probabilities; router {type(self.router).__name__} has none")
+            logits = self.router.logits(tokens, deterministic=True)
+            sink[name] = expert_stats.layer_stats(
+                tokens.astype(self.dtype), token_mask, logits, decision.aux.token_probs,
+                decision.expert_index, decision.weights, self.experts.ffn(self.dtype))
+            return y, aux
+
+    return Recording
+
+
+def make_stats_step(restored: RestoredModel) -> Callable:
+    """`step(params, batch, domain) -> {layer: RoutingStats}` (jitted; domain < 0 = all)."""
+    graphdef, rest, router_state = restored.graphdef, restored.rest, restored.router_state
+
+    def step(params, batch, domain):
+        model = nnx.merge(graphdef, params, rest)
+        sink: dict[str, RoutingStats] = {}
+        for name in getattr(model, "moe_layer_names", ()):
+            model.moe_layer(name).__class__ = _recording_class(name, sink)
+        segment_ids = batch["segment_ids"]
+        if "domain" in batch:
+            segment_ids = jnp.where((domain < 0) | (batch["domain"] == domain), segment_ids, 0)
+        model(batch["inputs"], segment_ids=segment_ids, positions=batch.get("positions"),
+              deterministic=True, router_state=router_state)
+        return sink
+
+    return jax.jit(step)
+
+
+def collect_stats(restored: RestoredModel, batches: Iterable[Mapping[str, np.ndarray]], *,
+                  domain: int | None = None, step_fn: Callable | None = None,
+                  ) -> dict[str, RoutingStats]:
+    """Sums over `batches` (dicts with inputs, segment_ids, positions [B, S], and
+    domain [B, S] when filtering): `{moe layer: RoutingStats}` (float64, host)."""
+    step_fn = step_fn or make_stats_step(restored)
+    total: dict[str, RoutingStats] = {}
+    with restored.context():
+        for batch in batches:
+            batch = {k: jnp.asarray(v) for k, v in batch.items()
+                     if k in ("inputs", "segment_ids", "positions", "domain")}
+            if domain is not None and "domain" not in batch:
+                raise ValueError("domain filtering needs batches with a 'domain' field")
+            out = step_fn(restored.params, batch, jnp.int32(-1 if domain is None else domain))
+            for layer, stats in out.items():
+                stats = stats.to_numpy()
+                total[layer] = stats if layer not in total else expert_stats.add(total[layer],
+                                                                                  stats)
+    return total
+
+
+def collect_domain_stats(restored: RestoredModel, batches: list[Mapping[str, np.ndarray]],
+                         num_domains: int) -> list[dict[str, RoutingStats]]:
+    """One `collect_stats` per domain id 0..num_domains-1 (one compiled step)."""
+    step_fn = make_stats_step(restored)
+    return [collect_stats(restored, batches, domain=d, step_fn=step_fn)
+            for d in range(num_domains)]
+
+
+# ---------------------------------------------------------------------------
+# On disk, next to the checkpoint.
+
+
+def stats_path(workdir: str | Path, name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"statistics name must be a plain file name, got {name!r}")
+    return Path(workdir) / STATS_DIR / f"{name}.npz"
+
+
+def save_stats(workdir: str | Path, name: str, stats: Mapping[str, RoutingStats],
+               info: Mapping[str, Any]) -> Path:
+    """Writes `<workdir>/routing_stats/<name>.npz` (+ `.json` with `info`) atomically."""
+    path = stats_path(workdir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{layer}/{field}": value for layer, s in stats.items()
+              for field, value in s.as_dict().items()}
+    for suffix, write in ((".npz", lambda f: np.savez(f, **arrays)),
+                          (".json", lambda f: f.write(json.dumps(
+                              {**info, "layers": sorted(stats)}, indent=2).encode()))):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path.with_suffix(suffix))
+    return path
+
+
+def load_stats(workdir: str | Path, name: str) -> tuple[dict[str, RoutingStats], dict[str, Any]]:
+    """What `save_stats` wrote: `({layer: RoutingStats}, info)`; FileNotFoundError if absent."""
+    path = stats_path(workdir, name)
+    info = json.loads(path.with_suffix(".json").read_text())
+    with np.load(path) as data:
+        return ({layer: RoutingStats(**{f: np.asarray(data[f"{layer}/{f}"], np.float64)
+                                        for f in expert_stats.STAT_FIELDS})
+                 for layer in info["layers"]}, info)

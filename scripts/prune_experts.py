@@ -1,0 +1,45 @@
+"""Prunes the experts of a trained MoE checkpoint, task-aware (UNCURL) or by baseline.
+
+  python scripts/prune_experts.py --workdir=workdirs/moe --out_workdir=workdirs/moe_pruned \
+      --task_source=embedded --task_domain=code --keep_fraction=0.5 --method=uncurl
+
+One pass over the task data collects routing statistics (saved under
+<workdir>/routing_stats/, reused by later runs with the same task); per MoE
+layer the experts to keep are chosen by --method (uncurl: spectral clusters of
+router-logit similarity, the most-used member of each kept; frequency: the
+most-used; random), and the new workdir holds the pruned checkpoint (same
+step), its config.gin (MoeLayer.num_experts = E') and surgery.json. See
+docs/surgery.md. Exit status 2 on bad input (nothing is written).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from experiments.convert import expert_surgery as ex
+from experiments.runtime import cli
+from moe import expert_surgery as es
+
+
+@cli.entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ex.add_flags(parser)
+    parser.add_argument("--method", choices=es.PRUNE_METHODS, default="uncurl")
+    args = parser.parse_args(argv)
+    task = ex.task_from_args(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    config = ex.SurgeryConfig(keep=args.keep, keep_fraction=args.keep_fraction,
+                              method=args.method, clip_k=args.clip_k,
+                              optimizer_state=args.optimizer_state, seed=args.seed,
+                              step=args.step)
+    result = ex.prune_experts(args.workdir, args.out_workdir, config, task)
+    print(ex.summary_line(result))
+    if args.eval_batches:
+        print(ex.evaluate_before_after(result, task, args.eval_batches))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
