@@ -16,57 +16,36 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.reporting import protocol
 from experiments.reporting import sweep as sweep_lib
 from experiments.reporting.metrics import read_jsonl
 from experiments.runtime import cli
 
 
 def load_runs(sweep: sweep_lib.Sweep, root: Path) -> dict[str, list[dict]]:
-    """`{variant: [run]}` for finished runs; a run holds its train/valid curves."""
+    """`{variant: [run]}` for finished runs: the sweep record (`collect_run`) plus the
+    train curves as arrays."""
     out: dict[str, list[dict]] = {}
     for variant, _ in sweep.runs():
         for seed in sweep.seeds:
             workdir = sweep_lib.run_dir(root, sweep, variant, seed)
             if not (workdir / "summary.json").exists():
                 continue
+            record = sweep_lib.collect_run(workdir, variant, seed, root=root)
             train = read_jsonl(workdir / "metrics.jsonl", "train")
-            valid = read_jsonl(workdir / "metrics.jsonl", "valid")
             steps = np.array([r["step"] for r in train])
             cum_flops = np.cumsum([r["flops"] for r in train])
-            out.setdefault(variant, []).append({
-                "seed": seed, "workdir": str(workdir.relative_to(root)), "steps": steps,
-                "ce": np.array([r["ce"] for r in train]), "cum_flops": cum_flops,
-                "active": np.array([r.get("active_experts", np.nan) for r in train]),
-                "valid_steps": np.array([r["step"] for r in valid]),
-                "valid": np.array([r["loss"] for r in valid]),
-                "valid_flops": cum_flops[np.searchsorted(steps, [r["step"] for r in valid])],
-                "summary": json.loads((workdir / "summary.json").read_text()),
-                "wall": (float((workdir / "wall_seconds.txt").read_text())
-                         if (workdir / "wall_seconds.txt").exists() else None),
-            })
+            out.setdefault(variant, []).append(dict(
+                record, train_steps=steps, ce=np.array([r["ce"] for r in train]), cum_flops=cum_flops,
+                active=np.array([r.get("active_experts", np.nan) for r in train]),
+                valid_steps=np.array([point[0] for point in record["valid_curve"]]),
+                valid=np.array([point[-1] for point in record["valid_curve"]])))
     return out
 
 
-def smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over `window` steps (shorter at the start)."""
-    cumsum = np.cumsum(np.insert(values, 0, 0.0))
-    idx = np.arange(1, len(values) + 1)
-    lo = np.maximum(idx - window, 0)
-    return (cumsum[idx] - cumsum[lo]) / (idx - lo)
-
-
-def verdict(diffs: list[float]) -> str:
-    """Whether paired differences (EvoMoE - Switch) show EvoMoE better, by 2 standard errors."""
-    if len(diffs) < 2:
-        return "not decidable from fewer than two paired seeds."
-    mean = float(np.mean(diffs))
-    se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
-    if mean + 2 * se < 0:
-        return f"holds here (mean {mean:+.4f}, 2 SE {2 * se:.4f})."
-    if mean - 2 * se > 0:
-        return f"does not hold: EvoMoE is worse (mean {mean:+.4f}, 2 SE {2 * se:.4f})."
-    return (f"not supported at this scale: the difference (mean {mean:+.4f}) is within two "
-            f"standard errors ({2 * se:.4f}) of zero.")
+smooth = protocol.trailing_mean
+# The paper's claim is judged at 2 standard errors (as when this report was first written).
+THRESHOLD = 2.0
 
 
 def plot(runs: dict[str, list[dict]], figures: Path, window: int) -> None:
@@ -77,7 +56,7 @@ def plot(runs: dict[str, list[dict]], figures: Path, window: int) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for variant, rs in runs.items():
         ce = np.mean([smooth(r["ce"], window) for r in rs], axis=0)
-        axes[0].plot(rs[0]["steps"], ce, lw=1.2, label=variant)
+        axes[0].plot(rs[0]["train_steps"], ce, lw=1.2, label=variant)
         flops = np.mean([r["cum_flops"] for r in rs], axis=0)
         axes[1].plot(flops, ce, lw=1.2, label=variant)
     axes[0].set_xlabel("step")
@@ -102,7 +81,7 @@ def _plot_seed_mean(runs: dict[str, list[dict]], key: str, ylabel: str, path: Pa
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for variant, rs in runs.items():
-        ax.plot(rs[0]["steps"], np.mean([r[key] for r in rs], axis=0), lw=1.2, label=variant)
+        ax.plot(rs[0]["train_steps"], np.mean([r[key] for r in rs], axis=0), lw=1.2, label=variant)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -122,15 +101,16 @@ def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file
     for variant, rs in runs.items():
         at_budget_train = [float(np.interp(budget, r["cum_flops"], smooth(r["ce"], window)))
                            for r in rs]
-        at_budget_valid = [float(np.interp(budget, r["valid_flops"], r["valid"])) for r in rs]
+        at_budget_valid = [float(np.interp(budget, np.asarray(r["valid_flops"]), r["valid"]))
+                           for r in rs]
         rows.append([f"`{variant}`", str(len(rs)),
-                     sweep_lib.mean_std([r["summary"]["valid_loss"]["all"] for r in rs]),
-                     sweep_lib.mean_std([float(smooth(r["ce"], window)[-1]) for r in rs]),
-                     sweep_lib.mean_std([r["cum_flops"][-1] / 1e9 for r in rs]),
-                     sweep_lib.mean_std(at_budget_valid), sweep_lib.mean_std(at_budget_train),
-                     sweep_lib.mean_std([float(np.mean(r["active"][np.isfinite(r["active"])]))
+                     protocol.mean_std([protocol.final_loss(r) for r in rs]),
+                     protocol.mean_std([float(smooth(r["ce"], window)[-1]) for r in rs]),
+                     protocol.mean_std([r["cum_flops"][-1] / 1e9 for r in rs]),
+                     protocol.mean_std(at_budget_valid), protocol.mean_std(at_budget_train),
+                     protocol.mean_std([float(np.mean(r["active"][np.isfinite(r["active"])]))
                           for r in rs if np.isfinite(r["active"]).any()]),
-                     sweep_lib.mean_std([r["wall"] for r in rs])])
+                     protocol.mean_std([r["wall_seconds"] for r in rs])])
     lines = [f"# {sweep.title}", "",
              f"Generated by `scripts/evomoe_report.py {sweep_file}` from the runs of "
              f"`scripts/sweep.py {sweep_file}` (their `metrics.jsonl` and `summary.json`).", "",
@@ -144,25 +124,26 @@ def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file
              "mean active experts (MoE steps) | wall s / run |",
              "|" + "---|" * 9]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    records = [r for rs in runs.values() for r in rs]
     if "evomoe" in runs and "switch_top1" in runs:
-        by_seed = {r["seed"]: r["summary"]["valid_loss"]["all"] for r in runs["switch_top1"]}
-        diffs = [r["summary"]["valid_loss"]["all"] - by_seed[r["seed"]]
-                 for r in runs["evomoe"] if r["seed"] in by_seed]
+        paired = protocol.paired(records, "evomoe", "switch_top1")
         lines += ["", f"EvoMoE minus Switch, final validation loss, paired by seed: "
-                  f"{', '.join(f'{d:+.4f}' for d in diffs)} (mean {np.mean(diffs):+.4f}).",
-                  "", f"**Paper's claim (better than Switch at equal steps):** {verdict(diffs)}"]
+                  f"{', '.join(f'{d:+.4f}' for d in paired.diffs)} (mean {paired.mean:+.4f}).",
+                  "", f"**Paper's claim (better than Switch at equal steps):** "
+                  f"{protocol.verdict(paired, THRESHOLD).text()}"]
     lines += ["", "Losses in nats per byte. Valid loss @ budget: the validation curve "
               "(every 25 steps) linearly interpolated at the FLOPs budget; train CE @ budget: "
               f"the {window}-step trailing mean of the train CE at that budget.", "",
               "![loss curves](evomoe/loss_curves.png)", "",
               "![active experts per token](evomoe/active_experts.png)", "",
               "![cumulative FLOPs](evomoe/flops.png)", "",
-              "## Runs", "", "Workdirs relative to the sweep root (`scripts/sweep.py --root`).", "",
-              "| variant | seed | valid loss | workdir |", "|---|---|---|---|"]
-    lines += [f"| `{v}` | {r['seed']} | {r['summary']['valid_loss']['all']:.4f} | "
-              f"`{r['workdir']}` |" for v, rs in runs.items() for r in rs]
+              "## Runs", "", "Workdirs relative to the sweep root (`scripts/sweep.py --root`).", ""]
+    lines += protocol.run_table(records)
     out = docs_dir / f"{sweep.name}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (figures / sweep_lib.RECORDS_FILE).write_text(json.dumps(
+        [{k: v for k, v in r.items() if not isinstance(v, np.ndarray) and k != "curves"}
+         for r in records], indent=1))
     return out
 
 

@@ -15,6 +15,9 @@ N + M = train.num_steps):
             weight scaling; trained to N + M;
   scratch   the e8_top2 architecture trained from scratch N + M steps.
 Runs that finished (summary.json present) are skipped, so the command resumes.
+The summary pairs every run with `dense` by seed (final validation loss,
+`experiments.reporting.protocol`, verdict at 2 standard errors); `--from_json`
+recomputes that from the summary's per-seed final losses alone (no runs needed).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import gin
 import numpy as np
 
 from experiments.convert.upcycle_checkpoint import UpcycleConfig, upcycle
+from experiments.reporting import protocol
 from experiments.reporting.metrics import read_jsonl
 from experiments.runtime import cli, gin_utils
 from experiments.train.trainer import train
@@ -41,6 +45,7 @@ UPCYCLED = {
                ["MoeLayer.dispatch = 'sort'", "MoeLayer.capacity_factor = None"]),
 }
 RUNS = ("dense", "e8_top2", "e32_g4", "scratch")
+THRESHOLD = 2.0  # standard errors of the paired difference (the report's verdicts)
 
 
 def _train(workdir: Path, gin_files: list[str], gin_params: list[str]) -> None:
@@ -107,7 +112,25 @@ def summarize(results: dict[int, dict]) -> dict:
             entry["param_count"] = results[seeds[0]][run]["param_count"]
             summary["dense_param_count"] = results[seeds[0]][run]["dense_param_count"]
         summary["runs"][run] = entry
+    summary["paired_vs_dense"] = paired_vs_dense(summary)
     return summary
+
+
+def paired_vs_dense(summary: dict) -> dict:
+    """`{run: paired differences run - dense of the final validation loss by seed}`."""
+    records = [{"variant": run, "seed": seed, "workdir": f"seed{seed}/{run}",
+                "valid_loss": {"all": loss}}
+               for run, entry in summary["runs"].items()
+               for seed, loss in zip(summary["seeds"], entry["final_valid"])]
+    out = {}
+    for run in summary["runs"]:
+        if run == "dense":
+            continue
+        paired = protocol.paired(records, run, "dense")
+        out[run] = {"seeds": list(paired.seeds), "diffs": list(paired.diffs),
+                    "mean": paired.mean, "se": paired.se,
+                    "verdict": protocol.verdict(paired, THRESHOLD).text()}
+    return out
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -137,25 +160,36 @@ def plot(summary: dict, path: Path) -> None:
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--root", required=True, help="Directory for the runs' workdirs.")
+    parser.add_argument("--root", help="Directory for the runs' workdirs.")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--gin_param", action="append", default=[],
                         help="Extra binding for every run (e.g. 'train.num_steps = 100').")
     parser.add_argument("--json", required=True, help="Where to write the summary.")
     parser.add_argument("--plot", default=None, help="Where to write the loss-curve plot.")
+    parser.add_argument("--from_json", action="store_true",
+                        help="recompute the paired differences of the summary already in "
+                             "--json (no runs, no plot)")
     args = parser.parse_args(argv)
-    root = Path(args.root)
-    results = {int(s): run_seed(root, int(s), args.gin_param) for s in args.seeds.split(",")}
-    summary = summarize(results)
+    if args.from_json:
+        summary = json.loads(Path(args.json).read_text(encoding="utf-8"))
+        summary["paired_vs_dense"] = paired_vs_dense(summary)
+    elif args.root is None:
+        parser.error("--root is required (or --from_json)")
+    else:
+        results = {int(s): run_seed(Path(args.root), int(s), args.gin_param)
+                   for s in args.seeds.split(",")}
+        summary = summarize(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    if args.plot:
+    if args.plot and not args.from_json:
         plot(summary, Path(args.plot))
     for run, entry in summary["runs"].items():
         jump = entry.get("step0_loss_jump")
         print(f"{run:8s} final valid {np.mean(entry['final_valid']):.4f} "
               f"(seeds {[f'{v:.4f}' for v in entry['final_valid']]})"
               + (f"; step-0 jump {[f'{j:+.4f}' for j in jump]}" if jump else ""))
+    for run, entry in summary["paired_vs_dense"].items():
+        print(f"{run} vs dense: {entry['verdict']}")
     return 0
 
 

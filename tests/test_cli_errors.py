@@ -160,6 +160,7 @@ CASES = {
     "bench_balance_scope_gin": Case("scripts/bench_balance_scope.py", ("--gin_file={missing}",),
                                     ("missing.jsonl",)),
     "evomoe_report_flag": Case("scripts/evomoe_report.py", ("--window=x",), ("--window",)),
+    "calibration_report_flag": Case("scripts/calibration_report.py", ("--nope",), ("--nope",)),
     "upcycling_sweep_flag": Case("scripts/upcycling_sweep.py", ("--root={run}",), ("--json",),
                                  "run"),
     "shards_not_prepared": _train("DataConfig.source = 'shards:{existing}'",

@@ -1,6 +1,6 @@
 """Every gin binding a user can write takes effect or is refused.
 
-For gin_configs/experiments/default.gin and test_tiny.gin: build what a
+For gin_configs/experiments/default.gin, research.gin and test_tiny.gin: build what a
 training run builds (model shapes, data, optimizer, loss weights, sharding,
 checkpointer; no training step), record which configurables gin called, then
 for every bindable parameter of each (signature minus gin's denylist) bind a
@@ -105,6 +105,9 @@ TINY = "gin_configs/experiments/test_tiny.gin"
 # SentencePiece tokenizer, the text case the text-file reader.
 CASES = {
     "default": ("gin_configs/experiments/default.gin", ()),
+    # The calibrated research preset (docs/experiments/calibration.md), on less of the corpus.
+    "research": ("gin_configs/experiments/research.gin",
+                 ("DataConfig.max_bytes_per_domain = 300000",)),
     "test_tiny": (TINY, ()),
     "test_tiny_jsonl_sentencepiece": (TINY, (
         "DataConfig.source = 'jsonl:{jsonl}'", "DataConfig.tokenizer = 'sentencepiece:{spm}'",

@@ -23,8 +23,10 @@ import errno
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,11 +35,13 @@ from typing import Any
 import gin
 import numpy as np
 
+from experiments.reporting import protocol
 from experiments.reporting.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 # Every run gets this binding from `Sweep.seeds`, after the sweep's own bindings.
 SEED_BINDING = "train.seed"
+RECORDS_FILE = "records.json"  # beside the report's plots: its runs, without per-step curves
 
 
 @gin.configurable
@@ -138,13 +142,15 @@ def run_sweep(sweep: Sweep, root: Path, *, log=print) -> list[dict[str, Any]]:
             if not summary.exists():
                 start = time.monotonic()
                 log(f"[sweep {sweep.name}] {variant} seed {seed}: training in {workdir}")
-                result = run_child(train_command(sweep, bindings, seed, workdir), cwd=REPO,
-                                   name=f"{variant} seed {seed}")
+                with LoadSampler() as load:
+                    result = run_child(train_command(sweep, bindings, seed, workdir), cwd=REPO,
+                                       name=f"{variant} seed {seed}")
                 if workdir.is_dir():  # not created when the run refused its configuration
                     (workdir / "train.log").write_text(result.stdout + result.stderr)
                 if result.returncode != 0:
                     raise SweepRunError(f"{variant} seed {seed}", result, workdir)
                 (workdir / "wall_seconds.txt").write_text(f"{time.monotonic() - start:.1f}\n")
+                (workdir / "load_average.txt").write_text(f"{load.mean():.2f}\n")
             if sweep.analyze_routing and not (workdir / "analysis" / "routing.json").exists():
                 result = subprocess.run(
                     [sys.executable, str(REPO / "scripts" / "analyze_routing.py"),
@@ -155,6 +161,32 @@ def run_sweep(sweep: Sweep, root: Path, *, log=print) -> list[dict[str, Any]]:
                                        f"{result.stderr[-3000:]}")
             records.append(collect_run(workdir, variant, seed, root=root))
     return records
+
+
+class LoadSampler:
+    """The 1-minute load average sampled every `interval` seconds while in the `with`
+    block (the machine may be shared: contention inflates a run's wall time)."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval, self.samples = interval, [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def mean(self) -> float:
+        return float(np.mean(self.samples))
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -203,6 +235,8 @@ def collect_run(workdir: Path, variant: str, seed: int, *, root: Path) -> dict[s
     train = read_jsonl(metrics, "train")
     valid = read_jsonl(metrics, "valid")
     last = train[-50:]
+    cum_flops = dict(zip([r["step"] for r in train],
+                         np.cumsum([r.get("flops", math.nan) for r in train]).tolist()))
     record = {
         "variant": variant, "seed": seed, "workdir": str(workdir.relative_to(root)),
         "valid_loss": summary["valid_loss"],
@@ -213,7 +247,14 @@ def collect_run(workdir: Path, variant: str, seed: int, *, root: Path) -> dict[s
                    for key in ("ce", "lbl", "batch_max_violation", "sequence_max_violation")},
         "valid_curve": [(r["step"], r.get("max_violation"), r["loss"]) for r in valid],
         "wall_seconds": _read_float(workdir / "wall_seconds.txt"),
+        # Training only (no start-up, compilation included), from the trainer's summary.
+        "steps": summary.get("step"),
+        "steps_per_second": (summary["steps_this_run"] / summary["wall_time_s"]
+                             if summary.get("wall_time_s") else None),
+        "load_average": _read_float(workdir / "load_average.txt"),
     }
+    if valid and all(r["step"] in cum_flops for r in valid):
+        record["valid_flops"] = [cum_flops[r["step"]] for r in valid]
     analysis = workdir / "analysis" / "routing.json"
     if analysis.exists():
         layers = json.loads(analysis.read_text())["layers"]
@@ -235,13 +276,7 @@ def _read_float(path: Path) -> float | None:
     return float(path.read_text()) if path.exists() else None
 
 
-def mean_std(values: Sequence[float | None]) -> str:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+mean_std = protocol.mean_std  # the report's `mean ± std` cells
 
 
 def _smooth(points: Sequence[tuple[int, float]], window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -317,8 +352,10 @@ def plot_heatmaps(records, path: Path) -> None:
 
 
 def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: str,
-                 docs_dir: Path) -> Path:
-    """`docs_dir/NAME.md` with the table, the configuration and plots in `docs_dir/NAME/`."""
+                 docs_dir: Path, *, plots: bool = True) -> Path:
+    """`docs_dir/NAME.md` with the table, the configuration and plots in `docs_dir/NAME/`
+    (`plots=False`: the plots already there are kept, as when the records come from
+    `records.json`, which holds no per-step curves)."""
     figures = docs_dir / sweep.name
     figures.mkdir(parents=True, exist_ok=True)
     groups = _by_variant(records)
@@ -339,13 +376,14 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
         row.append(mean_std([r["wall_seconds"] for r in runs]))
         rows.append(row)
 
-    plot_curves(records, "batch_max_violation", "MaxVio of the step's batch (smoothed)",
-                figures / "maxvio_curves.png", sweep.smoothing, log_scale=True)
-    plot_curves(records, "sequence_max_violation", "mean per-sequence MaxVio (smoothed)",
-                figures / "seq_maxvio_curves.png", sweep.smoothing, log_scale=True)
-    plot_curves(records, "ce", "train CE (nats/byte, smoothed)", figures / "train_ce.png",
-                sweep.smoothing)
-    plot_heatmaps(records, figures / "heatmaps.png")
+    if plots:
+        plot_curves(records, "batch_max_violation", "MaxVio of the step's batch (smoothed)",
+                    figures / "maxvio_curves.png", sweep.smoothing, log_scale=True)
+        plot_curves(records, "sequence_max_violation", "mean per-sequence MaxVio (smoothed)",
+                    figures / "seq_maxvio_curves.png", sweep.smoothing, log_scale=True)
+        plot_curves(records, "ce", "train CE (nats/byte, smoothed)", figures / "train_ce.png",
+                    sweep.smoothing)
+        plot_heatmaps(records, figures / "heatmaps.png")
 
     lines = [f"# {sweep.title or sweep.name}", "",
              f"Generated by `scripts/sweep.py {sweep_file}` from the runs' `summary.json`, "
@@ -378,12 +416,20 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
     if (figures / "heatmaps.png").exists():
         lines += [f"![domain x expert heat maps (seed {sweep.seeds[0]})]"
                   f"({sweep.name}/heatmaps.png)", ""]
-    lines += ["## Runs", "", "Workdirs relative to the sweep root (`scripts/sweep.py --root`).", "",
-              "| variant | seed | valid loss | workdir |", "|---|---|---|---|"]
-    lines += [f"| `{r['variant']}` | {r['seed']} | {r['valid_loss'].get('all', float('nan')):.4f} "
-              f"| `{r['workdir']}` |" for r in records]
+    lines += ["## Runs", "", "Workdirs relative to the sweep root (`scripts/sweep.py --root`); "
+              "steps/s of the training loop, load: mean 1-minute load average during the run "
+              "(`-`: not recorded).", ""]
+    lines += protocol.run_table(records)
     out = docs_dir / f"{sweep.name}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (figures / "records.json").write_text(json.dumps(
+    (figures / RECORDS_FILE).write_text(json.dumps(
         [{k: v for k, v in r.items() if k not in ("curves",)} for r in records], indent=1))
     return out
+
+
+def read_records(docs_dir: Path, name: str) -> list[dict[str, Any]]:
+    """The records a report was written from (`docs_dir/NAME/records.json`, no curves)."""
+    path = docs_dir / name / RECORDS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no records of a written report", str(path))
+    return json.loads(path.read_text())

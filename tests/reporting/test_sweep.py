@@ -131,3 +131,79 @@ def test_records_name_workdirs_relative_to_the_sweep_root(tmp_path):
         json.dumps({"split": "train", "step": 1, "loss": 3.0, "ce": 3.0}) + "\n")
     record = collect_run(workdir, "variant", 0, root=tmp_path)
     assert record["workdir"] == "sweep_name/variant/seed0"  # no path of this machine
+
+
+def test_report_rewritten_from_its_records_is_identical(tmp_path):
+    # records.json (no per-step curves) is all a committed report needs to be rewritten.
+    sweep = _sweep(variants={"x": {}, "y": {}}, seeds=[0, 1])
+    for i, (variant, _) in enumerate(sweep.runs()):
+        for seed in sweep.seeds:
+            _fake_run(sweep_lib.run_dir(tmp_path, sweep, variant, seed), 1.0 + i + seed / 10, 0.1)
+    records = sweep_lib.run_sweep(sweep, tmp_path, log=lambda m: pytest.fail(m))
+    report = sweep_lib.write_report(sweep, records, "demo.gin", tmp_path / "docs")
+    first = report.read_text()
+    plot = (tmp_path / "docs" / "demo" / "train_ce.png").read_bytes()
+    stored = sweep_lib.read_records(tmp_path / "docs", "demo")
+    assert "curves" not in stored[0] and stored[0]["workdir"] == "demo/x/seed0"
+    sweep_lib.write_report(sweep, stored, "demo.gin", tmp_path / "docs", plots=False)
+    assert report.read_text() == first
+    assert (tmp_path / "docs" / "demo" / "train_ce.png").read_bytes() == plot  # kept
+    with pytest.raises(FileNotFoundError, match="records"):
+        sweep_lib.read_records(tmp_path / "docs", "other")
+
+
+def _sweep_script():
+    import importlib.util
+
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("sweep_script", REPO / "scripts" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seeds_and_variants_restrict_what_is_trained(tmp_path, capsys):
+    # Only seed 1 of `x` has finished. Training only that subset trains nothing (a run
+    # launched for any other seed or variant would fail: its gin file does not exist),
+    # and the report still collects every finished run.
+    sweep_file = tmp_path / "demo.gin"
+    sweep_file.write_text("Sweep.gin_files = ['no/such.gin']\n"
+                          "Sweep.variants = {'x': {}, 'y': {}}\nSweep.seeds = [0, 1]\n")
+    _fake_run(tmp_path / "runs" / "demo" / "x" / "seed1", 1.5, 0.1)
+    script = _sweep_script()
+    args = [str(sweep_file), f"--root={tmp_path / 'runs'}", f"--docs_dir={tmp_path / 'docs'}"]
+    assert script.main([*args, "--seeds=1", "--variants=x"]) == 0
+    assert "| `x` | 1 | 1.5000 |" in (tmp_path / "docs" / "demo.md").read_text()
+    for bad, message in (("--seeds=3", "--seeds: [3] not in Sweep.seeds [0, 1]"),
+                         ("--seeds=a", "--seeds: expected comma-separated integers"),
+                         ("--variants=z", "--variants: ['z'] not in Sweep.variants")):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([*args, bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_collect_run_gives_speed_load_and_flops_at_each_evaluation(tmp_path):
+    workdir = tmp_path / "demo" / "x" / "seed0"
+    _fake_run(workdir, 1.0, 0.1)
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    for r in lines:
+        r["flops"] = 10.0 * r["step"]  # step s costs 10 s FLOPs
+    lines.insert(10, {"step": 10, "split": "valid", "loss": 2.0})
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = json.loads((workdir / "summary.json").read_text())
+    summary.update(step=30, steps_this_run=30, wall_time_s=12.0)
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    (workdir / "load_average.txt").write_text("3.25\n")
+    record = sweep_lib.collect_run(workdir, "x", 0, root=tmp_path)
+    assert record["valid_flops"] == [10.0 * 55, 10.0 * 465]  # sum of 10 s for s <= 10, <= 30
+    assert record["steps"] == 30 and record["steps_per_second"] == 2.5
+    assert record["load_average"] == 3.25 and record["workdir"] == "demo/x/seed0"
+
+
+def test_load_sampler_samples_while_the_block_runs():
+    import time
+
+    with sweep_lib.LoadSampler(interval=0.01) as load:
+        time.sleep(0.1)
+    assert len(load.samples) >= 4 and load.mean() >= 0.0
