@@ -154,7 +154,7 @@ def test_parameters_carry_logical_axes():
     (dict(activation="tanh"), "activation must be one of"),
     (dict(router=functools.partial(TopKRouter, score="tanh")), "score must be one of"),
     (dict(dispatch="magic"), "dispatch must be one of"),
-    (dict(router="hash"), "router must be one of"),
+    (dict(router="magic"), "router must be one of"),
     (dict(router=ExpertChoiceRouter), "a causal decoder .* cannot use it"),
     (dict(router=functools.partial(TopKRouter, batch_prioritized=True), capacity_factor=1.0),
      "not allowed in a causal layer"),
