@@ -47,15 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.groups is not None and (args.keep is not None or args.keep_fraction is not None):
         parser.error("--groups sets the number of experts: give it without --keep/--keep_fraction")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    config = ex.SurgeryConfig(keep=args.keep, keep_fraction=args.keep_fraction,
-                              method=args.method, grouping=args.grouping, groups=args.groups,
-                              router_merge=args.router_merge, clip_k=args.clip_k,
-                              optimizer_state=args.optimizer_state, seed=args.seed,
-                              step=args.step)
-    result = ex.merge_experts(args.workdir, args.out_workdir, config, task)
-    print(ex.summary_line(result))
-    if args.eval_batches:
-        print(ex.evaluate_before_after(result, task, args.eval_batches))
+    ex.run_from_args(ex.merge_experts, args, task, method=args.method, grouping=args.grouping,
+                     groups=args.groups, router_merge=args.router_merge)
     return 0
 
 

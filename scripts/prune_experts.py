@@ -30,14 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     task = ex.task_from_args(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    config = ex.SurgeryConfig(keep=args.keep, keep_fraction=args.keep_fraction,
-                              method=args.method, clip_k=args.clip_k,
-                              optimizer_state=args.optimizer_state, seed=args.seed,
-                              step=args.step)
-    result = ex.prune_experts(args.workdir, args.out_workdir, config, task)
-    print(ex.summary_line(result))
-    if args.eval_batches:
-        print(ex.evaluate_before_after(result, task, args.eval_batches))
+    ex.run_from_args(ex.prune_experts, args, task, method=args.method)
     return 0
 
 

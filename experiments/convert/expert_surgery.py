@@ -463,6 +463,20 @@ def task_from_args(args: Any) -> TaskSpec:
                     batches=args.task_batches, seed=args.seed)
 
 
+def run_from_args(operation: Callable[..., SurgeryResult], args: Any, task: TaskSpec,
+                  **method_config: Any) -> None:
+    """The CLIs' shared tail: the `SurgeryConfig` of the common flags (`add_flags`)
+    plus the method's own fields, `operation` (prune_experts or merge_experts), its
+    summary line, and the before/after evaluation when --eval_batches > 0."""
+    config = SurgeryConfig(keep=args.keep, keep_fraction=args.keep_fraction, clip_k=args.clip_k,
+                           optimizer_state=args.optimizer_state, seed=args.seed, step=args.step,
+                           **method_config)
+    result = operation(args.workdir, args.out_workdir, config, task)
+    print(summary_line(result))
+    if args.eval_batches:
+        print(evaluate_before_after(result, task, args.eval_batches))
+
+
 def evaluate_before_after(result: SurgeryResult, task: TaskSpec, num_batches: int) -> str:
     """Evaluates the source and the new workdir, adds `eval` to surgery.json; one line."""
     record_path = result.out_workdir / SURGERY_FILE
