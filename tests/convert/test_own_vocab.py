@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import gin
 import numpy as np
@@ -28,16 +29,23 @@ VOCAB = 300
 TEXT = "the cat sat on the mat"
 
 
-@pytest.fixture(scope="module")
-def own_vocab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("own_vocab")
-    model_dir = root / "hf"
-    tokenizer = HFTokenizer(write_bpe_tokenizer(model_dir))
+def write_own_vocab_llama(model_dir: Path) -> Path:
+    """A tiny HF Llama dir with VOCAB embedding rows and a byte-level BPE tokenizer.json
+    (fewer tokens than rows, as released models pad); returns the tokenizer.json path."""
+    tokenizer_path = write_bpe_tokenizer(model_dir)
     rng = np.random.default_rng(1)
     tensors = dict(_hf_weights(), **{n: (0.2 * rng.normal(size=(VOCAB, 32))).astype(np.float32)
                                      for n in ("model.embed_tokens.weight", "lm_head.weight")})
     safetensors_numpy.save_file(tensors, str(model_dir / "model.safetensors"))
     (model_dir / "config.json").write_text(json.dumps(dict(CONFIG, vocab_size=VOCAB)))
+    return tokenizer_path
+
+
+@pytest.fixture(scope="module")
+def own_vocab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("own_vocab")
+    model_dir = root / "hf"
+    tokenizer = HFTokenizer(write_own_vocab_llama(model_dir))
     gin.clear_config()
     try:
         dense = import_hf(model_dir, root / "dense",

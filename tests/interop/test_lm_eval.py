@@ -29,12 +29,11 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from experiments.convert.hf.importer import import_hf  # noqa: E402
 from experiments.inference import score as score_lib  # noqa: E402
 from experiments.inference.lm_eval_adapter import SparseMoeLM, cut_at_stop  # noqa: E402
-from tests.convert.test_upcycle_import import CONFIG, DATA, _hf_weights  # noqa: E402
+from tests.convert.test_own_vocab import write_own_vocab_llama  # noqa: E402
+from tests.convert.test_upcycle_import import DATA  # noqa: E402
 from tests.helpers import run_script  # noqa: E402
-from tests.tokenizer_files import write_bpe_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("lm_eval")
-VOCAB = 300
 MAX_LENGTH = 12  # short, so that rolling windows and left-truncation are exercised
 LL_DOCS = [{"context": "the cat sat on", "continuation": " the mat"},
            {"context": "a dog", "continuation": " and a cat"},
@@ -54,12 +53,7 @@ def workdir(tmp_path_factory) -> Path:
     """A tiny Llama with 300 embedding rows and a byte-level BPE tokenizer.json, imported."""
     root = tmp_path_factory.mktemp("lm_eval")
     model_dir = root / "hf"
-    write_bpe_tokenizer(model_dir)
-    rng = np.random.default_rng(1)
-    tensors = dict(_hf_weights(), **{n: (0.2 * rng.normal(size=(VOCAB, 32))).astype(np.float32)
-                                     for n in ("model.embed_tokens.weight", "lm_head.weight")})
-    safetensors_numpy.save_file(tensors, str(model_dir / "model.safetensors"))
-    (model_dir / "config.json").write_text(json.dumps(dict(CONFIG, vocab_size=VOCAB)))
+    write_own_vocab_llama(model_dir)
     gin.clear_config()
     try:
         return import_hf(model_dir, root / "imported",
