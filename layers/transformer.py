@@ -20,7 +20,7 @@ from layers.norms import RMSNorm
 from layers.params import EMBED, VOCAB, fan_in_init, make_param, normal_init
 from layers.remat import check_remat_policy, remat
 from moe.experts import is_glu
-from moe.layer_aux import MoeAux
+from moe.layer_aux import MoeAux, StackedLayerAux
 from moe.router_state import MODEL_INPUT_KEYS, RouterState
 
 # TransformerLM arguments replaced by MoeLayer / router bindings (layers.renamed).
@@ -317,7 +317,9 @@ class TransformerLM(nnx.Module):
         rng: PRNG key for router noise/jitter; layer i gets fold_in(rng, i).
         router_state: per-step router inputs (selection biases, dense-to-sparse
           temperature ...); MoE layer `name` gets `router_state.for_layer(name)`.
-        aux: `{moe layer name: MoeAux}`; dense layers add nothing.
+        aux: `{moe layer name: MoeAux}`; dense layers add nothing. With scanned
+          layers a `moe.layer_aux.StackedLayerAux` (a mapping whose scanned
+          layers stay stacked per unit position; `aux[name]` slices one out).
         """
         if inputs.ndim != 2:
             raise ValueError(f"inputs must be [batch, seq], got shape {inputs.shape}")
@@ -351,10 +353,16 @@ class TransformerLM(nnx.Module):
 
         for i in range(self.plan.start):
             x = self._unscanned(run, x, i, router_state, aux)
-        if self.scanned is not None:
-            x = self._scan(run, x, router_state, aux)
+        if self.scanned is None:
+            groups = []
+        else:
+            x, groups = self._scan(run, x, router_state)
         for i in range(self.plan.stop, self.num_layers):
             x = self._unscanned(run, x, i, router_state, aux)
+        if groups:  # scanned layers' aux stays stacked
+            groups += [((n,), jax.tree.map(lambda a: a[None], a)) for n, a in aux.items()]
+            named = {n for names, _ in groups for n in names}
+            aux = StackedLayerAux(groups, order=[n for n in self.layer_names if n in named])
         return self._logits(x), aux
 
     def _unscanned(self, run, x: jax.Array, i: int, router_state: RouterState,
@@ -376,10 +384,11 @@ class TransformerLM(nnx.Module):
         return x
 
     def _scan(self, run, x: jax.Array, router_state: RouterState,
-              aux: dict[str, MoeAux]) -> jax.Array:
+              ) -> tuple[jax.Array, list[tuple[tuple[str, ...], MoeAux]]]:
         """The scanned layers: one `lax.scan` over the repeats of the unit. Each
         repeat r gets its layers' router state (stacked over r) and returns its
-        layers' aux, which is unstacked into `aux[layer name]`."""
+        layers' aux: -> (x, [(layer names of unit position j, their aux stacked
+        `[R, ...]`)] for the MoE positions)."""
         plan = self.plan
         states = tuple(_stack_router_states([router_state.for_layer(self.layer_names[i])
                                              for i in plan.unit_layers(j)])
@@ -394,12 +403,8 @@ class TransformerLM(nnx.Module):
 
         x, auxes = scan_lib.scan_units(self.scanned, body, x, states,
                                        lambda f: remat(f, self.remat_policy, prevent_cse=False))
-        for r in range(plan.repeats):
-            for j, stacked in enumerate(auxes):
-                if stacked is not None:
-                    aux[self.layer_names[plan.start + r * plan.unit + j]] = jax.tree.map(
-                        lambda a, r=r: a[r], stacked)
-        return x
+        return x, [(tuple(self.layer_names[i] for i in plan.unit_layers(j)), stacked)
+                   for j, stacked in enumerate(auxes) if stacked is not None]
 
     def unrolled_blocks(self):
         """`(layer name, block)` in layer order, a scanned layer's block sliced out

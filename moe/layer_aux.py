@@ -28,7 +28,7 @@ routing; a dense-to-sparse gate has no LBL but a `dts_loss`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -158,6 +158,84 @@ jax.tree_util.register_dataclass(
 LayerAux = Mapping[str, MoeAux]
 
 
+class StackedLayerAux(Mapping):
+    """`{layer name: MoeAux}` kept as groups of layers whose aux is stacked along
+    a leading axis: the layers of one unit position of a scanned model
+    (`layers.scan`) are one group of R, an unscanned layer a group of one.
+
+    Reading `aux[name]` (or iterating) slices that layer's aux out of its group,
+    so code written for a plain dict works unchanged; the train step reduces the
+    groups along their stacked axis instead (`groups`, `map_groups`,
+    `reduce_layers`), with one op per group rather than one per layer, which
+    keeps the compile time of a scanned model flat in its depth.
+
+    A pytree (groups are the children): after a `lax.scan` over micro-batches the
+    leaves are `[A, R, ...]`; reduce the micro-batch axis (`map_groups(
+    reduce_microbatches)`) before reading layers.
+    """
+
+    def __init__(self, groups: Sequence[tuple[Sequence[str], Any]],
+                 order: Sequence[str] | None = None):
+        self.groups: tuple[tuple[tuple[str, ...], Any], ...] = tuple(
+            (tuple(names), aux) for names, aux in groups)
+        self._index: dict[str, tuple[int, int]] = {}
+        for g, (names, _) in enumerate(self.groups):
+            for r, name in enumerate(names):
+                if name in self._index:
+                    raise ValueError(f"layer {name!r} is in two aux groups")
+                self._index[name] = (g, r)
+        self.order: tuple[str, ...] = tuple(self._index) if order is None else tuple(order)
+        if sorted(self.order) != sorted(self._index):
+            raise ValueError(f"order {list(self.order)} does not name the grouped layers "
+                             f"{sorted(self._index)}")
+
+    @classmethod
+    def of(cls, aux: Mapping[str, Any]) -> StackedLayerAux:
+        """`aux` itself if stacked already, else every layer a group of one (`[1, ...]`)."""
+        if isinstance(aux, StackedLayerAux):
+            return aux
+        return cls([((name, ), jax.tree.map(lambda a: a[None], a)) for name, a in aux.items()])
+
+    def __getitem__(self, name: str) -> Any:
+        g, r = self._index[name]
+        return jax.tree.map(lambda a: a[r], self.groups[g][1])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __repr__(self) -> str:
+        return f"StackedLayerAux({[(names, type(a).__name__) for names, a in self.groups]})"
+
+    def with_groups(self, values: Sequence[Any]) -> StackedLayerAux:
+        """The same layers with new group values (one per group, stacked alike)."""
+        if len(values) != len(self.groups):
+            raise ValueError(f"{len(values)} values for {len(self.groups)} groups")
+        return StackedLayerAux([(names, v) for (names, _), v in zip(self.groups, values)],
+                               self.order)
+
+    def map_groups(self, fn: Callable[[Any], Any]) -> StackedLayerAux:
+        """`fn` applied to every group's stacked value."""
+        return self.with_groups([fn(a) for _, a in self.groups])
+
+
+def _flatten_stacked(aux: StackedLayerAux):
+    children = [(jax.tree_util.DictKey("|".join(names)), a) for names, a in aux.groups]
+    return children, (tuple(names for names, _ in aux.groups), aux.order)
+
+
+def _unflatten_stacked(meta, children) -> StackedLayerAux:
+    names, order = meta
+    return StackedLayerAux(list(zip(names, children)), order)
+
+
+jax.tree_util.register_pytree_with_keys(
+    StackedLayerAux, _flatten_stacked, _unflatten_stacked,
+    lambda aux: ([a for _, a in aux.groups], _flatten_stacked(aux)[1]))
+
+
 def reduce_microbatches(stacked: MoeAux) -> MoeAux:
     """Statistics stacked over micro-batches `[A, ...]` -> one step's statistics."""
     out = {}
@@ -177,11 +255,17 @@ def reduce_layers(aux: LayerAux, name: str, reduction: str = "sum") -> Array:
     """Sum or mean over MoE layers of the loss field `name` (0 when no layer sets it)."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be one of ('sum', 'mean'), got {reduction!r}")
-    values = [getattr(a, name) for a in aux.values() if getattr(a, name) is not None]
+    if isinstance(aux, StackedLayerAux):  # one sum per group of stacked layers
+        stacked = [getattr(a, name) for _, a in aux.groups if getattr(a, name) is not None]
+        values = [jnp.sum(v, axis=0) for v in stacked]
+        count = sum(v.shape[0] for v in stacked)
+    else:
+        values = [getattr(a, name) for a in aux.values() if getattr(a, name) is not None]
+        count = len(values)
     if not values:
         return jnp.zeros((), jnp.float32)
     total = sum(values)
-    return total / len(values) if reduction == "mean" else total
+    return total / count if reduction == "mean" else total
 
 
 def layer_means(aux: LayerAux) -> dict[str, float]:

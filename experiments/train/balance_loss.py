@@ -26,16 +26,16 @@ router sets none), averaged over micro-batches; with any scope but
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from moe import balance_scope as bs
-from moe.layer_aux import MoeAux
+from moe.layer_aux import MoeAux, StackedLayerAux
 from moe.validation import check_one_of
 
 _log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ _log = logging.getLogger(__name__)
 GLOBAL_MODES = ("exact", "causal")
 
 Aux = Mapping[str, MoeAux]
+# Per aux group (`StackedLayerAux.groups`): `[R, G, E]` counts, None without token routing.
+GroupCounts = tuple[jax.Array | None, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,52 +103,55 @@ class StepBalance:
                           bs.group_tokens(mask, rows, batch_size), source)
 
     @staticmethod
-    def layer_counts(aux: Aux, group: jax.Array, num_groups: int) -> dict[str, jax.Array]:
-        """`{layer: [G, E]}` assignments per group of one micro-batch's tokens."""
-        return {layer: bs.group_counts(a.token_experts, a.token_mask, group, num_groups,
-                                       a.token_probs.shape[-1])
-                for layer, a in aux.items() if a.has_token_routing()}
+    def layer_counts(aux: Aux, group: jax.Array, num_groups: int) -> GroupCounts:
+        """Per aux group (`StackedLayerAux.of(aux).groups`): `[R, G, E]` assignments
+        per balance group of one micro-batch's tokens for its R layers (None for a
+        group without per-token routing)."""
+        def counts(a: MoeAux) -> jax.Array | None:
+            if not a.has_token_routing():
+                return None
+            return jax.vmap(lambda experts, mask: bs.group_counts(
+                experts, mask, group, num_groups, a.token_probs.shape[-1]))(
+                    a.token_experts, a.token_mask)
+        return tuple(counts(a) for _, a in StackedLayerAux.of(aux).groups)
 
     def terms(self, aux: Aux, lbl_group: jax.Array, row_group: jax.Array, groups: StepGroups,
-              prior: Mapping[str, jax.Array] | None, add_own: bool,
-              ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, jax.Array]]:
-        """One micro-batch's shares of the balance losses.
+              prior: GroupCounts | None, add_own: bool,
+              ) -> tuple[tuple[dict[str, jax.Array], ...], GroupCounts]:
+        """One micro-batch's shares of the balance losses, per aux group
+        (`StackedLayerAux.of(aux).groups`, R layers each), vectorised over the R
+        stacked layers of a group.
 
         Args:
           aux: the model's per-layer aux of this micro-batch.
           lbl_group, row_group: `[b, S]` the micro-batch's slice of the group ids.
           groups: the step's groups.
-          prior: `{layer: [G, E]}` counts known before this micro-batch (the
-            first pass's, or the causal buffer), or None.
+          prior: per aux group `[R, G, E]` counts known before this micro-batch
+            (the first pass's, or the causal buffer), or None.
           add_own: add this micro-batch's counts to `prior`.
 
         Returns:
-          (`{layer: {"lbl": share, "seq_balance": share, "sequence_max_violation": mean
-          MaxVio of this micro-batch's rows}}`, `{layer: this micro-batch's [G, E] counts}`).
+          (per aux group `{"lbl": [R] shares, "seq_balance": [R] shares,
+          "sequence_max_violation": [R] mean MaxVio of this micro-batch's rows}`,
+          per aux group this micro-batch's `[R, G, E]` counts).
         """
-        own = self.layer_counts(aux, lbl_group, groups.num_groups)
-        out = {}
-        for layer, a in aux.items():
-            if layer not in own:
-                self._warn_unscoped(layer)
-                lbl = jnp.zeros((), jnp.float32) if a.lbl is None else a.lbl
-                out[layer] = {"lbl": lbl / self.num_microbatches,
-                              "seq_balance": jnp.zeros((), jnp.float32)}
+        stacked = StackedLayerAux.of(aux)
+        own = self.layer_counts(stacked, lbl_group, groups.num_groups)
+        out = []
+        for g, (names, a) in enumerate(stacked.groups):
+            if own[g] is None:
+                for name in names:
+                    self._warn_unscoped(name)
+                repeats = len(names)
+                lbl = jnp.zeros((repeats,), jnp.float32) if a.lbl is None else a.lbl
+                out.append({"lbl": lbl / self.num_microbatches,
+                            "seq_balance": jnp.zeros((repeats,), jnp.float32)})
                 continue
-            used = own[layer] if prior is None else (
-                prior[layer] + own[layer] if add_own else prior[layer])
-            probs, mask = a.token_probs, a.token_mask
-            # Rows never span micro-batches: this micro-batch's counts of its rows are complete.
-            rows = bs.group_counts(a.token_experts, mask, row_group,
-                                   groups.row_tokens.shape[0], probs.shape[-1])
-            out[layer] = {
-                "lbl": bs.scoped_lbl_share(probs, mask, lbl_group, used, groups.lbl_tokens),
-                "seq_balance": bs.scoped_lbl_share(probs, mask, row_group, rows,
-                                                   groups.row_tokens),
-                "sequence_max_violation": bs.group_max_violation(
-                    rows[_rows_of(row_group)]),
-            }
-        return out, own
+            used = own[g] if prior is None else (prior[g] + own[g] if add_own else prior[g])
+            out.append(jax.vmap(functools.partial(_layer_terms, lbl_group=lbl_group,
+                                                  row_group=row_group, groups=groups))(
+                a.token_probs, a.token_experts, a.token_mask, used))
+        return tuple(out), own
 
     def _warn_unscoped(self, layer: str) -> None:
         """Once per trace: the configured scope does not reach this layer."""
@@ -159,10 +164,23 @@ class StepBalance:
         warnings.warn(message, UserWarning, stacklevel=2)
 
 
+def _layer_terms(probs: jax.Array, experts: jax.Array, mask: jax.Array, used: jax.Array, *,
+                 lbl_group: jax.Array, row_group: jax.Array,
+                 groups: StepGroups) -> dict[str, jax.Array]:
+    """One layer's shares (`StepBalance.terms`), from its `[T, E]` probs, `[T, k]`
+    experts, `[T]` mask and the `[G, E]` counts its LBL uses."""
+    # Rows never span micro-batches: this micro-batch's counts of its rows are complete.
+    rows = bs.group_counts(experts, mask, row_group, groups.row_tokens.shape[0],
+                           probs.shape[-1])
+    return {"lbl": bs.scoped_lbl_share(probs, mask, lbl_group, used, groups.lbl_tokens),
+            "seq_balance": bs.scoped_lbl_share(probs, mask, row_group, rows, groups.row_tokens),
+            "sequence_max_violation": bs.group_max_violation(rows[_rows_of(row_group)])}
+
+
 def _rows_of(row_group: jax.Array) -> jax.Array:
     """The global row indices a micro-batch's `row_group [b, S]` covers."""
     return row_group[:, 0]
 
 
-def zeros_like_counts(counts_shape: Mapping[str, Any]) -> dict[str, jax.Array]:
-    return {layer: jnp.zeros(s.shape, jnp.float32) for layer, s in counts_shape.items()}
+def zeros_like_counts(counts_shape: GroupCounts) -> GroupCounts:
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), counts_shape)

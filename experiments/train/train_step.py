@@ -25,7 +25,7 @@ single full-batch pass with the same balance groups.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gin
@@ -37,7 +37,7 @@ from flax import nnx
 from experiments.train.balance_loss import GLOBAL_MODES, StepBalance, zeros_like_counts
 from moe import balance, layer_aux, sharding
 from moe.balance_scope import parse_lbl_scope
-from moe.layer_aux import MoeAux
+from moe.layer_aux import MoeAux, StackedLayerAux
 from moe.router_state import RouterState
 from moe.validation import check_one_of
 
@@ -106,19 +106,21 @@ def domain_sums(values: jax.Array, weights: jax.Array, domain: jax.Array,
             jnp.einsum("bs,bsd->d", weights, onehot))
 
 
-def sum_layers(values: Mapping[str, jax.Array], reduction: str) -> jax.Array:
-    """Sum or mean of per-layer scalars `{layer: value}` (0 without MoE layers)."""
+def sum_layers(values: Sequence[jax.Array], reduction: str) -> jax.Array:
+    """Sum or mean over layers of per-layer scalars given stacked per aux group
+    (`[R]` each; one sum per group; 0 without MoE layers)."""
     if not values:
         return jnp.zeros((), jnp.float32)
-    total = sum(values.values())
-    return total / len(values) if reduction == "mean" else total
+    total = sum(jnp.sum(v, axis=0) for v in values)
+    count = sum(v.shape[0] for v in values)
+    return total / count if reduction == "mean" else total
 
 
 def unscoped_losses(aux: Mapping[str, MoeAux]) -> dict[str, str]:
     """`{loss field: its LossWeights attribute}` of the losses the layers' aux types
     declare, other than the scoped LBL (a router may return a `MoeAux` subclass
     with losses of its own)."""
-    types = {type(a) for a in aux.values()} or {MoeAux}
+    types = {type(a) for _, a in StackedLayerAux.of(aux).groups} or {MoeAux}
     return {name: cls.loss_weight_name(name) for cls in sorted(types, key=str)
             for name in cls.unscoped_loss_names()}
 
@@ -130,16 +132,23 @@ def loss_weight(loss_weights: LossWeights, attribute: str, loss_name: str) -> fl
     return getattr(loss_weights, attribute)
 
 
-def moe_stats(aux: Mapping[str, MoeAux]) -> dict[str, MoeAux]:
+def moe_stats(aux: Mapping[str, MoeAux]) -> StackedLayerAux:
     """The per-layer statistics the step reports (`MoeAux.stats`: per-token
-    fields dropped, stop-gradient, float32)."""
-    return {layer: layer_aux_.stats() for layer, layer_aux_ in aux.items()}
+    fields dropped, stop-gradient, float32), stacked per aux group."""
+    return StackedLayerAux.of(aux).map_groups(lambda a: a.stats())
 
 
-def combine_microbatch_stats(stats: Mapping[str, MoeAux]) -> dict[str, MoeAux]:
-    """Reduces stats stacked over micro-batches `[A, ...]` as each field declares
+def combine_microbatch_stats(stats: StackedLayerAux) -> StackedLayerAux:
+    """Reduces stats stacked over micro-batches `[A, R, ...]` as each field declares
     (`moe.layer_aux.reduce_microbatches`: counts summed, the rest averaged)."""
-    return {layer: layer_aux.reduce_microbatches(s) for layer, s in stats.items()}
+    return stats.map_groups(layer_aux.reduce_microbatches)
+
+
+def _with_batch_max_violation(stats: MoeAux) -> MoeAux:
+    """`[R, ...]` stats with `batch_max_violation` `[R]`, the MaxVio of each layer's counts."""
+    if stats.counts is None:
+        return stats
+    return stats.replace(batch_max_violation=jax.vmap(balance.max_violation)(stats.counts))
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Array]:
@@ -164,12 +173,13 @@ def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weigh
 
     def microbatch_loss(params, mb, rng, total_tokens, router_state, groups, prior, add_own):
         logits, aux = forward(params, mb, rng, router_state)
+        aux = StackedLayerAux.of(aux)  # scanned layers stay stacked: one op per group
         ce = token_cross_entropy(logits, mb["targets"])
         ce_sum = jnp.sum(ce * mb["weights"])
         terms, own_counts = step_balance.terms(aux, mb["lbl_group"], mb["row_group"], groups,
                                                prior, add_own)
-        lbl = sum_layers({n: t["lbl"] for n, t in terms.items()}, reduction)
-        seq_balance = sum_layers({n: t["seq_balance"] for n, t in terms.items()}, reduction)
+        lbl = sum_layers([t["lbl"] for t in terms], reduction)
+        seq_balance = sum_layers([t["seq_balance"] for t in terms], reduction)
         # Every other MoeAux loss as its layers report it, weighted as it declares.
         weights = unscoped_losses(aux)
         unscoped = {name: layer_aux.reduce_layers(aux, name, reduction) for name in weights}
@@ -178,9 +188,9 @@ def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weigh
                 + sum(loss_weight(loss_weights, weights[name], name) * value
                       for name, value in unscoped.items()) / num_microbatches)
         domain_ce, domain_tokens = domain_sums(ce, mb["weights"], mb["domain"], num_domains)
-        aux = {layer: (a.replace(sequence_max_violation=terms[layer]["sequence_max_violation"])
-                       if "sequence_max_violation" in terms[layer] else a)
-               for layer, a in aux.items()}
+        aux = aux.with_groups([
+            a.replace(sequence_max_violation=t["sequence_max_violation"])
+            if "sequence_max_violation" in t else a for (_, a), t in zip(aux.groups, terms)])
         # lbl and seq_balance are shares; x num_microbatches so their mean is the step's loss.
         out = {"ce_sum": ce_sum, "lbl": lbl * num_microbatches,
                "seq_balance": seq_balance * num_microbatches, "loss_terms": unscoped,
@@ -194,8 +204,7 @@ def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weigh
 def _step_metrics(losses: jax.Array, outs: Mapping[str, Any], grads: Any, batch: Batch,
                   total_tokens: jax.Array) -> dict[str, Any]:
     """The step's metrics from the per-micro-batch outputs stacked by the scan."""
-    moe = {layer: s.replace(batch_max_violation=balance.max_violation(s.counts))
-           for layer, s in combine_microbatch_stats(outs["moe"]).items()}
+    moe = combine_microbatch_stats(outs["moe"]).map_groups(_with_batch_max_violation)
     loss_terms = {name: jnp.mean(value) for name, value in outs["loss_terms"].items()}
     return {
         "loss": jnp.sum(losses),
@@ -273,7 +282,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
     the `micro_batch` balance scope).
     `metrics`: loss, ce, lbl (the scoped LBL), seq_balance, z_loss, dts_loss,
     grad_norm, num_tokens, domain_ce_sum `[D]`, domain_tokens `[D]`, and
-    `moe`: `{layer: MoeAux}` statistics reduced over micro-batches as each
+    `moe`: `{layer: MoeAux}` statistics (a `StackedLayerAux`: the layers of a
+    scanned unit position stay stacked) reduced over micro-batches as each
     field declares, with `batch_max_violation` (MaxVio of the step's counts),
     and `finite` (`finite_checks`): an update whose loss, gradient norm or
     update norm is not finite is not applied (params and optimizer state come
