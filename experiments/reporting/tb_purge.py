@@ -77,9 +77,9 @@ def purge_events(tensorboard_dir: paths.PathLike, last_step: int) -> int:
     directory = paths.as_path(tensorboard_dir)
     if not directory.is_dir():
         return 0
-    found = [paths.as_path(root) / name for root, _, files in directory.walk()
-             for name in files if name.startswith("events.out.tfevents.")]
-    for path in sorted(found):
+    for path in paths.find_files(directory):
+        if not path.name.startswith("events.out.tfevents."):
+            continue
         kept, changed, data = [], False, path.read_bytes()
         for record in read_records(path, data):
             event = Event.FromString(record)

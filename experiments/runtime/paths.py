@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pathlib
 import shutil
 import tempfile
 from typing import Union
@@ -128,6 +129,29 @@ def read_range(path: str, start: int, stop: int) -> bytes:
     """Bytes `start:stop` of the object `path` (one ranged GET; may return fewer
     at the end of the object)."""
     return filesystem(path).cat_file(path, start=start, end=stop)
+
+
+def find_files(directory: PathLike) -> list[epath.Path]:
+    """Every file under `directory` (recursively; on object storage, every object
+    under the prefix), sorted; [] when there is none."""
+    directory = as_path(directory)
+    if is_remote(directory):
+        protocol = os.fspath(directory).split("://", 1)[0] + "://"
+        found = filesystem(directory).find(os.fspath(directory))
+        return sorted(epath.Path(protocol + p) for p in found)
+    return sorted(epath.Path(root) / name
+                  for root, _, files in os.walk(os.fspath(directory)) for name in files)
+
+
+def local_copy(path: PathLike) -> pathlib.Path:
+    """A local file with the contents of `path`: `path` itself when it is local, else
+    a copy downloaded into a new temporary directory (same file name), for
+    libraries that only open local files (tokenizers, SentencePiece)."""
+    if not is_remote(path):
+        return pathlib.Path(path)
+    target = pathlib.Path(tempfile.mkdtemp(prefix="sparse_moe_")) / as_path(path).name
+    target.write_bytes(as_path(path).read_bytes())
+    return target
 
 
 def move_tree(source: PathLike, target: PathLike) -> None:
