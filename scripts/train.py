@@ -32,9 +32,8 @@ import argparse
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 
-from experiments.runtime import cli, gin_utils
+from experiments.runtime import cli, gin_utils, paths
 from experiments.runtime.workdir_lock import check_workdir
 from experiments.train import profiling
 from experiments.train.interrupt import Aborted, Interrupted
@@ -52,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gin_search_path", action="append", default=[],
                         help="Extra directory to resolve gin `include`s against.")
     parser.add_argument("--workdir", required=True,
-                        help="Run directory (checkpoints, metrics, TensorBoard, configs).")
+                        help="Run directory (checkpoints, metrics, TensorBoard, configs); "
+                             "a local path or gs://bucket/dir.")
     parser.add_argument("--quiet", action="store_true", help="No progress line or summary.")
     parser.add_argument("--profile_steps", default=None, metavar="N:M",
                         help="Write a jax profiler trace of steps N..M (inclusive) into "
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     check_workdir(args.workdir)
     if not args.gin_file:
         # A workdir written by scripts/upcycle.py (or an earlier run) carries its config.
-        saved = Path(args.workdir) / gin_utils.CONFIG_FILE
+        saved = paths.as_path(args.workdir) / gin_utils.CONFIG_FILE
         if not saved.is_file():
             cli.fail("at least one --gin_file is required (the workdir has no config.gin)")
         args.gin_file = [str(saved)]

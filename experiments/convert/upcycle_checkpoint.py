@@ -27,7 +27,6 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import gin
@@ -41,7 +40,7 @@ from experiments.convert import dense_to_moe
 from experiments.convert.verify import VerifyReport, verify_models
 from experiments.data.config import DataConfig
 from experiments.inference.tokenizer import copy_tokenizer_files
-from experiments.runtime import gin_utils
+from experiments.runtime import gin_utils, paths
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.runtime.workdir_lock import check_workdir
@@ -130,7 +129,7 @@ class UpcycleConfig:
 @dataclasses.dataclass
 class UpcycleResult:
     step: int
-    out_workdir: Path
+    out_workdir: paths.Path
     moe_layers: tuple[str, ...]
     num_experts: int
     k: int
@@ -147,7 +146,7 @@ class UpcycleResult:
 # Models from gin.
 
 
-def _dense_config_file(dense_workdir: Path) -> Path:
+def _dense_config_file(dense_workdir: paths.Path) -> paths.Path:
     path = dense_workdir / gin_utils.CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: dense_workdir must be a workdir written by "
@@ -408,7 +407,7 @@ def place_on_mesh(params: Mapping, opt_state: Any, model: nnx.Module,
 # The whole conversion.
 
 
-def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
+def upcycle(dense_workdir: paths.PathLike, out_workdir: paths.PathLike, *,
             gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
             gin_search_paths: Sequence[str] = (), config: UpcycleConfig = UpcycleConfig(),
             verify: bool = False, verify_batches: int = 2) -> UpcycleResult:
@@ -418,7 +417,7 @@ def upcycle(dense_workdir: str | Path, out_workdir: str | Path, *,
     then `config`'s own bindings, then `gin_params` (later ones win). Leaves gin
     configured with the target config.
     """
-    dense_workdir, out_workdir = Path(dense_workdir).absolute(), Path(out_workdir).absolute()
+    dense_workdir, out_workdir = paths.as_path(dense_workdir), paths.as_path(out_workdir)
     check_workdir(out_workdir)
     dense_config = _dense_config_file(dense_workdir)
     if (out_workdir / "checkpoints").exists() and any((out_workdir / "checkpoints").iterdir()):
@@ -481,7 +480,7 @@ class _Dense:
     tx: optax.GradientTransformation
 
 
-def _read_dense(dense_workdir: Path, dense_config: Path, dense_step: int | None) -> _Dense:
+def _read_dense(dense_workdir: paths.Path, dense_config: paths.Path, dense_step: int | None) -> _Dense:
     """The dense model exactly as the dense run built it, and its checkpoint."""
     gin.clear_config()
     gin_utils.parse([str(dense_config)], [])
@@ -508,7 +507,7 @@ def _read_dense(dense_workdir: Path, dense_config: Path, dense_step: int | None)
     return _Dense(model, graphdef, restored, step, vocab_size, tx)
 
 
-def _target_model(dense: _Dense, config: UpcycleConfig, dense_config: Path,
+def _target_model(dense: _Dense, config: UpcycleConfig, dense_config: paths.Path,
                   gin_files: Sequence[str], gin_params: Sequence[str],
                   gin_search_paths: Sequence[str]) -> TransformerLM:
     """The MoE model (shapes only) of the dense config + gin files + `config` + bindings;
@@ -527,7 +526,7 @@ def _target_model(dense: _Dense, config: UpcycleConfig, dense_config: Path,
     return _abstract_model(dense.vocab_size)
 
 
-def _write_checkpoint(out_workdir: Path, step: int, params: Any, opt_state: Any,
+def _write_checkpoint(out_workdir: paths.Path, step: int, params: Any, opt_state: Any,
                       restored: Any) -> None:
     """The upcycled state as checkpoint `step` of `out_workdir` (data position and RNG
     key of the dense run), and the target config."""
@@ -541,7 +540,7 @@ def _write_checkpoint(out_workdir: Path, step: int, params: Any, opt_state: Any,
     gin_utils.write_config(out_workdir)
 
 
-def _write_record(out_workdir: Path, dense_workdir: Path, config: UpcycleConfig,
+def _write_record(out_workdir: paths.Path, dense_workdir: paths.Path, config: UpcycleConfig,
                   result: UpcycleResult) -> None:
     record = {
         "dense_workdir": str(dense_workdir), "step": result.step,
@@ -560,4 +559,4 @@ def _write_record(out_workdir: Path, dense_workdir: Path, config: UpcycleConfig,
                             "loss_diff": v.loss_diff, "expected_exact": v.expected_exact,
                             "ok": v.ok, "violated": v.violated, "num_tokens": v.num_tokens,
                             "max_dropped_fraction": v.max_dropped_fraction}
-    (out_workdir / UPCYCLE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    paths.write_text(out_workdir / UPCYCLE_FILE, json.dumps(record, indent=2))

@@ -28,6 +28,7 @@ import numpy as np
 from experiments.data import corpus, inputs, shards
 from experiments.data.files import write_atomically
 from experiments.data.tokenizers import encode_to_array, make_tokenizer
+from experiments.runtime import paths
 
 DEFAULT_SHARD_BYTES = 128 << 20
 _TMP_PREFIX = ".tmp-"
@@ -304,6 +305,10 @@ def prepare(patterns: Sequence[str], output: str | os.PathLike[str], options: Op
     """
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    paths.require_local(output, "prepare_data.py --output",
+                        "shards are written into local temporary directories renamed into "
+                        "place when complete (a bucket has no rename); prepare them locally, "
+                        "then copy the directory into the bucket (docs/data.md)")
     corpus.split_of("", options.validation_fraction)  # Validates the fraction.
     identity = shards.tokenizer_identity(options.tokenizer)
     shards.check_eos(identity)
@@ -422,7 +427,7 @@ class _Progress:
 
 def verify(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Checks every shard file's size and sha256 against the manifest; the manifest."""
-    directory = Path(directory)
+    directory = paths.as_path(directory)
     manifest = shards.read_manifest(directory)
     for entry in manifest["shards"]:
         for name, expected in entry["files"].items():

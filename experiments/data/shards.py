@@ -24,6 +24,11 @@ shuffling, per-process sharding and resume are the pipeline's own. Host memory
 and start-up time: a chunk is read from its token file by a positional read
 (:class:`TokenFile`); the offsets indexes are memory-mapped, and start-up reads and
 verifies them (8 bytes per document).
+
+``<dir>`` may be in a bucket (``shards:gs://bucket/corpus``,
+:mod:`experiments.runtime.paths`): a chunk is then one ranged GET of its token
+object, and the offsets and domain indexes are read into memory at start-up
+(the same 8 bytes per document, verified the same way).
 """
 
 from __future__ import annotations
@@ -32,16 +37,17 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import gin
 import numpy as np
 
 from experiments.data.tokenizers import Tokenizer, make_tokenizer
+from experiments.runtime import paths
 
 SCHEME = "shards"
 FORMAT = "sparse_moe.token_shards"
@@ -65,9 +71,9 @@ def split_files(split: str) -> dict[str, str]:
             "domains": f"{split}.domains.npy"}
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
+def file_sha256(path: paths.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.as_path(path).open("rb") as f:
         while block := f.read(_HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
@@ -207,7 +213,10 @@ class TokenFile:
         if stop <= start:
             return np.zeros(0, np.int32)
         itemsize = np.dtype(self.dtype).itemsize
-        raw = os.pread(_descriptor(self.path), (stop - start) * itemsize, start * itemsize)
+        if paths.is_remote(self.path):
+            raw = paths.read_range(self.path, start * itemsize, stop * itemsize)
+        else:
+            raw = os.pread(_descriptor(self.path), (stop - start) * itemsize, start * itemsize)
         if len(raw) != (stop - start) * itemsize:
             raise ValueError(f"shard file {self.path!r} is shorter than its offsets index")
         return np.frombuffer(raw, np.dtype(self.dtype).newbyteorder("<")).astype(np.int32)
@@ -228,11 +237,11 @@ class SplitShard:
     domain_ids: np.ndarray
 
 
-def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
+def read_manifest(directory: paths.PathLike) -> dict[str, Any]:
+    path = paths.as_path(directory) / MANIFEST
     if not path.is_file():
         why = ("an unfinished prepare_data.py output (rerun it to finish)"
-               if (Path(directory) / PLAN).is_file() else
+               if (paths.as_path(directory) / PLAN).is_file() else
                "not a prepared corpus (make one with scripts/prepare_data.py)")
         raise ValueError(f"shards directory {str(directory)!r} has no {MANIFEST}: {why}")
     manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -242,11 +251,11 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def verify_file(path: Path, expected: dict[str, Any], *, checksum: bool) -> None:
+def verify_file(path: paths.Path, expected: dict[str, Any], *, checksum: bool) -> None:
     """Refuses a shard file whose size (and, with `checksum`, sha256) differs from the manifest."""
     if not path.is_file():
         raise ValueError(f"shard file {str(path)!r} listed in the manifest is missing")
-    size = path.stat().st_size
+    size = paths.file_size(path)
     if size != expected["bytes"]:
         raise ValueError(f"shard file {str(path)!r} has {size} bytes, the manifest says "
                          f"{expected['bytes']}: the file is damaged or from another run")
@@ -255,7 +264,7 @@ def verify_file(path: Path, expected: dict[str, Any], *, checksum: bool) -> None
                          f"manifest (sha256 {expected['sha256'][:12]}...): the file is damaged")
 
 
-def _load_split_shard(directory: Path, entry: dict[str, Any], split: str, dtype: str,
+def _load_split_shard(directory: paths.Path, entry: dict[str, Any], split: str, dtype: str,
                       domain_index: dict[str, int], verify: str) -> SplitShard:
     names = split_files(split)
     files = entry["files"]
@@ -263,16 +272,23 @@ def _load_split_shard(directory: Path, entry: dict[str, Any], split: str, dtype:
         verify_file(directory / entry["name"] / name, files[name],
                     checksum=verify == "full" or role != "tokens")
     base = directory / entry["name"]
-    offsets = np.load(base / names["offsets"], mmap_mode="r")
-    local = np.asarray(np.load(base / names["domains"]), np.int32)
+    offsets = _load_npy(base / names["offsets"], mmap=True)
+    local = np.asarray(_load_npy(base / names["domains"]), np.int32)
     table = np.array([domain_index[d] for d in entry["domains"]] or [0], np.int32)
     return SplitShard(tokens=TokenFile(str(base / names["tokens"]), dtype),
                       offsets=np.asarray(offsets, np.int64),
                       domain_ids=table[local] if len(local) else local)
 
 
+def _load_npy(path: paths.Path, *, mmap: bool = False) -> np.ndarray:
+    """A `.npy` file: memory-mapped (with `mmap`) when local, read whole from a bucket."""
+    if paths.is_remote(path):
+        return np.load(io.BytesIO(path.read_bytes()))
+    return np.load(os.fspath(path), mmap_mode="r" if mmap else None)
+
+
 @gin.configurable(denylist=["directory", "split"])
-def open_split(directory: str | os.PathLike[str], split: str, *,
+def open_split(directory: paths.PathLike, split: str, *,
                verify: str = "index") -> tuple[dict[str, Any], list[SplitShard]]:
     """The manifest and the shards of `split` (non-empty ones, in order).
 
@@ -283,7 +299,7 @@ def open_split(directory: str | os.PathLike[str], split: str, *,
         raise ValueError(f"open_split.verify must be one of {list(VERIFY_MODES)}, got {verify!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    directory = Path(directory)
+    directory = paths.as_path(directory)
     manifest = read_manifest(directory)
     domain_index = {d: i for i, d in enumerate(manifest["domains"])}
     shards = [_load_split_shard(directory, entry, split, manifest["dtype"], domain_index, verify)

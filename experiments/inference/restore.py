@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import gin
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from experiments.runtime import gin_utils
+from experiments.runtime import gin_utils, paths
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers the run config's configurables)
@@ -54,7 +53,7 @@ class RestoredModel:
     MESH_SHAPE, else None. dispatch: the dispatch line (`configure_dispatch`).
     """
 
-    workdir: Path
+    workdir: paths.Path
     step: int
     vocab_size: int
     graphdef: nnx.GraphDef
@@ -100,8 +99,9 @@ def make_dropless(model: nnx.Module) -> int:
     return len(layers)
 
 
-def parse_run_config(workdir: Path) -> None:
-    """Clears gin and parses the workdir's saved `config.gin`."""
+def parse_run_config(workdir: paths.PathLike) -> None:
+    """Clears gin and parses the workdir's saved `config.gin` (local or `gs://`)."""
+    workdir = paths.as_path(workdir)
     path = workdir / gin_utils.CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir!s} a training or imported workdir?")
@@ -109,7 +109,7 @@ def parse_run_config(workdir: Path) -> None:
     gin_utils.parse([str(path)], [])
 
 
-def restore_model(workdir: str | Path, step: int | None = None, *,
+def restore_model(workdir: paths.PathLike, step: int | None = None, *,
                   causal_only: bool = True) -> RestoredModel:
     """Restores `workdir`'s model (latest intact checkpoint, or `step`), read-only.
 
@@ -117,7 +117,7 @@ def restore_model(workdir: str | Path, step: int | None = None, *,
     a decoder; the routing analysis and statistics do not) and a workdir
     without checkpoints (FileNotFoundError).
     """
-    workdir = Path(workdir)
+    workdir = paths.as_path(workdir)
     parse_run_config(workdir)
     checkpoints = workdir / "checkpoints"
     if not checkpoints.is_dir() or not any(checkpoints.iterdir()):

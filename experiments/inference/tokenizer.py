@@ -10,13 +10,13 @@ lm-eval adapter encode text the way the model was trained.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from experiments.data.config import DataConfig
 from experiments.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, make_tokenizer
+from experiments.runtime import paths
 
 # Files of a HF model directory that travel with the model (import, upcycle, export).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -30,13 +30,14 @@ WORKDIR_TOKENIZERS: dict[str, Callable[[Path], Tokenizer]] = {
 }
 
 
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copies the `TOKENIZER_FILES` present in `src` into `dst`; returns their names."""
-    src, dst = Path(src), Path(dst)
+def copy_tokenizer_files(src: paths.PathLike, dst: paths.PathLike) -> list[str]:
+    """Copies the `TOKENIZER_FILES` present in `src` into `dst` (either may be
+    `gs://`); returns their names."""
+    src, dst = paths.as_path(src), paths.as_path(dst)
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            paths.write_bytes(dst / name, (src / name).read_bytes())
             copied.append(name)
     return copied
 
@@ -48,9 +49,9 @@ def workdir_tokenizer(workdir: str | Path) -> Tokenizer:
     (for that fallback the workdir's config.gin must be parsed, as
     `load_scorer`/`restore_model` do)."""
     for name, load in WORKDIR_TOKENIZERS.items():
-        path = Path(workdir) / name
+        path = paths.as_path(workdir) / name
         if path.is_file():
-            return load(path)
+            return load(paths.local_copy(path))  # the tokenizer libraries read local files
     return make_tokenizer(DataConfig().tokenizer)
 
 

@@ -6,13 +6,14 @@ expert e (a token routed to k experts counts k times).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.runtime import paths
 from moe import balance
 
 
@@ -77,7 +78,7 @@ def layer_report(counts: Any, domains: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def plot_heatmap(counts: Any, domains: Sequence[str], title: str, path: str | Path) -> None:
+def plot_heatmap(counts: Any, domains: Sequence[str], title: str, path: paths.PathLike) -> None:
     """Domain x expert heat map of routing fractions, saved as PNG."""
     # A bare Figure (no pyplot): saving needs no backend, and the caller's (a Jupyter
     # kernel's inline one) is left alone.
@@ -95,10 +96,10 @@ def plot_heatmap(counts: Any, domains: Sequence[str], title: str, path: str | Pa
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="fraction of domain's assignments")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
 
 
-def plot_loss_curves(records: Sequence[dict[str, Any]], path: str | Path,
+def plot_loss_curves(records: Sequence[dict[str, Any]], path: paths.PathLike,
                      entropy_nats: float | None = None) -> None:
     """Train and validation loss against step from `metrics.jsonl` records."""
     # A bare Figure (no pyplot): saving needs no backend, and the caller's (a Jupyter
@@ -124,4 +125,11 @@ def plot_loss_curves(records: Sequence[dict[str, Any]], path: str | Path,
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
+
+
+def save_png(fig: Any, path: paths.PathLike) -> None:
+    """`fig` as a PNG file at `path` (local or `gs://`, written whole)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    paths.write_bytes(path, buffer.getvalue())

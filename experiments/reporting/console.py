@@ -10,10 +10,11 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import jax
+
+from experiments.runtime import paths
 
 
 class _LineBreaker(Protocol):
@@ -40,7 +41,7 @@ def human_count(n: int) -> str:
 
 
 def startup_block(*, devices: Sequence[Any], mesh_shape: Mapping[str, int], dispatch: str,
-                  params: tuple[int, int], structure: str, workdir: Path,
+                  params: tuple[int, int], structure: str, workdir: paths.Path,
                   resume_step: int | None) -> str:
     """The lines printed before training starts."""
     platform = devices[0].platform if devices else "?"
@@ -97,7 +98,7 @@ class Console:
             self.progress.break_line()
         print(text, file=self.stream, flush=True)
 
-    def startup(self, runtimes: Any, sharding: Any, workdir: Path, run: Any) -> None:
+    def startup(self, runtimes: Any, sharding: Any, workdir: paths.Path, run: Any) -> None:
         """The start-up block for the structure trained first (`run_state.Runtimes`,
         `mesh.Sharding`, `run_state.RunState`)."""
         structure = run.train.structure

@@ -5,22 +5,27 @@
 evaluation. On resume it is cut back to the restored step, and so are the
 TensorBoard event files (`experiments.reporting.tb_purge`), so after a crash and
 restart every step appears exactly once in both.
+
+In a bucket (`gs://`, no append) the records are kept in memory and
+`metrics.jsonl` is rewritten whole every `flush_secs` seconds, at every
+`flush()` (the trainer's checkpoints) and at `close()`; TensorBoard's event
+files are written by tensorboardX's own GCS writer (google-cloud-storage).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import re
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.reporting.tb_purge import import_tensorboardx, purge_events
+from experiments.runtime import paths
 from moe import balance
 from moe.layer_aux import LayerAux, MoeAux, layer_means
 
@@ -71,57 +76,88 @@ def load_fractions(counts: Any) -> np.ndarray:
     return counts / total if total > 0 else np.full_like(counts, 1.0 / max(len(counts), 1))
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
+def truncate_jsonl(path: paths.PathLike, last_step: int) -> None:
     """Keeps only the records with `step <= last_step` (and drops a torn last line)."""
+    path = paths.as_path(path)
     if not path.exists():
         return
     kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            if record.get("step", math.inf) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    for line in _lines(path.read_text(encoding="utf-8")):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if record.get("step", math.inf) <= last_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    paths.write_text(path, "".join(kept))
 
 
-def read_jsonl(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """Records of a `metrics.jsonl`, optionally only those of one split."""
+def _lines(text: str) -> list[str]:
+    """The lines of `text`, split at "\\n" only, each with its "\\n" (the last may lack it)."""
+    return re.findall(r"[^\n]*\n|[^\n]+$", text)
+
+
+def read_jsonl(path: paths.PathLike, split: str | None = None) -> list[dict[str, Any]]:
+    """Records of a `metrics.jsonl` (local or `gs://`), optionally only those of one split."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                if split is None or record.get("split") == split:
-                    records.append(record)
+    for line in _lines(paths.as_path(path).read_text(encoding="utf-8")):
+        if line.strip():
+            record = json.loads(line)
+            if split is None or record.get("split") == split:
+                records.append(record)
     return records
 
 
-class MetricsWriter:
-    """Writes scalars and histograms to TensorBoard and records to `metrics.jsonl`."""
+class _RewrittenFile:
+    """An append-only text file on object storage: kept in memory, rewritten whole
+    when flushed (at most every `flush_secs` from `write`)."""
 
-    def __init__(self, workdir: str | Path, *, resume_step: int | None = None,
-                 tensorboard_dir: str | Path | None = None):
-        self.workdir = Path(workdir)
+    def __init__(self, path: paths.Path, flush_secs: float):
+        self.path, self.flush_secs = path, flush_secs
+        self._parts = [path.read_text(encoding="utf-8")] if path.exists() else []
+        self._dirty, self._flushed_at = False, time.monotonic()
+
+    def write(self, text: str) -> None:
+        self._parts.append(text)
+        self._dirty = True
+
+    def flush(self, *, force: bool = True) -> None:
+        if self._dirty and (force or time.monotonic() - self._flushed_at >= self.flush_secs):
+            self._parts = ["".join(self._parts)]
+            paths.write_text(self.path, self._parts[0])
+            self._dirty, self._flushed_at = False, time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class MetricsWriter:
+    """Writes scalars and histograms to TensorBoard and records to `metrics.jsonl`
+    (in a local directory or a bucket, `experiments.runtime.paths`)."""
+
+    def __init__(self, workdir: paths.PathLike, *, resume_step: int | None = None,
+                 tensorboard_dir: paths.PathLike | None = None, flush_secs: float = 10.0):
+        self.workdir = paths.as_path(workdir)
         self.jsonl_path = self.workdir / METRICS_FILE
         if resume_step is None:
             self.jsonl_path.unlink(missing_ok=True)
         else:
             truncate_jsonl(self.jsonl_path, resume_step)
-        self.tensorboard_dir = Path(tensorboard_dir or self.workdir / "tensorboard")
+        self.tensorboard_dir = paths.as_path(tensorboard_dir or self.workdir / "tensorboard")
         # Events of steps after the restored one (or of an earlier run, on a fresh
         # start) are removed from the files; `purge_step` also tells a TensorBoard
         # that already loaded them to drop them.
         last_step = resume_step or 0
         purge_events(self.tensorboard_dir, last_step)
         SummaryWriter = import_tensorboardx().SummaryWriter
-        self._tb = SummaryWriter(str(self.tensorboard_dir), flush_secs=10,
+        self._tb = SummaryWriter(str(self.tensorboard_dir), flush_secs=flush_secs,
                                  purge_step=last_step + 1)
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._remote = paths.is_remote(self.jsonl_path)
+        if self._remote:
+            self._jsonl: Any = _RewrittenFile(self.jsonl_path, flush_secs)
+        else:
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     def write(self, step: int, split: str, scalars: dict[str, float],
               tb_scalars: dict[str, float] | None = None) -> None:
@@ -129,7 +165,10 @@ class MetricsWriter:
         `tb_scalars` (tags as given) go to TensorBoard."""
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        if self._remote:
+            self._jsonl.flush(force=False)
+        else:
+            self._jsonl.flush()
         for name, value in scalars.items():
             self._tb.add_scalar(f"{split}/{name}", float(value), step)
         for tag, value in (tb_scalars or {}).items():

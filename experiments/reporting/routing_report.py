@@ -4,7 +4,6 @@ data, write per-layer heat maps and JSON, and a loss-curve plot."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,9 +14,10 @@ from experiments.inference import routing_stats
 from experiments.inference.restore import restore_model
 from experiments.reporting import analysis
 from experiments.reporting.metrics import METRICS_FILE, read_jsonl
+from experiments.runtime import paths
 
 
-def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
+def analyze_workdir(workdir: paths.PathLike, output_dir: paths.PathLike | None = None,
                     max_batches: int | None = None) -> dict[str, Any]:
     """Writes `<output_dir>/routing_<layer>.{png,json}`, `routing.json` and
     `loss_curves.png` (output_dir defaults to `<workdir>/analysis`).
@@ -32,8 +32,8 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
     `files`, the paths written. A dense run has no routing: `layers` is empty
     and only `routing.json` and the loss curves are written.
     """
-    workdir = Path(workdir)
-    output_dir = Path(output_dir) if output_dir is not None else workdir / "analysis"
+    workdir = paths.as_path(workdir)
+    output_dir = paths.as_path(output_dir) if output_dir is not None else workdir / "analysis"
     restored = restore_model(workdir, causal_only=False)
     output_dir.mkdir(parents=True, exist_ok=True)
     data_config = DataConfig()
@@ -45,17 +45,17 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
     router_state = restored.router_state if restored.router_state.layers else None
     report: dict[str, Any] = {"step": restored.step, "num_batches": len(batches),
                               "selection_biases": router_state is not None, "layers": {}}
-    files: list[Path] = []
+    files: list[paths.Path] = []
     for layer, layer_counts in counts.items():
         layer_report = analysis.layer_report(layer_counts, domains)
         report["layers"][layer] = layer_report
-        (output_dir / f"routing_{layer}.json").write_text(json.dumps(layer_report, indent=2))
+        paths.write_text(output_dir / f"routing_{layer}.json", json.dumps(layer_report, indent=2))
         files += [output_dir / f"routing_{layer}.json", output_dir / f"routing_{layer}.png"]
         analysis.plot_heatmap(
             layer_counts, domains,
             f"{layer} @ step {restored.step}: I(domain; expert) = "
             f"{layer_report['mutual_information_bits']:.3f} bits", output_dir / f"routing_{layer}.png")
-    (output_dir / "routing.json").write_text(json.dumps(report, indent=2))
+    paths.write_text(output_dir / "routing.json", json.dumps(report, indent=2))
     files.append(output_dir / "routing.json")
 
     metrics_path = workdir / METRICS_FILE
@@ -71,7 +71,7 @@ def analyze_workdir(workdir: str | Path, output_dir: str | Path | None = None,
     return dict(report, files=[str(f) for f in files])
 
 
-def parse_run_config(workdir: str | Path) -> None:
+def parse_run_config(workdir: paths.PathLike) -> None:
     """Clears gin and parses the run's saved `config.gin` (written by the trainer);
     FileNotFoundError naming it when it is missing."""
-    restore_lib.parse_run_config(Path(workdir))
+    restore_lib.parse_run_config(workdir)

@@ -11,12 +11,12 @@ step has one point after any number of resumes, whatever reads the files.
 from __future__ import annotations
 
 import importlib
-import os
 import struct
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
+
+from experiments.runtime import paths
 
 
 def import_tensorboardx() -> ModuleType:
@@ -40,9 +40,10 @@ from tensorboardX.record_writer import masked_crc32c  # noqa: E402
 _HEADER = struct.Struct("<Q")  # record length; then its masked CRC32C (4 bytes)
 
 
-def read_records(path: Path) -> Iterator[bytes]:
-    """The records of a TFRecord file, stopping at a torn or damaged one (a killed writer)."""
-    data = path.read_bytes()
+def read_records(path: paths.PathLike, data: bytes | None = None) -> Iterator[bytes]:
+    """The records of a TFRecord file (or of its contents `data`), stopping at a
+    torn or damaged one (a killed writer)."""
+    data = paths.as_path(path).read_bytes() if data is None else data
     pos = 0
     while pos + 12 <= len(data):
         header = data[pos:pos + 8]
@@ -65,29 +66,28 @@ def encode_record(record: bytes) -> bytes:
             + struct.pack("<I", masked_crc32c(record)))
 
 
-def purge_events(tensorboard_dir: str | Path, last_step: int) -> int:
+def purge_events(tensorboard_dir: paths.PathLike, last_step: int) -> int:
     """Drops the summaries at steps > `last_step` from every event file under
-    `tensorboard_dir` (rewritten atomically); returns how many were dropped.
+    `tensorboard_dir` (local or `gs://`; rewritten whole, `paths.write_bytes`);
+    returns how many were dropped.
 
     Events without a summary (the file-version header, session markers) are kept.
     """
     dropped = 0
-    directory = Path(tensorboard_dir)
+    directory = paths.as_path(tensorboard_dir)
     if not directory.is_dir():
         return 0
-    for path in sorted(directory.rglob("events.out.tfevents.*")):
-        if not path.is_file():
+    for path in paths.find_files(directory):
+        if not path.name.startswith("events.out.tfevents."):
             continue
-        kept, changed = [], False
-        for record in read_records(path):
+        kept, changed, data = [], False, path.read_bytes()
+        for record in read_records(path, data):
             event = Event.FromString(record)
             if event.HasField("summary") and event.step > last_step:
                 dropped += 1
                 changed = True
                 continue
             kept.append(encode_record(record))
-        if changed or len(b"".join(kept)) != path.stat().st_size:  # also drops a torn tail
-            tmp = path.with_name(f".{path.name}.tmp")  # not matched by the glob
-            tmp.write_bytes(b"".join(kept))
-            os.replace(tmp, path)
+        if changed or len(b"".join(kept)) != len(data):  # also drops a torn tail
+            paths.write_bytes(path, b"".join(kept))  # its temporary file: not matched
     return dropped

@@ -18,7 +18,10 @@ the hook named `LOSS_FREE_HOOK`; 1 had CRC32 checksums. All three restore.
 
 Saves are asynchronous; orbax writes into a temporary directory and renames it
 when the save is finalised, so a trainer killed mid-save leaves no step
-directory (the temporary one is cleaned up by the next trainer). A finalised
+directory (the temporary one is cleaned up by the next trainer). In a bucket
+(`gs://`, no rename) orbax writes the step directory in place and marks it
+finalised with a `commit_success.txt` object last; a step without it is not
+listed and is cleaned up the same way. A finalised
 checkpoint whose files were later damaged is caught at restore: a missing,
 truncated or unreadable file or array, or a checksum mismatch. It is then moved
 to `<workdir>/corrupt_checkpoints/N` (`N.1`, `N.2`, ... when that name is taken:
@@ -38,12 +41,10 @@ import dataclasses
 import functools
 import json
 import logging
-import shutil
 import sys
 import warnings
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import gin
@@ -52,6 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from experiments.runtime import paths
 from experiments.runtime.checksums import tree_digest
 from experiments.runtime.log_filters import quiet_read_only_warnings
 from layers import scan as scan_lib
@@ -161,7 +163,7 @@ class CheckpointMismatchError(ValueError):
         (128, 64) float32, config (64, 64) float32'` (or 'missing'/'absent').
     """
 
-    def __init__(self, step: int, directory: Path, differences: list[str]):
+    def __init__(self, step: int, directory: paths.Path, differences: list[str]):
         self.step, self.directory, self.differences = step, directory, differences
         shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
         super().__init__(f"checkpoint at step {step} in {directory} does not match the "
@@ -264,7 +266,8 @@ class Checkpointer:
     the trainer's checkpoints (the trainer sets only `directory`).
 
     Args:
-      directory: where step directories live (created if missing).
+      directory: where step directories live (created if missing); local or
+        `gs://...` (`experiments.runtime.paths`).
       save_every: save when `step % save_every == 0` (and on `force=True`).
       max_to_keep: how many checkpoints orbax keeps (None = all).
       async_save: write in a background thread (orbax async checkpointing).
@@ -275,15 +278,15 @@ class Checkpointer:
         temporary directories, which may be a live trainer's save in flight.
     """
 
-    def __init__(self, directory: str | Path, *, save_every: int = 250,
+    def __init__(self, directory: paths.PathLike, *, save_every: int = 250,
                  max_to_keep: int | None = 3, async_save: bool = True,
-                 corrupt_dir: str | Path | None = None, read_only: bool = False):
+                 corrupt_dir: paths.PathLike | None = None, read_only: bool = False):
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
-        self.directory = Path(directory).absolute()
-        self.corrupt_dir = (Path(corrupt_dir) if corrupt_dir is not None
+        self.directory = paths.as_path(directory)
+        self.corrupt_dir = (paths.as_path(corrupt_dir) if corrupt_dir is not None
                             else self.directory.parent / "corrupt_checkpoints")
         self.save_every = save_every
         self.read_only = read_only
@@ -484,7 +487,7 @@ class Checkpointer:
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
         return None
 
-    def _quarantine(self, step: int) -> Path:
+    def _quarantine(self, step: int) -> paths.Path:
         """Moves step `step` to `corrupt_dir/<step>` (or `<step>.1`, `<step>.2`, ...
         when taken: an earlier quarantined checkpoint is never replaced)."""
         self.corrupt_dir.mkdir(parents=True, exist_ok=True)
@@ -492,7 +495,7 @@ class Checkpointer:
         while target.exists():
             n += 1
             target = self.corrupt_dir / f"{step}.{n}"
-        shutil.move(str(self.directory / str(step)), str(target))
+        paths.move_tree(self.directory / str(step), target)
         self._manager.reload()
         return target
 

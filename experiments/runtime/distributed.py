@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import gin
 import jax
 
+from experiments.runtime import paths
+
 _log = logging.getLogger(__name__)
 
 
-def process_log_dir(workdir: Path) -> Path:
+def process_log_dir(workdir: paths.Path) -> paths.Path:
     """Where this process writes metrics, configs and its summary: the workdir for
     process 0, `<workdir>/process_<i>/` for the others (checkpoints are shared)."""
     if jax.process_index() == 0:

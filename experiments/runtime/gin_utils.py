@@ -21,6 +21,8 @@ from pathlib import Path
 
 import gin
 
+from experiments.runtime import paths
+
 # `include` paths in gin files are resolved against this directory (and the
 # including file's own directory), so configs can say `include 'models/x.gin'`.
 GIN_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "gin_configs"
@@ -35,9 +37,9 @@ class GinConfigError(ValueError):
     """A gin file is missing or a binding does not parse or name a real parameter."""
 
 
-def included_files(path: str | Path) -> list[str]:
+def included_files(path: paths.PathLike) -> list[str]:
     """The paths a gin file `include`s, as written."""
-    return _INCLUDE.findall(Path(path).read_text(encoding="utf-8"))
+    return _INCLUDE.findall(paths.as_path(path).read_text(encoding="utf-8"))
 
 
 def parse(gin_files: Sequence[str], gin_params: Sequence[str],
@@ -47,10 +49,12 @@ def parse(gin_files: Sequence[str], gin_params: Sequence[str],
     Every configurable referenced must be registered (its module imported)
     before this is called.
     """
+    _register_remote_reader()
     for f in gin_files:
-        if not Path(f).is_file():
+        if not paths.as_path(f).is_file():
             raise GinConfigError(f"gin file not found: {f!r} (from --gin_file)")
-    for directory in [GIN_CONFIGS_DIR, *search_paths, *{Path(f).resolve().parent for f in gin_files}]:
+    local = [f for f in gin_files if not paths.is_remote(f)]
+    for directory in [GIN_CONFIGS_DIR, *search_paths, *{Path(f).resolve().parent for f in local}]:
         gin.add_config_file_search_path(str(directory))
     # gin logs an error for every search path an include is not found under
     # before it finds the right one; a missing include still raises below.
@@ -64,6 +68,22 @@ def parse(gin_files: Sequence[str], gin_params: Sequence[str],
         raise GinConfigError(f"invalid gin configuration: {explain_denied(str(e))}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
+
+
+_remote_reader_registered = False
+
+
+def _register_remote_reader() -> None:
+    """Lets gin read `gs://` config files (e.g. a bucket workdir's config.gin)."""
+    global _remote_reader_registered
+    if _remote_reader_registered:
+        return
+    _remote_reader_registered = True
+
+    def readable(path: str) -> bool:
+        return paths.is_remote(path) and paths.as_path(path).is_file()
+
+    gin.config.register_file_reader(lambda path: paths.as_path(path).open("r"), readable)
 
 
 def set_by(selector: str, parameter: str) -> str | None:
@@ -124,17 +144,17 @@ class _DropMessages(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
-def write_config(workdir: str | Path) -> Path:
-    """Writes every parsed binding to `<workdir>/config.gin`."""
-    path = Path(workdir) / CONFIG_FILE
-    path.write_text(gin.config_str(), encoding="utf-8")
+def write_config(workdir: paths.PathLike) -> paths.Path:
+    """Writes every parsed binding to `<workdir>/config.gin` (local or `gs://`)."""
+    path = paths.as_path(workdir) / CONFIG_FILE
+    paths.write_text(path, gin.config_str())
     return path
 
 
-def write_operative_config(workdir: str | Path, notes: Iterable[str] = ()) -> Path:
+def write_operative_config(workdir: paths.PathLike, notes: Iterable[str] = ()) -> paths.Path:
     """Writes the bindings actually used so far to `<workdir>/operative_config.gin`,
     after `notes` as comment lines (e.g. the dispatch the sharding config chose)."""
-    path = Path(workdir) / OPERATIVE_CONFIG_FILE
+    path = paths.as_path(workdir) / OPERATIVE_CONFIG_FILE
     header = "".join(f"# {line}\n" for note in notes for line in str(note).splitlines())
-    path.write_text(header + gin.operative_config_str(), encoding="utf-8")
+    paths.write_text(path, header + gin.operative_config_str())
     return path

@@ -1,4 +1,6 @@
-"""One trainer per workdir: an exclusive `fcntl.flock` on `<workdir>/train.lock`.
+"""One trainer per workdir: an exclusive `fcntl.flock` on `<workdir>/train.lock`,
+or, for a workdir in a bucket (`gs://`), a lease object with a heartbeat and an
+expiry (`experiments.runtime.lease`): :func:`workdir_lock` picks the one that fits.
 
 The kernel drops a flock when its holder dies (even on SIGKILL), so a lock
 file left behind by a dead trainer is simply taken over; the PID written in it
@@ -11,7 +13,9 @@ import fcntl
 import logging
 import os
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
+
+from experiments.runtime import paths
 
 _log = logging.getLogger(__name__)
 
@@ -26,7 +30,12 @@ class WorkdirLockedError(RuntimeError):
 
 def check_workdir(workdir: str | os.PathLike[str]) -> None:
     """Refuses (NotADirectoryError) a workdir that is a file or lies under one,
-    before anything is created."""
+    before anything is created (on object storage: one that is an object)."""
+    if paths.is_remote(workdir):
+        remote = paths.as_path(workdir)
+        if remote.is_file():
+            raise NotADirectoryError(f"workdir {str(remote)!r} is an object, not a directory")
+        return
     path = Path(workdir)
     for candidate in (path, *path.parents):
         if candidate.exists():
@@ -36,8 +45,18 @@ def check_workdir(workdir: str | os.PathLike[str]) -> None:
             return
 
 
+def workdir_lock(workdir: str | os.PathLike[str]) -> Any:
+    """The lock of `workdir`: a `WorkdirLock` (flock) for a local directory, a
+    `lease.LeaseLock` for a bucket. Both are context managers with `check()`."""
+    if paths.is_remote(workdir):
+        from experiments.runtime.lease import LeaseLock  # pylint: disable=g-import-not-at-top
+
+        return LeaseLock(str(paths.as_path(workdir) / LOCK_NAME))
+    return WorkdirLock(workdir)
+
+
 class WorkdirLock:
-    """Context manager holding the workdir's lock; released on exit."""
+    """Context manager holding a local workdir's lock; released on exit."""
 
     def __init__(self, workdir: str | os.PathLike[str]):
         self.path = Path(workdir) / LOCK_NAME
@@ -62,6 +81,9 @@ class WorkdirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def check(self) -> None:
+        """Nothing to check: the kernel holds a flock until it is released."""
 
     def release(self) -> None:
         if self._fd is None:

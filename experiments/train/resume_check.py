@@ -14,13 +14,12 @@ bindings the workdir's earlier run recorded (`operative_config.gin`, else
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import gin
 from gin import config_parser
 
-from experiments.runtime import gin_utils
+from experiments.runtime import gin_utils, paths
 from experiments.runtime.checkpoints import CheckpointMismatchError
 
 # Bindings of configurables defined in these modules shape the parameters and the
@@ -68,7 +67,7 @@ def _shapes_model(key: str) -> bool:
     return module.startswith(_MODEL_MODULES)
 
 
-def recorded_bindings(workdir: Path) -> dict[str, str] | None:
+def recorded_bindings(workdir: paths.Path) -> dict[str, str] | None:
     """The bindings the workdir's earlier run recorded, or None without a record."""
     for name in (gin_utils.OPERATIVE_CONFIG_FILE, gin_utils.CONFIG_FILE):
         path = workdir / name
@@ -80,7 +79,7 @@ def recorded_bindings(workdir: Path) -> dict[str, str] | None:
     return None
 
 
-def differing_settings(workdir: Path) -> list[str]:
+def differing_settings(workdir: paths.Path) -> list[str]:
     """`'Selector.param: checkpoint X, config Y'` for each model setting bound to a
     different value by the workdir's record and by this run."""
     old = recorded_bindings(workdir)
@@ -93,7 +92,7 @@ def differing_settings(workdir: Path) -> list[str]:
             if old[key] != new[key] and _shapes_model(key)]
 
 
-def mismatch_error(error: CheckpointMismatchError, workdir: Path) -> ConfigMismatchError:
+def mismatch_error(error: CheckpointMismatchError, workdir: paths.Path) -> ConfigMismatchError:
     """The one-line refusal for `error`, naming the differing settings (else the
     arrays whose shapes differ) and what to do."""
     differences = differing_settings(workdir) or error.differences

@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from experiments.data.config import DataConfig
@@ -21,7 +20,7 @@ from experiments.reporting.metrics import (
     train_moe_scalars,
     valid_moe_scalars,
 )
-from experiments.runtime import gin_utils
+from experiments.runtime import gin_utils, paths
 from experiments.train.evaluation import EvalResult
 from experiments.train.throughput import throughput_scalars
 
@@ -35,7 +34,7 @@ _STEP_SCALARS = ("loss", "ce", "lbl", "grad_norm")
 class StepLog:
     """Writes what one run logs; `close()` when done."""
 
-    def __init__(self, log_dir: Path, *, domains: list[str], num_steps: int, start_step: int,
+    def __init__(self, log_dir: paths.Path, *, domains: list[str], num_steps: int, start_step: int,
                  resumed: bool, log_every: int, summary_window: int, quiet: bool,
                  console: Console | None = None, tokenizer: str = "",
                  num_devices: int = 1, peak_tflops: float | None = None):
@@ -102,9 +101,9 @@ class StepLog:
         self.writer.close()
 
 
-def summary(workdir: Path, log: StepLog, *, step: int, data: DataConfig,
+def summary(workdir: paths.Path, log: StepLog, *, step: int, data: DataConfig,
             last_eval: EvalResult, moe_layers: Sequence[str],
-            checkpoint_dir: Path, skipped_steps: Sequence[int] = ()) -> dict[str, Any]:
+            checkpoint_dir: paths.Path, skipped_steps: Sequence[int] = ()) -> dict[str, Any]:
     """The end-of-run summary (also written to `<log dir>/summary.json`);
     `skipped_steps`: the steps whose non-finite update was not applied."""
     try:
@@ -131,7 +130,7 @@ def summary(workdir: Path, log: StepLog, *, step: int, data: DataConfig,
                   "config": str(workdir / gin_utils.CONFIG_FILE),
                   "operative_config": str(workdir / gin_utils.OPERATIVE_CONFIG_FILE),
                   "summary": str(workdir / SUMMARY_FILE)}}
-    (log.log_dir / SUMMARY_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    paths.write_text(log.log_dir / SUMMARY_FILE, json.dumps(result, indent=2))
     return result
 
 

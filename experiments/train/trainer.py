@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -27,9 +26,9 @@ from experiments.data import pipeline as data_lib
 from experiments.data import sharded as sharded_data
 from experiments.reporting import summary as summary_lib
 from experiments.reporting.console import Console
-from experiments.runtime import distributed, gin_utils
+from experiments.runtime import distributed, gin_utils, paths
 from experiments.runtime.checkpoints import Checkpointer, CheckpointMismatchError
-from experiments.runtime.workdir_lock import WorkdirLock, check_workdir
+from experiments.runtime.workdir_lock import check_workdir, workdir_lock
 from experiments.train import hooks as hooks_lib
 from experiments.train import interrupt as interrupt_lib
 from experiments.train import profiling, resume_check, run_state, throughput
@@ -53,13 +52,14 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 
-def train(workdir: str | Path, setup: TrainSetup | None = None, **config_changes: Any,
+def train(workdir: str | paths.PathLike, setup: TrainSetup | None = None, **config_changes: Any,
           ) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`; returns the summary (also in `summary.json`).
 
     Args:
-      workdir: run directory; if it holds checkpoints, training resumes from
-        the latest intact one.
+      workdir: run directory, local or in a bucket (`gs://...`,
+        `experiments.runtime.paths`); if it holds checkpoints, training resumes
+        from the latest intact one.
       setup: the run's collaborators; default `TrainSetup.from_gin(**config_changes)`.
       **config_changes: `TrainConfig` fields to override (e.g. `quiet=True`),
         only without `setup`.
@@ -72,16 +72,25 @@ def train(workdir: str | Path, setup: TrainSetup | None = None, **config_changes
         setup = TrainSetup.from_gin(**config_changes)
     elif config_changes:
         raise ValueError(f"train: pass {sorted(config_changes)} in setup.config, not beside it")
-    workdir = Path(workdir).absolute()
+    workdir = paths.as_path(workdir)
+    if setup.config.profile_steps:
+        paths.require_local(workdir, "train.profile_steps (the jax profiler trace)",
+                            "the profiler writes its trace with local file APIs")
     distributed.initialize_distributed()
     # What a configuration mistake can break is built before the workdir is touched.
     check_workdir(workdir)
     run_state.check_model(setup)
     inputs = _Inputs.build(setup)
     # One lock holder per job: in a multi-process run process 0 holds it for all.
-    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    # A bucket's lock is a lease that can be lost (`lock.check()` before each save).
+    lock = workdir_lock(workdir) if jax.process_index() == 0 else _NoLock()
     with lock, interrupt_lib.InterruptGuard() as guard:  # SIGINT/SIGTERM: save and stop
-        return _train_locked(workdir, setup, inputs, guard)
+        return _train_locked(workdir, setup, inputs, guard, lock)
+
+
+class _NoLock(contextlib.nullcontext):
+    def check(self) -> None:
+        pass
 
 
 class _Inputs(NamedTuple):
@@ -98,8 +107,8 @@ class _Inputs(NamedTuple):
                    sharded_data.make_sharded_train_iterator(setup.data, setup.config.seed))
 
 
-def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs,
-                  guard: interrupt_lib.InterruptGuard) -> dict[str, Any]:
+def _train_locked(workdir: paths.Path, setup: TrainSetup, inputs: _Inputs,
+                  guard: interrupt_lib.InterruptGuard, lock: Any) -> dict[str, Any]:
     config, data, hooks = setup.config, setup.data, setup.hooks
     console = Console(quiet=config.quiet)  # also the run's wall clock
     schedule, runtimes, eval_batches, train_iter = inputs
@@ -162,6 +171,7 @@ def _train_locked(workdir: Path, setup: TrainSetup, inputs: _Inputs,
                 last_eval = _evaluate(runtimes, run, hooks, eval_batches, data.domains())
                 log.evaluation(step, last_eval)
             stop = guard.stop_requested()  # the same step in every process
+            lock.check()  # a lost lease: stop before writing a checkpoint
             checkpointer.save(step, params=run.train.params, opt_state=run.train.opt_state,
                               data_state=data_lib.iterator_state(train_iter),
                               rng_key_data=np.asarray(run.base_key),

@@ -28,13 +28,16 @@ NORMALIZED = "TransformerLM.moe_kwargs = {'dispatch': 'sort', 'capacity_factor':
              "'normalize': True}"
 
 
+# The shared dense run (also copied into a bucket by tests/runtime/test_gcs_workdir.py).
+DENSE_ARGS = (f"--gin_file={TINY_GIN}", "--gin_param=TransformerLM.moe_every = 0",
+              f"--gin_param=train.num_steps = {DENSE_STEPS}",
+              "--gin_param=Checkpointer.save_every = 3", "--gin_param=train.eval_every = 6",
+              "--gin_param=Checkpointer.async_save = False", "--quiet")
+
+
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
-    workdir, _ = shared_training_run(
-        tmp_path_factory, "upcycle_dense", f"--gin_file={TINY_GIN}",
-        "--gin_param=TransformerLM.moe_every = 0", f"--gin_param=train.num_steps = {DENSE_STEPS}",
-        "--gin_param=Checkpointer.save_every = 3", "--gin_param=train.eval_every = 6",
-        "--gin_param=Checkpointer.async_save = False", "--quiet")
+    workdir, _ = shared_training_run(tmp_path_factory, "upcycle_dense", *DENSE_ARGS)
     return workdir
 
 
