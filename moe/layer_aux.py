@@ -177,11 +177,22 @@ def reduce_layers(aux: LayerAux, name: str, reduction: str = "sum") -> Array:
     """Sum or mean over MoE layers of the loss field `name` (0 when no layer sets it)."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be one of ('sum', 'mean'), got {reduction!r}")
-    values = [getattr(a, name) for a in aux.values() if getattr(a, name) is not None]
+    values = [getattr(a, name) for a in aux.values() if getattr(a, name, None) is not None]
     if not values:
         return jnp.zeros((), jnp.float32)
     total = sum(values)
     return total / len(values) if reduction == "mean" else total
+
+
+def split_model_aux(aux: LayerAux) -> tuple[dict[str, MoeAux], dict[str, MoeAux]]:
+    """(the MoE layers' aux, the model-level aux) of a model's aux dict. A model-level aux
+    (a `MoeAux` subclass with `model_level = True`, e.g. `layers.mtp.MtpAux`) carries losses
+    and statistics of the whole model: its loss fields are weighted like the layers', it
+    takes no part in balance losses or routing statistics."""
+    layers, model = {}, {}
+    for name, value in aux.items():
+        (model if getattr(type(value), "model_level", False) else layers)[name] = value
+    return layers, model
 
 
 def layer_means(aux: LayerAux) -> dict[str, float]:
