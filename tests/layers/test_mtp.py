@@ -134,3 +134,15 @@ def test_bad_loss_weight_schedules_are_refused(kwargs, match):
 def test_loss_weight_schedule_steps():
     schedule = LossWeightSchedule(values=(0.3, 0.1), boundaries=(3,))
     assert [schedule.value(s) for s in (1, 2, 3, 4, 9)] == [0.3, 0.3, 0.3, 0.1, 0.1]
+
+
+def test_flop_counter_counts_the_mtp_module():
+    from experiments.train.flops import flop_counter
+    plain, with_mtp = (nnx.eval_shape(lambda d=d: tiny(d)) for d in (None, 1))  # shapes only
+    extra = (flop_counter(with_mtp, batch_size=1, seq_len=12).dense_per_position
+             - flop_counter(plain, batch_size=1, seq_len=12).dense_per_position)
+    mtp_matmuls = sum(2.0 * v.size for _, v in nnx.to_flat_state(nnx.state(with_mtp.mtp, nnx.Param))
+                      if v.ndim >= 2)
+    attention = 4.0 * 12 * 2 * 8  # seq_len x heads x head_dim (16 / 2)
+    head = 2.0 * 16 * VOCAB
+    assert extra == pytest.approx(mtp_matmuls + attention + head)
