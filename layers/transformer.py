@@ -16,6 +16,7 @@ from layers.attention import Attention, attention_mask, segment_positions
 from layers.kv_cache import KVCache
 from layers.mlp import DenseMLP
 from layers.moe_layer import MoeLayer, active_ffn
+from layers.mtp import MTP_AUX
 from layers.norms import RMSNorm
 from layers.params import EMBED, VOCAB, fan_in_init, make_param, normal_init
 from layers.remat import check_remat_policy, remat
@@ -165,6 +166,11 @@ class TransformerLM(nnx.Module):
         longer grows with depth.
       remat_policy: what the backward pass keeps of each block's activations:
         'none', 'full', 'save_dots', 'save_moe', 'offload_dots' (`layers.remat`).
+      mtp: None, or the multi-token prediction factory (gin: `TransformerLM.mtp =
+        @MultiTokenPrediction`, `layers.mtp`), called as `mtp(d_model, make_block=,
+        norm_eps=, dtype=, param_dtype=, rngs=)`; `make_block(moe)` builds a block like
+        the model's. Run in the training forward only (`deterministic=False`) on the
+        final-normed hidden state; its aux is `aux['mtp']` (`layers.mtp.MtpAux`).
       num_experts, k, expert_d_ff, moe_kwargs: deprecated (`layers.renamed`):
         they become arguments of `moe_block`, with a DeprecationWarning.
     """
@@ -183,7 +189,8 @@ class TransformerLM(nnx.Module):
                  sliding_window: int | None = None,
                  attention: Callable[..., nnx.Module] = Attention,
                  dtype="bfloat16", param_dtype="float32", scan_layers: bool = False,
-                 remat_policy: str = "none", rngs: nnx.Rngs,
+                 remat_policy: str = "none", mtp: Callable[..., nnx.Module] | None = None,
+                 rngs: nnx.Rngs,
                  num_experts: int | None = None, k: int | None = None,
                  expert_d_ff: int | None = None, moe_kwargs: dict[str, Any] | None = None):
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model),
@@ -220,25 +227,30 @@ class TransformerLM(nnx.Module):
         self.plan = scan_lib.plan_layers([self.is_moe_index(i) for i in range(num_layers)],
                                          scan_layers)
         moe_names, blocks = [], []
-        for i, name in enumerate(self.layer_names):
+
+        def make_block(moe: bool, baseline: bool = False) -> TransformerBlock:
             mixer = attention(d_model, num_heads, num_kv_heads=num_kv_heads,
                               head_dim=head_dim, rope_max_wavelength=rope_max_wavelength,
                               rope_scaling=rope_scaling, qkv_bias=attention_bias,
                               out_bias=attention_out_bias, qk_norm=qk_norm,
                               norm_eps=norm_eps, sliding_window=sliding_window,
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            if self.is_moe_index(i) and not dense_baseline:
+            if moe:
                 ffn = moe_block(d_model, causal=causal, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs)
-                moe_names.append(name)
             else:
-                size, act = ((baseline_d_ff, baseline_act) if self.is_moe_index(i)
-                             else (d_ff, activation))
+                size, act = (baseline_d_ff, baseline_act) if baseline else (d_ff, activation)
                 ffn = dense_block(d_model, size, activation=act, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-            blocks.append(TransformerBlock(mixer, ffn, d_model=d_model, causal=causal,
-                                           norm_eps=norm_eps, dtype=dtype,
-                                           param_dtype=param_dtype, rngs=rngs))
+            return TransformerBlock(mixer, ffn, d_model=d_model, causal=causal,
+                                    norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                    rngs=rngs)
+
+        for i, name in enumerate(self.layer_names):
+            moe = self.is_moe_index(i) and not dense_baseline
+            blocks.append(make_block(moe, baseline=self.is_moe_index(i)))
+            if moe:
+                moe_names.append(name)
         for i in self.plan.unscanned():
             setattr(self, self.layer_names[i], blocks[i])
         self.scanned = (scan_lib.ScannedUnits([[blocks[i] for i in self.plan.unit_layers(j)]
@@ -250,6 +262,9 @@ class TransformerLM(nnx.Module):
         self.lm_head = (None if tie_embeddings else
                         make_param(rngs, fan_in_init([0]), (d_model, vocab_size), (EMBED, VOCAB),
                                    param_dtype))
+        self.mtp = None if mtp is None else mtp(d_model, make_block=make_block,
+                                                norm_eps=norm_eps, dtype=dtype,
+                                                param_dtype=param_dtype, rngs=rngs)
 
     def is_moe_index(self, i: int) -> bool:
         """Whether layer i sits at a MoE position (True even under dense_baseline)."""
@@ -341,7 +356,7 @@ class TransformerLM(nnx.Module):
             if positions is None:
                 positions = segment_positions(segment_ids)
 
-        x = self.embedding[...][inputs].astype(self.dtype)
+        x = self.embed(inputs)
         aux: dict[str, MoeAux] = {}
         call = dict(positions=positions, mask=mask, token_mask=token_mask,
                     deterministic=deterministic)
@@ -359,11 +374,19 @@ class TransformerLM(nnx.Module):
             x, groups = self._scan(run, x, router_state)
         for i in range(self.plan.stop, self.num_layers):
             x = self._unscanned(run, x, i, router_state, aux)
+        x = self.final_norm(x)
+        if self.mtp is not None and not deterministic:  # training only (layers.mtp)
+            aux[MTP_AUX], mtp_layers = self.mtp(
+                x, inputs, embed=self.embed, head=self.head, segment_ids=segment_ids,
+                rng=rng, block_kwargs=dict(call, router_state=router_state.shared))
+            aux.update(mtp_layers)
         if groups:  # scanned layers' aux stays stacked
             groups += [((n,), jax.tree.map(lambda a: a[None], a)) for n, a in aux.items()]
             named = {n for names, _ in groups for n in names}
-            aux = StackedLayerAux(groups, order=[n for n in self.layer_names if n in named])
-        return self._logits(x), aux
+            layer_set = set(self.layer_names)
+            aux = StackedLayerAux(groups, order=[n for n in self.layer_names if n in named]
+                                  + [n for n in aux if n not in layer_set])
+        return self.head(x), aux
 
     def _unscanned(self, run, x: jax.Array, i: int, router_state: RouterState,
                    aux: dict[str, MoeAux]) -> jax.Array:
@@ -414,9 +437,16 @@ class TransformerLM(nnx.Module):
             yield name, (getattr(self, name) if location is None
                          else scan_lib.slice_module(self.scanned.unit(location[1]), location[0]))
 
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """`[B, S] int32` -> `[B, S, d_model]` in the compute dtype."""
+        return self.embedding[...][tokens].astype(self.dtype)
+
     def _logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output projection: x `[B, S, d_model]` -> `[B, S, vocab] float32`."""
-        x = self.final_norm(x)
+        return self.head(self.final_norm(x))
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """The output projection of normed x `[B, S, d_model]` -> `[B, S, vocab] float32`."""
         if self.tie_embeddings:
             logits = jnp.einsum("bsd,vd->bsv", x, self.embedding[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32) * self.d_model ** -0.5
@@ -456,6 +486,16 @@ class TransformerLM(nnx.Module):
         a prefill needs no more, and `[B, S, vocab]` float32 is large).
         -> (logits `[B, S, vocab] float32`, the updated cache, aux `{moe layer: MoeAux}`).
         """
+        x, new_cache, aux = self.decode_hidden(inputs, positions=positions, cache=cache,
+                                               cache_index=cache_index, kv_valid=kv_valid,
+                                               router_state=router_state, prefill=prefill)
+        return self._logits(x[:, -1:] if last_only else x), new_cache, aux
+
+    def decode_hidden(self, inputs: jax.Array, *, positions: jax.Array,
+                      cache: dict[str, KVCache], cache_index: jax.Array, kv_valid: jax.Array,
+                      router_state: RouterState | None = None, prefill: bool = False,
+                      ) -> tuple[jax.Array, dict[str, KVCache], dict[str, MoeAux]]:
+        """`decode` before the final norm and head: -> (hidden `[B, S, d_model]`, cache, aux)."""
         if not self.causal:
             raise ValueError("decode needs a causal decoder (TransformerLM.causal = True)")
         batch, seq = inputs.shape
@@ -469,7 +509,7 @@ class TransformerLM(nnx.Module):
         router_state = self._with_model_inputs(router_state, inputs)
         token_mask = jax.lax.dynamic_slice(kv_valid, (0, jnp.asarray(cache_index, jnp.int32)),
                                            (batch, seq))
-        x = self.embedding[...][inputs].astype(self.dtype)
+        x = self.embed(inputs)
         new_cache: dict[str, KVCache] = {}
         aux: dict[str, MoeAux] = {}
         for name, block in self.unrolled_blocks():
@@ -479,7 +519,7 @@ class TransformerLM(nnx.Module):
                 router_state=router_state.for_layer(name), prefill=prefill)
             if layer_aux is not None:
                 aux[name] = layer_aux
-        return self._logits(x[:, -1:] if last_only else x), new_cache, aux
+        return x, new_cache, aux
 
 
 def _stack_router_states(states: Sequence[dict[str, jax.Array]]) -> dict[str, jax.Array]:

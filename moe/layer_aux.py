@@ -256,16 +256,37 @@ def reduce_layers(aux: LayerAux, name: str, reduction: str = "sum") -> Array:
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be one of ('sum', 'mean'), got {reduction!r}")
     if isinstance(aux, StackedLayerAux):  # one sum per group of stacked layers
-        stacked = [getattr(a, name) for _, a in aux.groups if getattr(a, name) is not None]
+        stacked = [getattr(a, name) for _, a in aux.groups
+                   if getattr(a, name, None) is not None]
         values = [jnp.sum(v, axis=0) for v in stacked]
         count = sum(v.shape[0] for v in stacked)
     else:
-        values = [getattr(a, name) for a in aux.values() if getattr(a, name) is not None]
+        values = [getattr(a, name) for a in aux.values() if getattr(a, name, None) is not None]
         count = len(values)
     if not values:
         return jnp.zeros((), jnp.float32)
     total = sum(values)
     return total / count if reduction == "mean" else total
+
+
+def split_model_aux(aux: LayerAux) -> tuple[LayerAux, dict[str, MoeAux]]:
+    """(the MoE layers' aux, the model-level aux) of a model's aux. A model-level aux
+    (a `MoeAux` subclass with `model_level = True`, e.g. `layers.mtp.MtpAux`) carries losses
+    and statistics of the whole model: its loss fields are weighted like the layers', it
+    takes no part in balance losses or routing statistics. A `StackedLayerAux` stays
+    stacked: its model-level groups (groups of one) are taken out."""
+    def is_model(value: Any) -> bool:
+        return getattr(type(value), "model_level", False)
+
+    if isinstance(aux, StackedLayerAux):
+        model = {names[0]: jax.tree.map(lambda a: a[0], value)
+                 for names, value in aux.groups if is_model(value)}
+        groups = [(names, value) for names, value in aux.groups if not is_model(value)]
+        return StackedLayerAux(groups, [n for n in aux.order if n not in model]), model
+    layers, model = {}, {}
+    for name, value in aux.items():
+        (model if is_model(value) else layers)[name] = value
+    return layers, model
 
 
 def layer_means(aux: LayerAux) -> dict[str, float]:

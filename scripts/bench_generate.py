@@ -92,14 +92,23 @@ class Subject:
 
 
 def _model_facts(model: TransformerLM) -> dict[str, int]:
-    first = getattr(model, model.layer_names[0]).attention
+    """Sizes of the FLOP model. Any attention kind: the cache bytes per slot come from the
+    model's own cache layout (`init_cache`: keys and values, or MLA's latent and RoPE key),
+    the attention width from the layer's `attention_flops` when it has one (MLA: the
+    training form, H (dn + dr + dv) / 2, against num_heads * head_dim)."""
+    first = model.block(model.layer_names[0]).attention
     active = model.active_param_count()
     lookup = 0 if model.tie_embeddings else model.vocab_size * model.d_model
+    slot = jax.eval_shape(lambda: model.init_cache(1, 1))
+    if hasattr(first, "attention_flops"):
+        width = int(first.attention_flops(1) // 4)
+    else:
+        width = first.num_heads * first.head_dim
     return dict(total_params=model.param_count(), active_params=active,
                 matmul_params=active - lookup, num_layers=model.num_layers,
-                attention_width=first.num_heads * first.head_dim,
-                kv_bytes_per_slot=2 * model.num_layers * first.num_kv_heads * first.head_dim
-                * model.dtype.itemsize)
+                attention_width=width,
+                kv_bytes_per_slot=sum(leaf.size * leaf.dtype.itemsize
+                                      for leaf in jax.tree.leaves(slot)))
 
 
 def _random_subject(preset: str, variant: str, gin_files: list[str], bindings: list[str],

@@ -120,7 +120,9 @@ def test_readme_lists_every_script():
 # Tags only some runs write (an EvoMoE phase plan, zero-computation experts, a known peak);
 # every other documented tag must appear in the README's tiny MoE run.
 # train/mfu: only where the device's peak is known (not on CPU, experiments/train/throughput.py).
-CONDITIONAL_TAGS = {"train/phase", "train/gate_temperature", "train/null_fraction", "train/mfu"}
+CONDITIONAL_TAGS = {"train/phase", "train/gate_temperature", "train/null_fraction", "train/mfu",
+                    # multi-token prediction and its lambda schedule (docs/model.md)
+                    "train/mtp_loss", "train/mtp/loss_depth_<i>", "train/loss_weight/mtp_weight"}
 
 
 def _documented_tags() -> set[str]:

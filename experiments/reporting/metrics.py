@@ -60,6 +60,26 @@ def train_moe_scalars(layer_stats: LayerAux) -> dict[str, float]:
     return out
 
 
+def model_aux_scalars(model_aux: LayerAux) -> dict[str, float]:
+    """Train-record scalars of the model-level aux (`moe.layer_aux.split_model_aux`, e.g.
+    `layers.mtp.MtpAux`): `{name}/{field}` for a scalar field, `{name}/{field}_{i}`
+    (1-based) for a vector's entries (`mtp/loss_depth_1`). Loss fields are left out:
+    the step logs them with its loss terms."""
+    out: dict[str, float] = {}
+    for name, aux in model_aux.items():
+        losses = set(type(aux).loss_names())
+        for field, value in aux.items():
+            if field in losses:
+                continue
+            value = np.asarray(value, np.float64)
+            if value.ndim == 0:
+                out[f"{name}/{field}"] = float(value)
+            else:
+                out.update({f"{name}/{field}_{i + 1}": float(v)
+                            for i, v in enumerate(value.reshape(-1))})
+    return out
+
+
 def valid_moe_scalars(expert_counts: dict[str, Any]) -> dict[str, float]:
     """Validation scalars: MaxVio of the whole pass's counts, per layer and mean."""
     out = {f"{layer}/max_violation": float(balance.max_violation(jnp.asarray(counts)))

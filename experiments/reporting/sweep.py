@@ -52,7 +52,8 @@ class Sweep:
     Attributes:
       gin_files: the base configuration of every run (paths from the repo root).
       variants: `{variant name: {binding: value}}`; values are Python values,
-        written into gin bindings with `repr`.
+        written into gin bindings with `repr` (a string starting with '@' is a gin
+        reference, written as it is).
       grid: `{binding: [values]}`, crossed with every variant.
       seeds: `train.seed` values; every variant runs once per seed.
       bindings: extra bindings common to every run.
@@ -127,9 +128,15 @@ def run_dir(root: Path, sweep: Sweep, variant: str, seed: int) -> Path:
 def train_command(sweep: Sweep, bindings: Mapping[str, Any], seed: int, workdir: Path) -> list[str]:
     args = [sys.executable, str(REPO / "scripts" / "train.py"), "--quiet", f"--workdir={workdir}"]
     args += [f"--gin_file={f}" for f in sweep.gin_files]
-    params = list(sweep.bindings) + [f"{k} = {v!r}" for k, v in bindings.items()]
+    params = list(sweep.bindings) + [f"{k} = {gin_value(v)}" for k, v in bindings.items()]
     params.append(f"{SEED_BINDING} = {seed}")
     return args + [f"--gin_param={p}" for p in params]
+
+
+def gin_value(value: Any) -> str:
+    """A variant's value in a gin binding: `repr`, except that a string starting with '@'
+    is a gin reference written as it is (`'@MultiTokenPrediction'`)."""
+    return value if isinstance(value, str) and value.startswith("@") else repr(value)
 
 
 def run_sweep(sweep: Sweep, root: Path, *, log=print) -> list[dict[str, Any]]:

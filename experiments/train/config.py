@@ -17,6 +17,7 @@ from experiments.runtime.checkpoints import Checkpointer
 from experiments.train import profiling
 from experiments.train.hooks import StepHook, check_names
 from experiments.train.loss_free import LossFreeBalancing
+from experiments.train.loss_schedule import LossWeightSchedule  # noqa: F401  (gin: train.hooks)
 from experiments.train.phases import PhasePlan
 from experiments.train.train_step import LossWeights
 from layers.transformer import TransformerLM

@@ -22,6 +22,11 @@ Counts matmul FLOPs (2 per multiply-add) of one forward pass and multiplies by
     (`SoftMoeLayer`) processes n x p slot rows per sequence and adds its
     dispatch and combine matmuls, 4 x n x p x d per position. Tile padding inside the grouped matmul is
     ignored.
+  * multi-token prediction modules (`layers.mtp`, run in training only) count like
+    layers: their parameters (projection, block) per position, their attention, and
+    one more use of the output head (2 x d_model x vocab) per module and position; a
+    MoE block of theirs counts its experts per row like the model's MoE layers
+    (`mtp_{k}` in the step's statistics).
 """
 
 from __future__ import annotations
@@ -93,6 +98,10 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
     `batch_size / num_microbatches` rows of `seq_len` tokens."""
     tokens = batch_size // num_microbatches * seq_len
     moe_layers = {name: model.moe_layer(name) for name in getattr(model, "moe_layer_names", ())}
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None and mtp.moe:
+        moe_layers.update({mtp.layer_name(k): mtp.module(k).block.ffn
+                           for k in range(1, mtp.depth + 1)})
     # Scanned layers' parameters are stacked: one `scanned/unit_{j}` per unit position.
     moe_blocks = {id(moe) for moe in moe_layers.values()}
     dense = 0.0
@@ -111,10 +120,12 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
             dense += attention.attention_flops(seq_len)
         else:
             dense += 4.0 * seq_len * attention.num_heads * attention.head_dim
+    if mtp is not None:
+        dense += mtp.flops_per_position(seq_len, 2.0 * model.d_model * model.vocab_size)
     per_row, rows = {}, {}
     for name, moe in moe_layers.items():
         expert_size = sum(v.size for _, v in nnx.to_flat_state(nnx.state(moe.experts, nnx.Param)))
-        expert_size //= model.layer_repeats(name)
+        expert_size //= model.layer_repeats(name) if name in model.layer_names else 1
         per_row[name] = 2.0 * expert_size / moe.num_experts
         rows[name] = _moe_rows(moe, tokens, seq_len)
         dense += getattr(moe, "flops_per_position", lambda: 0.0)()

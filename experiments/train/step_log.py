@@ -17,6 +17,7 @@ from experiments.reporting.metrics import (
     ProgressLine,
     load_fractions,
     moe_scalars,
+    model_aux_scalars,
     train_moe_scalars,
     valid_moe_scalars,
 )
@@ -71,7 +72,8 @@ class StepLog:
         scalars.update({name: float(metrics[name]) for name in metrics["loss_terms"]})
         scalars.update(learning_rate=learning_rate, tokens_per_sec=tokens_per_sec, flops=flops,
                        seq_balance=float(metrics["seq_balance"]),
-                       **throughput, **train_moe_scalars(metrics["moe"]), **hook_scalars)
+                       **throughput, **train_moe_scalars(metrics["moe"]),
+                       **model_aux_scalars(metrics.get("model_aux", {})), **hook_scalars)
         self.writer.write(step, "train", scalars,
                           tb_scalars=moe_scalars(metrics["moe"]) if log_now else None)
         if log_now:

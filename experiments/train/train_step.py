@@ -64,6 +64,13 @@ class LossWeights:
         (LBL per row on normalised scores; 1e-4 in DeepSeek-V3), on top of the LBL.
       dts_weight: weight of the EvoMoE dense-to-sparse balance loss
         (`MoeAux.dts_loss`, layers with `DenseToSparseRouter` in training).
+      mtp_weight: lambda, the weight of the multi-token prediction loss
+        (`layers.mtp.MtpAux.mtp_loss`; models with `TransformerLM.mtp`).
+
+    A step hook may schedule an unscoped weight (every one but lbl_weight and
+    seq_balance_weight): its per-step value travels in the step's RouterState under
+    `scheduled_weight_key(attribute)` and replaces the constant here
+    (`experiments.train.loss_schedule.LossWeightSchedule`).
     """
 
     lbl_weight: float = 0.01
@@ -73,15 +80,16 @@ class LossWeights:
     lbl_global_mode: str = "exact"
     seq_balance_weight: float = 0.0
     dts_weight: float = 0.01
+    mtp_weight: float = 0.3
 
     def __post_init__(self):
         check_one_of("LossWeights.layer_reduction", self.layer_reduction, LAYER_REDUCTIONS)
         if min(self.lbl_weight, self.z_loss_weight, self.seq_balance_weight,
-               self.dts_weight) < 0:
+               self.dts_weight, self.mtp_weight) < 0:
             raise ValueError(f"LossWeights weights must be >= 0, got lbl_weight="
                              f"{self.lbl_weight}, z_loss_weight={self.z_loss_weight}, "
                              f"seq_balance_weight={self.seq_balance_weight}, "
-                             f"dts_weight={self.dts_weight}")
+                             f"dts_weight={self.dts_weight}, mtp_weight={self.mtp_weight}")
         missing = [MoeAux.loss_weight_name(n) for n in MoeAux.loss_names()
                    if not hasattr(self, MoeAux.loss_weight_name(n))]
         if missing:
@@ -125,10 +133,20 @@ def unscoped_losses(aux: Mapping[str, MoeAux]) -> dict[str, str]:
             for name in cls.unscoped_loss_names()}
 
 
-def loss_weight(loss_weights: LossWeights, attribute: str, loss_name: str) -> float:
+def scheduled_weight_key(attribute: str) -> str:
+    """The RouterState shared key of a scheduled `LossWeights` attribute."""
+    return f"loss_weight/{attribute}"
+
+
+def loss_weight(loss_weights: LossWeights, attribute: str, loss_name: str,
+                router_state: RouterState | None = None) -> float | jax.Array:
+    """The weight of a loss: the step's scheduled value when a hook gives one, else the
+    constant `LossWeights` attribute."""
     if not hasattr(loss_weights, attribute):
         raise ValueError(f"the MoE aux loss {loss_name!r} is weighted by LossWeights."
                          f"{attribute}, which {type(loss_weights).__name__} does not have")
+    if router_state is not None and scheduled_weight_key(attribute) in router_state.shared:
+        return router_state.shared[scheduled_weight_key(attribute)]
     return getattr(loss_weights, attribute)
 
 
@@ -173,6 +191,7 @@ def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weigh
 
     def microbatch_loss(params, mb, rng, total_tokens, router_state, groups, prior, add_own):
         logits, aux = forward(params, mb, rng, router_state)
+        aux, model_aux = layer_aux.split_model_aux(aux)  # e.g. the MTP loss (layers.mtp)
         aux = StackedLayerAux.of(aux)  # scanned layers stay stacked: one op per group
         ce = token_cross_entropy(logits, mb["targets"])
         ce_sum = jnp.sum(ce * mb["weights"])
@@ -181,11 +200,13 @@ def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weigh
         lbl = sum_layers([t["lbl"] for t in terms], reduction)
         seq_balance = sum_layers([t["seq_balance"] for t in terms], reduction)
         # Every other MoeAux loss as its layers report it, weighted as it declares.
-        weights = unscoped_losses(aux)
-        unscoped = {name: layer_aux.reduce_layers(aux, name, reduction) for name in weights}
+        weights = {**unscoped_losses(aux), **unscoped_losses(model_aux)}
+        # A loss field belongs to the layers or to the model (e.g. MTP), never both.
+        unscoped = {name: layer_aux.reduce_layers(aux, name, reduction)
+                    + layer_aux.reduce_layers(model_aux, name, reduction) for name in weights}
         loss = (ce_sum / total_tokens + loss_weights.lbl_weight * lbl
                 + loss_weights.seq_balance_weight * seq_balance
-                + sum(loss_weight(loss_weights, weights[name], name) * value
+                + sum(loss_weight(loss_weights, weights[name], name, router_state) * value
                       for name, value in unscoped.items()) / num_microbatches)
         domain_ce, domain_tokens = domain_sums(ce, mb["weights"], mb["domain"], num_domains)
         aux = aux.with_groups([
@@ -195,7 +216,8 @@ def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weigh
         out = {"ce_sum": ce_sum, "lbl": lbl * num_microbatches,
                "seq_balance": seq_balance * num_microbatches, "loss_terms": unscoped,
                "domain_ce_sum": domain_ce, "domain_tokens": domain_tokens,
-               "moe": moe_stats(aux), "own_counts": own_counts}
+               "moe": moe_stats(aux), "model_aux": moe_stats(model_aux),
+               "own_counts": own_counts}
         return loss, jax.lax.stop_gradient(out)
 
     return microbatch_loss
@@ -218,6 +240,7 @@ def _step_metrics(losses: jax.Array, outs: Mapping[str, Any], grads: Any, batch:
         "domain_ce_sum": jnp.sum(outs["domain_ce_sum"], axis=0),
         "domain_tokens": jnp.sum(outs["domain_tokens"], axis=0),
         "moe": moe,
+        "model_aux": combine_microbatch_stats(outs["model_aux"]),  # {name: model-level aux}
     }
 
 

@@ -54,3 +54,30 @@ def test_small_run_writes_every_figure(tmp_path):
     assert len(figures["rounds"]["moe/b1_ctx16"]) == 2
     text = table.read_text()
     assert "| tiny | moe |" in text and "| tiny | b4_ctx16 |" in text
+
+
+def test_model_facts_of_an_mla_model_read_its_latent_cache():
+    # The script used to read num_kv_heads / head_dim, which MLA layers lack.
+    import functools
+    import importlib.util
+    import sys
+
+    from flax import nnx
+
+    from layers.mla import MLAttention
+    from layers.transformer import TransformerLM
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_generate",
+                                                  REPO / "scripts" / "bench_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    model = nnx.eval_shape(lambda: TransformerLM(  # shapes only: nothing computed
+        vocab_size=16, d_model=16, num_layers=2, num_heads=4, d_ff=32, moe_every=0,
+        dtype="float32", rngs=nnx.Rngs(0),
+        attention=functools.partial(MLAttention, kv_lora_rank=6, qk_nope_head_dim=4,
+                                    qk_rope_head_dim=2, v_head_dim=6)))
+    facts = bench._model_facts(model)
+    assert facts["kv_bytes_per_slot"] == 2 * (6 + 2) * 4  # layers x (latent + RoPE key) x f32
+    assert facts["attention_width"] == 4 * (4 + 2 + 6) // 2
