@@ -12,6 +12,16 @@ Published figures and sources (billions of parameters, total / active):
   Qwen3-30B-A3B    30.5 / 3.3   Hugging Face model card Qwen/Qwen3-30B-A3B: "30.5B in
                                 total and 3.3B activated"
   Qwen2-57B-A14B   57 / 14      Qwen2 Technical Report (arXiv 2407.10671), Table 1
+  DeepSeek-V3      671 / 37     DeepSeek-V3 Technical Report (arXiv 2412.19437): "671B total
+                                parameters with 37B activated for each token" (the 14B MTP
+                                module excluded; the preset has none)
+  DeepSeek-V2-Lite 15.7 / 2.4   DeepSeek-V2 paper (arXiv 2405.04434), Appendix B: "15.7B total
+                                parameters, of which 2.4B are activated for each token"
+
+DeepSeek's activated counts leave out the input embedding table (a token reads one
+row of it): V2-Lite's 2.4B is 2.45B without it and 2.66B with it (our
+`active_param_count` counts embeddings in full), so for those presets the table's
+`vocab x d_model` is subtracted from ours before comparing.
 
 A count matches when within 0.5% of the figure, or within the figure's own
 rounding (half a unit of its last digit: 1.3B covers 1.25-1.35B) where that is
@@ -37,7 +47,11 @@ ZOO = {
     "qwen3_30b_a3b": (151936, "30.5", "3.3", ("TransformerLM.qk_norm",)),
     "qwen2_57b_a14b": (151936, "57", "14", ("TransformerLM.attention_bias",
                                             "MoeLayer.shared_gate")),
+    "deepseek_v3": (129280, "671", "37", ("TransformerLM.attention",)),
+    "deepseek_v2_lite": (102400, "15.7", "2.4", ("TransformerLM.attention",)),
 }
+# Presets whose published active count excludes the input embedding (see the module doc).
+ACTIVE_WITHOUT_EMBEDDING = ("deepseek_v3", "deepseek_v2_lite")
 
 
 def _known(option: str) -> bool:
@@ -73,6 +87,8 @@ def test_zoo_parameter_counts_match_published(preset):
         gin_utils.parse([f"gin_configs/zoo/{preset}.gin"], [])
         model = nnx.eval_shape(lambda: TransformerLM(vocab_size=vocab, rngs=nnx.Rngs(0)))
         counts = model.param_count(), model.active_param_count()
+        if preset in ACTIVE_WITHOUT_EMBEDDING:
+            counts = counts[0], counts[1] - vocab * model.d_model
     finally:
         gin.clear_config()
     assert _matches(counts[0], total), (preset, "total", counts[0], total)

@@ -18,6 +18,7 @@ from typing import Any
 DENSE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MOE = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 SUPPORTED = DENSE + MOE
+DEEPSEEK = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")  # experiments/convert/hf/deepseek.py
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
@@ -71,6 +72,7 @@ class ModelSpec:
     moe_layers: tuple[int, ...] = ()
     shared_d_ff: int | None = None        # Qwen2-MoE shared expert (with its sigmoid gate)
     max_position_embeddings: int | None = None
+    deepseek: Any = None                  # deepseek.DeepseekSpec of a DeepSeek-V2/V3 (MLA) model
 
     @property
     def is_moe(self) -> bool:
@@ -83,8 +85,8 @@ def _refuse(key: str, value: Any, why: str) -> UnsupportedConfigError:
 
 def architecture_of(cfg: Mapping[str, Any]) -> str:
     archs = cfg.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in SUPPORTED:
-        raise _refuse("architectures", archs, f"supported: {', '.join(SUPPORTED)}")
+    if len(archs) != 1 or archs[0] not in SUPPORTED + DEEPSEEK:
+        raise _refuse("architectures", archs, f"supported: {', '.join(SUPPORTED + DEEPSEEK)}")
     return archs[0]
 
 
@@ -119,12 +121,7 @@ def _attention_features(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
         raise _refuse("attention_bias", cfg["attention_bias"], f"{arch} has no attention biases")
     else:
         bias = False
-    if cfg.get("mlp_bias"):
-        raise _refuse("mlp_bias", cfg["mlp_bias"], "our MLPs have no biases")
-    if cfg.get("clip_qkv") is not None:
-        raise _refuse("clip_qkv", cfg["clip_qkv"], "QKV clipping is not supported")
-    if cfg.get("pretraining_tp", 1) != 1:
-        raise _refuse("pretraining_tp", cfg["pretraining_tp"], "only 1 is supported")
+    check_common_keys(cfg)
     window = None
     if arch in _SLIDING:
         window = _sliding_window(cfg, arch)
@@ -132,6 +129,16 @@ def _attention_features(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
         raise _refuse("sliding_window", cfg["sliding_window"], f"{arch} has no sliding window")
     return {"attention_bias": bias, "attention_out_bias": bias and arch in BIAS_FROM_FLAG,
             "qk_norm": _QK_NORM.get(arch), "sliding_window": window}
+
+
+def check_common_keys(cfg: Mapping[str, Any]) -> None:
+    """Refuses `mlp_bias`, `clip_qkv` and `pretraining_tp` other than 1 (every family)."""
+    if cfg.get("mlp_bias"):
+        raise _refuse("mlp_bias", cfg["mlp_bias"], "our MLPs have no biases")
+    if cfg.get("clip_qkv") is not None:
+        raise _refuse("clip_qkv", cfg["clip_qkv"], "QKV clipping is not supported")
+    if cfg.get("pretraining_tp", 1) != 1:
+        raise _refuse("pretraining_tp", cfg["pretraining_tp"], "only 1 is supported")
 
 
 def _sliding_window(cfg: Mapping[str, Any], arch: str) -> int | None:
@@ -193,6 +200,9 @@ def _moe_features(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
 def parse_config(cfg: Mapping[str, Any]) -> ModelSpec:
     """The spec of a supported HF config; UnsupportedConfigError or KeyError otherwise."""
     arch = architecture_of(cfg)
+    if arch in DEEPSEEK:
+        from experiments.convert.hf import deepseek  # pylint: disable=g-import-not-at-top
+        return deepseek.parse(cfg, arch)
     act = cfg.get("hidden_act", "silu")
     if act in _TANH_GELUS:
         raise _refuse("hidden_act", act, "a gated tanh-approximate GELU is not supported "
@@ -221,6 +231,9 @@ def model_bindings(spec: ModelSpec) -> list[str]:
     Tied HF embeddings become an untied `lm_head` copy: our tied head scales
     logits by d_model**-0.5, HF's does not, so the copy keeps logits exact.
     """
+    if spec.deepseek is not None:
+        from experiments.convert.hf import deepseek  # pylint: disable=g-import-not-at-top
+        return deepseek.bindings(spec)
     b = [f"TransformerLM.d_model = {spec.d_model}", f"TransformerLM.d_ff = {spec.d_ff}",
          f"TransformerLM.num_layers = {spec.num_layers}",
          f"TransformerLM.num_heads = {spec.num_heads}",
@@ -259,6 +272,9 @@ def model_bindings(spec: ModelSpec) -> list[str]:
 
 def hf_config(spec: ModelSpec, *, dtype: str = "float32") -> dict[str, Any]:
     """A HF config.json dict for `spec` (transformers 5 layout, read by 4.x too)."""
+    if spec.deepseek is not None:
+        from experiments.convert.hf import deepseek  # pylint: disable=g-import-not-at-top
+        return deepseek.hf_config(spec, dtype=dtype)
     arch = spec.architecture
     act = {v: k for k, v in ACTIVATIONS.items() if k != "swish"}[spec.activation]
     rope: dict[str, Any] = {"rope_theta": spec.rope_theta, "rope_type": "default"}

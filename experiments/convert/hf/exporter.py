@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from experiments.convert.hf import config as config_lib
-from experiments.convert.hf import family, mapping
+from experiments.convert.hf import deepseek_tensors, family, mapping
 from experiments.convert.hf.importer import DTYPES
 from experiments.convert.hf.safetensors_io import write_sharded
 from experiments.convert.hf.workdir import atomic_dir
@@ -51,8 +51,8 @@ def hf_getter(flat: Mapping[tuple, Any], spec: config_lib.ModelSpec, tied: bool)
     return get
 
 
-def _read(workdir: Path, step: int | None) -> tuple[Any, dict, int, bool]:
-    """(abstract model, host params, step, whether non-zero selection biases are stored)."""
+def _read(workdir: Path, step: int | None) -> tuple[Any, dict, int, dict[str, np.ndarray]]:
+    """(abstract model, host params, step, the stored loss-free selection biases)."""
     config = workdir / gin_utils.CONFIG_FILE
     if not config.exists():
         raise FileNotFoundError(f"{config}: missing (not a workdir of ours?)")
@@ -68,10 +68,19 @@ def _read(workdir: Path, step: int | None) -> tuple[Any, dict, int, bool]:
         restored = checkpointer.restore_step(step, abstract, None)
     finally:
         checkpointer.close()
-    biases = restored.balance_state or {}
-    has_biases = any(np.any(np.asarray(v) != 0) for v in biases.values())
+    biases = {k: np.asarray(v, np.float32) for k, v in (restored.balance_state or {}).items()}
     # HF names layers one by one: a scanned model's stacked layers are unstacked.
-    return model, scan_lib.unscan_tree(jax.device_get(restored.params)), step, has_biases
+    return model, scan_lib.unscan_tree(jax.device_get(restored.params)), step, biases
+
+
+def _tensors(get, spec: config_lib.ModelSpec, biases: dict[str, np.ndarray],
+             drop_selection_bias: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """The mapped tensors, then DeepSeek-V3's `e_score_correction_bias` per MoE layer
+    (the run's selection biases; zeros without them or with --drop_selection_bias)."""
+    yield from mapping.to_hf(get, spec)
+    for layer, name in deepseek_tensors.selection_bias_names(spec).items():
+        bias = None if drop_selection_bias else biases.get(layer)
+        yield name, (np.zeros((spec.num_experts,), np.float32) if bias is None else bias)
 
 
 def export_hf(workdir: str | Path, out_dir: str | Path, *, step: int | None = None,
@@ -83,13 +92,14 @@ def export_hf(workdir: str | Path, out_dir: str | Path, *, step: int | None = No
         raise ValueError(f"dtype {dtype!r}: allowed {', '.join(DTYPES)}")
     if not workdir.is_dir():
         raise FileNotFoundError(f"{workdir}: not a directory")
-    model, params, step, has_biases = _read(workdir, step)
+    model, params, step, biases = _read(workdir, step)
+    has_biases = any(np.any(v != 0) for v in biases.values())
     spec = family.spec_of(model, selection_biases=has_biases,
                           drop_selection_bias=drop_selection_bias)
     flat = traverse_util.flatten_dict(params)
     get = hf_getter(flat, spec, tied=model.tie_embeddings)
     with atomic_dir(out_dir) as tmp:
-        write_sharded(tmp, mapping.to_hf(get, spec), dtype=dtype,
+        write_sharded(tmp, _tensors(get, spec, biases, drop_selection_bias), dtype=dtype,
                       max_shard_bytes=max_shard_bytes)
         cfg = config_lib.hf_config(spec, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")

@@ -135,16 +135,20 @@ def spec_of(model: Any, *, selection_biases: bool = False,
     `selection_biases`: the checkpoint holds non-zero loss-free selection
     biases; HF routers have none, so they are refused unless dropped.
     """
+    attention = model.block("layer_0").attention
+    if type(attention).__name__ == "MLAttention":
+        from experiments.convert.hf import deepseek_family  # pylint: disable=g-import-not-at-top
+        return deepseek_family.spec_of_model(model, selection_biases=selection_biases,
+                                             drop_selection_bias=drop_selection_bias)
     if selection_biases and not drop_selection_bias:
         raise UnsupportedModelError(
             "the checkpoint holds loss-free selection biases (train.loss_free / "
-            "selection_bias router state); HF routers have none: pass --drop_selection_bias "
-            "to export without them (routing then changes)")
-    attention = model.block("layer_0").attention
+            "selection_bias router state); HF routers have none (DeepseekV3's have, with "
+            "MLA and sigmoid scores): pass --drop_selection_bias to export without them "
+            "(routing then changes)")
     if type(attention).__name__ != "Attention":
         raise UnsupportedModelError(f"TransformerLM.attention = @{type(attention).__name__}: no "
-                                    "supported HF family holds it (DeepSeek-V2/V3 export of "
-                                    "multi-head latent attention is not done yet)")
+                                    "supported HF family holds it")
     activation = bound("TransformerLM.activation", "relu")
     if activation not in _GLU:
         raise UnsupportedModelError(f"TransformerLM.activation={activation!r}: HF decoders "

@@ -27,7 +27,7 @@ import optax
 from flax import nnx, traverse_util
 
 from experiments.convert.hf import config as config_lib
-from experiments.convert.hf import mapping
+from experiments.convert.hf import deepseek_tensors, mapping
 from experiments.convert.hf.safetensors_io import SafetensorsReader
 from experiments.convert.hf.workdir import atomic_dir, read_hf_config
 from experiments.data import pipeline as data_lib
@@ -35,7 +35,7 @@ from experiments.data.config import DataConfig
 from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime import mesh as mesh_lib
-from experiments.runtime.checkpoints import Checkpointer
+from experiments.runtime.checkpoints import LOSS_FREE_HOOK, Checkpointer
 from experiments.train import trainer  # noqa: F401  (registers `train` for the config)
 from experiments.train.config import model_vocab_size
 from experiments.train.optim import make_optimizer
@@ -72,10 +72,13 @@ def tensor_getter(reader: SafetensorsReader, spec: config_lib.ModelSpec
 
 
 def load_params(model_dir: Path, spec: config_lib.ModelSpec, abstract: Mapping,
-                place: Callable[[tuple, np.ndarray], Any] | None = None) -> dict:
+                place: Callable[[tuple, np.ndarray], Any] | None = None,
+                biases: dict[str, np.ndarray] | None = None) -> dict:
     """Our nested params from the safetensors of `model_dir`, checked against
     `abstract` (names and shapes); `place(path, array)` puts each leaf (default:
-    a host array of the abstract dtype)."""
+    a host array of the abstract dtype). DeepSeek-V3's correction biases go into
+    `biases` (`{layer: [E] float32}`, our loss-free selection biases); its MTP
+    layers' tensors are skipped with a warning (`deepseek_tensors.mtp_prefixes`)."""
     reader = SafetensorsReader(model_dir)
     get, used = tensor_getter(reader, spec)
     flat_abstract = traverse_util.flatten_dict(abstract)
@@ -92,6 +95,12 @@ def load_params(model_dir: Path, spec: config_lib.ModelSpec, abstract: Mapping,
                                  f"{value.shape}")
             flat[path] = (place(path, value) if place else
                           np.asarray(value, flat_abstract[path].dtype))
+        for layer, name in deepseek_tensors.selection_bias_names(spec).items():
+            bias = np.asarray(get(name), np.float32)
+            if bias.shape != (spec.num_experts,):
+                raise ValueError(f"{name}: shape {bias.shape}, want ({spec.num_experts},)")
+            if biases is not None:
+                biases[layer] = bias
     except KeyError as e:
         raise ValueError(f"{model_dir}: tensor {e.args[0]!r} missing from the safetensors "
                          "files") from None
@@ -100,11 +109,25 @@ def load_params(model_dir: Path, spec: config_lib.ModelSpec, abstract: Mapping,
     missing = sorted("/".join(p) for p in set(flat_abstract) - set(flat))
     if missing:
         raise ValueError(f"our model has parameters the import does not fill: {missing[:8]}")
-    unused = sorted(n for n in reader.names() - used if not n.endswith("rotary_emb.inv_freq"))
+    skipped = ignored_mtp_tensors(reader.names(), spec)
+    if skipped:
+        _log.warning("%s: %d tensors of DeepSeek-V3's %d MTP layer(s) (%s) not imported: "
+                     "transformers' %s has no module for them", model_dir, len(skipped),
+                     spec.deepseek.mtp_layers,
+                     ", ".join(p + "*" for p in deepseek_tensors.mtp_prefixes(spec)),
+                     spec.architecture)
+    unused = sorted(n for n in reader.names() - used - set(skipped)
+                    if not n.endswith("rotary_emb.inv_freq"))
     if unused:
         raise ValueError(f"{model_dir}: tensors with no place in a {spec.architecture} of this "
                          f"config: {unused[:8]}")
     return traverse_util.unflatten_dict(flat)
+
+
+def ignored_mtp_tensors(names: set[str], spec: config_lib.ModelSpec) -> list[str]:
+    """The tensors of DeepSeek-V3's MTP layers among `names` (not imported)."""
+    prefixes = deepseek_tensors.mtp_prefixes(spec)
+    return sorted(n for n in names if prefixes and n.startswith(prefixes))
 
 
 def _data_state(vocab: int, seed: int) -> dict[str, Any]:
@@ -156,7 +179,8 @@ def import_hf(model_dir: str | Path, out_workdir: str | Path, *,
 
             def place(path, value):  # pylint: disable=function-redefined
                 return jax.device_put(np.asarray(value, flat_abs[path].dtype), shardings[path])
-        params = load_params(model_dir, spec, abstract, place)
+        biases: dict[str, np.ndarray] = {}
+        params = load_params(model_dir, spec, abstract, place, biases)
         if scanned:
             params = scan_lib.match_layer_layout(params, layout)
             if mesh_lib.mesh_shape_from_gin() is not None:
@@ -168,13 +192,18 @@ def import_hf(model_dir: str | Path, out_workdir: str | Path, *,
         try:
             checkpointer.save(0, params=params, opt_state=opt_state,
                               data_state=_data_state(spec.vocab_size, seed),
-                              rng_key_data=np.asarray(jax.random.PRNGKey(seed)), force=True)
+                              rng_key_data=np.asarray(jax.random.PRNGKey(seed)), force=True,
+                              hook_state={LOSS_FREE_HOOK: biases} if biases else None)
         finally:
             checkpointer.close()
         gin_utils.write_config(tmp)
         copy_tokenizer_files(model_dir, tmp)
-        (tmp / "hf_import.json").write_text(json.dumps(
-            {"source": str(model_dir), "architecture": spec.architecture, "config": hf_cfg},
-            indent=2) + "\n", encoding="utf-8")
+        record = {"source": str(model_dir), "architecture": spec.architecture, "config": hf_cfg}
+        if spec.deepseek is not None and spec.deepseek.mtp_layers:
+            record["not_imported"] = {
+                "tensors": [p + "*" for p in deepseek_tensors.mtp_prefixes(spec)],
+                "why": "DeepSeek-V3 MTP layers: transformers has no module for them"}
+        (tmp / "hf_import.json").write_text(json.dumps(record, indent=2) + "\n",
+                                            encoding="utf-8")
     _log.info("imported %s into %s", model_dir, out_workdir)
     return out_workdir

@@ -53,6 +53,17 @@ class ExpertRule:
     num_experts: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitRule:
+    """HF tensor `hf` <-> our leaves `ours` (one or more), through `split(hf array) ->
+    tuple of ours` and `join(*ours) -> hf array` (DeepSeek's fused projections)."""
+
+    hf: str
+    ours: tuple[Path, ...]
+    split: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    join: Callable[..., np.ndarray]
+
+
 def _heads(spec: ModelSpec, kind: str) -> int:
     return spec.num_heads if kind.startswith("q") or kind == "o" else spec.num_kv_heads
 
@@ -125,7 +136,9 @@ def _mlp(hf: str, ours: Path) -> list[Rule]:
 _MOE_NAMES = {"MixtralForCausalLM": ("block_sparse_moe", ("w1", "w3", "w2")),
               "Qwen2MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj")),
               "Qwen3MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-              "OlmoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+              "OlmoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+              "DeepseekV2ForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+              "DeepseekV3ForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
 
 
 def _moe(spec: ModelSpec, p: str, o: str) -> list[Rule | ExpertRule]:
@@ -143,10 +156,14 @@ def _moe(spec: ModelSpec, p: str, o: str) -> list[Rule | ExpertRule]:
     return rules
 
 
-def rules(spec: ModelSpec) -> list[Rule | ExpertRule]:
+def rules(spec: ModelSpec) -> list[Rule | ExpertRule | SplitRule]:
     """Every tensor of `spec`'s family, in HF order."""
-    out: list[Rule | ExpertRule] = [Rule("model.embed_tokens.weight", ("embedding",))]
+    out: list[Rule | ExpertRule | SplitRule] = [Rule("model.embed_tokens.weight", ("embedding",))]
     for i in range(spec.num_layers):
+        if spec.deepseek is not None:
+            from experiments.convert.hf import deepseek_tensors  # pylint: disable=g-import-not-at-top
+            out += deepseek_tensors.layer_rules(spec, i)
+            continue
         p, o = f"model.layers.{i}.", f"layer_{i}"
         out += _attention(spec, p, o)
         out += _moe(spec, p, o) if i in spec.moe_layers else _mlp(p + "mlp.", (o, "ffn"))
@@ -160,7 +177,7 @@ def rules(spec: ModelSpec) -> list[Rule | ExpertRule]:
 
 def hf_names(spec: ModelSpec) -> Iterator[str]:
     for r in rules(spec):
-        if isinstance(r, Rule):
+        if isinstance(r, (Rule, SplitRule)):
             yield r.hf
         else:
             yield from (f"{r.prefix}{e}{r.suffix}" for e in range(r.num_experts))
@@ -176,6 +193,8 @@ def to_ours(get: Callable[[str], np.ndarray], spec: ModelSpec) -> Iterator[tuple
         if isinstance(r, ExpertRule):
             stack = [get(f"{r.prefix}{e}{r.suffix}").T for e in range(r.num_experts)]
             yield r.ours, np.stack(stack)
+        elif isinstance(r, SplitRule):
+            yield from zip(r.ours, r.split(get(r.hf)))
         elif r.hf == "lm_head.weight" and spec.tie_embeddings:
             try:
                 yield r.ours, get(r.hf).T
@@ -192,6 +211,8 @@ def to_hf(get: Callable[[Path], np.ndarray], spec: ModelSpec) -> Iterator[tuple[
             stacked = get(r.ours)
             for e in range(r.num_experts):
                 yield f"{r.prefix}{e}{r.suffix}", np.ascontiguousarray(stacked[e].T)
+        elif isinstance(r, SplitRule):
+            yield r.hf, np.ascontiguousarray(r.join(*(get(path) for path in r.ours)))
         else:
             yield r.hf, np.ascontiguousarray(_to_hf(r.kind, get(r.ours), spec))
 
