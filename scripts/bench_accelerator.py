@@ -43,6 +43,7 @@ from experiments.bench import gmm, layer, report, step, timing
 from experiments.bench.budget import Budget, error_text, past
 from experiments.runtime import cli
 from moe.dispatch import available_dispatches
+from moe.dispatch.registry import unavailable
 
 SECTIONS = ("gmm", "layer", "step")
 SHARES = {"gmm": 0.45, "layer": 0.45, "step": 1.0}  # of the time left when the section starts
@@ -147,7 +148,8 @@ def run_gmm(run: Run) -> None:
     deadline = run.budget.section_deadline(SHARES["gmm"])
     cands = gmm.candidates(platform, args.small)
     run.data["optional"] = {n: c.unavailable or "available" for n, c in cands.items()
-                            if n in ("megablox", "tokamax", "gmm_pallas_interpret")}
+                            if n in ("megablox", "tokamax", "gmm_pallas_interpret",
+                                     "pallas_fused_gather")}
     default = "float32" if platform == "cpu" else "bfloat16"
     dtypes = [d for d in (args.dtypes or default).split(",") if d]
     cases = ([(s, r) for s in gmm.FULL_SHAPES for r in gmm.ROUTINGS] if not args.small else
@@ -198,6 +200,12 @@ def run_layer(run: Run) -> None:
                         f"layer {config.name} {dispatch}: error ({error_text(e)})")
             continue
         for dispatch, cf in variants:
+            reason = unavailable(dispatch)  # an optional extra not installed
+            if reason:
+                run.add("layer", dict(config=config.name, dispatch=dispatch, capacity_factor=cf,
+                                      status="unavailable", reason=reason),
+                        f"layer {config.name} {dispatch}: unavailable ({reason})")
+                continue
             if past(deadline):
                 run.add("layer", dict(config=config.name, dispatch=dispatch, capacity_factor=cf,
                                       status="skipped", reason="time budget"),

@@ -73,6 +73,14 @@ def unavailable(name: str) -> str | None:
     return missing() if missing is not None else None
 
 
+def runnable_dispatches(platform: str | None = None) -> tuple[str, ...]:
+    """The registered dispatches worth running here: their optional packages installed
+    and, on CPU (`platform`, default jax's backend), no Pallas interpret mode."""
+    platform = platform or jax.default_backend()
+    return tuple(name for name in _DISPATCHERS if unavailable(name) is None
+                 and not (platform == "cpu" and _TRAITS[name].interpreted_on_cpu))
+
+
 def check_dispatch(name: str) -> None:
     """ValueError naming the allowed values for an unknown name, or naming the extra to
     install for a dispatch whose optional package is missing (a CLI prints it as one line)."""

@@ -56,6 +56,17 @@ def implementation(platform: str) -> str | None:
     return name
 
 
+def _absl_flags_parsed() -> None:
+    """tokamax (0.0.12) reads its options from absl flags and, on first use, parses
+    `sys.argv` with absl: a host program's own flags (pytest's, a script's) then fail as
+    unknown absl flags. Mark absl's flags parsed (tokamax's defaults) unless the program
+    parsed them itself."""
+    from absl import flags  # a dependency of tokamax
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def tokamax_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """`[M, K] x [E, K, N] -> [M, N]` through `tokamax.ragged_dot` (rows past the groups
     are zero)."""
@@ -63,5 +74,6 @@ def tokamax_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.A
     if reason:
         raise ValueError(reason)
     tokamax = importlib.import_module("tokamax")
+    _absl_flags_parsed()
     name = implementation(_platform(lhs, rhs))
     return tokamax.ragged_dot(lhs, rhs, group_sizes, implementation=name)
