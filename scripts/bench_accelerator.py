@@ -8,9 +8,11 @@ Finds the backend jax runs on (GPU, TPU; CPU only with --small) and, within
 
   gmm    grouped matmul forward and forward+backward (bf16; f32 on CPU) at
          Mixtral-like, OLMoE/DeepSeek-like fine-grained and small shapes, uniform
-         and skewed routing: moe.kernels.gmm (Pallas), jax.lax.ragged_dot, megablox
-         (TPU), tokamax (if installed), and a dense matmul of equal useful FLOPs;
-  layer  MoeLayer forward+backward vs a dense FFN of equal active FLOPs, per dispatch;
+         and skewed routing: moe.kernels.gmm (Pallas), the fused dispatch's
+         row-gathering gmm, jax.lax.ragged_dot, megablox (TPU), tokamax (if
+         installed), and a dense matmul of equal useful FLOPs;
+  layer  MoeLayer forward+backward vs a dense FFN of equal active FLOPs, per dispatch
+         (pallas vs pallas_fused vs tokamax: which dispatch is faster on the device);
   step   a training step of an MoE preset vs the dense preset of equal active
          parameters, with MFU where the device's peak is known.
 
@@ -223,7 +225,9 @@ def run_step(run: Run) -> None:
     sizes = dict(SMALL_STEP if args.small else FULL_STEP)
     reference = sizes.pop("reference")
     tol = args.tolerance_scale * (1e-4 if platform == "cpu" else 2e-2)
-    dispatches = ("sort",) if platform == "cpu" else ("sort", "pallas", "ragged_dot")
+    dispatches = ("sort",) if platform == "cpu" else tuple(
+        d for d in ("sort", "pallas", "pallas_fused", "ragged_dot", "tokamax")
+        if unavailable(d) is None)
     for pair in (step.SMALL_PAIRS if args.small else step.FULL_PAIRS):
         if past(deadline):
             records = step.timed_out(pair, dispatches)
