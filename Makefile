@@ -48,13 +48,15 @@ test-seqio: $(SEQIO_STAMP)
 $(INTEROP_STAMP): setup.py pyproject.toml
 	test -x $(INTEROP_PY) || $(PYTHON) -m venv $(INTEROP_VENV)
 	$(INTEROP_PY) -m pip install --upgrade --quiet pip
-	$(INTEROP_PY) -m pip install --quiet -e ".[dev]" $(INTEROP_PINS)
+	$(INTEROP_PY) -m pip install --quiet -e ".[dev,tokamax]" $(INTEROP_PINS)
 	touch $(INTEROP_STAMP)
 
 # Our models against transformers' on the same weights (import, score, export, routing);
-# one xdist group per family shares its import.
+# one xdist group per family shares its import. The optional tokamax extra rides in this venv
+# (small wheels): its dispatch against the XLA path (skipped by `make test`, which lacks it).
 test-interop: $(INTEROP_STAMP)
-	$(INTEROP_PY) -m pytest -n 2 --dist loadgroup tests/interop $(PYTEST_ARGS)
+	$(INTEROP_PY) -m pytest -n 2 --dist loadgroup tests/interop \
+	    "tests/moe/test_fused_dispatch.py::test_tokamax_dispatch_matches_the_xla_path" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_moe_layer.py --json docs/bench_moe_layer.json

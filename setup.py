@@ -34,6 +34,9 @@ EXTRAS_REQUIRE = {
     # py:percent pairing (jupytext). The CI executes the notebooks in a kernel (dev).
     "notebooks": ["jupyterlab>=4,<5", "jupytext>=1.16,<2", "ipykernel>=6,<8",
                   "nbformat>=5,<6"],
+    # tokamax: its Pallas ragged_dot as the `tokamax` dispatch (moe/dispatch/tokamax_backend.py);
+    # 7 small pure-Python wheels over jax (qwix, pydantic, jaxtyping, ...); "xla" on CPU.
+    "tokamax": ["tokamax>=0.0.12,<0.1"],
     # safetensors: the pretrained-weights upcycling and import tests write their fixtures
     # with it (scripts/import_hf.py and export_hf.py read/write safetensors themselves).
     "import": ["safetensors>=0.4,<1"],

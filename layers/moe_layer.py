@@ -22,10 +22,10 @@ from layers.params import EMBED, fan_in_init, make_param
 from layers.remat import MOE_COMBINE, MOE_ROUTING
 from layers.routers import BaseRouter, Routing, TopKRouter, get_router
 from moe import balance
-from moe.dispatch import available_dispatches, expert_choice_dispatch, get_dispatch
+from moe.dispatch import expert_choice_dispatch, get_dispatch
 from moe.dispatch import expert_parallel as ep_lib
+from moe.dispatch.registry import check_dispatch
 from moe.layer_aux import MoeAux
-from moe.validation import check_one_of
 
 Array = jax.Array
 # Arguments TransformerLM passes to its MoE block; not bindable in gin.
@@ -237,7 +237,7 @@ def _validate(*, d_ff, num_experts, k, dispatch, capacity_factor, eval_capacity_
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
-    check_one_of("dispatch", dispatch, available_dispatches())
+    check_dispatch(dispatch)  # a known name, its optional package installed
     for name, value in (("capacity_factor", capacity_factor),
                         ("eval_capacity_factor", eval_capacity_factor)):
         if value is not None and not value > 0:

@@ -82,7 +82,8 @@ class ExpertFFN:
     def num_experts(self) -> int:
         return self.wi.shape[0]
 
-    def _hidden(self, up: Array, gate: Array | None) -> Array:
+    def hidden(self, up: Array, gate: Array | None) -> Array:
+        """The hidden activations from the input projections: `act(gate) * up` or `act(up)`."""
         act = activation_fn(self.activation)
         return act(gate) * up if gate is not None else act(up)
 
@@ -90,13 +91,13 @@ class ExpertFFN:
         """`[E, C, d]` -> `[E, C, d]`: expert e applied to buffer e."""
         up = jnp.einsum("ecd,edf->ecf", x, self.wi)
         gate = None if self.wi_gate is None else jnp.einsum("ecd,edf->ecf", x, self.wi_gate)
-        return jnp.einsum("ecf,efd->ecd", self._hidden(up, gate), self.wo)
+        return jnp.einsum("ecf,efd->ecd", self.hidden(up, gate), self.wo)
 
     def grouped(self, x: Array, group_sizes: Array, gmm: GroupedMatmul) -> Array:
         """`[M, d]` rows sorted by expert, `group_sizes [E]` -> `[M, d]`."""
         up = gmm(x, self.wi, group_sizes)
         gate = None if self.wi_gate is None else gmm(x, self.wi_gate, group_sizes)
-        return gmm(self._hidden(up, gate), self.wo, group_sizes)
+        return gmm(self.hidden(up, gate), self.wo, group_sizes)
 
     def all_experts(self, x: Array) -> Array:
         """`[T, d]` -> `[E, T, d]`: every expert on every token."""
@@ -106,4 +107,4 @@ class ExpertFFN:
         """Expert `expert` on `[T, d]` tokens, for per-expert loop references."""
         up = x @ self.wi[expert]
         gate = None if self.wi_gate is None else x @ self.wi_gate[expert]
-        return self._hidden(up, gate) @ self.wo[expert]
+        return self.hidden(up, gate) @ self.wo[expert]

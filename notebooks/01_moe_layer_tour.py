@@ -64,8 +64,8 @@ from flax import nnx  # noqa: E402
 
 from layers import MoeLayer  # noqa: E402
 from layers.routers import TopKRouter  # noqa: E402
-from moe.dispatch import available_dispatches  # noqa: E402
 from moe.dispatch import expert_parallel as ep_lib  # noqa: E402
+from moe.dispatch import runnable_dispatches  # noqa: E402
 from moe.dispatch.registry import dispatch_traits  # noqa: E402
 
 # One variable sets every size: "smoke" (CI, < 1 min on CPU) or "full".
@@ -185,7 +185,7 @@ plt.show()
 # by design; it is native on GPU/TPU).
 
 # %%
-backends = available_dispatches()
+backends = runnable_dispatches()  # installed, and no Pallas interpret mode on CPU
 forward = {}
 for name in backends:
     graphdef, state = nnx.split(make_layer(dispatch=name, capacity_factor=None))

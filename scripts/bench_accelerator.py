@@ -8,9 +8,11 @@ Finds the backend jax runs on (GPU, TPU; CPU only with --small) and, within
 
   gmm    grouped matmul forward and forward+backward (bf16; f32 on CPU) at
          Mixtral-like, OLMoE/DeepSeek-like fine-grained and small shapes, uniform
-         and skewed routing: moe.kernels.gmm (Pallas), jax.lax.ragged_dot, megablox
-         (TPU), tokamax (if installed), and a dense matmul of equal useful FLOPs;
-  layer  MoeLayer forward+backward vs a dense FFN of equal active FLOPs, per dispatch;
+         and skewed routing: moe.kernels.gmm (Pallas), the fused dispatch's
+         row-gathering gmm, jax.lax.ragged_dot, megablox (TPU), tokamax (if
+         installed), and a dense matmul of equal useful FLOPs;
+  layer  MoeLayer forward+backward vs a dense FFN of equal active FLOPs, per dispatch
+         (pallas vs pallas_fused vs tokamax: which dispatch is faster on the device);
   step   a training step of an MoE preset vs the dense preset of equal active
          parameters, with MFU where the device's peak is known.
 
@@ -43,6 +45,7 @@ from experiments.bench import gmm, layer, report, step, timing
 from experiments.bench.budget import Budget, error_text, past
 from experiments.runtime import cli
 from moe.dispatch import available_dispatches
+from moe.dispatch.registry import unavailable
 
 SECTIONS = ("gmm", "layer", "step")
 SHARES = {"gmm": 0.45, "layer": 0.45, "step": 1.0}  # of the time left when the section starts
@@ -147,7 +150,8 @@ def run_gmm(run: Run) -> None:
     deadline = run.budget.section_deadline(SHARES["gmm"])
     cands = gmm.candidates(platform, args.small)
     run.data["optional"] = {n: c.unavailable or "available" for n, c in cands.items()
-                            if n in ("megablox", "tokamax", "gmm_pallas_interpret")}
+                            if n in ("megablox", "tokamax", "gmm_pallas_interpret",
+                                     "pallas_fused_gather")}
     default = "float32" if platform == "cpu" else "bfloat16"
     dtypes = [d for d in (args.dtypes or default).split(",") if d]
     cases = ([(s, r) for s in gmm.FULL_SHAPES for r in gmm.ROUTINGS] if not args.small else
@@ -198,6 +202,12 @@ def run_layer(run: Run) -> None:
                         f"layer {config.name} {dispatch}: error ({error_text(e)})")
             continue
         for dispatch, cf in variants:
+            reason = unavailable(dispatch)  # an optional extra not installed
+            if reason:
+                run.add("layer", dict(config=config.name, dispatch=dispatch, capacity_factor=cf,
+                                      status="unavailable", reason=reason),
+                        f"layer {config.name} {dispatch}: unavailable ({reason})")
+                continue
             if past(deadline):
                 run.add("layer", dict(config=config.name, dispatch=dispatch, capacity_factor=cf,
                                       status="skipped", reason="time budget"),
@@ -215,7 +225,9 @@ def run_step(run: Run) -> None:
     sizes = dict(SMALL_STEP if args.small else FULL_STEP)
     reference = sizes.pop("reference")
     tol = args.tolerance_scale * (1e-4 if platform == "cpu" else 2e-2)
-    dispatches = ("sort",) if platform == "cpu" else ("sort", "pallas", "ragged_dot")
+    dispatches = ("sort",) if platform == "cpu" else tuple(
+        d for d in ("sort", "pallas", "pallas_fused", "ragged_dot", "tokamax")
+        if unavailable(d) is None)
     for pair in (step.SMALL_PAIRS if args.small else step.FULL_PAIRS):
         if past(deadline):
             records = step.timed_out(pair, dispatches)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from experiments.bench.layer import compile_pair, dense_ffn, moe_layer
 from experiments.bench.timing import paired_ratio
 from experiments.runtime import cli
-from moe.dispatch import available_dispatches
+from moe.dispatch import available_dispatches, runnable_dispatches
 
 # (name, E, k, d_ff per expert); d_ff * k is constant, so active FLOPs match.
 CONFIGS = [("E8_k2", 8, 2, 1024), ("E64_k8_fine", 64, 8, 256)]
@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--d_model", type=int, default=512)
     parser.add_argument("--small", action="store_true", help="T=512, d=64: a smoke run")
-    parser.add_argument("--dispatches", default=",".join(available_dispatches()),
-                        help="comma-separated dispatch names")
+    parser.add_argument("--dispatches", default=",".join(runnable_dispatches()),
+                        help="comma-separated dispatch names (default: those that run here "
+                             "without Pallas interpret mode or a missing extra)")
     parser.add_argument("--capacity_factors", default="1.25,none",
                         help="comma-separated; 'none' = dropless")
     parser.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))

@@ -23,8 +23,8 @@ from flax import nnx
 from experiments.runtime import cli
 from layers import MoeLayer
 from layers.routers import TopKRouter
-from moe.dispatch import available_dispatches
 from moe.dispatch import expert_parallel as ep_lib
+from moe.dispatch import runnable_dispatches
 from moe.dispatch.registry import dispatch_traits
 
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     # traits promise; a dispatch that can bound its buffers is also run with the opt-in.
     print("\ndispatch implementations, capacity_factor=None: max |y - y_einsum|, dropped:")
     outputs = {}
-    for name in available_dispatches():
+    for name in runnable_dispatches():
         layer_d = MoeLayer(args.d_model, args.d_ff, args.num_experts, args.k, router=router,
                            dispatch=name, rngs=nnx.Rngs(args.seed))
         outputs[name] = layer_d(x)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from experiments.bench import gmm, peaks, report
+from moe.dispatch import tokamax_backend
 from tests.helpers import REPO, run_script, start_script
 
 TINY = gmm.GmmShape("tiny", 4, 2, 16, 16, 8)  # M = 32 rows, K = 16, N = 8
@@ -173,18 +174,22 @@ def test_small_cpu_run_writes_every_field_and_its_doc_section(tmp_path):
     assert set(data) == set(report.TOP_FIELDS)
     assert data["complete"] and data["small"] and data["device"]["platform"] == "cpu"
     assert len(data["load_average"]["start"]) == 3
-    assert data["optional"]["tokamax"] in ("available", "not installed (pip install tokamax)")
+    assert data["optional"]["tokamax"] == (tokamax_backend.missing() or "available")
     assert data["optional"]["megablox"] == "TPU only"
     assert {r["mode"] for r in data["gmm"]} == set(gmm.MODES)
     assert {r["routing"] for r in data["gmm"]} == set(gmm.ROUTINGS)
     for record in data["gmm"]:
         assert set(record) == GMM_FIELDS
-        for name in ("gmm", "gmm_pallas_interpret", "ragged_dot"):
+        for name in ("gmm", "gmm_pallas_interpret", "pallas_fused_gather", "ragged_dot"):
             assert set(record["candidates"][name]) >= TIMED_FIELDS, (name, record)
             assert record["candidates"][name]["status"] == "ok"
-    assert {r["dispatch"] for r in data["layer"]} >= {"sort", "pallas", "ragged_dot"}
+    assert {r["dispatch"] for r in data["layer"]} >= {"sort", "pallas", "ragged_dot",
+                                                      "pallas_fused", "tokamax"}
     for record in data["layer"]:
-        assert set(record) == LAYER_FIELDS and record["status"] == "ok"
+        if record["dispatch"] == "tokamax" and tokamax_backend.missing():
+            assert record["status"] == "unavailable" and "'tokamax' extra" in record["reason"]
+            continue
+        assert set(record) == LAYER_FIELDS and record["status"] == "ok", record
     for record in data["step"]:
         assert set(record) == STEP_FIELDS | {"bindings"} and record["status"] == "ok"
         assert record["mfu"] is None  # no peak for a CPU: absent, not invented

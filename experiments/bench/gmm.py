@@ -11,8 +11,10 @@ its error; one that computes wrong values is recorded as "wrong", never timed.
 Candidates (`candidates()`): `gmm` (`moe.kernels.gmm`, the platform's backend:
 Pallas Triton on GPU, Mosaic TPU on TPU, the XLA tile loop on CPU),
 `gmm_mosaic_gpu` (GPU), `gmm_pallas_interpret` (CPU `--small` only: the Mosaic
-TPU kernel in Pallas interpret mode), `jax.lax.ragged_dot`, jax's megablox
-(TPU), tokamax's `ragged_dot` (when installed) and `dense`.
+TPU kernel in Pallas interpret mode), `pallas_fused_gather` (the fused
+dispatch's row-gathering gmm, `moe.kernels.fused.gather_gmm`; interpreted on
+CPU `--small`), `jax.lax.ragged_dot`, jax's megablox (TPU), tokamax's
+`ragged_dot` (the optional `tokamax` extra) and `dense`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import numpy as np
 from experiments.bench import timing
 from experiments.bench.budget import error_text
 from moe import kernels
+from moe.dispatch import tokamax_backend
+from moe.kernels import fused
 
 MODES = ("fwd", "fwd_bwd")
 ROUTINGS = ("uniform", "skewed")
@@ -109,6 +113,22 @@ def _dense(lhs, rhs, group_sizes):
     return jnp.dot(lhs, rhs, preferred_element_type=jnp.float32).astype(lhs.dtype)
 
 
+def _fused_gather_candidate(platform: str, small: bool) -> Candidate:
+    """The `pallas_fused` dispatch's first kernel, `gather_gmm`, reading the rows through an
+    identity index (the gmm inputs are already sorted): what gathering in the kernel costs
+    over `gmm`. Its backward runs the fused scatter and the gathered tgmm."""
+    backend = {"tpu": "tpu", "gpu": "triton"}.get(platform)
+    if backend is None and not small:
+        return Candidate(None, unavailable="Pallas interpret mode runs only with --small")
+
+    def fn(lhs, rhs, group_sizes):
+        rows = jnp.arange(lhs.shape[0], dtype=jnp.int32)
+        return fused.gather_gmm(lhs, rhs, group_sizes, rows, backend=backend or "tpu",
+                                interpret=backend is None)
+
+    return Candidate(fn, backend=backend or "tpu (interpret)")
+
+
 def candidates(platform: str, small: bool) -> dict[str, Candidate]:
     """The grouped matmuls this platform can run (others listed with the reason)."""
     auto = {"tpu": "tpu", "gpu": "triton"}.get(platform, "xla")
@@ -130,10 +150,10 @@ def candidates(platform: str, small: bool) -> dict[str, Candidate]:
                            if megablox is None else
                            Candidate(lambda a, b, g: megablox.gmm(a, b, g, a.dtype,
                                                                   (512, 512, 512))))
-    tokamax = _import_or_none("tokamax")
-    out["tokamax"] = (Candidate(None, unavailable="not installed (pip install tokamax)")
-                      if tokamax is None else
-                      Candidate(lambda a, b, g: tokamax.ragged_dot(a, b, g)))
+    out["pallas_fused_gather"] = _fused_gather_candidate(platform, small)
+    missing = tokamax_backend.missing()
+    out["tokamax"] = (Candidate(None, unavailable=missing) if missing else
+                      Candidate(tokamax_backend.tokamax_gmm))
     out["dense"] = Candidate(_dense, dense=True)
     return out
 

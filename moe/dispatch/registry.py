@@ -15,6 +15,9 @@ import jax
 
 from moe.dispatch.dispatchers import DispatchOutput, einsum_dispatch, make_sort_dispatch
 from moe.dispatch.expert_parallel import expert_parallel_dispatch
+from moe.dispatch.fused import pallas_fused_dispatch
+from moe.dispatch.tokamax_backend import missing as tokamax_missing
+from moe.dispatch.tokamax_backend import tokamax_gmm
 from moe.kernels import api as kernel_api
 from moe.kernels import xla_gmm
 from moe.validation import check_one_of
@@ -34,10 +37,16 @@ class DispatchTraits:
       bounded_option: the setting, if any, that opts the dropless mode into
         bounded buffers which drop what overflows them (reported in keep);
         with it set, the dispatch is no longer exactly dropless.
+      missing: for a dispatch over an optional package, a function that says
+        why it cannot run here (the extra to install), or None when it can.
+      interpreted_on_cpu: on CPU its kernels run in Pallas interpret mode
+        (correct but slow: for tests, never timed by the benchmark).
     """
 
     exact_dropless: bool = True
     bounded_option: str | None = None
+    missing: Callable[[], str | None] | None = None
+    interpreted_on_cpu: bool = False
 
 
 _DISPATCHERS: dict[str, Dispatcher] = {}
@@ -57,8 +66,31 @@ def available_dispatches() -> tuple[str, ...]:
     return tuple(_DISPATCHERS)
 
 
-def get_dispatch(name: str) -> Dispatcher:
+def unavailable(name: str) -> str | None:
+    """Why dispatch `name` cannot run in this installation (a missing extra), else None."""
     check_one_of("dispatch", name, _DISPATCHERS)
+    missing = _TRAITS[name].missing
+    return missing() if missing is not None else None
+
+
+def runnable_dispatches(platform: str | None = None) -> tuple[str, ...]:
+    """The registered dispatches worth running here: their optional packages installed
+    and, on CPU (`platform`, default jax's backend), no Pallas interpret mode."""
+    platform = platform or jax.default_backend()
+    return tuple(name for name in _DISPATCHERS if unavailable(name) is None
+                 and not (platform == "cpu" and _TRAITS[name].interpreted_on_cpu))
+
+
+def check_dispatch(name: str) -> None:
+    """ValueError naming the allowed values for an unknown name, or naming the extra to
+    install for a dispatch whose optional package is missing (a CLI prints it as one line)."""
+    reason = unavailable(name)
+    if reason:
+        raise ValueError(reason)
+
+
+def get_dispatch(name: str) -> Dispatcher:
+    check_dispatch(name)
     return _DISPATCHERS[name]
 
 
@@ -86,3 +118,9 @@ register_dispatch("pallas", make_sort_dispatch(kernel_api.dispatch_gmm, "pallas"
 # `Sharding.ep_buffer_factor` opts into bounded buffers that drop what overflows (in keep).
 register_dispatch("expert_parallel", expert_parallel_dispatch,
                   DispatchTraits(exact_dropless=True, bounded_option="Sharding.ep_buffer_factor"))
+# Dropless with the permutation inside the kernels (moe/dispatch/fused.py): rows gathered from
+# token order by the first grouped matmul, weighted and scatter-added back by the second.
+register_dispatch("pallas_fused", pallas_fused_dispatch, DispatchTraits(interpreted_on_cpu=True))
+# tokamax's ragged_dot (the optional `tokamax` extra; moe/dispatch/tokamax_backend.py).
+register_dispatch("tokamax", make_sort_dispatch(tokamax_gmm, "tokamax"),
+                  DispatchTraits(missing=tokamax_missing))

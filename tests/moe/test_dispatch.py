@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moe import dispatch, routing
-from moe.dispatch.registry import DispatchTraits, dispatch_traits
+from moe.dispatch.registry import DispatchTraits, dispatch_traits, unavailable
 from moe.experts import ExpertFFN
 from moe.numeric import ceil_div_float
 
@@ -139,6 +139,16 @@ TOY = "toy_gather_all"
 if TOY not in dispatch.available_dispatches():
     dispatch.register_dispatch(TOY, _toy_dispatch)
 DISPATCHES = dispatch.available_dispatches()
+
+
+def _usable(name):
+    """The dispatch, or a skip when its optional package is not installed (the declared
+    `DispatchTraits.missing`; `test_a_missing_extra_is_named` covers that refusal)."""
+    reason = unavailable(name)
+    if reason:
+        pytest.skip(reason)
+    return dispatch.get_dispatch(name)
+
 EXACT_DROPLESS = tuple(name for name in DISPATCHES if dispatch_traits(name).exact_dropless)
 
 
@@ -148,7 +158,7 @@ EXACT_DROPLESS = tuple(name for name in DISPATCHES if dispatch_traits(name).exac
 def test_all_dispatches_match_per_expert_loop_when_nothing_dropped(name, capacity, activation):
     x, expert_index, weights = _routing()
     ffn = _ffn(activation)
-    fn = dispatch.get_dispatch(name)
+    fn = _usable(name)
 
     def loss_dispatch(x, ffn, weights):
         return jnp.sum(jnp.sin(fn(x, expert_index, weights, ffn, capacity=capacity).y))
@@ -172,12 +182,12 @@ def test_capacity_dispatch_drops_exactly_the_overflow(name):
     capacity = 5  # 48 assignments into 4 x 5 slots: many drops
     _, keep = dispatch.assign_slots(expert_index, NUM_EXPERTS, capacity)
     assert not bool(jnp.all(keep))
-    out = dispatch.get_dispatch(name)(x, expert_index, weights, ffn, capacity=capacity)
+    out = _usable(name)(x, expert_index, weights, ffn, capacity=capacity)
     np.testing.assert_array_equal(out.keep, keep)
     np.testing.assert_allclose(out.y, _reference(x, expert_index, weights, ffn, keep), atol=1e-5)
 
     def loss(x, ffn):
-        return jnp.sum(dispatch.get_dispatch(name)(x, expert_index, weights, ffn,
+        return jnp.sum(_usable(name)(x, expert_index, weights, ffn,
                                                    capacity=capacity).y ** 2)
 
     def loss_ref(x, ffn):
@@ -192,7 +202,7 @@ def test_capacity_dispatch_drops_exactly_the_overflow(name):
 def test_huge_capacity_equals_dropless(name):
     x, expert_index, weights = _routing(key=7)
     ffn = _ffn()
-    fn = dispatch.get_dispatch(name)
+    fn = _usable(name)
     capacity = dispatch.expert_capacity(NUM_TOKENS, NUM_EXPERTS, K, NUM_EXPERTS / K)
     np.testing.assert_allclose(fn(x, expert_index, weights, ffn, capacity=capacity).y,
                                fn(x, expert_index, weights, ffn, capacity=None).y, atol=1e-5)
@@ -207,7 +217,7 @@ def test_dropless_with_empty_and_skewed_groups(name):
     expert_index = jnp.full((NUM_TOKENS, 1), 2, jnp.int32).at[0, 0].set(0)
     weights = jnp.ones((NUM_TOKENS, 1))
     ffn = _ffn()
-    out = dispatch.get_dispatch(name)(x, expert_index, weights, ffn, capacity=None)
+    out = _usable(name)(x, expert_index, weights, ffn, capacity=None)
     if dispatch_traits(name).exact_dropless:
         assert bool(jnp.all(out.keep))
     np.testing.assert_allclose(out.y, _reference(x, expert_index, weights, ffn, out.keep),

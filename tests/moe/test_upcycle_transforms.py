@@ -197,7 +197,7 @@ def _moe_vs_dense(activation, *, E, k, G, normalize, router, mode, score="softma
                        activation=activation)
         if not biases:
             return fn.all_experts(x)[0]
-        return fn._hidden(x @ p["wi"] + p["bi"], gate) @ p["wo"] + p["bo"]
+        return fn.hidden(x @ p["wi"] + p["bi"], gate) @ p["wo"] + p["bo"]
 
     per_expert = jnp.stack([ffn({n: w[e] for n, w in experts.items()}) for e in range(E)])
     combine = jnp.zeros((16, E)).at[jnp.arange(16)[:, None], gating.expert_index].set(
