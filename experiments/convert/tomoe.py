@@ -348,9 +348,7 @@ def tomoe(dense_workdir: str | Path, out_workdir: str | Path, config: ToMoEConfi
     params = convert_params(dense.params, layers, target_layout)
     tx = make_optimizer(optax.constant_schedule(0.0))
     full = _read_full(workdir, dense.step, jax.eval_shape(lambda: dense.layout), tx)
-    opt_state = dense_to_moe.map_opt_state(
-        jax.device_get(full.opt_state), tx.init(params), set(params),
-        moments=lambda old, fresh: fresh, other=lambda old, fresh: fresh)
+    opt_state = dense_to_moe.fresh_opt_state(jax.device_get(full.opt_state), tx.init(params))
     result = ToMoEResult(out_workdir=out, step=dense.step, num_experts=config.num_experts,
                          k=config.active_k, d_ff=dense.d_ff, layers=report)
     if verify:
