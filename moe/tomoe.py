@@ -11,6 +11,7 @@ the dense MLP; with k of E selected, the MLP restricted to those groups.
                         balanced k-means of the units' activation profiles
   check_groups          a partition of range(f) into E equal groups, or an error
   partition_ffn         the dense FFN's weights as stacked experts `[E, ...]`
+  magnitude_keep        static structural pruning by weight magnitude (the baseline)
   straight_through_mask the differentiable top-k mask: hard top-k forward,
                         sigmoid((z + noise) / tau) backward
   active_penalty        (mean soft-mask fraction - target)^2: drives the number of
@@ -115,6 +116,16 @@ def partition_ffn(ffn: Mapping[str, Any], groups: np.ndarray) -> dict[str, np.nd
     if unknown:
         raise ValueError(f"ToMoE does not know the dense FFN parameters {sorted(unknown)}")
     return out
+
+
+def magnitude_keep(ffn: Mapping[str, Any], keep: int) -> np.ndarray:
+    """Static structural pruning, the baseline ToMoE is compared with: the `keep` hidden
+    units of largest ‖W_i[:, u]‖·‖W_o[u]‖ (GLU: ‖W_g[:, u]‖·‖W_i[:, u]‖·‖W_o[u]‖), sorted."""
+    score = np.linalg.norm(np.asarray(ffn["wi"]), axis=0) * np.linalg.norm(
+        np.asarray(ffn[_OUT]), axis=1)
+    if "wi_gate" in ffn:
+        score = score * np.linalg.norm(np.asarray(ffn["wi_gate"]), axis=0)
+    return np.sort(np.argsort(-score, kind="stable")[:keep])
 
 
 def straight_through_mask(logits: Array, k: int, tau: float, noise: Array | None = None,

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
           f"wrote {result.out_workdir}")
     if result.verify is not None:
         print(result.verify.render())
+        if result.static_loss is not None:
+            print(f"static structural pruning (the same active units by magnitude): loss "
+                  f"{result.static_loss:.6f}")
         if not result.verify.ok:
             return 5
     return 0

@@ -135,6 +135,7 @@ class ToMoEResult:
     d_ff: int
     layers: dict[str, dict[str, Any]]
     verify: VerifyReport | None = None
+    static_loss: float | None = None  # the magnitude-pruned dense model's loss (k < E)
 
 
 # ---------------------------------------------------------------------------
@@ -275,6 +276,25 @@ def learn_router(experts: Mapping[str, np.ndarray], activation: str, data: Mappi
     return np.asarray(params["kernel"]), tuned, {m: float(v) for m, v in metrics.items()}
 
 
+def static_pruning_loss(dense: _Dense, keep: int, num_batches: int) -> float:
+    """Validation loss of the dense model with every MLP cut to its `keep` largest-magnitude
+    hidden units (`moe.tomoe.magnitude_keep`): static structural pruning with the same
+    number of active units. Leaves gin with that model's config."""
+    parse_run_config(dense.workdir)
+    gin_utils.parse([], [f"TransformerLM.d_ff = {keep}", "TransformerLM.scan_layers = False"])
+    model = nnx.eval_shape(lambda: model_cls()(vocab_size=dense.vocab_size, rngs=nnx.Rngs(0)))
+    params = {k: v for k, v in dense.params.items()}
+    for name in model.layer_names:
+        ffn = dense.params[name]["ffn"]
+        units = tm.magnitude_keep(ffn, keep)
+        params[name] = {**dense.params[name], "ffn": {
+            w: (np.asarray(v)[units] if w == "wo" else np.asarray(v)[:, units])
+            for w, v in ffn.items()}}
+    report = verify_models(dense.graphdef, dense.params, nnx.split(model, nnx.Param)[0], params,
+                           DataConfig().eval_batches()[:num_batches], violated=["static"])
+    return report.moe_loss
+
+
 # ---------------------------------------------------------------------------
 # The target model and the write.
 
@@ -344,6 +364,9 @@ def tomoe(dense_workdir: str | Path, out_workdir: str | Path, config: ToMoEConfi
         layers[name] = {"kernel": kernel, "experts": experts}
         report[name] = {"groups": groups.tolist(), "tokens": len(rec["x"]), **metrics}
 
+    static = (static_pruning_loss(dense, config.active_k * dense.d_ff // config.num_experts,
+                                  verify_batches)
+              if verify and config.active_k < config.num_experts else None)
     _, target_graphdef, target_layout = _target(dense, config)
     params = convert_params(dense.params, layers, target_layout)
     tx = make_optimizer(optax.constant_schedule(0.0))
@@ -360,6 +383,7 @@ def tomoe(dense_workdir: str | Path, out_workdir: str | Path, config: ToMoEConfi
         result.verify = verify_models(dense.graphdef, dense.params, target_graphdef, params,
                                       DataConfig().eval_batches()[:verify_batches],
                                       violated=violated)
+        result.static_loss = static
     _write(workdir, out, full, params, opt_state, config, result)
     return result
 
@@ -387,7 +411,8 @@ def _write(workdir: Path, out: Path, full: Any, params: Any, opt_state: Any,
             v = result.verify
             record["verify"] = {"max_abs_logit_diff": v.max_abs_logit_diff,
                                 "dense_loss": v.dense_loss, "moe_loss": v.moe_loss,
-                                "expected_exact": v.expected_exact, "ok": v.ok}
+                                "expected_exact": v.expected_exact, "ok": v.ok,
+                                "static_pruning_loss": result.static_loss}
         (tmp / TOMOE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         tmp.rename(out)
     except BaseException:

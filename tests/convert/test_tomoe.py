@@ -72,6 +72,7 @@ def test_half_active_converts_and_trains(dense_run, tmp_path):  # noqa: F811
                         "--verify", *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "k=2" in result.stdout and "not expected to be exact" in result.stdout
+    assert "static structural pruning (the same active units by magnitude)" in result.stdout
     trained = run_script("scripts/train.py", f"--workdir={out}", "--quiet",
                          "--gin_param=train.num_steps = 7")
     assert trained.returncode == 0, trained.stderr[-3000:]

@@ -76,3 +76,9 @@ def test_straight_through_mask_is_hard_forward_and_soft_backward():
     np.testing.assert_allclose(grad, s * (1 - s) / 0.5, rtol=1e-6)
     np.testing.assert_allclose(tm.active_penalty(soft, jnp.ones(1), 0.5),
                                (jnp.mean(s) - 0.5) ** 2, rtol=1e-6)
+
+
+def test_magnitude_keep_ranks_units_by_weight_norm_products():
+    """Unit scores ‖W_i[:, u]‖·‖W_o[u]‖ = 1·3, 2·1, 4·4, 1·1: keeping 2 keeps units 0 and 2."""
+    ffn = {"wi": np.asarray([[1.0, 2.0, 4.0, 1.0]]), "wo": np.asarray([[3.0], [1.0], [4.0], [1.0]])}
+    assert tm.magnitude_keep(ffn, 2).tolist() == [0, 2]
