@@ -125,3 +125,22 @@ def map_opt_state(dense_state: Any, target_template: Any, param_keys: set[str], 
         else:
             out.append(other(dense_leaf, template_leaf))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def fresh_opt_state(old_state: Any, template: Any) -> Any:
+    """`template` (a fresh optimizer state for the new parameters) with the old state's
+    `ScaleByScheduleState`s put back, so the learning-rate schedule continues; for
+    conversions whose parameter trees differ in structure (scale-up, ToMoE)."""
+    def is_schedule(x) -> bool:
+        return isinstance(x, optax.ScaleByScheduleState)
+
+    old = [x for x in jax.tree_util.tree_leaves(old_state, is_leaf=is_schedule)
+           if is_schedule(x)]
+    leaves, treedef = jax.tree_util.tree_flatten(template, is_leaf=is_schedule)
+    slots = [i for i, x in enumerate(leaves) if is_schedule(x)]
+    if len(slots) != len(old):
+        raise ValueError(f"the source optimizer state has {len(old)} schedule states, this "
+                         f"optimizer {len(slots)}")
+    for i, state in zip(slots, old):
+        leaves[i] = state
+    return jax.tree_util.tree_unflatten(treedef, leaves)

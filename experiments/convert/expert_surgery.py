@@ -42,13 +42,14 @@ from flax import nnx
 from experiments.convert import dense_to_moe
 from experiments.data.config import DataConfig
 from experiments.inference import routing_stats
-from experiments.inference.restore import RestoredModel, model_cls, restore_model
+from experiments.inference.restore import RestoredModel, make_dropless, model_cls, restore_model
 from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import LOSS_FREE_HOOK, Checkpointer
 from experiments.runtime.workdir_lock import check_workdir
 from experiments.train import evaluation
 from experiments.train.optim import make_optimizer
+from experiments.train.run_state import build_model, split_model
 from layers import scan as scan_lib
 from moe import expert_surgery as es
 from moe.expert_stats import RoutingStats
@@ -330,10 +331,12 @@ def _read_full(workdir: Path, step: int, abstract_params: Any,
         checkpointer.close()
 
 
-def _check_target(params: Mapping[str, Any], vocab_size: int) -> None:
-    """The model of the current gin config has exactly the shapes of `params`."""
+def _check_target(params: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The model of the current gin config has exactly the shapes of `params` (both
+    compared unscanned); -> its parameter layout (scanned when its config scans)."""
     model = nnx.eval_shape(lambda: model_cls()(vocab_size=vocab_size, rngs=nnx.Rngs(0)))
-    want = dense_to_moe.flatten(nnx.split(model, nnx.Param)[1].to_pure_dict())
+    layout = nnx.split(model, nnx.Param)[1].to_pure_dict()
+    want = dense_to_moe.flatten(scan_lib.unscan_tree(layout))
     have = dense_to_moe.flatten(params)
     bad = [dense_to_moe.path_str(p) for p in set(want) | set(have)
            if p not in want or p not in have or tuple(want[p].shape) != tuple(np.shape(have[p]))]
@@ -341,6 +344,27 @@ def _check_target(params: Mapping[str, Any], vocab_size: int) -> None:
         raise ValueError(f"the run's config.gin with the new MoeLayer.num_experts / k does not "
                          f"give the pruned shapes at {sorted(bad)[:4]}: does the config set "
                          f"the expert count other than by MoeLayer.num_experts?")
+    return layout
+
+
+def unscanned_view(restored: RestoredModel) -> RestoredModel:
+    """A scanned checkpoint's model rebuilt unscanned (`TransformerLM.scan_layers = False`,
+    parameters `layers.scan.unscan_tree`d; same function), for the layer-by-layer
+    statistics pass; gin keeps `scan_layers = True`. Unscanned: returned as is."""
+    if scan_lib.SCANNED not in restored.params:
+        return restored
+    if restored.sharding is not None:
+        raise ValueError(f"{restored.workdir}: expert surgery of a scanned run on a mesh "
+                         "(MESH_SHAPE bound) is not supported")
+    gin.bind_parameter("TransformerLM.scan_layers", False)
+    try:
+        model = build_model(model_cls(), restored.vocab_size, seed=0)
+    finally:
+        gin.bind_parameter("TransformerLM.scan_layers", True)
+    make_dropless(model)
+    graphdef, _, rest = split_model(model)
+    return dataclasses.replace(restored, graphdef=graphdef, rest=rest,
+                               params=scan_lib.unscan_tree(jax.device_get(restored.params)))
 
 
 def run_surgery(operation: str, workdir: str | Path, out_workdir: str | Path,
@@ -348,11 +372,10 @@ def run_surgery(operation: str, workdir: str | Path, out_workdir: str | Path,
     """Prune or merge (`operation`), writing `out_workdir` atomically."""
     workdir, out = Path(workdir).absolute(), Path(out_workdir).absolute()
     _check_out(workdir, out)
-    restored = restore_model(workdir, config.step)
-    if scan_lib.SCANNED in restored.params:
-        raise ValueError(f"{workdir}: expert surgery does not handle scanned layers yet "
-                         "(TransformerLM.scan_layers = True in its config.gin); set it to False "
-                         "there: the checkpoint restores unscanned (layers.scan)")
+    source = restore_model(workdir, config.step)
+    # Statistics and transforms work layer by layer on the unscanned layout; the result
+    # is written in the layout of the run's config (scanned or not).
+    restored = unscanned_view(source)
     names, e, k, new_e, new_k = _sizes(restored, config, operation)
     stats, stats_file = task_stats(restored, task)
     plans, transforms = {}, {}
@@ -363,8 +386,10 @@ def run_surgery(operation: str, workdir: str | Path, out_workdir: str | Path,
         transforms[name] = _layer_transform(operation, plans[name], stats[name], config)
 
     tx = make_optimizer(optax.constant_schedule(0.0))
-    full = _read_full(workdir, restored.step, jax.eval_shape(lambda: restored.params), tx)
-    params = _apply(jax.device_get(full.params), transforms)
+    full = _read_full(workdir, restored.step, jax.eval_shape(lambda: source.params), tx)
+    unscanned = scan_lib.LayerPlan(len(getattr(restored.model(), "layer_names", ())))
+    source_params = scan_lib.unscan_tree(jax.device_get(full.params))
+    params = _apply(source_params, transforms)
     hooks = {h: dict(s) for h, s in full.hook_state.items()}
     for hook, state in hooks.items():
         if hook != LOSS_FREE_HOOK and set(state) & set(names):
@@ -373,17 +398,22 @@ def run_surgery(operation: str, workdir: str | Path, out_workdir: str | Path,
     if LOSS_FREE_HOOK in hooks:
         for name, f in transforms.items():
             if name in hooks[LOSS_FREE_HOOK]:
-                bias = f(jax.device_get(full.params)[name]["ffn"], hooks[LOSS_FREE_HOOK][name])[1]
+                bias = f(source_params[name]["ffn"], hooks[LOSS_FREE_HOOK][name])[1]
                 hooks[LOSS_FREE_HOOK][name] = np.asarray(bias, np.float32)
     gin.bind_parameter("MoeLayer.num_experts", new_e)
     if new_k != k:
         gin.bind_parameter("MoeLayer.k", new_k)
-    _check_target(params, restored.vocab_size)
+    layout = _check_target(params, restored.vocab_size)
     opt_state = dense_to_moe.map_opt_state(
-        jax.device_get(full.opt_state), tx.init(params), set(params),
+        scan_lib.to_layer_plan(jax.device_get(full.opt_state), unscanned), tx.init(params),
+        set(params),
         moments=lambda old, fresh: (_apply(old, transforms)
                                     if config.optimizer_state == "carry" else fresh),
         other=lambda old, fresh: old if config.optimizer_state == "carry" else fresh)
+    params = scan_lib.match_layer_layout(params, layout)
+    target_plan = scan_lib.find_plan(layout)
+    if target_plan is not None:
+        opt_state = scan_lib.to_layer_plan(opt_state, target_plan)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp_"))

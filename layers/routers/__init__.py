@@ -15,11 +15,12 @@ from layers.routers.base import (
 from layers.routers.dense_to_sparse import DenseToSparseRouter
 from layers.routers.expert_choice import ExpertChoiceRouter
 from layers.routers.hash import HashRouter
+from layers.routers.mask import MaskRouter
 from layers.routers.null_experts import NullExpertRouter
 from layers.routers.top_k import TopKRouter
 
 __all__ = [
     "ROUTER_DENYLIST", "BaseRouter", "DenseToSparseRouter", "ExpertChoiceRouter", "HashRouter",
-    "NullExpertRouter", "Routing", "TopKRouter", "available_routers", "get_router",
+    "MaskRouter", "NullExpertRouter", "Routing", "TopKRouter", "available_routers", "get_router",
     "register_router",
 ]

@@ -1,0 +1,101 @@
+"""ToMoE end to end (scripts/dense_to_moe.py, experiments.convert.tomoe) on the tiny dense
+run of the upcycling tests (test_tiny.gin with every FFN dense: 2 layers, d_ff 64)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import gin
+import pytest
+
+from experiments.inference.restore import restore_model
+from experiments.runtime import gin_utils
+from tests.convert.test_upcycle_checkpoint import dense_run  # noqa: F401  (shared fixture)
+from tests.helpers import run_script
+
+FAST = ("--steps=3", "--data_batches=1", "--tokens_per_step=64", "--verify_batches=1")
+
+
+@pytest.fixture
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def _main():
+    spec = importlib.util.spec_from_file_location("dense_to_moe", Path("scripts/dense_to_moe.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def call(argv):
+        try:
+            return module.main(argv)
+        except SystemExit as e:
+            return e.code
+    return call
+
+
+def test_active_fraction_one_reproduces_the_dense_logits(dense_run, tmp_path, clean_gin,  # noqa: F811
+                                                          capsys):
+    """E=4, every group active with weight 1: the MoE is the dense model (--verify exact);
+    the groups of each layer are a permutation of the 64 hidden units; the output is an
+    ordinary MoE workdir (MaskRouter, dropless) that restores, and is no longer dense."""
+    out = tmp_path / "tomoe"
+    main = _main()
+    assert main(["--method=tomoe", f"--workdir={dense_run}", f"--out_workdir={out}",
+                 "--num_experts=4", "--active_fraction=1", "--verify", *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "E=4 experts of 16, k=4" in text and "OK" in text
+    record = json.loads((out / "tomoe.json").read_text())
+    assert record["verify"]["ok"] and record["verify"]["max_abs_logit_diff"] < 1e-4
+    for layer in ("layer_0", "layer_1"):
+        groups = record["layers"][layer]["groups"]
+        assert len(groups) == 4 and sorted(i for g in groups for i in g) == list(range(64))
+    config = (out / gin_utils.CONFIG_FILE).read_text()
+    assert "MoeLayer.router = @MaskRouter" in config and "TransformerLM.moe_every = 1" in config
+    restored = restore_model(out)
+    assert restored.model().moe_layer_names == ("layer_0", "layer_1")
+    again = main(["--method=tomoe", f"--workdir={out}", f"--out_workdir={tmp_path / 'x'}",
+                  "--num_experts=4", "--k=2", *FAST])
+    assert again == 2 and "is not dense" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_half_active_converts_and_trains(dense_run, tmp_path):  # noqa: F811
+    """k=2 of 4: not exact (verify says so, exit 0), and the workdir resumes training."""
+    out = tmp_path / "half"
+    result = run_script("scripts/dense_to_moe.py", "--method=tomoe", f"--workdir={dense_run}",
+                        f"--out_workdir={out}", "--num_experts=4", "--active_fraction=0.5",
+                        "--verify", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "k=2" in result.stdout and "not expected to be exact" in result.stdout
+    assert "static structural pruning (the same active units by magnitude)" in result.stdout
+    trained = run_script("scripts/train.py", f"--workdir={out}", "--quiet",
+                         "--gin_param=train.num_steps = 7")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (out / "checkpoints" / "7").is_dir()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("--num_experts=4", "--active_fraction=0.3"), "must be a whole number"),
+    (("--num_experts=3", "--k=1"), "num_experts=3 must divide the dense d_ff=64"),
+    (("--num_experts=4", "--k=1", "--active_fraction=0.5"), "k=1 disagrees"),
+    (("--num_experts=4",), "give k or active_fraction"),
+    (("--num_experts=4", "--k=5"), "k must be in [1, num_experts=4]"),
+])
+def test_bad_input_exits_2_and_writes_nothing(dense_run, tmp_path, clean_gin, capsys,  # noqa: F811
+                                              args, expected):
+    code = _main()(["--method=tomoe", f"--workdir={dense_run}",
+                    f"--out_workdir={tmp_path / 'out'}", *args, *FAST])
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert not any(p.name.startswith((".out", "out")) for p in tmp_path.iterdir())
+
+
+def test_unknown_method_is_refused(dense_run, tmp_path, capsys):  # noqa: F811
+    assert _main()(["--method=magic", f"--workdir={dense_run}",
+                    f"--out_workdir={tmp_path / 'out'}", "--num_experts=4", "--k=2"]) == 2
+    assert "--method" in capsys.readouterr().err
