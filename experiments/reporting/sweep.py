@@ -456,15 +456,19 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
     return out
 
 
-def reproduce_lines(name: str, sweep_file: str) -> list[str]:
-    """The header every experiment report opens with: the one command that reproduces it."""
-    return [f"**Reproduce:** `make experiment NAME={name}` (`scripts/experiment.py {name}`: "
+def reproduce_lines(name: str, sweep_file: str, *, from_records: bool = True) -> list[str]:
+    """The header every experiment report opens with: the one command that reproduces it
+    (`from_records`: the report can be rewritten from its committed records alone)."""
+    text = (f"**Reproduce:** `make experiment NAME={name}` (`scripts/experiment.py {name}`: "
             f"trains the runs of `{sweep_file}` one at a time, seed by seed, then writes this "
             "report). Resumable: finished runs are skipped and an interrupted one resumes from "
             "its checkpoint; a progress line gives the runs done of the whole sweep and the ETA. "
             f"`make experiment NAME={name} EXPERIMENT_ARGS=--report_only` rewrites this file "
-            "from the finished runs, `EXPERIMENT_ARGS=--from_records` from the records committed "
-            f"beside it (`{name}/{RECORDS_FILE}`), with no runs at all.", ""]
+            "from the finished runs")
+    if from_records:
+        text += (", `EXPERIMENT_ARGS=--from_records` from the records committed beside it "
+                 f"(`{name}/{RECORDS_FILE}`), with no runs at all")
+    return [text + ".", ""]
 
 
 def read_records(docs_dir: Path, name: str) -> list[dict[str, Any]]:
