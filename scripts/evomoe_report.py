@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.reporting import protocol
+from experiments.reporting import claims, protocol
 from experiments.reporting import sweep as sweep_lib
 from experiments.reporting.metrics import read_jsonl
 from experiments.runtime import cli
@@ -97,6 +97,7 @@ def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file
     figures.mkdir(parents=True, exist_ok=True)
     plot(runs, figures, window)
     budget = min(float(np.mean([r["cum_flops"][-1] for r in rs])) for rs in runs.values())
+    last = max(int(r["train_steps"][-1]) for rs in runs.values() for r in rs)
     rows = []
     for variant, rs in runs.items():
         at_budget_train = [float(np.interp(budget, r["cum_flops"], smooth(r["ce"], window)))
@@ -120,24 +121,29 @@ def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file
              f"Equal-FLOPs budget: {budget / 1e9:.1f} GFLOPs, the smallest variant's total "
              "(training FLOPs as counted by `experiments.train.flops`: 3 x forward matmul FLOPs, "
              "experts per row actually processed).", "",
-             "| variant | seeds | valid loss @ step 200 | train CE @ 200 (last "
-             f"{window}) | GFLOPs @ 200 | valid loss @ budget | train CE @ budget | "
+             f"| variant | seeds | valid loss @ step {last} | train CE @ {last} (last "
+             f"{window}) | GFLOPs @ {last} | valid loss @ budget | train CE @ budget | "
              "mean active experts (MoE steps) | wall s / run |",
              "|" + "---|" * 9]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     records = [r for rs in runs.values() for r in rs]
-    if "evomoe" in runs and "switch_top1" in runs:
+    planned = [(variant, seed) for variant, _ in sweep.runs() for seed in sweep.seeds]
+    lines[4:4] = claims.status_lines(planned, records)
+    if sweep.claims:
+        lines += ["", "## The paper's claims", ""]
+        lines += claims.claim_lines(sweep.claims, records, sweep.claim_threshold)
+    elif "evomoe" in runs and "switch_top1" in runs:
         paired = protocol.paired(records, "evomoe", "switch_top1")
         lines += ["", f"EvoMoE minus Switch, final validation loss, paired by seed: "
                   f"{', '.join(f'{d:+.4f}' for d in paired.diffs)} (mean {paired.mean:+.4f}).",
                   "", f"**Paper's claim (better than Switch at equal steps):** "
                   f"{protocol.verdict(paired, THRESHOLD).text()}"]
     lines += ["", "Losses in nats per byte. Valid loss @ budget: the validation curve "
-              "(every 25 steps) linearly interpolated at the FLOPs budget; train CE @ budget: "
+              "(at every evaluation) linearly interpolated at the FLOPs budget; train CE @ budget: "
               f"the {window}-step trailing mean of the train CE at that budget.", "",
-              "![loss curves](evomoe/loss_curves.png)", "",
-              "![active experts per token](evomoe/active_experts.png)", "",
-              "![cumulative FLOPs](evomoe/flops.png)", "",
+              f"![loss curves]({sweep.name}/loss_curves.png)", "",
+              f"![active experts per token]({sweep.name}/active_experts.png)", "",
+              f"![cumulative FLOPs]({sweep.name}/flops.png)", "",
               "## Runs", "", "Workdirs relative to the sweep root (`scripts/sweep.py --root`).", ""]
     lines += protocol.run_table(records)
     out = docs_dir / f"{sweep.name}.md"

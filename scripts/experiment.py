@@ -56,8 +56,9 @@ def commands(name: str, root: str, docs_dir: str, *, report_only: bool = False,
                      "--from_json"]]
         return [["scripts/upcycling_sweep.py", f"--root={root}/upcycling", "--seeds=0,1,2",
                  f"--json={docs_dir}/upcycling.json", f"--plot={docs_dir}/upcycling.png"]]
+    reporter = REPORTERS.get(name.removesuffix("_tiny"))
     if from_records:
-        if name in REPORTERS and name != "calibration":
+        if reporter is not None and name != "calibration":
             raise ValueError(f"--from_records: experiment {name!r} has no committed records "
                              f"to rewrite its report from; use --report_only")
         if name == "calibration":
@@ -65,8 +66,8 @@ def commands(name: str, root: str, docs_dir: str, *, report_only: bool = False,
         return [["scripts/sweep.py", sweep, f"--docs_dir={docs_dir}", "--from_records"]]
     train = ["scripts/sweep.py", sweep, f"--root={root}", f"--docs_dir={docs_dir}",
              "--order=seed"] + (["--report_only"] if report_only else [])
-    if name in REPORTERS:
-        return [train, REPORTERS[name](sweep, root, docs_dir)]
+    if reporter is not None:
+        return [train, reporter(sweep, root, docs_dir)]
     return [train]
 
 

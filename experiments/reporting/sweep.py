@@ -56,6 +56,9 @@ class Sweep:
       grid: `{binding: [values]}`, crossed with every variant.
       seeds: `train.seed` values; every variant runs once per seed.
       bindings: extra bindings common to every run.
+      variant_gin_files: `{variant: [gin files]}` parsed after `gin_files` for that
+        variant only (before every binding): a variant that needs gin references
+        (`@PhasePlan()`), which `variants` values cannot express.
       analyze_routing: run `scripts/analyze_routing.py` after each run.
       title, description: report heading and text (what the sweep tests).
       findings: what the finished runs showed (written after reading the
@@ -72,6 +75,7 @@ class Sweep:
     grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
     seeds: Sequence[int] = (0,)
     bindings: Sequence[str] = ()
+    variant_gin_files: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
     analyze_routing: bool = False
     title: str = ""
     description: str = ""
@@ -98,6 +102,10 @@ class Sweep:
                                  f"from Sweep.seeds (the binding would be overridden); "
                                  f"list the seeds in Sweep.seeds")
         names = [name for name, _ in self.runs()]
+        unknown = sorted(set(self.variant_gin_files) - set(dict(self.variants) or {"base": {}}))
+        if unknown:
+            raise ValueError(f"Sweep.variant_gin_files names variants {unknown} that "
+                             f"Sweep.variants does not have")
         for claim in self.claims:
             if len(claim) != 2 or not set(claim) <= set(names):
                 raise ValueError(f"Sweep.claims entries must be [variant, baseline] pairs of "
@@ -137,9 +145,13 @@ def run_dir(root: Path, sweep: Sweep, variant: str, seed: int) -> Path:
     return root / sweep.name / variant.replace("/", "_") / f"seed{seed}"
 
 
-def train_command(sweep: Sweep, bindings: Mapping[str, Any], seed: int, workdir: Path) -> list[str]:
+def train_command(sweep: Sweep, bindings: Mapping[str, Any], seed: int, workdir: Path,
+                  variant: str | None = None) -> list[str]:
+    """The `scripts/train.py` command of one run (`variant`: the name in `Sweep.variants`,
+    for its `variant_gin_files`; a grid point's name starts with it)."""
     args = [sys.executable, str(REPO / "scripts" / "train.py"), "--quiet", f"--workdir={workdir}"]
-    args += [f"--gin_file={f}" for f in sweep.gin_files]
+    extra = sweep.variant_gin_files.get((variant or "").split(",")[0], [])
+    args += [f"--gin_file={f}" for f in [*sweep.gin_files, *extra]]
     params = list(sweep.bindings) + [f"{k} = {v!r}" for k, v in bindings.items()]
     params.append(f"{SEED_BINDING} = {seed}")
     return args + [f"--gin_param={p}" for p in params]
@@ -163,7 +175,7 @@ def run_sweep(sweep: Sweep, root: Path, *, log=print, order: str = "variant"
             start = time.monotonic()
             log(f"[sweep {sweep.name}] {variant} seed {seed}: training in {workdir}")
             with LoadSampler() as load:
-                result = run_child(train_command(sweep, bindings, seed, workdir), cwd=REPO,
+                result = run_child(train_command(sweep, bindings, seed, workdir, variant), cwd=REPO,
                                    name=f"{variant} seed {seed}")
             if workdir.is_dir():  # not created when the run refused its configuration
                 (workdir / "train.log").write_text(result.stdout + result.stderr)
@@ -419,7 +431,8 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
               f"- seeds: {list(sweep.seeds)} (`train.seed`: init, data order, router keys)",
               "- variants:"]
     for variant, bindings in sweep.runs():
-        text = ", ".join(f"`{k} = {v!r}`" for k, v in bindings.items()) or "(base)"
+        text = ", ".join([f"`{f}`" for f in sweep.variant_gin_files.get(variant.split(",")[0], [])]
+                         + [f"`{k} = {v!r}`" for k, v in bindings.items()]) or "(base)"
         lines.append(f"  - `{variant}`: {text}")
     planned = [(variant, seed) for variant, _ in sweep.runs() for seed in sweep.seeds]
     lines += [""] + claims.status_lines(planned, records)
