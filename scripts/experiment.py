@@ -14,7 +14,8 @@ progress line gives the runs done of the whole sweep and the ETA.
 
 The report writer is the experiment's own where it has one (`evomoe`:
 scripts/evomoe_report.py; `calibration`: scripts/calibration_report.py;
-`upcycling`: scripts/upcycling_sweep.py, which also trains its runs), else the
+`upcycling`: scripts/upcycling_sweep.py, which also trains its runs and writes the
+summary NAME.json and plot NAME.png that the hand-written report cites), else the
 sweep report of scripts/sweep.py. `--report_only` rewrites the report from the
 finished runs; `--from_records` from the records committed beside the report
 (no runs needed; sweep-report experiments only).
@@ -47,15 +48,16 @@ def commands(name: str, root: str, docs_dir: str, *, report_only: bool = False,
              from_records: bool = False) -> list[list[str]]:
     """The scripts (paths from the repo root, with their arguments) that reproduce `name`."""
     sweep = f"gin_configs/sweeps/{name}.gin"
-    if name == "upcycling":
+    if name.startswith("upcycling"):
         if report_only:
             raise ValueError("--report_only: the upcycling driver trains the runs that are "
                              "missing; use --from_records to rewrite its summary")
         if from_records:
-            return [["scripts/upcycling_sweep.py", f"--json={docs_dir}/upcycling.json",
+            return [["scripts/upcycling_sweep.py", f"--json={docs_dir}/{name}.json",
                      "--from_json"]]
-        return [["scripts/upcycling_sweep.py", f"--root={root}/upcycling", "--seeds=0,1,2",
-                 f"--json={docs_dir}/upcycling.json", f"--plot={docs_dir}/upcycling.png"]]
+        return [["scripts/upcycling_sweep.py", f"--sweep_gin={sweep}", f"--root={root}/{name}",
+                 "--seeds=0,1,2", f"--json={docs_dir}/{name}.json",
+                 f"--plot={docs_dir}/{name}.png"]]
     reporter = REPORTERS.get(name.removesuffix("_tiny"))
     if from_records:
         if reporter is not None and name != "calibration":
