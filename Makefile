@@ -16,7 +16,7 @@ INTEROP_PY := $(INTEROP_VENV)/bin/python
 INTEROP_STAMP := $(INTEROP_VENV)/.installed
 INTEROP_PINS := "torch==2.13.0+cpu" "transformers==5.24.0" "lm-eval==0.4.13"
 
-.PHONY: setup train test test-seqio test-interop bench bench-accel lint clean
+.PHONY: setup train test test-seqio test-interop bench bench-accel lint clean experiment
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,14 @@ bench: $(STAMP)
 BENCH_ACCEL_ARGS ?=
 bench-accel: $(STAMP)
 	$(PY) scripts/bench_accelerator.py $(BENCH_ACCEL_ARGS)
+
+# One experiment report, reproduced: `make experiment NAME=global_batch_lbl` trains the runs
+# of gin_configs/sweeps/NAME.gin (resumable, progress line with ETA) and rewrites
+# docs/experiments/NAME.md (scripts/experiment.py; `--list` names them).
+NAME ?=
+EXPERIMENT_ARGS ?=
+experiment: $(STAMP)
+	$(PY) scripts/experiment.py $(NAME) $(EXPERIMENT_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moe layers experiments scripts tests

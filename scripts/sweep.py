@@ -6,7 +6,10 @@
   python scripts/sweep.py gin_configs/sweeps/calibration.gin --seeds=1,2 --variants=moe
 
 Runs go to --root/NAME/<variant>/seed<k> (default workdirs/sweeps); finished
-runs are skipped and interrupted ones resume from their checkpoints. The
+runs are skipped and interrupted ones resume from their checkpoints; a progress
+line (runs done of the sweep, ETA) is printed before and after every run.
+`--order=seed` trains every variant at one seed before the next seed
+(`make experiment NAME=...`, scripts/experiment.py, does so). The
 report is docs/experiments/NAME.md with plots in docs/experiments/NAME/.
 """
 
@@ -17,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from experiments.reporting import progress
 from experiments.reporting import sweep as sweep_lib
 from experiments.runtime import cli
 
@@ -37,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                              "the report still collects every finished run")
     parser.add_argument("--variants", default=None,
                         help="train only these of Sweep.variants (comma-separated), in this order")
+    parser.add_argument("--order", default="variant", choices=progress.ORDERS,
+                        help="train variant by variant (all seeds of one, then the next) or "
+                             "seed by seed (every variant at one seed, then the next seed: "
+                             "an interrupted sweep leaves paired results)")
     args = parser.parse_args(argv)
     if args.report_only and args.from_records:
         parser.error("--report_only and --from_records exclude each other")
@@ -50,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {report} ({len(records)} runs, from {sweep_lib.RECORDS_FILE})")
         return 0
     if not args.report_only:
-        sweep_lib.run_sweep(subset, root, log=lambda m: print(m, file=sys.stderr))
+        sweep_lib.run_sweep(subset, root, log=lambda m: print(m, file=sys.stderr, flush=True),
+                            order=args.order)
     records = [sweep_lib.collect_run(sweep_lib.run_dir(root, sweep, variant, seed),
                                      variant, seed, root=root)
                for variant, _ in sweep.runs() for seed in sweep.seeds

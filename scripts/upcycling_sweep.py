@@ -3,7 +3,8 @@
   python scripts/upcycling_sweep.py --root=workdirs/upcycling --seeds=0,1,2 \
       --json=docs/experiments/upcycling.json --plot=docs/experiments/upcycling.png
 
-Per seed, from gin_configs/sweeps/upcycling.gin (N = Checkpointer.save_every,
+Per seed, from --sweep_gin (default gin_configs/sweeps/upcycling.gin, research scale;
+upcycling_tiny.gin: the earlier tiny scale) (N = Checkpointer.save_every,
 N + M = train.num_steps):
   dense     the dense model trained N + M steps (its steps N..N+M are the dense
             continuation of the checkpoint at N);
@@ -63,12 +64,12 @@ def _curves(workdir: Path) -> dict[str, list]:
             "train": [[r["step"], r["ce"]] for r in train_records]}
 
 
-def run_seed(root: Path, seed: int, extra: list[str]) -> dict:
+def run_seed(root: Path, seed: int, extra: list[str], sweep_gin: Path = SWEEP_GIN) -> dict:
     seed_dir = root / f"seed{seed}"
     dense = seed_dir / "dense"
-    _train(dense, [str(SWEEP_GIN)], [f"train.seed = {seed}", *extra])
+    _train(dense, [str(sweep_gin)], [f"train.seed = {seed}", *extra])
     gin.clear_config()
-    gin_utils.parse([str(SWEEP_GIN)], extra)
+    gin_utils.parse([str(sweep_gin)], extra)
     upcycle_step = gin.query_parameter("Checkpointer.save_every")
     out = {"dense": _curves(dense), "upcycle_step": upcycle_step}
     for name, (config, params) in UPCYCLED.items():
@@ -87,7 +88,7 @@ def run_seed(root: Path, seed: int, extra: list[str]) -> dict:
         out[name] = dict(curves, step0=record["verify"], param_count=record["moe_param_count"],
                          dense_param_count=record["dense_param_count"])
     scratch = seed_dir / "scratch"
-    _train(scratch, [str(SWEEP_GIN)], [f"train.seed = {seed}", "TransformerLM.moe_every = 2",
+    _train(scratch, [str(sweep_gin)], [f"train.seed = {seed}", "TransformerLM.moe_every = 2",
                                        *extra])
     out["scratch"] = _curves(scratch)
     return out
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--root", help="Directory for the runs' workdirs.")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sweep_gin", default=str(SWEEP_GIN.relative_to(SWEEP_GIN.parents[2])),
+                        help="the runs' configuration (default: the research-scale "
+                             "gin_configs/sweeps/upcycling.gin; upcycling_tiny.gin: the "
+                             "earlier tiny scale)")
     parser.add_argument("--gin_param", action="append", default=[],
                         help="Extra binding for every run (e.g. 'train.num_steps = 100').")
     parser.add_argument("--json", required=True, help="Where to write the summary.")
@@ -176,8 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.root is None:
         parser.error("--root is required (or --from_json)")
     else:
-        results = {int(s): run_seed(Path(args.root), int(s), args.gin_param)
-                   for s in args.seeds.split(",")}
+        sweep_gin = Path(args.sweep_gin)
+        if not sweep_gin.is_file():
+            parser.error(f"--sweep_gin: no such gin file {args.sweep_gin!r}")
+        results = {}
+        for i, s in enumerate(args.seeds.split(",")):
+            print(f"[upcycling] seed {s}: {i} of {len(args.seeds.split(','))} seeds done "
+                  f"(4 runs per seed; finished runs are skipped)", file=sys.stderr, flush=True)
+            results[int(s)] = run_seed(Path(args.root), int(s), args.gin_param, sweep_gin)
         summary = summarize(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=1), encoding="utf-8")

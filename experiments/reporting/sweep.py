@@ -35,7 +35,7 @@ from typing import Any
 import gin
 import numpy as np
 
-from experiments.reporting import protocol
+from experiments.reporting import claims, progress, protocol
 from experiments.reporting.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,11 +57,18 @@ class Sweep:
       grid: `{binding: [values]}`, crossed with every variant.
       seeds: `train.seed` values; every variant runs once per seed.
       bindings: extra bindings common to every run.
+      variant_gin_files: `{variant: [gin files]}` parsed after `gin_files` for that
+        variant only (before every binding): a variant that needs gin references
+        (`@PhasePlan()`), which `variants` values cannot express.
       analyze_routing: run `scripts/analyze_routing.py` after each run.
       title, description: report heading and text (what the sweep tests).
       findings: what the finished runs showed (written after reading the
         results; rendered under the table).
       smoothing: steps averaged in the curves of the report.
+      claims: `[[variant, baseline], ...]`: "variant reaches a lower final validation
+        loss than baseline", each judged in the report on the differences paired by
+        seed at `claim_threshold` standard errors (`experiments.reporting.claims`).
+      claim_threshold: standard errors a claim's paired difference must clear.
     """
 
     gin_files: Sequence[str] = ()
@@ -69,11 +76,14 @@ class Sweep:
     grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
     seeds: Sequence[int] = (0,)
     bindings: Sequence[str] = ()
+    variant_gin_files: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
     analyze_routing: bool = False
     title: str = ""
     description: str = ""
     findings: str = ""
     smoothing: int = 10
+    claims: Sequence[Sequence[str]] = ()
+    claim_threshold: float = 3.0
     name: str = ""
 
     def __post_init__(self):
@@ -92,6 +102,17 @@ class Sweep:
                 raise ValueError(f"Sweep.{where} binds {SEED_BINDING}, which every run takes "
                                  f"from Sweep.seeds (the binding would be overridden); "
                                  f"list the seeds in Sweep.seeds")
+        names = [name for name, _ in self.runs()]
+        unknown = sorted(set(self.variant_gin_files) - set(dict(self.variants) or {"base": {}}))
+        if unknown:
+            raise ValueError(f"Sweep.variant_gin_files names variants {unknown} that "
+                             f"Sweep.variants does not have")
+        for claim in self.claims:
+            if len(claim) != 2 or not set(claim) <= set(names):
+                raise ValueError(f"Sweep.claims entries must be [variant, baseline] pairs of "
+                                 f"the sweep's variants {names}, got {list(claim)!r}")
+        if not self.claim_threshold > 0:
+            raise ValueError(f"Sweep.claim_threshold must be > 0, got {self.claim_threshold}")
 
     def runs(self) -> list[tuple[str, dict[str, Any]]]:
         """`[(variant name, bindings)]`, variants crossed with the grid."""
@@ -125,9 +146,13 @@ def run_dir(root: Path, sweep: Sweep, variant: str, seed: int) -> Path:
     return root / sweep.name / variant.replace("/", "_") / f"seed{seed}"
 
 
-def train_command(sweep: Sweep, bindings: Mapping[str, Any], seed: int, workdir: Path) -> list[str]:
+def train_command(sweep: Sweep, bindings: Mapping[str, Any], seed: int, workdir: Path,
+                  variant: str | None = None) -> list[str]:
+    """The `scripts/train.py` command of one run (`variant`: the name in `Sweep.variants`,
+    for its `variant_gin_files`; a grid point's name starts with it)."""
     args = [sys.executable, str(REPO / "scripts" / "train.py"), "--quiet", f"--workdir={workdir}"]
-    args += [f"--gin_file={f}" for f in sweep.gin_files]
+    extra = sweep.variant_gin_files.get((variant or "").split(",")[0], [])
+    args += [f"--gin_file={f}" for f in [*sweep.gin_files, *extra]]
     params = list(sweep.bindings) + [f"{k} = {gin_value(v)}" for k, v in bindings.items()]
     params.append(f"{SEED_BINDING} = {seed}")
     return args + [f"--gin_param={p}" for p in params]
@@ -139,34 +164,44 @@ def gin_value(value: Any) -> str:
     return value if isinstance(value, str) and value.startswith("@") else repr(value)
 
 
-def run_sweep(sweep: Sweep, root: Path, *, log=print) -> list[dict[str, Any]]:
-    """Runs (or skips, when finished) every variant x seed; returns their records."""
+def run_sweep(sweep: Sweep, root: Path, *, log=print, order: str = "variant"
+              ) -> list[dict[str, Any]]:
+    """Runs (or skips, when finished) every variant x seed in `order` (`progress.schedule`:
+    'variant' or 'seed'), logging a progress line with the ETA before and after every run
+    it trains; returns their records."""
+    plan = progress.schedule(sweep.runs(), sweep.seeds, order)
+    dirs = [run_dir(root, sweep, variant, seed) for variant, _, seed in plan]
+    finished = [(d / "summary.json").exists() for d in dirs]
+    earlier = [_read_float(d / "wall_seconds.txt") for d, f in zip(dirs, finished) if f]
+    trained: list[float] = []
     records = []
-    for variant, bindings in sweep.runs():
-        for seed in sweep.seeds:
-            workdir = run_dir(root, sweep, variant, seed)
-            summary = workdir / "summary.json"
-            if not summary.exists():
-                start = time.monotonic()
-                log(f"[sweep {sweep.name}] {variant} seed {seed}: training in {workdir}")
-                with LoadSampler() as load:
-                    result = run_child(train_command(sweep, bindings, seed, workdir), cwd=REPO,
-                                       name=f"{variant} seed {seed}")
-                if workdir.is_dir():  # not created when the run refused its configuration
-                    (workdir / "train.log").write_text(result.stdout + result.stderr)
-                if result.returncode != 0:
-                    raise SweepRunError(f"{variant} seed {seed}", result, workdir)
-                (workdir / "wall_seconds.txt").write_text(f"{time.monotonic() - start:.1f}\n")
-                (workdir / "load_average.txt").write_text(f"{load.mean():.2f}\n")
-            if sweep.analyze_routing and not (workdir / "analysis" / "routing.json").exists():
-                result = subprocess.run(
-                    [sys.executable, str(REPO / "scripts" / "analyze_routing.py"),
-                     f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True,
-                    check=False)
-                if result.returncode != 0:
-                    raise RuntimeError(f"routing analysis of {workdir} failed:\n"
-                                       f"{result.stderr[-3000:]}")
-            records.append(collect_run(workdir, variant, seed, root=root))
+    for (variant, bindings, seed), workdir in zip(plan, dirs):
+        if not (workdir / "summary.json").exists():
+            log(progress.progress_line(sweep.name, sum(finished), len(plan), trained or earlier,
+                                       f"{variant} seed {seed}"))
+            start = time.monotonic()
+            log(f"[sweep {sweep.name}] {variant} seed {seed}: training in {workdir}")
+            with LoadSampler() as load:
+                result = run_child(train_command(sweep, bindings, seed, workdir, variant), cwd=REPO,
+                                   name=f"{variant} seed {seed}")
+            if workdir.is_dir():  # not created when the run refused its configuration
+                (workdir / "train.log").write_text(result.stdout + result.stderr)
+            if result.returncode != 0:
+                raise SweepRunError(f"{variant} seed {seed}", result, workdir)
+            trained.append(time.monotonic() - start)
+            (workdir / "wall_seconds.txt").write_text(f"{trained[-1]:.1f}\n")
+            (workdir / "load_average.txt").write_text(f"{load.mean():.2f}\n")
+            finished[len(records)] = True
+            log(progress.progress_line(sweep.name, sum(finished), len(plan), trained))
+        if sweep.analyze_routing and not (workdir / "analysis" / "routing.json").exists():
+            result = subprocess.run(
+                [sys.executable, str(REPO / "scripts" / "analyze_routing.py"),
+                 f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True,
+                check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"routing analysis of {workdir} failed:\n"
+                                   f"{result.stderr[-3000:]}")
+        records.append(collect_run(workdir, variant, seed, root=root))
     return records
 
 
@@ -391,11 +426,10 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
         plot_curves(records, "ce", "train CE (nats/byte, smoothed)", figures / "train_ce.png",
                     sweep.smoothing)
         plot_heatmaps(records, figures / "heatmaps.png")
+        protocol.plot_loss_curves(records, figures / "loss_curves.png",
+                                  title=f"{sweep.name}, mean over seeds")
 
-    lines = [f"# {sweep.title or sweep.name}", "",
-             f"Generated by `scripts/sweep.py {sweep_file}` from the runs' `summary.json`, "
-             "`metrics.jsonl` and `analysis/routing.json`; rerunning it skips finished runs "
-             "and rewrites this file.", ""]
+    lines = [f"# {sweep.title or sweep.name}", ""] + reproduce_lines(sweep.name, sweep_file)
     if sweep.description:
         lines += [sweep.description.strip(), ""]
     lines += ["## Configuration", "",
@@ -404,9 +438,12 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
               f"- seeds: {list(sweep.seeds)} (`train.seed`: init, data order, router keys)",
               "- variants:"]
     for variant, bindings in sweep.runs():
-        text = ", ".join(f"`{k} = {v!r}`" for k, v in bindings.items()) or "(base)"
+        text = ", ".join([f"`{f}`" for f in sweep.variant_gin_files.get(variant.split(",")[0], [])]
+                         + [f"`{k} = {v!r}`" for k, v in bindings.items()]) or "(base)"
         lines.append(f"  - `{variant}`: {text}")
-    lines += ["", "## Results (mean ± std over seeds)", "",
+    planned = [(variant, seed) for variant, _ in sweep.runs() for seed in sweep.seeds]
+    lines += [""] + claims.status_lines(planned, records)
+    lines += ["## Results (mean ± std over seeds)", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "Losses are validation cross-entropy in nats per byte at the last step. "
@@ -414,10 +451,15 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
               "MaxVio: the step's global counts / the mean over its sequences, mean over layers "
               "and over the last 50 training steps. MI: I(domain; expert) on the validation "
               "data (`scripts/analyze_routing.py`).", ""]
+    if sweep.claims:
+        lines += ["## The paper's claims", ""]
+        lines += claims.claim_lines(sweep.claims, records, sweep.claim_threshold)
     if sweep.findings:
         lines += ["## Findings", "", sweep.findings.strip(), ""]
-    lines += ["## Plots", "",
-              f"![batch MaxVio]({sweep.name}/maxvio_curves.png)", "",
+    lines += ["## Plots", ""]
+    if (figures / "loss_curves.png").exists():
+        lines += [f"![validation loss vs steps and FLOPs]({sweep.name}/loss_curves.png)", ""]
+    lines += [f"![batch MaxVio]({sweep.name}/maxvio_curves.png)", "",
               f"![sequence MaxVio]({sweep.name}/seq_maxvio_curves.png)", "",
               f"![train CE]({sweep.name}/train_ce.png)", ""]
     if (figures / "heatmaps.png").exists():
@@ -432,6 +474,21 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
     (figures / RECORDS_FILE).write_text(json.dumps(
         [{k: v for k, v in r.items() if k not in ("curves",)} for r in records], indent=1))
     return out
+
+
+def reproduce_lines(name: str, sweep_file: str, *, from_records: bool = True) -> list[str]:
+    """The header every experiment report opens with: the one command that reproduces it
+    (`from_records`: the report can be rewritten from its committed records alone)."""
+    text = (f"**Reproduce:** `make experiment NAME={name}` (`scripts/experiment.py {name}`: "
+            f"trains the runs of `{sweep_file}` one at a time, seed by seed, then writes this "
+            "report). Resumable: finished runs are skipped and an interrupted one resumes from "
+            "its checkpoint; a progress line gives the runs done of the whole sweep and the ETA. "
+            f"`make experiment NAME={name} EXPERIMENT_ARGS=--report_only` rewrites this file "
+            "from the finished runs")
+    if from_records:
+        text += (", `EXPERIMENT_ARGS=--from_records` from the records committed beside it "
+                 f"(`{name}/{RECORDS_FILE}`), with no runs at all")
+    return [text + ".", ""]
 
 
 def read_records(docs_dir: Path, name: str) -> list[dict[str, Any]]:
