@@ -42,14 +42,13 @@ from flax import nnx
 from experiments.convert import dense_to_moe
 from experiments.data.config import DataConfig
 from experiments.inference import routing_stats
-from experiments.inference.restore import RestoredModel, make_dropless, model_cls, restore_model
+from experiments.inference.restore import RestoredModel, model_cls, restore_model
 from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import LOSS_FREE_HOOK, Checkpointer
 from experiments.runtime.workdir_lock import check_workdir
 from experiments.train import evaluation
 from experiments.train.optim import make_optimizer
-from experiments.train.run_state import build_model, split_model
 from layers import scan as scan_lib
 from moe import expert_surgery as es
 from moe.expert_stats import RoutingStats
@@ -347,26 +346,6 @@ def _check_target(params: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
     return layout
 
 
-def unscanned_view(restored: RestoredModel) -> RestoredModel:
-    """A scanned checkpoint's model rebuilt unscanned (`TransformerLM.scan_layers = False`,
-    parameters `layers.scan.unscan_tree`d; same function), for the layer-by-layer
-    statistics pass; gin keeps `scan_layers = True`. Unscanned: returned as is."""
-    if scan_lib.SCANNED not in restored.params:
-        return restored
-    if restored.sharding is not None:
-        raise ValueError(f"{restored.workdir}: expert surgery of a scanned run on a mesh "
-                         "(MESH_SHAPE bound) is not supported")
-    gin.bind_parameter("TransformerLM.scan_layers", False)
-    try:
-        model = build_model(model_cls(), restored.vocab_size, seed=0)
-    finally:
-        gin.bind_parameter("TransformerLM.scan_layers", True)
-    make_dropless(model)
-    graphdef, _, rest = split_model(model)
-    return dataclasses.replace(restored, graphdef=graphdef, rest=rest,
-                               params=scan_lib.unscan_tree(jax.device_get(restored.params)))
-
-
 def run_surgery(operation: str, workdir: str | Path, out_workdir: str | Path,
                 config: SurgeryConfig, task: TaskSpec) -> SurgeryResult:
     """Prune or merge (`operation`), writing `out_workdir` atomically."""
@@ -375,7 +354,7 @@ def run_surgery(operation: str, workdir: str | Path, out_workdir: str | Path,
     source = restore_model(workdir, config.step)
     # Statistics and transforms work layer by layer on the unscanned layout; the result
     # is written in the layout of the run's config (scanned or not).
-    restored = unscanned_view(source)
+    restored = routing_stats.unscanned_view(source)
     names, e, k, new_e, new_k = _sizes(restored, config, operation)
     stats, stats_file = task_stats(restored, task)
     plans, transforms = {}, {}

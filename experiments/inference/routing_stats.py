@@ -8,6 +8,8 @@ logit similarity and mean routed logit vectors. With `domain=d` only the
 tokens of domain d count (the others are padding, as in evaluation's
 per-domain routing); `collect_domain_stats` does one pass per domain (the
 routing analysis, `experiments.reporting.routing_report`, reads its counts).
+A scanned model is run through its unscanned view (`unscanned_view`: the same
+function, layer by layer), so each MoE layer of a stack gets its own statistics.
 
 `save_stats` / `load_stats` keep them next to the checkpoint, in
 `<workdir>/routing_stats/<name>.npz` with a JSON sidecar naming the source,
@@ -16,6 +18,7 @@ step and token count, so expert pruning and merging reuse one pass.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -23,12 +26,15 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.inference.restore import RestoredModel
+from experiments.inference.restore import RestoredModel, make_dropless, model_cls
+from experiments.train.run_state import build_model, split_model
+from layers import scan as scan_lib
 from layers.moe_layer import MoeLayer
 from moe import expert_stats
 from moe.expert_stats import RoutingStats
@@ -68,6 +74,26 @@ def _recording_class(name: str, sink: dict[str, RoutingStats]) -> type:
     return Recording
 
 
+def unscanned_view(restored: RestoredModel) -> RestoredModel:
+    """A scanned checkpoint's model rebuilt unscanned (`TransformerLM.scan_layers = False`,
+    parameters `layers.scan.unscan_tree`d; same function), for the layer-by-layer
+    statistics pass; gin keeps `scan_layers = True`. Unscanned: returned as is."""
+    if scan_lib.SCANNED not in restored.params:
+        return restored
+    if restored.sharding is not None:
+        raise ValueError(f"{restored.workdir}: expert surgery of a scanned run on a mesh "
+                         "(MESH_SHAPE bound) is not supported")
+    gin.bind_parameter("TransformerLM.scan_layers", False)
+    try:
+        model = build_model(model_cls(), restored.vocab_size, seed=0)
+    finally:
+        gin.bind_parameter("TransformerLM.scan_layers", True)
+    make_dropless(model)
+    graphdef, _, rest = split_model(model)
+    return dataclasses.replace(restored, graphdef=graphdef, rest=rest,
+                               params=scan_lib.unscan_tree(jax.device_get(restored.params)))
+
+
 def make_stats_step(restored: RestoredModel) -> Callable:
     """`step(params, batch, domain) -> {layer: RoutingStats}` (jitted; domain < 0 = all)."""
     graphdef, rest, router_state = restored.graphdef, restored.rest, restored.router_state
@@ -92,6 +118,7 @@ def collect_stats(restored: RestoredModel, batches: Iterable[Mapping[str, np.nda
                   ) -> dict[str, RoutingStats]:
     """Sums over `batches` (dicts with inputs, segment_ids, positions [B, S], and
     domain [B, S] when filtering): `{moe layer: RoutingStats}` (float64, host)."""
+    restored = unscanned_view(restored)
     step_fn = step_fn or make_stats_step(restored)
     total: dict[str, RoutingStats] = {}
     with restored.context():
@@ -111,6 +138,7 @@ def collect_stats(restored: RestoredModel, batches: Iterable[Mapping[str, np.nda
 def collect_domain_stats(restored: RestoredModel, batches: list[Mapping[str, np.ndarray]],
                          num_domains: int) -> list[dict[str, RoutingStats]]:
     """One `collect_stats` per domain id 0..num_domains-1 (one compiled step)."""
+    restored = unscanned_view(restored)
     step_fn = make_stats_step(restored)
     return [collect_stats(restored, batches, domain=d, step_fn=step_fn)
             for d in range(num_domains)]

@@ -64,15 +64,15 @@ def test_active_fraction_one_reproduces_the_dense_logits(dense_run, tmp_path, cl
     assert not (tmp_path / "x").exists()
 
 
-def test_half_active_converts_and_trains(dense_run, tmp_path):  # noqa: F811
-    """k=2 of 4: not exact (verify says so, exit 0), and the workdir resumes training."""
+def test_half_active_converts_and_trains(dense_run, tmp_path, clean_gin, capsys):  # noqa: F811
+    """k=2 of 4: not exact (verify says so, exit 0, and reports the static magnitude-pruning
+    baseline), and the workdir resumes training with scripts/train.py."""
     out = tmp_path / "half"
-    result = run_script("scripts/dense_to_moe.py", "--method=tomoe", f"--workdir={dense_run}",
-                        f"--out_workdir={out}", "--num_experts=4", "--active_fraction=0.5",
-                        "--verify", *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "k=2" in result.stdout and "not expected to be exact" in result.stdout
-    assert "static structural pruning (the same active units by magnitude)" in result.stdout
+    assert _main()(["--method=tomoe", f"--workdir={dense_run}", f"--out_workdir={out}",
+                    "--num_experts=4", "--active_fraction=0.5", "--verify", *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "k=2" in text and "not expected to be exact" in text
+    assert "static structural pruning (the same active units by magnitude)" in text
     trained = run_script("scripts/train.py", f"--workdir={out}", "--quiet",
                          "--gin_param=train.num_steps = 7")
     assert trained.returncode == 0, trained.stderr[-3000:]
