@@ -115,6 +115,12 @@ def yarn_scaling(cfg: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], 
     return theta, scaling
 
 
+def _check_groups(groups: tuple[Any, Any], why: str) -> None:
+    for key, value in zip(("n_group", "topk_group"), groups):
+        if not value:
+            raise _refuse(key, value, why)
+
+
 def _routing(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
     """Score, groups, normalisation and scale of the routed experts."""
     method, scoring = cfg.get("topk_method"), cfg.get("scoring_func")
@@ -125,9 +131,7 @@ def _routing(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
                           "scores + e_score_correction_bias, groups by their top-2 sum)")
         if scoring not in (None, "sigmoid"):
             raise _refuse("scoring_func", scoring, "DeepseekV3 scores with sigmoid")
-        if not groups[0] or not groups[1]:
-            raise _refuse("n_group" if not groups[0] else "topk_group", groups[0] or groups[1],
-                          "DeepseekV3 needs n_group and topk_group >= 1")
+        _check_groups(groups, "DeepseekV3 needs n_group and topk_group >= 1")
         return {"score": "sigmoid", "num_groups": int(groups[0]), "top_groups": int(groups[1]),
                 "group_score": "top2_sum", "normalize": bool(cfg.get("norm_topk_prob", True))}
     if method not in V2_TOPK_METHODS:
@@ -140,9 +144,7 @@ def _routing(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
     out = {"score": "softmax", "normalize": False, "group_score": "top2_sum",
            "num_groups": None, "top_groups": None}
     if method == "group_limited_greedy":
-        if not groups[0] or not groups[1]:
-            raise _refuse("n_group" if not groups[0] else "topk_group", groups[0] or groups[1],
-                          "group_limited_greedy needs n_group and topk_group >= 1")
+        _check_groups(groups, "group_limited_greedy needs n_group and topk_group >= 1")
         out.update(num_groups=int(groups[0]), top_groups=int(groups[1]), group_score="max")
     return out
 
