@@ -26,8 +26,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from experiments.convert.hf.config import (ModelSpec, UnsupportedConfigError,
-                                           check_common_keys)
+from experiments.convert.hf.config import ModelSpec, UnsupportedConfigError, check_common_keys
 
 _log = logging.getLogger(__name__)
 
