@@ -228,3 +228,19 @@ def test_export_of_softmax_routing_with_selection_biases_needs_dropping():
                           drop_selection_bias=True).architecture == deepseek.V2
     assert family.spec_of(_model(c.parse_config(V3)),
                           selection_biases=True).architecture == deepseek.V3
+
+
+def test_absent_keys_take_transformers_defaults():
+    """A V3 config.json without the routing keys means transformers' defaults (8 groups,
+    top 4, x2.5, renormalised, 3 dense layers: here 2 of 8 experts per group, top 4 of 4
+    groups); a missing q_lora_rank is not guessed (null means no query LoRA)."""
+    keys = ("n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob",
+            "first_k_dense_replace")
+    cfg = {k: v for k, v in V3.items() if k not in keys}
+    spec = c.parse_config({**cfg, "n_routed_experts": 16, "num_hidden_layers": 4})
+    assert (spec.deepseek.num_groups, spec.deepseek.top_groups, spec.deepseek.route_scale,
+            spec.normalize, spec.moe_layers) == (8, 4, 2.5, True, (3,))
+    with pytest.raises(KeyError, match="q_lora_rank"):
+        c.parse_config({k: v for k, v in V3.items() if k != "q_lora_rank"})
+    v2 = c.parse_config({k: v for k, v in V2_LITE.items() if k != "topk_method"})
+    assert v2.deepseek.num_groups is None  # greedy

@@ -198,5 +198,6 @@ def test_v3_correction_bias_becomes_the_loss_free_state_and_mtp_is_dropped(case)
         np.testing.assert_array_equal(np.asarray(state.layers[f"layer_{i}"][SELECTION_BIAS]), want)
     record = json.loads((ours / "hf_import.json").read_text())
     assert record["not_imported"]["tensors"] == ["model.layers.3.*"]
+    assert record["not_imported"]["count"] == len(MTP_TENSORS)
     _, info, _ = load_logged(case.root / "hf")
     assert set(MTP_TENSORS) <= set(info["unexpected_keys"])
