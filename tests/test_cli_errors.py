@@ -184,7 +184,8 @@ def _hf_dirs(paths: dict[str, Path]) -> None:
         paths[name].mkdir()
     (paths["hfyarn"] / "config.json").write_text(json.dumps(  # DeepSeek-V3's legacy layout
         {**llama, "architectures": ["DeepseekV3ForCausalLM"], "num_key_value_heads": 2,
-         "kv_lora_rank": 8, "q_lora_rank": None, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+         "kv_lora_rank": 8, "q_lora_rank": None, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+         "v_head_dim": 8,
          "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
          "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 0,
          "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 16,
