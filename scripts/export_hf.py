@@ -6,7 +6,9 @@
 The family follows from the model: dense -> Llama (Mistral with a sliding
 window, Qwen2 with Q/K/V biases, Qwen3 with per-head Q/K norm); MoE -> Mixtral
 (renormalised top-k), Qwen2-MoE (gated shared expert), Qwen3-MoE (per-head Q/K
-norm), OLMoE (projection Q/K norm). What no family represents (expert choice,
+norm), OLMoE (projection Q/K norm); multi-head latent attention -> DeepSeek-V3
+(sigmoid routers; the loss-free biases become e_score_correction_bias) or
+DeepSeek-V2 (softmax routers). What no family represents (expert choice,
 DTS, capacity dropping, selection biases without --drop_selection_bias, ...) is
 refused naming the feature; see docs/interop.md. Exit status 2 on refusal.
 """

@@ -4,8 +4,10 @@
       [--gin_file=gin_configs/data/my_data.gin] [--dtype=bfloat16]
 
 Families: Llama, Mistral, Qwen2, Qwen3 (dense); Mixtral, Qwen2-MoE, Qwen3-MoE,
-OLMoE (MoE). The model comes from config.json (vocab_size included); --gin_file
-and --gin_param add the data/training config. The workdir holds checkpoints/0,
+OLMoE (MoE); DeepSeek-V2, DeepSeek-V3 (multi-head latent attention + MoE; V3's
+correction biases become loss-free selection biases, its MTP layers are skipped).
+The model comes from config.json (vocab_size included); --gin_file and
+--gin_param add the data/training config. The workdir holds checkpoints/0,
 config.gin and the model's tokenizer.json; scripts/train.py continues it and
 scripts/upcycle.py upcycles a dense one. Mapping tables: docs/interop.md.
 Exit status 2 when the model or the configuration cannot be imported.

@@ -98,6 +98,9 @@ CASES = {
                                                               "--out_workdir={run}"),
                                      ("embedding: the model wants shape (64, 16)",
                                       "(64, 17)"), "run"),
+    "import_hf_yarn_without_factor": Case("scripts/import_hf.py", ("--hf_dir={hfyarn}",
+                                                                   "--out_workdir={run}"),
+                                          ("rope_scaling.factor", "YaRN needs its factor"), "run"),
     "import_hf_out_is_a_file": Case("scripts/import_hf.py", ("--hf_dir={hfshape}",
                                                              "--out_workdir={afile}"),
                                     ("afile", "is a file")),
@@ -177,8 +180,16 @@ def _hf_dirs(paths: dict[str, Path]) -> None:
     """HF model directories that fail at config, shard and shape checks."""
     llama = {"architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 24,
              "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64}
-    for name in ("hfkey", "hftrunc", "hfshape", "nockpt"):
+    for name in ("hfkey", "hftrunc", "hfshape", "nockpt", "hfyarn"):
         paths[name].mkdir()
+    (paths["hfyarn"] / "config.json").write_text(json.dumps(  # DeepSeek-V3's legacy layout
+        {**llama, "architectures": ["DeepseekV3ForCausalLM"], "num_key_value_heads": 2,
+         "kv_lora_rank": 8, "q_lora_rank": None, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+         "v_head_dim": 8,
+         "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+         "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 0,
+         "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 16,
+                          "mscale": 1.0, "mscale_all_dim": 1.0}}))
     (paths["hfkey"] / "config.json").write_text(json.dumps(
         {k: v for k, v in llama.items() if k != "num_attention_heads"}))
     for name in ("hftrunc", "hfshape"):
@@ -193,7 +204,7 @@ def _hf_dirs(paths: dict[str, Path]) -> None:
 def _inputs(base: Path) -> dict[str, str]:
     paths = {name: base / name for name in ("run", "existing", "afile", "nofield", "empty",
                                             "missing", "bad_sweep", "k5_sweep", "docs", "hf",
-                                            "hfkey", "hftrunc", "hfshape", "nockpt",
+                                            "hfkey", "hftrunc", "hfshape", "nockpt", "hfyarn",
                                             "bad_jsonl", "key_jsonl")}
     paths["bad_jsonl"] = base / "bad_prompts.jsonl"
     paths["key_jsonl"] = base / "key_prompts.jsonl"

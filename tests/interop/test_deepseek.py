@@ -37,8 +37,7 @@ transformers = pytest.importorskip("transformers", reason="needs transformers: r
 from tests.helpers import shared_dir  # noqa: E402
 from tests.interop.families import VOCAB_SIZE, import_model  # noqa: E402
 from tests.interop.test_generate_reference import NEW_TOKENS, PROMPT, eos_ids, theirs  # noqa: E402
-from tests.interop.test_reference import (IDS, load_logged, logits_of,  # noqa: E402
-                                          reference_logprobs)
+from tests.interop.test_reference import IDS, load_logged, logits_of, reference_logprobs  # noqa: E402
 
 _BASE = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
@@ -199,5 +198,6 @@ def test_v3_correction_bias_becomes_the_loss_free_state_and_mtp_is_dropped(case)
         np.testing.assert_array_equal(np.asarray(state.layers[f"layer_{i}"][SELECTION_BIAS]), want)
     record = json.loads((ours / "hf_import.json").read_text())
     assert record["not_imported"]["tensors"] == ["model.layers.3.*"]
+    assert record["not_imported"]["count"] == len(MTP_TENSORS)
     _, info, _ = load_logged(case.root / "hf")
     assert set(MTP_TENSORS) <= set(info["unexpected_keys"])

@@ -31,7 +31,7 @@ def _clean_gin():
     gin.clear_config()
 
 
-@pytest.mark.parametrize("size,layers,experts", [("tiny", 4, 16), ("small", 8, 64)])
+@pytest.mark.parametrize("size,layers,experts", [("tiny", 4, 16), ("small", 6, 32)])
 def test_deepseek_presets_build_the_v3_option_set(size, layers, experts):
     gin_utils.parse([str(REPO / f"gin_configs/models/deepseek_{size}.gin")], [])
     assert gin.query_parameter("LossFreeBalancing.enabled") is True

@@ -6,6 +6,8 @@ older top-level `rope_theta`/`rope_scaling`; Qwen3-MoE `num_experts` or
 `num_local_experts`) and refuses, naming key and value, whatever our model
 cannot express. `model_bindings` gives the gin bindings of the matching
 `TransformerLM`; `hf_config` writes the spec back as a HF config dict.
+DeepSeek-V2/V3 configs are read and written by `deepseek.py` (the spec then
+carries a `deepseek.DeepseekSpec`).
 """
 
 from __future__ import annotations

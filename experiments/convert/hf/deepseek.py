@@ -26,8 +26,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from experiments.convert.hf.config import (ModelSpec, UnsupportedConfigError,
-                                           check_common_keys)
+from experiments.convert.hf.config import ModelSpec, UnsupportedConfigError, check_common_keys
 
 _log = logging.getLogger(__name__)
 
@@ -39,6 +38,16 @@ LATENT_NORM_EPS = 1e-6
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 _YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
               "mscale_all_dim", "attention_factor", "truncate")
+# transformers 5.24's defaults for keys a config.json may leave out (applied before
+# reading, so an absent key means what it means to transformers). `q_lora_rank` has a
+# default there too (1536), but null means "no query LoRA": it must be given.
+DEFAULTS = {
+    V2: {"first_k_dense_replace": 0, "n_shared_experts": 2, "routed_scaling_factor": 1.0,
+         "topk_method": "greedy", "n_group": None, "topk_group": None, "norm_topk_prob": False},
+    V3: {"first_k_dense_replace": 3, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+         "n_group": 8, "topk_group": 4, "norm_topk_prob": True, "rope_interleave": True,
+         "num_key_value_heads": 128, "num_nextn_predict_layers": 1},
+}
 # Read by DeepSeek's own training code only (no effect on the forward): not imported.
 IGNORED_KEYS = ("aux_loss_alpha", "seq_aux", "ep_size")
 
@@ -115,6 +124,12 @@ def yarn_scaling(cfg: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], 
     return theta, scaling
 
 
+def _check_groups(groups: tuple[Any, Any], why: str) -> None:
+    for key, value in zip(("n_group", "topk_group"), groups):
+        if not value:
+            raise _refuse(key, value, why)
+
+
 def _routing(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
     """Score, groups, normalisation and scale of the routed experts."""
     method, scoring = cfg.get("topk_method"), cfg.get("scoring_func")
@@ -125,9 +140,7 @@ def _routing(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
                           "scores + e_score_correction_bias, groups by their top-2 sum)")
         if scoring not in (None, "sigmoid"):
             raise _refuse("scoring_func", scoring, "DeepseekV3 scores with sigmoid")
-        if not groups[0] or not groups[1]:
-            raise _refuse("n_group" if not groups[0] else "topk_group", groups[0] or groups[1],
-                          "DeepseekV3 needs n_group and topk_group >= 1")
+        _check_groups(groups, "DeepseekV3 needs n_group and topk_group >= 1")
         return {"score": "sigmoid", "num_groups": int(groups[0]), "top_groups": int(groups[1]),
                 "group_score": "top2_sum", "normalize": bool(cfg.get("norm_topk_prob", True))}
     if method not in V2_TOPK_METHODS:
@@ -140,9 +153,7 @@ def _routing(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
     out = {"score": "softmax", "normalize": False, "group_score": "top2_sum",
            "num_groups": None, "top_groups": None}
     if method == "group_limited_greedy":
-        if not groups[0] or not groups[1]:
-            raise _refuse("n_group" if not groups[0] else "topk_group", groups[0] or groups[1],
-                          "group_limited_greedy needs n_group and topk_group >= 1")
+        _check_groups(groups, "group_limited_greedy needs n_group and topk_group >= 1")
         out.update(num_groups=int(groups[0]), top_groups=int(groups[1]), group_score="max")
     return out
 
@@ -171,8 +182,8 @@ def _check_keys(cfg: Mapping[str, Any], arch: str, layers: int) -> None:
     dense = int(cfg.get("first_k_dense_replace", 3 if arch == V3 else 0))
     if not 0 <= dense < layers:
         raise _refuse("first_k_dense_replace", dense, f"must be in [0, num_hidden_layers={layers})")
-    if int(cfg.get("n_shared_experts") or 0) < 1:
-        raise _refuse("n_shared_experts", cfg.get("n_shared_experts"), "must be >= 1 "
+    if int(cfg["n_shared_experts"] or 0) < 1:
+        raise _refuse("n_shared_experts", cfg["n_shared_experts"], "must be >= 1 "
                       "(transformers always builds the shared experts)")
     qk = cfg.get("qk_head_dim")
     if qk is not None and qk != cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]:
@@ -183,16 +194,19 @@ def _check_keys(cfg: Mapping[str, Any], arch: str, layers: int) -> None:
 
 def parse(cfg: Mapping[str, Any], arch: str) -> ModelSpec:
     """The spec of a DeepseekV2/V3 config.json; UnsupportedConfigError or KeyError."""
+    if "num_mtp_layers" in cfg:  # transformers' attribute name for num_nextn_predict_layers
+        cfg = {"num_nextn_predict_layers": cfg["num_mtp_layers"], **cfg}
+    cfg = {**DEFAULTS[arch], **cfg}  # an explicit null stays null (num_key_value_heads: heads)
     check_common_keys(cfg)
     layers = int(cfg["num_hidden_layers"])
     _check_keys(cfg, arch, layers)
     theta, scaling = yarn_scaling(cfg)
     routing = _routing(cfg, arch)
     normalize = routing.pop("normalize")
-    mtp = int(cfg.get("num_nextn_predict_layers", cfg.get("num_mtp_layers", 0)) or 0)
+    mtp = int(cfg.get("num_nextn_predict_layers") or 0)
     if arch == V2 and mtp:
         raise _refuse("num_nextn_predict_layers", mtp, "DeepseekV2 has no MTP layers")
-    q_lora = cfg.get("q_lora_rank")
+    q_lora = cfg["q_lora_rank"]
     ds = DeepseekSpec(
         q_lora_rank=None if q_lora is None else int(q_lora),
         kv_lora_rank=int(cfg["kv_lora_rank"]), qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),

@@ -199,9 +199,15 @@ def import_hf(model_dir: str | Path, out_workdir: str | Path, *,
         gin_utils.write_config(tmp)
         copy_tokenizer_files(model_dir, tmp)
         record = {"source": str(model_dir), "architecture": spec.architecture, "config": hf_cfg}
-        if spec.deepseek is not None and spec.deepseek.mtp_layers:
+        reader = SafetensorsReader(model_dir)
+        try:
+            skipped = ignored_mtp_tensors(reader.names(), spec)
+        finally:
+            reader.close()
+        if skipped:
             record["not_imported"] = {
                 "tensors": [p + "*" for p in deepseek_tensors.mtp_prefixes(spec)],
+                "count": len(skipped),
                 "why": "DeepSeek-V3 MTP layers: transformers has no module for them"}
         (tmp / "hf_import.json").write_text(json.dumps(record, indent=2) + "\n",
                                             encoding="utf-8")

@@ -7,7 +7,9 @@ stored per expert by HF (`experts.{e}.w1` Mixtral, `experts.{e}.gate_proj`
 Qwen/OLMoE) and stacked `[E, ...]` by us, are `ExpertRule`s. transformers 5
 in-memory fused experts (`mlp.experts.gate_up_proj [E, 2f, d]`,
 `mlp.experts.down_proj [E, d, f]`) are accepted on import (`unfuse_experts`);
-export writes the per-expert layout `save_pretrained` writes.
+export writes the per-expert layout `save_pretrained` writes. A `SplitRule`
+maps one HF tensor to several of our leaves through functions (DeepSeek's
+fused MLA projections and permuted RoPE rows: `deepseek_tensors.py`).
 
 Our names: `embedding [V,d]`, `final_norm/scale [d]`, `lm_head [d,V]`,
 `layer_i/attention_norm/scale`, `layer_i/ffn_norm/scale`,
