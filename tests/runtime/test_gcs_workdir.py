@@ -241,3 +241,17 @@ def test_the_profiler_refuses_a_bucket_workdir_before_anything_is_touched():
                                                      r"trace\) cannot use 'gs://b/w': the "
                                                      r"profiler writes its trace with local"):
         trainer.train("gs://b/w", setup)
+
+
+def test_scripts_that_only_read_local_files_refuse_a_bucket_path(capsys):
+    from experiments.runtime import cli  # pylint: disable=g-import-not-at-top
+
+    parser = cli.ArgumentParser(prog="score.py", remote_ok=("gin_file",))
+    parser.add_argument("--workdir")
+    parser.add_argument("--gin_file", action="append", default=[])
+    assert parser.parse_args(["--gin_file=gs://b/c.gin", "--workdir=w"]).workdir == "w"
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["--workdir=gs://b/run"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --workdir 'gs://b/run': score.py reads and writes local files only")
