@@ -37,14 +37,20 @@ EXTRAS_REQUIRE = {
     # tokamax: its Pallas ragged_dot as the `tokamax` dispatch (moe/dispatch/tokamax_backend.py);
     # 7 small pure-Python wheels over jax (qwix, pydantic, jaxtyping, ...); "xla" on CPU.
     "tokamax": ["tokamax>=0.0.12,<0.1"],
+    # gs:// workdirs and corpora (experiments/runtime/paths.py): gcsfs serves etils.epath's
+    # gs:// paths, google-cloud-storage the workdir lease and tensorboardX's event files.
+    "gcs": ["gcsfs>=2024.6", "google-cloud-storage>=2.14,<4"],
     # safetensors: the pretrained-weights upcycling and import tests write their fixtures
     # with it (scripts/import_hf.py and export_hf.py read/write safetensors themselves).
     "import": ["safetensors>=0.4,<1"],
     # sentencepiece: the SentencePiece tokenizer tests (a small wheel, no TensorFlow);
     # nbclient, ipykernel, nbformat: tests/test_notebooks.py runs the notebooks in a kernel.
+    # The gcs extra and gcp-storage-emulator (pure Python): tests/runtime/test_gcs_workdir.py
+    # runs a workdir and a corpus in a bucket of a GCS emulator on localhost.
     "dev": ["pytest>=8", "pytest-xdist>=3", "tbparse>=0.0.9", "ruff>=0.5",
             "safetensors>=0.4,<1", "jupytext>=1.16,<2", "sentencepiece>=0.2,<0.3",
-            "nbclient>=0.10,<1", "ipykernel>=6,<8", "nbformat>=5,<6"],
+            "nbclient>=0.10,<1", "ipykernel>=6,<8", "nbformat>=5,<6",
+            "gcsfs>=2024.6", "google-cloud-storage>=2.14,<4", "gcp-storage-emulator>=2024.8"],
 }
 
 setup(

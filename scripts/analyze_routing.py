@@ -25,7 +25,8 @@ from experiments.runtime import cli
 
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                                remote_ok=("workdir", "output_dir"))
     parser.add_argument("--workdir", required=True, help="The training run's workdir.")
     parser.add_argument("--output_dir", default=None,
                         help="Where to write the plots and JSON (default <workdir>/analysis).")

@@ -26,7 +26,7 @@ from experiments.runtime import cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0], remote_ok=("verify", "output"))
     parser.add_argument("--input", action="append", default=[],
                         help="File, glob ('**' recurses) or directory (every file under "
                              "it); repeat for several.")

@@ -41,7 +41,8 @@ from experiments.train.trainer import TrainSetup, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                                remote_ok=("workdir", "gin_file"))
     parser.add_argument("--gin_file", action="append", default=[],
                         help="Gin config file; repeatable, later files override earlier ones. "
                              "Default: <workdir>/config.gin when it exists.")

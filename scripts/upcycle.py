@@ -45,7 +45,8 @@ def _mesh(text: str) -> dict[str, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                           remote_ok=("dense_workdir", "out_workdir", "gin_file"))
     p.add_argument("--dense_workdir", required=True, help="Workdir of the dense run.")
     p.add_argument("--out_workdir", required=True, help="New workdir for the MoE run.")
     p.add_argument("--gin_file", action="append", default=[],

@@ -19,11 +19,9 @@ step and token count, so expert pruning and merging reuse one pass.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import gin
@@ -33,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.inference.restore import RestoredModel, make_dropless, model_cls
+from experiments.runtime import paths
 from experiments.train.run_state import build_model, split_model
 from layers import scan as scan_lib
 from layers.moe_layer import MoeLayer
@@ -148,37 +147,33 @@ def collect_domain_stats(restored: RestoredModel, batches: list[Mapping[str, np.
 # On disk, next to the checkpoint.
 
 
-def stats_path(workdir: str | Path, name: str) -> Path:
+def stats_path(workdir: paths.PathLike, name: str) -> paths.Path:
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"statistics name must be a plain file name, got {name!r}")
-    return Path(workdir) / STATS_DIR / f"{name}.npz"
+    return paths.as_path(workdir) / STATS_DIR / f"{name}.npz"
 
 
-def save_stats(workdir: str | Path, name: str, stats: Mapping[str, RoutingStats],
-               info: Mapping[str, Any]) -> Path:
-    """Writes `<workdir>/routing_stats/<name>.npz` (+ `.json` with `info`) atomically."""
+def save_stats(workdir: paths.PathLike, name: str, stats: Mapping[str, RoutingStats],
+               info: Mapping[str, Any]) -> paths.Path:
+    """Writes `<workdir>/routing_stats/<name>.npz` (+ `.json` with `info`), each file
+    whole (`experiments.runtime.paths.write_bytes`; the workdir may be `gs://`)."""
     path = stats_path(workdir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{layer}/{field}": value for layer, s in stats.items()
               for field, value in s.as_dict().items()}
-    for suffix, write in ((".npz", lambda f: np.savez(f, **arrays)),
-                          (".json", lambda f: f.write(json.dumps(
-                              {**info, "layers": sorted(stats)}, indent=2).encode()))):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path.with_suffix(suffix))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    paths.write_bytes(path, buffer.getvalue())
+    paths.write_text(path.with_suffix(".json"),
+                     json.dumps({**info, "layers": sorted(stats)}, indent=2))
     return path
 
 
-def load_stats(workdir: str | Path, name: str) -> tuple[dict[str, RoutingStats], dict[str, Any]]:
+def load_stats(workdir: paths.PathLike, name: str,
+               ) -> tuple[dict[str, RoutingStats], dict[str, Any]]:
     """What `save_stats` wrote: `({layer: RoutingStats}, info)`; FileNotFoundError if absent."""
     path = stats_path(workdir, name)
     info = json.loads(path.with_suffix(".json").read_text())
-    with np.load(path) as data:
+    with np.load(io.BytesIO(path.read_bytes())) as data:
         return ({layer: RoutingStats(**{f: np.asarray(data[f"{layer}/{f}"], np.float64)
                                         for f in expert_stats.STAT_FIELDS})
                  for layer in info["layers"]}, info)

@@ -29,6 +29,8 @@ from typing import Any, NoReturn
 
 import gin
 
+from experiments.runtime import paths
+
 USAGE_ERROR = 2
 INTERRUPTED = 130
 VERBOSE_FLAG = "--verbose"
@@ -52,12 +54,31 @@ class CliError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a `--verbose` flag and one-line usage errors (exit status 2)."""
+    """argparse with a `--verbose` flag and one-line usage errors (exit status 2).
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    A flag value that is a bucket path (`gs://...`) is refused unless the flag is
+    named in `remote_ok`: only the scripts that go through
+    `experiments.runtime.paths` read and write buckets (docs/training.md).
+    """
+
+    def __init__(self, *args: Any, remote_ok: Sequence[str] = (), **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.remote_ok = frozenset(remote_ok)
         self.add_argument(VERBOSE_FLAG, action="store_true",
                           help="On an error, print the full traceback too.")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        for dest, value in vars(parsed).items():
+            values = value if isinstance(value, list) else [value]
+            remote = [v for v in values if isinstance(v, str) and paths.is_remote(v)]
+            if remote and dest not in self.remote_ok:
+                self.error(f"--{dest} {remote[0]!r}: {self.prog} reads and writes local "
+                           f"files only (gs:// paths work with scripts/train.py, upcycle.py, "
+                           f"analyze_routing.py and prepare_data.py --verify)")
+        return parsed, rest
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)

@@ -45,9 +45,14 @@ from typing import Any, Self
 import gin
 
 from experiments.runtime import paths
-from experiments.runtime.workdir_lock import WorkdirLockedError
 
 _log = logging.getLogger(__name__)
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live process holds the workdir's lock (or this one lost its lease)."""
+
+    exit_code = 3  # the scripts' exit status (experiments.runtime.cli)
 
 
 def _bucket_and_key(path: str) -> tuple[str, str]:

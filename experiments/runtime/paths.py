@@ -105,6 +105,9 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        mask = os.umask(0)  # the mode `open` would give (mkstemp's is 0600)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, os.fspath(path))
     except BaseException:
         if os.path.exists(tmp):

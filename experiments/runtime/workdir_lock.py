@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any, Self
 
 from experiments.runtime import paths
+from experiments.runtime.lease import LeaseLock, WorkdirLockedError
+
+__all__ = ["LOCK_NAME", "LeaseLock", "WorkdirLock", "WorkdirLockedError", "check_workdir",
+           "workdir_lock"]
 
 _log = logging.getLogger(__name__)
 
 LOCK_NAME = "train.lock"
-
-
-class WorkdirLockedError(RuntimeError):
-    """Another live process holds the workdir's lock."""
-
-    exit_code = 3  # the scripts' exit status (experiments.runtime.cli)
 
 
 def check_workdir(workdir: str | os.PathLike[str]) -> None:
@@ -49,8 +47,6 @@ def workdir_lock(workdir: str | os.PathLike[str]) -> Any:
     """The lock of `workdir`: a `WorkdirLock` (flock) for a local directory, a
     `lease.LeaseLock` for a bucket. Both are context managers with `check()`."""
     if paths.is_remote(workdir):
-        from experiments.runtime.lease import LeaseLock  # pylint: disable=g-import-not-at-top
-
         return LeaseLock(str(paths.as_path(workdir) / LOCK_NAME))
     return WorkdirLock(workdir)
 

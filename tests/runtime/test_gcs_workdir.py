@@ -25,6 +25,7 @@ tested here.
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import socket
 import subprocess
@@ -34,6 +35,7 @@ import types
 import urllib.request
 
 import gin
+import jax
 import numpy as np
 import pytest
 
@@ -46,7 +48,7 @@ from experiments.data import prepare  # noqa: E402
 from experiments.reporting.metrics import read_jsonl  # noqa: E402
 from experiments.reporting.tb_purge import Event, read_records  # noqa: E402
 from experiments.runtime import lease, paths  # noqa: E402
-from experiments.runtime.workdir_lock import WorkdirLockedError  # noqa: E402
+from experiments.runtime.workdir_lock import WorkdirLockedError, workdir_lock  # noqa: E402
 from tests.data.test_prepare import FRACTION, SEQ_LEN, _write_jsonl  # noqa: E402
 from tests.helpers import REPO, run_script, shared_training_run  # noqa: E402
 from tests.train.test_interrupt import TINY, _interrupt_at  # noqa: E402
@@ -92,6 +94,15 @@ def emulator(tmp_path_factory):
 
 def _fs():
     return paths.filesystem(f"gs://{BUCKET}")
+
+
+def _upload(local, remote: str) -> None:
+    """Copies the directory `local` to `remote` (`gs://...`), one upload per file
+    (gcsfs's recursive put probes every parent and is slow on the emulator)."""
+    for root, _, files in os.walk(local):
+        for name in files:
+            relative = os.path.relpath(os.path.join(root, name), local)
+            paths.write_bytes(f"{remote}/{relative}", open(os.path.join(root, name), "rb").read())
 
 
 def _train_losses(workdir: str) -> dict[int, float]:
@@ -155,33 +166,34 @@ def test_routing_analysis_reads_and_writes_the_bucket(bucket_run, clean_gin):
 
 def test_upcycle_from_and_into_the_bucket(emulator, tmp_path_factory, clean_gin):
     from experiments.convert import upcycle_checkpoint as ex  # pylint: disable=g-import-not-at-top
-    from experiments.inference.restore import restore_model  # pylint: disable=g-import-not-at-top
+    from experiments.runtime.checkpoints import Checkpointer  # pylint: disable=g-import-not-at-top
     from tests.convert.test_upcycle_checkpoint import DENSE_ARGS, DENSE_STEPS
 
     dense, _ = shared_training_run(tmp_path_factory, "upcycle_dense", *DENSE_ARGS)
-    _fs().put(str(dense), f"{BUCKET}/dense", recursive=True)
+    _upload(dense, f"gs://{BUCKET}/dense")
     out = f"gs://{BUCKET}/moe"
     result = ex.upcycle(f"gs://{BUCKET}/dense", out,
                         config=ex.UpcycleConfig(moe_layers="every_other", num_experts=4, k=2))
     assert result.step == DENSE_STEPS and str(result.out_workdir) == out
     assert paths.as_path(f"{out}/{ex.UPCYCLE_FILE}").is_file()
-    restored = restore_model(out, causal_only=False)  # config.gin and checkpoint from the bucket
-    assert restored.step == DENSE_STEPS
-    expert = [v for k, v in _flat(restored.params).items() if "experts" in k]
-    assert expert and all(np.all(np.isfinite(np.asarray(v))) for v in expert)
-
-
-def _flat(tree, prefix=""):
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}/{key}").items()}
+    assert "MoeLayer" in paths.as_path(f"{out}/config.gin").read_text()
+    # The MoE checkpoint in the bucket (its arrays are read back by the trainer's
+    # resume and the analysis above; here its stored tree, without reading arrays).
+    reader = Checkpointer(f"{out}/checkpoints", read_only=True)
+    try:
+        assert reader.all_steps() == [DENSE_STEPS]
+        stored = reader.stored_metadata(DENSE_STEPS, "params")
+    finally:
+        reader.close()
+    names = "/".join(map(str, jax.tree_util.tree_flatten_with_path(stored)[0]))
+    assert "experts" in names and "router" in names
 
 
 def test_prepared_shards_read_from_the_bucket(emulator, tmp_path):
     local = tmp_path / "shards"
     prepare.prepare([_write_jsonl(tmp_path, "docs")], local,
                     prepare.Options(validation_fraction=FRACTION), progress=False)
-    _fs().put(str(local), f"{BUCKET}/corpus", recursive=True)
+    _upload(local, f"gs://{BUCKET}/corpus")
     remote = f"gs://{BUCKET}/corpus"
     assert prepare.verify(remote)["shards"]  # sizes and sha256 of every object
     common = {"seq_len": SEQ_LEN, "batch_size": 3, "validation_fraction": FRACTION}
@@ -214,6 +226,13 @@ def test_lease_refuses_a_second_trainer_and_is_taken_over_when_expired(emulator)
     assert not _fs().exists(f"{BUCKET}/leased/train.lock")  # the last holder deleted it
 
 
+def test_lease_ttl_is_bound_in_gin(clean_gin):
+    gin.parse_config("LeaseLock.ttl_seconds = 45")
+    lock = workdir_lock(f"gs://{BUCKET}/bound")
+    assert isinstance(lock, lease.LeaseLock) and lock.ttl == 45.0
+    assert lock.path == f"gs://{BUCKET}/bound/train.lock"
+
+
 def test_the_profiler_refuses_a_bucket_workdir_before_anything_is_touched():
     from experiments.train import trainer  # pylint: disable=g-import-not-at-top
 
@@ -222,3 +241,17 @@ def test_the_profiler_refuses_a_bucket_workdir_before_anything_is_touched():
                                                      r"trace\) cannot use 'gs://b/w': the "
                                                      r"profiler writes its trace with local"):
         trainer.train("gs://b/w", setup)
+
+
+def test_scripts_that_only_read_local_files_refuse_a_bucket_path(capsys):
+    from experiments.runtime import cli  # pylint: disable=g-import-not-at-top
+
+    parser = cli.ArgumentParser(prog="score.py", remote_ok=("gin_file",))
+    parser.add_argument("--workdir")
+    parser.add_argument("--gin_file", action="append", default=[])
+    assert parser.parse_args(["--gin_file=gs://b/c.gin", "--workdir=w"]).workdir == "w"
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["--workdir=gs://b/run"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --workdir 'gs://b/run': score.py reads and writes local files only")
