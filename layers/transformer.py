@@ -140,6 +140,9 @@ class TransformerLM(nnx.Module):
         router's options bindings on the router class (`TopKRouter.score`, ...).
       dense_block: factory of the dense FFNs, called as `dense_block(d_model,
         d_ff, activation=, dtype=, param_dtype=, rngs=)`.
+      block: factory of the layers (default `TransformerBlock`), called as
+        `block(attention, ffn, d_model=, causal=, norm_eps=, dtype=, param_dtype=,
+        rngs=)`; returns `(x, MoeAux | None)` (e.g. `@SkipBlock`, `layers.skip`).
       dense_baseline: replace each MoE FFN by a dense block with the same
         active parameters per token (router excepted): hidden size
         k * expert d_ff + num_shared_experts * shared_d_ff, with the experts'
@@ -174,7 +177,7 @@ class TransformerLM(nnx.Module):
                  moe_every: int = 2, moe_layers: Sequence[int] | None = None,
                  moe_block: Callable[..., nnx.Module] = MoeLayer,
                  dense_block: Callable[..., nnx.Module] = DenseMLP,
-                 dense_baseline: bool = False, dense_baseline_k: int | None = None,
+                 block: Callable[..., nnx.Module] = TransformerBlock, dense_baseline: bool = False, dense_baseline_k: int | None = None,
                  activation: str = "relu", causal: bool = True,
                  tie_embeddings: bool = False, embed_init_std: float = 1.0,
                  rope_max_wavelength: float = 10_000.0, norm_eps: float = 1e-6,
@@ -236,9 +239,9 @@ class TransformerLM(nnx.Module):
                              else (d_ff, activation))
                 ffn = dense_block(d_model, size, activation=act, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-            blocks.append(TransformerBlock(mixer, ffn, d_model=d_model, causal=causal,
-                                           norm_eps=norm_eps, dtype=dtype,
-                                           param_dtype=param_dtype, rngs=rngs))
+            blocks.append(block(
+                mixer, ffn, d_model=d_model, causal=causal, norm_eps=norm_eps, dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs))
         for i in self.plan.unscanned():
             setattr(self, self.layer_names[i], blocks[i])
         self.scanned = (scan_lib.ScannedUnits([[blocks[i] for i in self.plan.unit_layers(j)]

@@ -127,6 +127,8 @@ class StepBalance:
         own = self.layer_counts(aux, lbl_group, groups.num_groups)
         out = {}
         for layer, a in aux.items():
+            if not a.is_moe:  # a layer that routes no tokens (e.g. a dense SkipBlock)
+                continue
             if layer not in own:
                 self._warn_unscoped(layer)
                 lbl = jnp.zeros((), jnp.float32) if a.lbl is None else a.lbl

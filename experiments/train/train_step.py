@@ -64,6 +64,8 @@ class LossWeights:
         (LBL per row on normalised scores; 1e-4 in DeepSeek-V3), on top of the LBL.
       dts_weight: weight of the EvoMoE dense-to-sparse balance loss
         (`MoeAux.dts_loss`, layers with `DenseToSparseRouter` in training).
+      skip_weight: weight of the Learning to Skip compute-budget loss
+        (`MoeAux.skip_loss`, layers built by `layers.skip.SkipBlock`).
     """
 
     lbl_weight: float = 0.01
@@ -73,15 +75,16 @@ class LossWeights:
     lbl_global_mode: str = "exact"
     seq_balance_weight: float = 0.0
     dts_weight: float = 0.01
+    skip_weight: float = 1.0
 
     def __post_init__(self):
         check_one_of("LossWeights.layer_reduction", self.layer_reduction, LAYER_REDUCTIONS)
         if min(self.lbl_weight, self.z_loss_weight, self.seq_balance_weight,
-               self.dts_weight) < 0:
+               self.dts_weight, self.skip_weight) < 0:
             raise ValueError(f"LossWeights weights must be >= 0, got lbl_weight="
                              f"{self.lbl_weight}, z_loss_weight={self.z_loss_weight}, "
                              f"seq_balance_weight={self.seq_balance_weight}, "
-                             f"dts_weight={self.dts_weight}")
+                             f"dts_weight={self.dts_weight}, skip_weight={self.skip_weight}")
         missing = [MoeAux.loss_weight_name(n) for n in MoeAux.loss_names()
                    if not hasattr(self, MoeAux.loss_weight_name(n))]
         if missing:
@@ -179,7 +182,7 @@ def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weigh
                       for name, value in unscoped.items()) / num_microbatches)
         domain_ce, domain_tokens = domain_sums(ce, mb["weights"], mb["domain"], num_domains)
         aux = {layer: (a.replace(sequence_max_violation=terms[layer]["sequence_max_violation"])
-                       if "sequence_max_violation" in terms[layer] else a)
+                       if "sequence_max_violation" in terms.get(layer, {}) else a)
                for layer, a in aux.items()}
         # lbl and seq_balance are shares; x num_microbatches so their mean is the step's loss.
         out = {"ce_sum": ce_sum, "lbl": lbl * num_microbatches,
@@ -194,7 +197,8 @@ def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weigh
 def _step_metrics(losses: jax.Array, outs: Mapping[str, Any], grads: Any, batch: Batch,
                   total_tokens: jax.Array) -> dict[str, Any]:
     """The step's metrics from the per-micro-batch outputs stacked by the scan."""
-    moe = {layer: s.replace(batch_max_violation=balance.max_violation(s.counts))
+    moe = {layer: (s.replace(batch_max_violation=balance.max_violation(s.counts))
+                   if s.is_moe else s)
            for layer, s in combine_microbatch_stats(outs["moe"]).items()}
     loss_terms = {name: jnp.mean(value) for name, value in outs["loss_terms"].items()}
     return {
