@@ -294,15 +294,22 @@ class TransformerLM(nnx.Module):
     def param_count(self) -> int:
         return sum(v.size for _, v in nnx.to_flat_state(nnx.state(self, nnx.Param)))
 
-    def active_param_count(self) -> int:
-        """Parameters one token uses: all of them, except that each MoE layer's
-        routed experts count k / E (embeddings, routers, shared experts in full)."""
-        inactive = 0
+    def active_param_count(self, seq_len: int | None = None) -> int:
+        """Parameters one token uses: all of them, except that routed experts count
+        k / E (embeddings, routers, shared experts in full), or the fraction the MoE
+        block declares (`active_expert_fraction(seq_len)`, e.g. Soft MoE's p / seq_len).
+        Expert weights used by several layers (WideNet, or one scanned stack) are
+        counted once, as in `param_count`."""
+        inactive, seen = 0, set()
         for name in self.moe_layer_names:
             moe = self.moe_layer(name)
+            if id(moe.experts) in seen:
+                continue
+            seen.add(id(moe.experts))
             experts = sum(v.size for _, v in nnx.to_flat_state(nnx.state(moe.experts, nnx.Param)))
-            experts //= self.layer_repeats(name)
-            inactive += experts - experts // moe.num_experts * moe.k
+            fraction = (moe.active_expert_fraction(seq_len)
+                        if hasattr(moe, "active_expert_fraction") else moe.k / moe.num_experts)
+            inactive += experts - round(experts * fraction)
         return self.param_count() - inactive
 
     def __call__(self, inputs: jax.Array, *, segment_ids: jax.Array | None = None,
