@@ -23,11 +23,12 @@ r = mean_t p_t, toward 1 - `target_skip_rate` (rho):
 summed over the layer's routers (`MoeAux.skip_loss`, weighted by
 `LossWeights.skip_weight`). Evaluation uses the hard gate. Training computes f on
 every token (the straight-through gradient needs f(h) of skipped tokens too); with
-`inference='route_out'` a deterministic call takes skipped tokens out of the FFN: a
-dense FFN runs as a one-group grouped matmul over the executed rows only (rows past
-the group do no work, `moe.kernels.gmm`), a MoE block gets them masked out, so its
-dropless dispatch gives them no rows. Attention of a skipped token is computed and
-masked in every mode (its keys and values are still needed by the other tokens).
+`inference='route_out'` a deterministic call takes skipped tokens out of the
+computation: the executed tokens move to the front and loops over row tiles run only
+as many tiles as they fill (a dense FFN: `dense_rows`; the attention's queries,
+scores, values and output projection: `attention_rows`, keys and values are still
+projected for every token), and a MoE block gets the skipped tokens masked out, so
+its dropless dispatch gives them no rows.
 """
 
 from __future__ import annotations
@@ -41,11 +42,8 @@ from flax import nnx
 
 from layers.attention import Attention
 from layers.kv_cache import KVCache
-from layers.mlp import DenseMLP
 from layers.params import EMBED, constant_param, make_param, normal_init
 from layers.transformer import TransformerBlock
-from moe.experts import ExpertFFN
-from moe.kernels import gmm
 from moe.layer_aux import MoeAux
 from moe.validation import check_one_of
 
@@ -102,22 +100,63 @@ def budget_loss(prob: Array, real: Array, target_skip_rate: float, kind: str) ->
     return jnp.square(gap) if kind == "square" else jnp.maximum(gap, 0.0)
 
 
-def dense_rows(ffn: DenseMLP, h: Array, execute: Array) -> Array:
-    """A dense FFN on the executed tokens only: h `[B, S, d]`, execute `[B, S] bool` ->
-    `[B, S, d]` with zeros at skipped tokens. The executed rows are moved to the front
-    (stable) and run as the one group of a grouped matmul; the rows past it do no work."""
+def dense_rows(ffn: nnx.Module, h: Array, execute: Array, tile: int = 256) -> Array:
+    """A position-wise FFN on the executed tokens only: h `[B, S, d]`, execute `[B, S]
+    bool` -> `[B, S, d]`, zeros at skipped tokens. The executed rows move to the front
+    (stable) and a loop over tiles of `tile` rows runs ceil(executed / tile) times
+    (`ffn` on `[1, tile, d]`), so skipped rows cost no FFN work."""
     batch, seq, d = h.shape
-    rows = h.reshape(batch * seq, d).astype(ffn.dtype)
     flat = execute.reshape(-1)
     order = jnp.argsort(~flat, stable=True)
-    group = jnp.sum(flat, dtype=jnp.int32)[None]
-    weights = ExpertFFN(wi=ffn.wi[...].astype(ffn.dtype)[None],
-                        wo=ffn.wo[...].astype(ffn.dtype)[None],
-                        wi_gate=(None if ffn.wi_gate is None
-                                 else ffn.wi_gate[...].astype(ffn.dtype)[None]),
-                        activation=ffn.activation)
-    out = weights.grouped(rows[order], group, gmm)
-    return jnp.zeros_like(out).at[order].set(out).reshape(batch, seq, d)
+    tile = min(tile, batch * seq)
+    pad = -(-(batch * seq) // tile) * tile - batch * seq
+    rows = jnp.pad(h.reshape(batch * seq, d)[order], ((0, pad), (0, 0)))
+
+    def body(t, out):
+        y = ffn(jax.lax.dynamic_slice_in_dim(rows, t * tile, tile)[None])[0]
+        return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), t * tile, 0)
+
+    steps = -(-jnp.sum(flat, dtype=jnp.int32) // tile)
+    out = jax.lax.fori_loop(0, steps, body, jnp.zeros(rows.shape, h.dtype))[:batch * seq]
+    out = jnp.zeros_like(out).at[order].set(out)
+    return jnp.where(flat[:, None], out, 0).reshape(batch, seq, d)
+
+
+def attention_rows(attention: Attention, h: Array, execute: Array, *, positions: Array,
+                   mask: Array | None, causal: bool, tile: int = 64) -> Array:
+    """`Attention` for the executed queries only: h `[B, S, d]`, execute `[B, S] bool` ->
+    `[B, S, d]`, zeros at skipped tokens. Keys and values are projected for every token
+    (the others attend to them); per row the executed queries move to the front
+    (stable) and a loop over query tiles of `tile` rows runs ceil(max executed / tile)
+    times, so the scores, values and output projection of skipped queries are not
+    computed (the query projection is)."""
+    batch, seq, _ = h.shape
+    q, k, v = attention.qkv(h, positions)
+    index = jnp.arange(seq)
+    allowed = (jnp.ones((batch, 1, seq, seq), bool) if mask is None
+               else jnp.broadcast_to(mask, (batch, 1, seq, seq)))
+    if causal:
+        allowed &= index[None, None, None, :] <= index[None, None, :, None]
+    if attention.sliding_window is not None:
+        allowed &= index[:, None] - index[None, :] < attention.sliding_window
+    order = jnp.argsort(~execute, axis=1, stable=True)  # [B, S] executed queries first
+    tile = min(tile, seq)
+    padded = -(-seq // tile) * tile
+    pad = ((0, 0), (0, padded - seq))
+    q = jnp.pad(jnp.take_along_axis(q, order[:, :, None, None], axis=1), pad + ((0, 0),) * 2)
+    rows = jnp.pad(jnp.take_along_axis(allowed, order[:, None, :, None], axis=2),
+                   ((0, 0), (0, 0), (0, padded - seq), (0, 0)))
+    steps = -(-jnp.max(jnp.sum(execute, axis=1)) // tile)
+
+    def body(t, out):
+        q_t = jax.lax.dynamic_slice_in_dim(q, t * tile, tile, axis=1)
+        rows_t = jax.lax.dynamic_slice_in_dim(rows, t * tile, tile, axis=2)
+        o = jax.nn.dot_product_attention(q_t, k, v, mask=rows_t)
+        return jax.lax.dynamic_update_slice_in_dim(out, attention.output(o), t * tile, axis=1)
+
+    out = jax.lax.fori_loop(0, steps, body, jnp.zeros((batch, padded, h.shape[-1]), q.dtype))
+    out = jnp.zeros_like(out[:, :seq]).at[jnp.arange(batch)[:, None], order].set(out[:, :seq])
+    return jnp.where(execute[..., None], out, 0)
 
 
 @gin.configurable(denylist=_BLOCK_DENYLIST)
@@ -162,16 +201,12 @@ class SkipBlock(TransformerBlock):
             raise ValueError(f"SkipBlock.temperature must be > 0, got {temperature!r}")
         super().__init__(attention, ffn, d_model=d_model, causal=causal, norm_eps=norm_eps,
                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if inference == "route_out" and unit != "attention" and not (
-                self.is_moe or isinstance(ffn, DenseMLP)):
-            raise ValueError(f"SkipBlock.inference='route_out' needs a DenseMLP or MoE FFN, got "
-                             f"{type(ffn).__name__}; use inference='mask'")
         self.unit, self.target_skip_rate = unit, target_skip_rate
         self.budget_kind, self.estimator = budget_loss, estimator
         self.temperature, self.inference = temperature, inference
         routers = {"layer": ("layer",), "attention": ("attention",), "ffn": ("ffn",),
                    "modules": MODULES}[unit]
-        make = lambda: SkipRouter(d_model, init_bias=init_bias, param_dtype=param_dtype,  # noqa: E731
+        make = lambda: SkipRouter(d_model, init_bias=init_bias, param_dtype=param_dtype,
                                   rngs=rngs)
         self.layer_router = make() if "layer" in routers else None
         self.attention_router = make() if "attention" in routers else None
@@ -205,8 +240,14 @@ class SkipBlock(TransformerBlock):
             gates["attention"], loss = self._gate(self.attention_router, h, real,
                                                   deterministic, rng, 1)
             losses.append(loss)
-        a = self.attention(h, positions=positions, mask=mask, causal=self.causal)
-        x = x + _gated(a, gates.get("attention"))
+        gate = gates.get("attention")
+        if (gate is not None and deterministic and self.inference == "route_out"
+                and type(self.attention) is Attention):
+            x = x + attention_rows(self.attention, h, gate > 0, positions=positions, mask=mask,
+                                   causal=self.causal).astype(x.dtype)
+        else:
+            x = x + _gated(self.attention(h, positions=positions, mask=mask, causal=self.causal),
+                           gate)
         h = self.ffn_norm(x)
         if self.ffn_router is not None:
             gates["ffn"], loss = self._gate(self.ffn_router, h, real, deterministic, rng, 2)
@@ -223,7 +264,7 @@ class SkipBlock(TransformerBlock):
         route_out = gate is not None and deterministic and self.inference == "route_out"
         if not self.is_moe:
             if route_out:
-                return dense_rows(self.ffn, h, gate > 0), None
+                return dense_rows(self.ffn, h, gate > 0).astype(h.dtype), None
             return _gated(self.ffn(h), gate), None
         moe_mask = token_mask
         if route_out:  # skipped tokens take no rows in the (dropless) dispatch

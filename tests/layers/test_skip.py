@@ -60,7 +60,8 @@ def test_every_token_executing_equals_the_model_without_routers(unit):
     """Skip rate forced to 0 (biases +1e4): same logits and gradients as TransformerLM,
     in training (straight-through) and in routed-out inference; routers get 0 gradient."""
     routers = ("layer_router",) if unit == "layer" else ("attention_router", "ffn_router")
-    model = _skip_model(unit, {(l, r): RUN for l in ("layer_0", "layer_1") for r in routers})
+    model = _skip_model(unit, {(layer, r): RUN for layer in ("layer_0", "layer_1")
+                                      for r in routers})
     base = BASE(rngs=nnx.Rngs(0))
     _graft(model, base)
     logits, grads = _grads(model)
@@ -102,15 +103,18 @@ def test_skipping_the_moe_block_for_every_token_equals_a_zero_moe_output():
 
 
 def test_routed_out_inference_equals_masking_on_mixed_decisions():
-    """Routers at bias 0 take mixed decisions; 'route_out' (executed rows only) gives
-    the logits of 'mask' (every token computed, skipped ones zeroed)."""
+    """Routers at bias 0 take mixed decisions; 'route_out' (executed attention queries
+    and FFN rows only) gives the logits of 'mask' (every token computed, skipped ones
+    zeroed), with padding in the batch."""
     out = {}
     for mode in ("route_out", "mask"):
         model = _skip_model("modules", {}, init_bias=0.0, inference=mode)
-        model.layer_0.ffn_router.kernel[...] *= 100.0  # decisions that differ per token
-        model.layer_1.ffn_router.kernel[...] *= 100.0
+        for layer in ("layer_0", "layer_1"):  # decisions that differ per token
+            for router in ("attention_router", "ffn_router"):
+                getattr(getattr(model, layer), router).kernel[...] *= 100.0
         out[mode] = model(INPUTS, segment_ids=SEGMENTS)
-    rates = [float(out["mask"][1][layer].ffn_skip_rate) for layer in ("layer_0", "layer_1")]
+    rates = [float(getattr(out["mask"][1][layer], f"{module}_skip_rate"))
+             for layer in ("layer_0", "layer_1") for module in ("attention", "ffn")]
     assert all(0 < r < 1 for r in rates), rates
     np.testing.assert_allclose(out["route_out"][0], out["mask"][0], rtol=1e-5, atol=1e-5)
 
