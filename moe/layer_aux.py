@@ -24,8 +24,8 @@ Reductions:
 Fields a router does not produce are None (expert choice has no per-token
 routing; a dense-to-sparse gate has no LBL but a `dts_loss`). A layer that is not
 a MoE layer may report an aux too (a dense `layers.skip.SkipBlock`: its skip
-fields only); its `counts` are None (`MoeAux.is_moe` False), and the consumers of
-expert statistics pass over it.
+fields only; `MoeAux.is_moe` False), and the consumers of expert statistics pass
+over it.
 """
 
 from __future__ import annotations
@@ -151,9 +151,11 @@ class MoeAux:
 
     @property
     def is_moe(self) -> bool:
-        """Whether a MoE block produced this aux (it has expert counts); a layer of
-        another kind (e.g. a dense `layers.skip.SkipBlock`) reports only its own fields."""
-        return self.counts is not None
+        """Whether a MoE block produced this aux (it has expert counts, per-token routing
+        or a router loss); a layer of another kind (e.g. a dense `layers.skip.SkipBlock`)
+        reports only its own fields."""
+        return any(getattr(self, name) is not None
+                   for name in ("counts", "token_experts", "lbl", "z_loss", "dts_loss"))
 
     def has_token_routing(self) -> bool:
         return all(getattr(self, n) is not None

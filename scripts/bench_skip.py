@@ -2,12 +2,13 @@
 
   python scripts/bench_skip.py --skip_rates=0,0.25,0.5,0.75,0.9 --unit=ffn
 
-A model of `--layers` layers whose FFNs (`--moe`: MoE blocks, dropless top-2 of 8) a
-token may skip (`SkipBlock.unit`), its routers set so that a fraction s of the tokens
+A model of `--layers` layers whose FFNs (`--moe`: MoE blocks, dropless top-2 of 8), or
+whole layers (`--unit=layer`), a token may skip, its routers set so that a fraction s of the tokens
 skips at every layer of this batch (each router's bias is the s-quantile of its
 logits, layer by layer). For each s, the jitted deterministic forward of three
 models is timed, interleaved (`experiments.bench.timing`): `route_out` (skipped
-tokens take no FFN rows), `mask` (every token computed, skipped ones zeroed) and
+tokens take no FFN rows nor attention queries), `mask` (every token computed,
+skipped ones zeroed) and
 `base` (a `TransformerLM` without skip routers). Prints one JSON row per rate with
 the median ms and the ratios to `base`, and the host's load average (the machine
 may be shared). `--json PATH` also writes the rows.
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--skip_rates", default="0,0.25,0.5,0.75,0.9")
     parser.add_argument("--unit", choices=("ffn", "layer"), default="ffn",
-                        help="SkipBlock.unit ('layer' also gates the attention, which is "
-                             "computed for every token in every mode)")
+                        help="SkipBlock.unit ('layer': one router per layer; its attention "
+                             "queries are routed out too)")
     parser.add_argument("--moe", action="store_true", help="MoE FFNs (E=8, top-2, dropless)")
     for field in dataclasses.fields(Size):
         parser.add_argument(f"--{field.name}", type=int, default=field.default)

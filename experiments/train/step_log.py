@@ -77,7 +77,7 @@ class StepLog:
                           tb_scalars=moe_scalars(metrics["moe"]) if log_now else None)
         if log_now:
             for layer, stats in metrics["moe"].items():
-                if stats.is_moe:
+                if stats.counts is not None:  # MoE layers (not a dense SkipBlock)
                     self.writer.histogram(f"moe/{layer}/load_histogram",
                                           load_fractions(stats.counts), step)
             if self.progress:

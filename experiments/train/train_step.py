@@ -198,7 +198,7 @@ def _step_metrics(losses: jax.Array, outs: Mapping[str, Any], grads: Any, batch:
                   total_tokens: jax.Array) -> dict[str, Any]:
     """The step's metrics from the per-micro-batch outputs stacked by the scan."""
     moe = {layer: (s.replace(batch_max_violation=balance.max_violation(s.counts))
-                   if s.is_moe else s)
+                   if s.counts is not None else s)
            for layer, s in combine_microbatch_stats(outs["moe"]).items()}
     loss_terms = {name: jnp.mean(value) for name, value in outs["loss_terms"].items()}
     return {
