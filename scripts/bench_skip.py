@@ -9,9 +9,10 @@ logits, layer by layer). For each s, the jitted deterministic forward of three
 models is timed, interleaved (`experiments.bench.timing`): `route_out` (skipped
 tokens take no FFN rows nor attention queries), `mask` (every token computed,
 skipped ones zeroed) and
-`base` (a `TransformerLM` without skip routers). Prints one JSON row per rate with
-the median ms and the ratios to `base`, and the host's load average (the machine
-may be shared). `--json PATH` also writes the rows.
+`base` (a `TransformerLM` without skip routers), on two clocks: wall time and this
+process's CPU time (the work done; less disturbed by other jobs on a shared
+machine). Prints one JSON row per rate with the median ms and the median per-round
+ratios to `base`, and the host's load average. `--json PATH` also writes the rows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +105,41 @@ def bench(size: Size, rates: list[float], *, unit: str, moe: bool, rounds: int,
             fn, state = _forward(model)
             calls[mode] = (fn, (state, inputs))
             measured = jax.device_get(fn(state, inputs)[1])
-        times = timing.interleaved(calls, rounds, min_time)
-        ms = {name: round(1e3 * float(np.median(t)), 2) for name, t in times.items()}
-        rows.append(dict(
-            unit=unit, moe=moe, target_skip_rate=rate,
-            ffn_skip_rate=round(float(np.mean(list(measured.values()))), 3),
-            base_ms=ms["base"], mask_ms=ms["mask"], route_out_ms=ms["route_out"],
-            route_out_vs_base=round(timing.median_ratio(times["route_out"], times["base"]), 3),
-            mask_vs_base=round(timing.median_ratio(times["mask"], times["base"]), 3),
-            load_average=timing.load_average()))
+        wall, cpu = _interleaved(calls, rounds, min_time)
+        row = dict(unit=unit, moe=moe, target_skip_rate=rate,
+                   ffn_skip_rate=round(float(np.mean(list(measured.values()))), 3))
+        for clock, times in (("wall", wall), ("cpu", cpu)):
+            row.update({f"{name}_{clock}_ms": round(1e3 * float(np.median(t)), 2)
+                        for name, t in times.items()})
+            for name in ("route_out", "mask"):
+                row[f"{name}_vs_base_{clock}"] = round(
+                    timing.median_ratio(times[name], times["base"]), 3)
+        rows.append(dict(row, load_average=timing.load_average()))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _interleaved(calls: dict[str, Any], rounds: int, min_time: float,
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """`timing.interleaved` on two clocks: wall seconds per call, and this process's
+    CPU seconds per call (all its threads; less disturbed by other jobs on a shared
+    machine, and the work that skipping saves)."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    iters = {name: timing.calibrate(fn, args, min_time) for name, (fn, args) in calls.items()}
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn, args = calls[name]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for _ in range(iters[name]):
+                result = fn(*args)
+            jax.block_until_ready(result)
+            wall[name].append((time.perf_counter() - start) / iters[name])
+            cpu[name].append((time.process_time() - start_cpu) / iters[name])
+    return wall, cpu
 
 
 def _rates(text: str) -> list[float]:
