@@ -27,8 +27,9 @@ every token (the straight-through gradient needs f(h) of skipped tokens too); wi
 computation: the executed tokens move to the front and loops over row tiles run only
 as many tiles as they fill (a dense FFN: `dense_rows`; the attention's queries,
 scores, values and output projection: `attention_rows`, keys and values are still
-projected for every token), and a MoE block gets the skipped tokens masked out, so
-its dropless dispatch gives them no rows.
+projected for every token). A MoE block gets the skipped tokens masked out: they
+leave its routing statistics, but the dropless dispatch (`grouped_dispatch`) still
+gives masked tokens rows today, so a MoE FFN saves nothing yet (docs).
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ class SkipBlock(TransformerBlock):
       temperature: tau of 'gumbel' (> 0).
       init_bias: initial router bias (2.0: sigmoid = 0.88, most tokens run at first).
       inference: 'route_out' (deterministic calls take skipped tokens out of the
-        FFN) or 'mask' (compute every token and zero the skipped ones; the reference).
+        FFN and, for `Attention`, out of the attention queries) or 'mask' (compute
+        every token and zero the skipped ones; the reference).
     Set by `TransformerLM` (refused in gin): attention, ffn, d_model, causal,
       norm_eps, dtype, param_dtype, rngs.
     """
@@ -267,7 +269,7 @@ class SkipBlock(TransformerBlock):
                 return dense_rows(self.ffn, h, gate > 0).astype(h.dtype), None
             return _gated(self.ffn(h), gate), None
         moe_mask = token_mask
-        if route_out:  # skipped tokens take no rows in the (dropless) dispatch
+        if route_out:  # skipped tokens leave the routing (their rows: see the docstring)
             moe_mask = (gate > 0) if token_mask is None else (token_mask & (gate > 0))
         y, aux = self.ffn(h, mask=moe_mask, deterministic=deterministic, rng=rng,
                           router_state=router_state)
