@@ -16,11 +16,12 @@ from layers.routers import (
     TopKRouter,
     register_router,
 )
+from layers.skip import SkipBlock
 from layers.soft_moe import SoftMoeLayer
 from layers.transformer import TransformerLM, mask_tokens
 from layers.widenet import widenet_lm
 
 __all__ = ["BaseRouter", "DenseMLP", "DenseToSparseRouter", "ExpertChoiceRouter", "Experts",
-           "HashRouter", "MLAttention", "MoeLayer", "MultiTokenPrediction", "NullExpertRouter", "Routing",
-           "SoftMoeLayer", "TopKRouter", "TransformerLM", "active_ffn", "logical_axes_of",
-           "mask_tokens", "register_router", "widenet_lm"]
+           "HashRouter", "MLAttention", "MoeLayer", "MultiTokenPrediction", "NullExpertRouter",
+           "Routing", "SkipBlock", "SoftMoeLayer", "TopKRouter", "TransformerLM", "active_ffn",
+           "logical_axes_of", "mask_tokens", "register_router", "widenet_lm"]

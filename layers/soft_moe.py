@@ -142,6 +142,18 @@ class SoftMoeLayer(nnx.Module):
         """Expert rows per micro-batch of `tokens` positions: n * p per sequence."""
         return tokens // seq_len * self.num_experts * self.slots_per_expert
 
+    def active_expert_fraction(self, seq_len: int | None = None) -> float:
+        """Share of the expert parameters one token uses (`TransformerLM.active_param_count`):
+        n * p slot rows per sequence of seq_len tokens, each through one expert, are
+        (n p / seq_len) expert applications per token, i.e. p / seq_len of all expert
+        weights (1 / n at the paper's n p = seq_len). Without seq_len: 1 (every
+        token's output mixes every expert)."""
+        if seq_len is None:
+            return 1.0
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        return min(1.0, self.slots_per_expert / seq_len)
+
     def flops_per_position(self) -> float:
         """Dispatch and combine matmuls per token position: 2 x 2 x (n p d)
         (the logits' 2 n p d are counted with the parameter `mu`)."""

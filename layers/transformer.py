@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -141,6 +143,9 @@ class TransformerLM(nnx.Module):
         router's options bindings on the router class (`TopKRouter.score`, ...).
       dense_block: factory of the dense FFNs, called as `dense_block(d_model,
         d_ff, activation=, dtype=, param_dtype=, rngs=)`.
+      block: factory of the layers (default `TransformerBlock`), called as
+        `block(attention, ffn, d_model=, causal=, norm_eps=, dtype=, param_dtype=,
+        rngs=)`; returns `(x, MoeAux | None)` (e.g. `@SkipBlock`, `layers.skip`).
       dense_baseline: replace each MoE FFN by a dense block with the same
         active parameters per token (router excepted): hidden size
         k * expert d_ff + num_shared_experts * shared_d_ff, with the experts'
@@ -180,6 +185,7 @@ class TransformerLM(nnx.Module):
                  moe_every: int = 2, moe_layers: Sequence[int] | None = None,
                  moe_block: Callable[..., nnx.Module] = MoeLayer,
                  dense_block: Callable[..., nnx.Module] = DenseMLP,
+                 block: Callable[..., nnx.Module] = TransformerBlock,
                  dense_baseline: bool = False, dense_baseline_k: int | None = None,
                  activation: str = "relu", causal: bool = True,
                  tie_embeddings: bool = False, embed_init_std: float = 1.0,
@@ -228,7 +234,8 @@ class TransformerLM(nnx.Module):
                                          scan_layers)
         moe_names, blocks = [], []
 
-        def make_block(moe: bool, baseline: bool = False) -> TransformerBlock:
+        def make_block(moe: bool, baseline: bool = False,
+                       factory: Callable[..., nnx.Module] = block) -> nnx.Module:
             mixer = attention(d_model, num_heads, num_kv_heads=num_kv_heads,
                               head_dim=head_dim, rope_max_wavelength=rope_max_wavelength,
                               rope_scaling=rope_scaling, qkv_bias=attention_bias,
@@ -242,7 +249,7 @@ class TransformerLM(nnx.Module):
                 size, act = (baseline_d_ff, baseline_act) if baseline else (d_ff, activation)
                 ffn = dense_block(d_model, size, activation=act, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-            return TransformerBlock(mixer, ffn, d_model=d_model, causal=causal,
+            return factory(mixer, ffn, d_model=d_model, causal=causal,
                                     norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
                                     rngs=rngs)
 
@@ -262,9 +269,10 @@ class TransformerLM(nnx.Module):
         self.lm_head = (None if tie_embeddings else
                         make_param(rngs, fan_in_init([0]), (d_model, vocab_size), (EMBED, VOCAB),
                                    param_dtype))
-        self.mtp = None if mtp is None else mtp(d_model, make_block=make_block,
-                                                norm_eps=norm_eps, dtype=dtype,
-                                                param_dtype=param_dtype, rngs=rngs)
+        # MTP modules get plain blocks, whatever `block` the model's layers use.
+        self.mtp = None if mtp is None else mtp(
+            d_model, make_block=functools.partial(make_block, factory=TransformerBlock),
+            norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def is_moe_index(self, i: int) -> bool:
         """Whether layer i sits at a MoE position (True even under dense_baseline)."""
@@ -306,15 +314,22 @@ class TransformerLM(nnx.Module):
     def param_count(self) -> int:
         return sum(v.size for _, v in nnx.to_flat_state(nnx.state(self, nnx.Param)))
 
-    def active_param_count(self) -> int:
-        """Parameters one token uses: all of them, except that each MoE layer's
-        routed experts count k / E (embeddings, routers, shared experts in full)."""
-        inactive = 0
+    def active_param_count(self, seq_len: int | None = None) -> int:
+        """Parameters one token uses: all of them, except that routed experts count
+        k / E (embeddings, routers, shared experts in full), or the fraction the MoE
+        block declares (`active_expert_fraction(seq_len)`, e.g. Soft MoE's p / seq_len).
+        Expert weights used by several layers (WideNet, or one scanned stack) are
+        counted once, as in `param_count`."""
+        inactive, seen = 0, set()
         for name in self.moe_layer_names:
             moe = self.moe_layer(name)
+            if id(moe.experts) in seen:
+                continue
+            seen.add(id(moe.experts))
             experts = sum(v.size for _, v in nnx.to_flat_state(nnx.state(moe.experts, nnx.Param)))
-            experts //= self.layer_repeats(name)
-            inactive += experts - experts // moe.num_experts * moe.k
+            fraction = (moe.active_expert_fraction(seq_len)
+                        if hasattr(moe, "active_expert_fraction") else moe.k / moe.num_experts)
+            inactive += experts - round(experts * fraction)
         return self.param_count() - inactive
 
     def __call__(self, inputs: jax.Array, *, segment_ids: jax.Array | None = None,

@@ -22,7 +22,10 @@ Reductions:
   "layer_mean" (over_layers only) the mean over layers of a reported scalar.
 
 Fields a router does not produce are None (expert choice has no per-token
-routing; a dense-to-sparse gate has no LBL but a `dts_loss`).
+routing; a dense-to-sparse gate has no LBL but a `dts_loss`). A layer that is not
+a MoE layer may report an aux too (a dense `layers.skip.SkipBlock`: its skip
+fields only; `MoeAux.is_moe` False), and the consumers of expert statistics pass
+over it.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class MoeAux:
     z_loss: Array | None = aux_field("mean", "loss", weight="z_loss_weight", doc="router z-loss")
     dts_loss: Array | None = aux_field("mean", "loss", weight="dts_weight",
                                     doc="EvoMoE dense-to-sparse balance loss E*sum(ce*me)")
+    skip_loss: Array | None = aux_field("mean", "loss", weight="skip_weight",
+                                     doc="Learning to Skip compute-budget loss (layers.skip)")
     # Counts: `[E]` and a scalar.
     counts: Array | None = aux_field("sum", doc="[E] assignments per expert before dropping")
     kept_counts: Array | None = aux_field("sum", doc="[E] assignments per expert after dropping")
@@ -82,6 +87,14 @@ class MoeAux:
     null_fraction: Array | None = aux_field(
         "mean", "layer_mean", doc="fraction of the k choices that went to zero-computation "
         "experts (layers.routers.null_experts)")
+    attention_skip_rate: Array | None = aux_field(
+        "mean", "layer_mean", doc="fraction of real tokens that skipped the attention")
+    ffn_skip_rate: Array | None = aux_field(
+        "mean", "layer_mean", doc="fraction of real tokens that skipped the FFN / MoE block")
+    attention_skipped: Array | None = aux_field(
+        "sum", doc="real tokens that skipped the attention (FLOP counter)")
+    ffn_skipped: Array | None = aux_field(
+        "sum", doc="real tokens that skipped the FFN / MoE block (FLOP counter)")
     sequence_max_violation: Array | None = aux_field(
         "mean", "layer_mean", doc="mean MaxVio per sequence (filled by the train step)")
     batch_max_violation: Array | None = aux_field(
@@ -135,6 +148,14 @@ class MoeAux:
             value = getattr(self, f.name)
             if value is not None:
                 yield f.name, value
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether a MoE block produced this aux (it has expert counts, per-token routing
+        or a router loss); a layer of another kind (e.g. a dense `layers.skip.SkipBlock`)
+        reports only its own fields."""
+        return any(getattr(self, name) is not None
+                   for name in ("counts", "token_experts", "lbl", "z_loss", "dts_loss"))
 
     def has_token_routing(self) -> bool:
         return all(getattr(self, n) is not None

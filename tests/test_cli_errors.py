@@ -173,6 +173,8 @@ CASES = {
                                   ("--input", "missing.jsonl", "matches no files"), "run"),
     "bench_data_flag": Case("scripts/bench_data.py", ("--sizes_mb=x",), ("--sizes_mb",)),
     "bench_mla_rounds": Case("scripts/bench_mla.py", ("--rounds=0",), ("--rounds", "got 0")),
+    "bench_skip_rates": Case("scripts/bench_skip.py", ("--skip_rates=0.5,1",),
+                             ("--skip_rates", "[0, 1)")),
 }
 
 

@@ -71,7 +71,8 @@ def load_scorer(workdir: str | Path, step: int | None = None) -> Scorer:
     def routing_jit(ids: jax.Array) -> dict[str, jax.Array]:
         _, aux = nnx.merge(graphdef, params, rest)(
             ids, deterministic=True, router_state=router_state)
-        return {name: layer_aux.token_experts for name, layer_aux in aux.items()}
+        return {name: layer_aux.token_experts for name, layer_aux in aux.items()
+                if layer_aux.is_moe}
 
     def forward(ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         with restored.context():

@@ -139,6 +139,9 @@ class StepBalance:
         own = self.layer_counts(stacked, lbl_group, groups.num_groups)
         out = []
         for g, (names, a) in enumerate(stacked.groups):
+            if not a.is_moe:  # layers that route no tokens (e.g. a dense SkipBlock)
+                out.append({})
+                continue
             if own[g] is None:
                 for name in names:
                     self._warn_unscoped(name)

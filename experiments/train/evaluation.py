@@ -82,6 +82,8 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np
         domain_ce += out["domain_ce_sum"]
         domain_tokens += out["domain_tokens"]
         for layer, stats in out["moe"].items():
+            if stats.counts is None:  # not a MoE layer (e.g. a dense layer's skip statistics)
+                continue
             counts[layer] = counts.get(layer, 0) + np.asarray(stats.counts, np.float64)
             dropped[layer] = dropped.get(layer, 0.0) + float(stats.dropped_fraction)
     if tokens == 0:

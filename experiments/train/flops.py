@@ -27,6 +27,14 @@ Counts matmul FLOPs (2 per multiply-add) of one forward pass and multiplies by
     one more use of the output head (2 x d_model x vocab) per module and position; a
     MoE block of theirs counts its experts per row like the model's MoE layers
     (`mtp_{k}` in the step's statistics).
+
+Realised FLOPs (`FlopCounter.realised`): a layer whose block lists `skip_modules`
+(`layers.skip.SkipBlock`) reports per step the real tokens that skipped each module
+(`MoeAux.<module>_skipped`); each skipped token saves that module's forward FLOPs per
+position: the attention's 2 x (its parameters) + 4 x S x heads x head_dim; a dense
+FFN's 2 x (its parameters); a MoE block's 2 x (its non-expert parameters) plus its
+`flops_per_position`, plus per_row x (the layer's rows per real token this step).
+The skip routers themselves (2 d per token) are not counted.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ class FlopCounter:
     dense_per_position: float
     expert_per_row: dict[str, float]
     static_rows: dict[str, int | None]
+    skippable: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def step_flops(self, moe_stats: Mapping[str, Any], *, positions: int,
                    num_microbatches: int) -> float:
@@ -69,6 +78,38 @@ class FlopCounter:
                 num_rows = float(rows * num_microbatches)
             total += num_rows * per_row
         return TRAIN_FACTOR * total
+
+    def _rows(self, layer: str, stats: Any, num_microbatches: int) -> float:
+        rows = self.static_rows[layer]
+        return (float(np.sum(stats.kept_counts)) if rows is None
+                else float(rows * num_microbatches))
+
+    def realised(self, moe_stats: Mapping[str, Any], *, positions: int,
+                 num_microbatches: int) -> dict[str, float]:
+        """`{}` without skippable layers; else `realised_flops`, the step's training
+        FLOPs less what the skipped tokens did not need (x 3, like `step_flops`), and
+        `realised_compute/<layer>`, the fraction of each skippable layer's FLOPs spent."""
+        if not self.skippable:
+            return {}
+        out, saved_total = {}, 0.0
+        for layer, modules in self.skippable.items():
+            stats = moe_stats.get(layer)
+            full, saved = positions * sum(modules.values()), 0.0
+            expert = 0.0  # expert FLOPs per real token of a MoE layer this step
+            if layer in self.expert_per_row and stats is not None:
+                rows = self._rows(layer, stats, num_microbatches)
+                full += rows * self.expert_per_row[layer]
+                expert = rows * self.expert_per_row[layer] / max(float(stats.num_tokens), 1.0)
+            for module, per_position in modules.items():
+                skipped = None if stats is None else getattr(stats, f"{module}_skipped", None)
+                if skipped is not None:
+                    saved += float(skipped) * (per_position + (expert if module == "ffn" else 0))
+            out[f"realised_compute/{layer}"] = 1.0 - saved / full if full else 1.0
+            saved_total += saved
+        out["realised_flops"] = (self.step_flops(moe_stats, positions=positions,
+                                                 num_microbatches=num_microbatches)
+                                 - TRAIN_FACTOR * saved_total)
+        return out
 
 
 def _moe_rows(moe: Any, tokens: int, seq_len: int) -> int | None:
@@ -115,11 +156,7 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
             dense += 2.0 * value.size
     dense += _repeated_use_flops(model, moe_layers)
     for name in getattr(model, "layer_names", ()):
-        attention = model.block(name).attention
-        if hasattr(attention, "attention_flops"):  # its own count (layers.mla.MLAttention)
-            dense += attention.attention_flops(seq_len)
-        else:
-            dense += 4.0 * seq_len * attention.num_heads * attention.head_dim
+        dense += _attention_flops(model.block(name).attention, seq_len)
     if mtp is not None:
         dense += mtp.flops_per_position(seq_len, 2.0 * model.d_model * model.vocab_size)
     per_row, rows = {}, {}
@@ -129,7 +166,39 @@ def flop_counter(model: nnx.Module, *, batch_size: int, seq_len: int,
         per_row[name] = 2.0 * expert_size / moe.num_experts
         rows[name] = _moe_rows(moe, tokens, seq_len)
         dense += getattr(moe, "flops_per_position", lambda: 0.0)()
-    return FlopCounter(dense_per_position=dense, expert_per_row=per_row, static_rows=rows)
+    return FlopCounter(dense_per_position=dense, expert_per_row=per_row, static_rows=rows,
+                       skippable=_skippable(model, seq_len))
+
+
+def _attention_flops(attention: Any, seq_len: int) -> float:
+    """Attention scores and values per position (not the projections)."""
+    if hasattr(attention, "attention_flops"):  # its own count (layers.mla.MLAttention)
+        return attention.attention_flops(seq_len)
+    return 4.0 * seq_len * attention.num_heads * attention.head_dim
+
+
+def _param_flops(module: nnx.Module, repeats: int, *, skip_experts: bool = False) -> float:
+    """2 x the parameters of rank >= 2 of `module` (one layer's share when scanned)."""
+    total = sum(v.size for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
+                if v.ndim >= 2 and not (skip_experts and "experts" in [str(p) for p in path]))
+    return 2.0 * total / repeats
+
+
+def _skippable(model: nnx.Module, seq_len: int) -> dict[str, dict[str, float]]:
+    """`{layer: {module: forward FLOPs per position, experts excepted}}` of the layers
+    whose block lists `skip_modules` (`layers.skip.SkipBlock`)."""
+    out = {}
+    for name in getattr(model, "layer_names", ()):
+        block = model.block(name)
+        modules = getattr(block, "skip_modules", ())
+        if not modules:
+            continue
+        repeats = model.layer_repeats(name)
+        out[name] = {"attention": _param_flops(block.attention, repeats)
+                     + _attention_flops(block.attention, seq_len),
+                     "ffn": _param_flops(block.ffn, repeats, skip_experts=block.is_moe)
+                     + getattr(block.ffn, "flops_per_position", lambda: 0.0)()}
+    return out
 
 
 def _repeated_use_flops(model: nnx.Module, moe_layers: dict[str, Any]) -> float:

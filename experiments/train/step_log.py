@@ -78,8 +78,9 @@ class StepLog:
                           tb_scalars=moe_scalars(metrics["moe"]) if log_now else None)
         if log_now:
             for layer, stats in metrics["moe"].items():
-                self.writer.histogram(f"moe/{layer}/load_histogram",
-                                      load_fractions(stats.counts), step)
+                if stats.counts is not None:  # MoE layers (not a dense SkipBlock)
+                    self.writer.histogram(f"moe/{layer}/load_histogram",
+                                          load_fractions(stats.counts), step)
             if self.progress:
                 self.progress.update(step, scalars["loss"], tokens_per_sec,
                                      dropped=scalars.get("dropped_fraction"),

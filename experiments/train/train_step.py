@@ -66,6 +66,8 @@ class LossWeights:
         (`MoeAux.dts_loss`, layers with `DenseToSparseRouter` in training).
       mtp_weight: lambda, the weight of the multi-token prediction loss
         (`layers.mtp.MtpAux.mtp_loss`; models with `TransformerLM.mtp`).
+      skip_weight: weight of the Learning to Skip compute-budget loss
+        (`MoeAux.skip_loss`, layers built by `layers.skip.SkipBlock`).
 
     A step hook may schedule an unscoped weight (every one but lbl_weight and
     seq_balance_weight): its per-step value travels in the step's RouterState under
@@ -81,15 +83,17 @@ class LossWeights:
     seq_balance_weight: float = 0.0
     dts_weight: float = 0.01
     mtp_weight: float = 0.3
+    skip_weight: float = 1.0
 
     def __post_init__(self):
         check_one_of("LossWeights.layer_reduction", self.layer_reduction, LAYER_REDUCTIONS)
         if min(self.lbl_weight, self.z_loss_weight, self.seq_balance_weight,
-               self.dts_weight, self.mtp_weight) < 0:
+               self.dts_weight, self.mtp_weight, self.skip_weight) < 0:
             raise ValueError(f"LossWeights weights must be >= 0, got lbl_weight="
                              f"{self.lbl_weight}, z_loss_weight={self.z_loss_weight}, "
                              f"seq_balance_weight={self.seq_balance_weight}, "
-                             f"dts_weight={self.dts_weight}, mtp_weight={self.mtp_weight}")
+                             f"dts_weight={self.dts_weight}, mtp_weight={self.mtp_weight}, "
+                             f"skip_weight={self.skip_weight}")
         missing = [MoeAux.loss_weight_name(n) for n in MoeAux.loss_names()
                    if not hasattr(self, MoeAux.loss_weight_name(n))]
         if missing:
@@ -197,8 +201,8 @@ def _microbatch_loss_fn(forward: Callable, step_balance: StepBalance, loss_weigh
         ce_sum = jnp.sum(ce * mb["weights"])
         terms, own_counts = step_balance.terms(aux, mb["lbl_group"], mb["row_group"], groups,
                                                prior, add_own)
-        lbl = sum_layers([t["lbl"] for t in terms], reduction)
-        seq_balance = sum_layers([t["seq_balance"] for t in terms], reduction)
+        lbl = sum_layers([t["lbl"] for t in terms if t], reduction)  # {}: no MoE routing
+        seq_balance = sum_layers([t["seq_balance"] for t in terms if t], reduction)
         # Every other MoeAux loss as its layers report it, weighted as it declares.
         weights = {**unscoped_losses(aux), **unscoped_losses(model_aux)}
         # A loss field belongs to the layers or to the model (e.g. MTP), never both.

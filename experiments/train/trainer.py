@@ -157,13 +157,16 @@ def _train_locked(workdir: paths.Path, setup: TrainSetup, inputs: _Inputs,
             run.train = run.train._replace(params=params, opt_state=opt_state)
             del params, opt_state  # one reference: a structure switch frees the old state
             # `batch` holds this process's rows; the MoE counts are global already.
+            positions = batch["inputs"].size * jax.process_count()
             step_flops = current.flops.step_flops(
-                metrics["moe"], positions=batch["inputs"].size * jax.process_count(),
-                num_microbatches=config.num_microbatches)
+                metrics["moe"], positions=positions, num_microbatches=config.num_microbatches)
+            realised = current.flops.realised(  # {} unless layers can skip (layers.skip)
+                metrics["moe"], positions=positions, num_microbatches=config.num_microbatches)
             run_state.after_step(hooks, run, metrics, runtimes)
             if not skipped:  # a skipped step's metrics are not finite: not logged
                 log.train_step(step, metrics, learning_rate=float(schedule(step - 1)),
-                               flops=step_flops, hook_scalars=_hook_scalars(hooks, run, metrics),
+                               flops=step_flops,
+                               hook_scalars={**_hook_scalars(hooks, run, metrics), **realised},
                                data_seconds=data_seconds)
             if step == start_step + 1:
                 gin_utils.write_operative_config(log_dir, notes=runtimes.dispatch_lines.values())

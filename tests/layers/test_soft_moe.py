@@ -118,6 +118,17 @@ def test_flop_counter_counts_slot_rows_and_the_mixing_matmuls():
         plain.dense_per_position - dense_ffn + 2 * moe.router.mu.size + 4 * 16 * 2 * 3)
 
 
+def test_active_params_count_the_slot_rows_per_token():
+    """n = 2 experts of 2 * 16 * 16 weights each, p = 3 slots: a sequence of 12 tokens
+    sends n p = 6 slot rows through one expert each, 0.5 expert per token = p / 12 of
+    the expert weights; without a sequence length every expert counts (all mix)."""
+    model = _encoder(n=2, p=3)
+    experts = 2 * (2 * 16 * 16)
+    assert model.active_param_count() == model.param_count()
+    assert model.active_param_count(seq_len=12) == model.param_count() - experts + experts // 4
+    assert model.active_param_count(seq_len=2) == model.param_count()  # p >= seq_len: all
+
+
 def test_masked_lm_steps_in_an_encoder_lower_the_loss():
     model = _encoder()
     inputs = jax.random.randint(jax.random.key(4), (4, 8), 1, 31)

@@ -49,6 +49,16 @@ def test_shared_tree_holds_one_copy_and_computes_like_tied_layers():
     np.testing.assert_allclose(shared(INPUTS)[0], plain(INPUTS)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_active_params_count_the_shared_experts_once():
+    """L = 3 MoE layers share E = 4 experts (2 * 8 * 8 weights each), k = 2: one copy
+    in `param_count`, and k / E of that copy active, not L times (E - k) / E removed."""
+    shared = widenet_lm(32, rngs=nnx.Rngs(0), base=BASE)
+    experts = 4 * 2 * 8 * 8
+    assert shared.active_param_count() == shared.param_count() - experts // 2
+    plain = BASE(vocab_size=32, rngs=nnx.Rngs(0))
+    assert plain.active_param_count() == plain.param_count() - L * experts // 2
+
+
 def test_per_layer_norms_differ_after_training_and_the_shared_copy_moves():
     model = widenet_lm(32, rngs=nnx.Rngs(0), base=BASE)
     assert model.layer_0.attention is model.layer_2.attention

@@ -82,7 +82,7 @@ def test_a_new_loss_is_weighted_into_the_step_loss_and_reported():
     np.testing.assert_allclose(float(outputs[0.0]["toy_loss"]), toy, rtol=1e-6)
     np.testing.assert_allclose(float(outputs[2.0]["loss"]) - float(outputs[0.0]["loss"]),
                                2.0 * toy, rtol=1e-5)
-    assert set(outputs[2.0]["loss_terms"]) == {"z_loss", "dts_loss", "toy_loss"}
+    assert set(outputs[2.0]["loss_terms"]) == {"z_loss", "dts_loss", "skip_loss", "toy_loss"}
     # The per-layer statistics keep the toy field, reduced over micro-batches as declared.
     assert all(isinstance(s, ToyAux) and s.toy_loss is not None
                for s in outputs[2.0]["moe"].values())
