@@ -8,7 +8,9 @@ small MoE model (MoE every other layer) is lowered and compiled from shapes
 only, scanned (`TransformerLM.scan_layers = True`) and unscanned; prints the
 lower and compile seconds. `remat`: a small scanned model's train step per
 `TransformerLM.remat_policy`: the compiled step's temporary memory
-(`compiled.memory_analysis().temp_size_in_bytes`) and the median step time.
+(`compiled.memory_analysis().temp_size_in_bytes`) and the step time, paired and
+interleaved across policies (`experiments.bench.timing`), as a median ratio to `none`.
+Compile rows carry CPU seconds beside wall seconds, and every row the load average.
 Model sizes are flags; nothing is read from gin. `--json PATH` also writes the rows.
 """
 
@@ -26,6 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments.bench import timing
 from experiments.runtime import cli
 from experiments.train.optim import make_optimizer
 from experiments.train.train_step import LossWeights, make_train_step
@@ -77,19 +80,26 @@ def _step(model_fn) -> tuple[Any, Any, Any, Any]:
     return step, params, jax.eval_shape(tx.init, params), tx
 
 
-def bench_compile(size: Size, depths: list[int]) -> list[dict[str, Any]]:
+def bench_compile(size: Size, depths: list[int],
+                  layouts: tuple[bool, ...] = (True, False)) -> list[dict[str, Any]]:
+    """Per depth and layout: wall seconds to lower and to compile, and the CPU
+    seconds of each (all threads of this process: far less sensitive to other
+    load on a shared machine than wall time), the host load average, temporary memory."""
     rows = []
     batch = jax.eval_shape(lambda: _batch(size))
     for layers in depths:
-        for scan in (True, False):
+        for scan in layouts:
             step, params, opt_state, _ = _step(functools.partial(_model, size, layers, scan=scan))
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             lowered = step.lower(params, opt_state, batch, jax.random.key(0))
-            lowered_at = time.perf_counter()
+            lowered_at, cpu_at = time.perf_counter(), time.process_time()
             compiled = lowered.compile()
-            done = time.perf_counter()
+            done, cpu_done = time.perf_counter(), time.process_time()
             rows.append(dict(layers=layers, scanned=scan, lower_s=round(lowered_at - start, 2),
                              compile_s=round(done - lowered_at, 2),
+                             lower_cpu_s=round(cpu_at - cpu_start, 2),
+                             compile_cpu_s=round(cpu_done - cpu_at, 2),
+                             load=timing.load_average(),
                              temp_mib=round(_temp_bytes(compiled) / 2**20, 1)))
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -100,26 +110,33 @@ def _temp_bytes(compiled: Any) -> int:
     return int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else 0
 
 
-def bench_remat(size: Size, num_layers: int, steps: int) -> list[dict[str, Any]]:
-    rows = []
+def bench_remat(size: Size, num_layers: int, rounds: int) -> list[dict[str, Any]]:
+    """Per policy: the compiled step's temporary memory and its step time, timed
+    with the paired interleaved harness (`experiments.bench.timing`: every
+    round times each policy once, order reversed every other round); `vs_none`
+    is the median over rounds of the per-round ratio to `none`."""
     batch = _batch(size)
     policies = [p for p in REMAT_POLICIES
                 if not (p == "offload_dots" and jax.default_backend() == "cpu")]
+    calls, temps = {}, {}
     for policy in policies:
         model_fn = functools.partial(_model, size, num_layers, scan=True, remat=policy)
         step, abstract, _, tx = _step(model_fn)
         params = nnx.state(nnx.jit(model_fn)(), nnx.Param).to_pure_dict()
-        opt_state = tx.init(params)
         compiled = step.lower(abstract, jax.eval_shape(tx.init, abstract), batch,
                               jax.random.key(0)).compile()
-        times = []
-        for i in range(steps + 1):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(params, opt_state, batch, jax.random.key(i)))
-            times.append(time.perf_counter() - start)
+        temps[policy] = _temp_bytes(compiled)
+        calls[policy] = (compiled, (params, tx.init(params), batch, jax.random.key(1)))
+    times = timing.interleaved(calls, rounds)
+    rows = []
+    for policy in policies:
+        summary = timing.ratio_summary(times[policy], times["none"])
         rows.append(dict(policy=policy, layers=num_layers,
-                         temp_mib=round(_temp_bytes(compiled) / 2**20, 2),
-                         step_ms=round(1e3 * float(np.median(times[1:])), 1)))
+                         temp_mib=round(temps[policy] / 2**20, 2),
+                         step_ms=round(summary["ms"], 1), vs_none=round(summary["ratio"], 3),
+                         vs_none_min=round(summary["ratio_min"], 3),
+                         vs_none_max=round(summary["ratio_max"], 3), rounds=rounds,
+                         load=timing.load_average()))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -143,18 +160,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d_model", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10, help="remat: timed steps")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="remat: timed rounds (each policy one step per round, interleaved)")
+    parser.add_argument("--layouts", default="scanned,unscanned",
+                        help="compile: which layouts, comma-separated (scanned, unscanned)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     try:
         depths = _ints(args.layers)
     except ValueError as e:
         parser.error(str(e))
+    layouts = tuple(dict.fromkeys(args.layouts.split(",")))
+    if not layouts or set(layouts) - {"scanned", "unscanned"}:
+        parser.error(f"--layouts must name scanned and/or unscanned, got {args.layouts!r}")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     size = Size(d_model=args.d_model, d_ff=2 * args.d_model, batch=args.batch, seq=args.seq)
     print(f"{jax.devices()[0].platform}, {size}", flush=True)
-    rows = (bench_compile(size, depths) if args.what == "compile"
+    rows = (bench_compile(size, depths, tuple(v == "scanned" for v in layouts))
+            if args.what == "compile"
             else bench_remat(size, depths[0], args.steps))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -29,7 +29,8 @@ import dataclasses
 import functools
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -110,9 +111,9 @@ class StepBalance:
         def counts(a: MoeAux) -> jax.Array | None:
             if not a.has_token_routing():
                 return None
-            return jax.vmap(lambda experts, mask: bs.group_counts(
-                experts, mask, group, num_groups, a.token_probs.shape[-1]))(
-                    a.token_experts, a.token_mask)
+            return per_layer(lambda experts, mask: bs.group_counts(
+                experts, mask, group, num_groups, a.token_probs.shape[-1]),
+                a.token_experts, a.token_mask)
         return tuple(counts(a) for _, a in StackedLayerAux.of(aux).groups)
 
     def terms(self, aux: Aux, lbl_group: jax.Array, row_group: jax.Array, groups: StepGroups,
@@ -151,9 +152,9 @@ class StepBalance:
                             "seq_balance": jnp.zeros((repeats,), jnp.float32)})
                 continue
             used = own[g] if prior is None else (prior[g] + own[g] if add_own else prior[g])
-            out.append(jax.vmap(functools.partial(_layer_terms, lbl_group=lbl_group,
-                                                  row_group=row_group, groups=groups))(
-                a.token_probs, a.token_experts, a.token_mask, used))
+            out.append(per_layer(functools.partial(_layer_terms, lbl_group=lbl_group,
+                                                   row_group=row_group, groups=groups),
+                                 a.token_probs, a.token_experts, a.token_mask, used))
         return tuple(out), own
 
     def _warn_unscoped(self, layer: str) -> None:
@@ -165,6 +166,15 @@ class StepBalance:
                    f"dense-to-sparse), so it keeps its own per-micro-batch LBL")
         _log.warning(message)
         warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def per_layer(fn: Callable[..., Any], *stacked: jax.Array) -> Any:
+    """`fn` over the leading (stacked layers) axis of `stacked`: `jax.vmap`, or for
+    a group of one layer (an unscanned layer) `fn` itself on the squeezed arrays,
+    so an unscanned model runs the very ops it ran before the aux was stacked."""
+    if stacked[0].shape[0] == 1:
+        return jax.tree.map(lambda v: v[None], fn(*(a[0] for a in stacked)))
+    return jax.vmap(fn)(*stacked)
 
 
 def _layer_terms(probs: jax.Array, experts: jax.Array, mask: jax.Array, used: jax.Array, *,

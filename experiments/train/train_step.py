@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from experiments.train.balance_loss import GLOBAL_MODES, StepBalance, zeros_like_counts
+from experiments.train.balance_loss import GLOBAL_MODES, StepBalance, per_layer, zeros_like_counts
 from moe import balance, layer_aux, sharding
 from moe.balance_scope import parse_lbl_scope
 from moe.layer_aux import MoeAux, StackedLayerAux
@@ -170,7 +170,7 @@ def _with_batch_max_violation(stats: MoeAux) -> MoeAux:
     """`[R, ...]` stats with `batch_max_violation` `[R]`, the MaxVio of each layer's counts."""
     if stats.counts is None:
         return stats
-    return stats.replace(batch_max_violation=jax.vmap(balance.max_violation)(stats.counts))
+    return stats.replace(batch_max_violation=per_layer(balance.max_violation, stats.counts))
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Array]:

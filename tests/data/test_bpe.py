@@ -74,8 +74,10 @@ def test_bpe_tokenizer_prepares_shards_and_trains(corpus, tmp_path, capsys):
         f"--gin_param=DataConfig.source = 'shards:{shards}'",
         f"--gin_param=DataConfig.tokenizer = 'hf:{out}'",
         f"--gin_param=DataConfig.validation_fraction = {FRACTION}",
-        "--gin_param=train.num_steps = 2", "--gin_param=train.eval_every = 2",
-        "--gin_param=Checkpointer.save_every = 2", "--quiet", f"--workdir={workdir}")
+        "--gin_param=train.num_steps = 2", "--gin_param=train.num_microbatches = 1",
+        "--gin_param=train.eval_every = 2",
+        "--gin_param=Checkpointer.save_every = 2", "--quiet", f"--workdir={workdir}",
+        timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     train = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in train if r["split"] == "train"]
