@@ -21,6 +21,7 @@ from layers.transformer import TransformerLM, mask_tokens
 from layers.widenet import widenet_lm
 
 __all__ = ["BaseRouter", "DenseMLP", "DenseToSparseRouter", "ExpertChoiceRouter", "Experts",
-           "HashRouter", "MLAttention", "MoeLayer", "MultiTokenPrediction", "NullExpertRouter", "Routing",
+           "HashRouter", "MLAttention", "MoeLayer", "MultiTokenPrediction", "NullExpertRouter",
+           "Routing",
            "SoftMoeLayer", "TopKRouter", "TransformerLM", "active_ffn", "logical_axes_of",
            "mask_tokens", "register_router", "widenet_lm"]

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from experiments.reporting import protocol
-from experiments.reporting.metrics import read_jsonl
 from experiments.reporting import sweep as sweep_lib
+from experiments.reporting.metrics import read_jsonl
 from experiments.runtime import cli
 
 SWEEP = "gin_configs/sweeps/mtp.gin"
