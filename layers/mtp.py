@@ -56,9 +56,11 @@ class MtpAux(MoeAux):
 
     model_level: ClassVar[bool] = True
 
-    mtp_loss: jax.Array | None = aux_field("mean", "loss", weight="mtp_weight",
-                                           doc="mean over depths of the MTP cross-entropies")
-    loss_depth: jax.Array | None = aux_field("mean", doc="[D] MTP cross-entropy per depth")
+    # aux_field returns a dataclasses.field (its default is None), as in MoeAux.
+    mtp_loss: jax.Array | None = aux_field(  # noqa: RUF009
+        "mean", "loss", weight="mtp_weight", doc="mean over depths of the MTP cross-entropies")
+    loss_depth: jax.Array | None = aux_field(  # noqa: RUF009
+        "mean", doc="[D] MTP cross-entropy per depth")
 
 
 jax.tree_util.register_dataclass(

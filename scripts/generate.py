@@ -21,7 +21,12 @@ with --json one object per prompt and line, in input order: `prompt` (its
 index), `prompt_ids`, `ids` (the new tokens only), `stop` ('eos' or
 'length'), `text` (where the tokenizer can decode them). Exit status 2 on bad
 input: a workdir without checkpoint, --max_new_tokens < 1, a temperature < 0,
---top_k < 1, --top_p outside (0, 1], ids outside the vocabulary, a bad batch file.
+--top_k < 1, --top_p outside (0, 1], ids outside the vocabulary, a bad batch file,
+--speculative with sampling or on a model without multi-token prediction.
+
+--speculative: greedy self-speculative decoding drafted by the run's multi-token
+prediction head (experiments/inference/speculative.py); the output is greedy's, the
+acceptance rate is printed to stderr.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--step", type=int, default=None,
                         help="Checkpoint step (default: the latest intact one).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object per prompt.")
+    parser.add_argument("--speculative", action="store_true",
+                        help="Greedy self-speculative decoding with the run's multi-token "
+                             "prediction head (same output as greedy; prints the acceptance "
+                             "rate to stderr). Needs --temperature 0 and a model with MTP.")
     return parser
 
 
@@ -68,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     # Checks that need no model first.
     max_new_tokens = generate_cli.check_max_new_tokens(args.max_new_tokens)
     sampling = generate_cli.sampling_config(args.temperature, args.top_k, args.top_p)
+    if args.speculative and (args.temperature != 0 or args.top_k is not None
+                             or args.top_p is not None):
+        cli.fail("--speculative decodes greedily: it needs --temperature 0 and no --top_k "
+                 "or --top_p")
     eos_ids = generate_cli.parse_eos_ids(args.eos_ids)
     if args.batch_file is not None:
         requests = generate_cli.read_batch_file(args.batch_file)
@@ -78,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         requests = [generate_cli.Request(0, "--prompt_ids", ids=tuple(ids))]
 
     from experiments.inference import generate  # pylint: disable=g-import-not-at-top
-    generator = generate.load_generator(args.workdir, args.step)
+    if args.speculative:
+        from experiments.inference import restore, speculative  # pylint: disable=g-import-not-at-top
+        generator = speculative.SpeculativeGenerator(restore.restore_model(args.workdir,
+                                                                           args.step))
+    else:
+        generator = generate.load_generator(args.workdir, args.step)
     vocab_size = generator.vocab_size
     tokenizer = functools.cache(lambda: tokenizer_lib.workdir_tokenizer(args.workdir))
     prompts = generate_cli.encode_requests(requests, vocab_size, tokenizer)
@@ -87,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     generate_cli.check_vocab_ids(eos_ids, vocab_size, "--eos_ids")
     outputs = generator.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                  seed=args.seed, eos_ids=eos_ids)
+    if args.speculative:
+        stats = generator.last_speculative
+        print(f"speculative: {stats.accepted}/{stats.drafts} drafts accepted "
+              f"(acceptance rate {stats.acceptance_rate:.3f}), {stats.tokens_per_step:.2f} "
+              f"tokens per main-model call", file=sys.stderr)
     records = generate_cli.result_records(requests, prompts, outputs, eos_ids,
                                           generate_cli.text_decoder(tokenizer))
     for record in records:

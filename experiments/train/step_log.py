@@ -16,8 +16,8 @@ from experiments.reporting.metrics import (
     MetricsWriter,
     ProgressLine,
     load_fractions,
-    moe_scalars,
     model_aux_scalars,
+    moe_scalars,
     train_moe_scalars,
     valid_moe_scalars,
 )

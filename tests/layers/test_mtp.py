@@ -18,7 +18,7 @@ from experiments.train.loss_schedule import LossWeightSchedule
 from experiments.train.run_state import split_model
 from experiments.train.train_step import LossWeights, make_train_step, scheduled_weight_key
 from layers.mlp import DenseMLP
-from layers.mtp import MTP_AUX, MultiTokenPrediction, MtpAux, mtp_targets
+from layers.mtp import MTP_AUX, MtpAux, MultiTokenPrediction, mtp_targets
 from layers.transformer import TransformerLM
 from moe.router_state import RouterState
 

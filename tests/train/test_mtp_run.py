@@ -7,7 +7,6 @@ import json
 import shutil
 
 import gin
-import pytest
 
 from experiments.reporting.metrics import read_jsonl
 from experiments.runtime import gin_utils
