@@ -66,7 +66,10 @@ def commands(name: str, root: str, docs_dir: str, *, report_only: bool = False,
         if name == "calibration":
             return [["scripts/calibration_report.py", "--from_records"]]
         return [["scripts/sweep.py", sweep, f"--docs_dir={docs_dir}", "--from_records"]]
-    train = ["scripts/sweep.py", sweep, f"--root={root}", f"--docs_dir={docs_dir}",
+    # An experiment with its own report writer leaves the sweep runner's generic report
+    # beside its runs, not in docs.
+    sweep_docs = docs_dir if reporter is None else f"{root}/{name}/generic_report"
+    train = ["scripts/sweep.py", sweep, f"--root={root}", f"--docs_dir={sweep_docs}",
              "--order=seed"] + (["--report_only"] if report_only else [])
     if reporter is not None:
         return [train, reporter(sweep, root, docs_dir)]

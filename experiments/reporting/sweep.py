@@ -393,6 +393,20 @@ def plot_heatmaps(records, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def configuration_lines(sweep: Sweep) -> list[str]:
+    """The report's configuration section: base gin files, bindings, seeds, variants."""
+    lines = ["## Configuration", "",
+             f"- base gin files: {', '.join(f'`{f}`' for f in sweep.gin_files)}",
+             f"- common bindings: {', '.join(f'`{b}`' for b in sweep.bindings) or 'none'}",
+             f"- seeds: {list(sweep.seeds)} (`train.seed`: init, data order, router keys)",
+             "- variants:"]
+    for variant, bindings in sweep.runs():
+        text = ", ".join([f"`{f}`" for f in sweep.variant_gin_files.get(variant.split(",")[0], [])]
+                         + [f"`{k} = {v!r}`" for k, v in bindings.items()]) or "(base)"
+        lines.append(f"  - `{variant}`: {text}")
+    return lines
+
+
 def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: str,
                  docs_dir: Path, *, plots: bool = True) -> Path:
     """`docs_dir/NAME.md` with the table, the configuration and plots in `docs_dir/NAME/`
@@ -418,7 +432,7 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
         row.append(mean_std([r["wall_seconds"] for r in runs]))
         rows.append(row)
 
-    if plots:
+    if plots and records:
         plot_curves(records, "batch_max_violation", "MaxVio of the step's batch (smoothed)",
                     figures / "maxvio_curves.png", sweep.smoothing, log_scale=True)
         plot_curves(records, "sequence_max_violation", "mean per-sequence MaxVio (smoothed)",
@@ -432,15 +446,7 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
     lines = [f"# {sweep.title or sweep.name}", ""] + reproduce_lines(sweep.name, sweep_file)
     if sweep.description:
         lines += [sweep.description.strip(), ""]
-    lines += ["## Configuration", "",
-              f"- base gin files: {', '.join(f'`{f}`' for f in sweep.gin_files)}",
-              f"- common bindings: {', '.join(f'`{b}`' for b in sweep.bindings) or 'none'}",
-              f"- seeds: {list(sweep.seeds)} (`train.seed`: init, data order, router keys)",
-              "- variants:"]
-    for variant, bindings in sweep.runs():
-        text = ", ".join([f"`{f}`" for f in sweep.variant_gin_files.get(variant.split(",")[0], [])]
-                         + [f"`{k} = {v!r}`" for k, v in bindings.items()]) or "(base)"
-        lines.append(f"  - `{variant}`: {text}")
+    lines += configuration_lines(sweep)
     planned = [(variant, seed) for variant, _ in sweep.runs() for seed in sweep.seeds]
     lines += [""] + claims.status_lines(planned, records)
     lines += ["## Results (mean ± std over seeds)", "",
@@ -456,15 +462,16 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
         lines += claims.claim_lines(sweep.claims, records, sweep.claim_threshold)
     if sweep.findings:
         lines += ["## Findings", "", sweep.findings.strip(), ""]
+    figure_links = [("validation loss vs steps and FLOPs", "loss_curves.png"),
+                    ("batch MaxVio", "maxvio_curves.png"),
+                    ("sequence MaxVio", "seq_maxvio_curves.png"), ("train CE", "train_ce.png"),
+                    (f"domain x expert heat maps (seed {sweep.seeds[0]})", "heatmaps.png")]
     lines += ["## Plots", ""]
-    if (figures / "loss_curves.png").exists():
-        lines += [f"![validation loss vs steps and FLOPs]({sweep.name}/loss_curves.png)", ""]
-    lines += [f"![batch MaxVio]({sweep.name}/maxvio_curves.png)", "",
-              f"![sequence MaxVio]({sweep.name}/seq_maxvio_curves.png)", "",
-              f"![train CE]({sweep.name}/train_ce.png)", ""]
-    if (figures / "heatmaps.png").exists():
-        lines += [f"![domain x expert heat maps (seed {sweep.seeds[0]})]"
-                  f"({sweep.name}/heatmaps.png)", ""]
+    for alt, file in figure_links:
+        if (figures / file).exists():
+            lines += [f"![{alt}]({sweep.name}/{file})", ""]
+    if not records:
+        lines += ["(None yet: no run has finished.)", ""]
     lines += ["## Runs", "", "Workdirs relative to the sweep root (`scripts/sweep.py --root`); "
               "steps/s of the training loop, load: mean 1-minute load average during the run "
               "(`-`: not recorded).", ""]

@@ -125,7 +125,9 @@ def test_experiment_names_are_the_sweeps_and_each_gets_its_report_writer(capsys)
     assert sweep == [["scripts/sweep.py", "gin_configs/sweeps/global_batch_lbl.gin", "--root=R",
                       "--docs_dir=D", "--order=seed"]]
     evomoe = script.commands("evomoe", "R", "D")
-    assert evomoe[0][-1] == "--order=seed" and evomoe[1][0] == "scripts/evomoe_report.py"
+    assert evomoe[0][3:] == ["--docs_dir=R/evomoe/generic_report", "--order=seed"]
+    assert evomoe[1] == ["scripts/evomoe_report.py", "gin_configs/sweeps/evomoe.gin", "--root=R",
+                         "--docs_dir=D"]
     assert script.commands("calibration", "R", "D", from_records=True) == [
         ["scripts/calibration_report.py", "--from_records"]]
     with pytest.raises(SystemExit) as exit_info:
