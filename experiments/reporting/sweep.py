@@ -134,9 +134,11 @@ def load_sweep(path: str | Path) -> Sweep:
     gin.clear_config()
     try:
         gin.parse_config_file(str(path))
+        sweep = Sweep()
     except (ValueError, SyntaxError) as e:
         raise ValueError(f"invalid sweep file {str(path)!r}: {e}") from e
-    sweep = Sweep()
+    finally:  # the Sweep holds every value: leave no bindings behind for later Sweep()s
+        gin.clear_config()
     if not sweep.name:
         sweep.name = Path(path).stem
     return sweep
