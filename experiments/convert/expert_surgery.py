@@ -394,28 +394,37 @@ def run_surgery(operation: str, workdir: str | Path, out_workdir: str | Path,
     if target_plan is not None:
         opt_state = scan_lib.to_layer_plan(opt_state, target_plan)
 
+    result = SurgeryResult(out_workdir=out, step=restored.step, operation=operation,
+                           num_experts=e, new_num_experts=new_e, k=k, new_k=new_k,
+                           layers=plans, stats_file=stats_file)
+    write_workdir(workdir, out, restored.step, full, params, opt_state,
+                  lambda tmp: _write_record(tmp, workdir, config, task, result, stats),
+                  hook_state=hooks)
+    return result
+
+
+def write_workdir(workdir: Path, out: Path, step: int, full: Any, params: Any, opt_state: Any,
+                  write_record: Callable[[Path], None], **extra_state: Any) -> None:
+    """A converted run's workdir: its checkpoint at `step` (data state and RNG of the source
+    run `full`, plus `extra_state`), config.gin, the source's tokenizer files, then
+    `write_record(directory)`; written in a temporary directory and renamed to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp_"))
     tmp.chmod(0o777 & ~_umask())
     try:
         writer = Checkpointer(tmp / "checkpoints", async_save=False, max_to_keep=None)
         try:
-            writer.save(restored.step, params=params, opt_state=opt_state,
-                        data_state=full.data_state, rng_key_data=full.rng_key_data,
-                        hook_state=hooks, force=True)
+            writer.save(step, params=params, opt_state=opt_state, data_state=full.data_state,
+                        rng_key_data=full.rng_key_data, force=True, **extra_state)
         finally:
             writer.close()
         gin_utils.write_config(tmp)
         copy_tokenizer_files(workdir, tmp)
-        result = SurgeryResult(out_workdir=out, step=restored.step, operation=operation,
-                               num_experts=e, new_num_experts=new_e, k=k, new_k=new_k,
-                               layers=plans, stats_file=stats_file)
-        _write_record(tmp, workdir, config, task, result, stats)
+        write_record(tmp)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return result
 
 
 def _write_record(out: Path, workdir: Path, config: SurgeryConfig, task: TaskSpec,

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +27,10 @@ import optax
 from flax import nnx
 
 from experiments.convert import dense_to_moe
-from experiments.convert.expert_surgery import _check_out, _read_full, _umask
+from experiments.convert.expert_surgery import _check_out, _read_full, write_workdir
 from experiments.convert.verify import VerifyReport, verify_models
 from experiments.data.config import DataConfig
 from experiments.inference.restore import model_cls, parse_run_config
-from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train.config import model_vocab_size
@@ -212,30 +209,16 @@ def scale_up(workdir: str | Path, out_workdir: str | Path, config: ScaleUpConfig
 
 def _write(workdir: Path, out: Path, full: Any, params: Any, opt_state: Any,
            config: ScaleUpConfig, result: ScaleUpResult) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp_"))
-    tmp.chmod(0o777 & ~_umask())
-    try:
-        writer = Checkpointer(tmp / "checkpoints", async_save=False, max_to_keep=None)
-        try:
-            writer.save(result.step, params=params, opt_state=opt_state,
-                        data_state=full.data_state, rng_key_data=full.rng_key_data, force=True)
-        finally:
-            writer.close()
-        gin_utils.write_config(tmp)
-        copy_tokenizer_files(workdir, tmp)
-        record = {"source_workdir": str(workdir), "step": result.step,
-                  "config": dataclasses.asdict(config),
-                  "source": dataclasses.asdict(result.source),
-                  "target": dataclasses.asdict(result.target),
-                  "function_preserving": not result.violations, "violations": result.violations,
-                  "param_counts": list(result.param_counts)}
-        if result.verify is not None:
-            record["verify"] = {"max_abs_logit_diff": result.verify.max_abs_logit_diff,
-                                "source_loss": result.verify.dense_loss,
-                                "grown_loss": result.verify.moe_loss, "ok": result.verify.ok}
-        (tmp / SCALE_UP_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    record = {"source_workdir": str(workdir), "step": result.step,
+              "config": dataclasses.asdict(config),
+              "source": dataclasses.asdict(result.source),
+              "target": dataclasses.asdict(result.target),
+              "function_preserving": not result.violations, "violations": result.violations,
+              "param_counts": list(result.param_counts)}
+    if result.verify is not None:
+        record["verify"] = {"max_abs_logit_diff": result.verify.max_abs_logit_diff,
+                            "source_loss": result.verify.dense_loss,
+                            "grown_loss": result.verify.moe_loss, "ok": result.verify.ok}
+    write_workdir(workdir, out, result.step, full, params, opt_state,
+                  lambda tmp: (tmp / SCALE_UP_FILE).write_text(json.dumps(record, indent=2),
+                                                          encoding="utf-8"))

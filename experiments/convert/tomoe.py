@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,11 +40,10 @@ import optax
 from flax import nnx
 
 from experiments.convert import dense_to_moe
-from experiments.convert.expert_surgery import _check_out, _read_full, _umask
+from experiments.convert.expert_surgery import _check_out, _read_full, write_workdir
 from experiments.convert.verify import VerifyReport, verify_models
 from experiments.data.config import DataConfig
 from experiments.inference.restore import model_cls, parse_run_config
-from experiments.inference.tokenizer import copy_tokenizer_files
 from experiments.runtime import gin_utils
 from experiments.runtime.checkpoints import Checkpointer
 from experiments.train.config import model_vocab_size
@@ -391,30 +388,16 @@ def tomoe(dense_workdir: str | Path, out_workdir: str | Path, config: ToMoEConfi
 def _write(workdir: Path, out: Path, full: Any, params: Any, opt_state: Any,
            config: ToMoEConfig, result: ToMoEResult) -> None:
     """The new workdir, written in a temporary directory and renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp_"))
-    tmp.chmod(0o777 & ~_umask())
-    try:
-        writer = Checkpointer(tmp / "checkpoints", async_save=False, max_to_keep=None)
-        try:
-            writer.save(result.step, params=params, opt_state=opt_state,
-                        data_state=full.data_state, rng_key_data=full.rng_key_data, force=True)
-        finally:
-            writer.close()
-        gin_utils.write_config(tmp)
-        copy_tokenizer_files(workdir, tmp)
-        record = {"dense_workdir": str(workdir), "step": result.step,
-                  "config": dataclasses.asdict(config), "num_experts": result.num_experts,
-                  "k": result.k, "d_ff": result.d_ff, "expert_d_ff": result.d_ff // result.num_experts,
-                  "layers": result.layers}
-        if result.verify is not None:
-            v = result.verify
-            record["verify"] = {"max_abs_logit_diff": v.max_abs_logit_diff,
-                                "dense_loss": v.dense_loss, "moe_loss": v.moe_loss,
-                                "expected_exact": v.expected_exact, "ok": v.ok,
-                                "static_pruning_loss": result.static_loss}
-        (tmp / TOMOE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    record = {"dense_workdir": str(workdir), "step": result.step,
+              "config": dataclasses.asdict(config), "num_experts": result.num_experts,
+              "k": result.k, "d_ff": result.d_ff, "expert_d_ff": result.d_ff // result.num_experts,
+              "layers": result.layers}
+    if result.verify is not None:
+        v = result.verify
+        record["verify"] = {"max_abs_logit_diff": v.max_abs_logit_diff,
+                            "dense_loss": v.dense_loss, "moe_loss": v.moe_loss,
+                            "expected_exact": v.expected_exact, "ok": v.ok,
+                            "static_pruning_loss": result.static_loss}
+    write_workdir(workdir, out, result.step, full, params, opt_state,
+                  lambda tmp: (tmp / TOMOE_FILE).write_text(json.dumps(record, indent=2),
+                                                     encoding="utf-8"))
