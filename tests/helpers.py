@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -116,3 +117,18 @@ def path_with_both_splits(candidate: Callable[[int], Path],
         if all("train" in s and s.count("validation") >= min_validation for s in splits):
             return path
     raise RuntimeError("no candidate path puts records into both splits")
+
+
+def script_main(script: str) -> Callable[[list[str]], int]:
+    """`scripts/<script>`'s `main(argv)` loaded in-process, returning its exit status
+    (a `SystemExit`'s code included, as the CLIs exit 2 on bad input)."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / "scripts" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def call(argv: list[str]) -> int:
+        try:
+            return module.main(argv)
+        except SystemExit as e:
+            return e.code
+    return call

@@ -6,9 +6,7 @@ passes too); bad input exits 2 and writes nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import gin
 import pytest
@@ -16,6 +14,7 @@ import pytest
 from experiments.convert.upcycle_checkpoint import UpcycleConfig, upcycle
 from experiments.runtime import gin_utils
 from tests.convert.test_upcycle_checkpoint import dense_run  # noqa: F401  (shared fixture)
+from tests.helpers import script_main
 
 
 @pytest.fixture
@@ -26,16 +25,7 @@ def clean_gin():
 
 
 def _main():
-    spec = importlib.util.spec_from_file_location("scale_up", Path("scripts/scale_up.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    def call(argv):
-        try:
-            return module.main(argv)
-        except SystemExit as e:
-            return e.code
-    return call
+    return script_main("scale_up.py")
 
 
 def test_scale_up_then_upcycle(dense_run, tmp_path, clean_gin, capsys):  # noqa: F811

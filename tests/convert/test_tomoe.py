@@ -3,9 +3,7 @@ run of the upcycling tests (test_tiny.gin with every FFN dense: 2 layers, d_ff 6
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import gin
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from experiments.inference.restore import restore_model
 from experiments.runtime import gin_utils
 from tests.convert.test_upcycle_checkpoint import dense_run  # noqa: F401  (shared fixture)
-from tests.helpers import run_script
+from tests.helpers import run_script, script_main
 
 FAST = ("--steps=3", "--data_batches=1", "--tokens_per_step=64", "--verify_batches=1")
 
@@ -26,16 +24,7 @@ def clean_gin():
 
 
 def _main():
-    spec = importlib.util.spec_from_file_location("dense_to_moe", Path("scripts/dense_to_moe.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    def call(argv):
-        try:
-            return module.main(argv)
-        except SystemExit as e:
-            return e.code
-    return call
+    return script_main("dense_to_moe.py")
 
 
 def test_active_fraction_one_reproduces_the_dense_logits(dense_run, tmp_path, clean_gin,  # noqa: F811
