@@ -11,6 +11,10 @@ N + M = train.num_steps):
   e8_top2   checkpoint N upcycled (Komatsuzaki et al.): every other FFN -> 8
             copies, top-2 with raw softmax weights, router N(0, 0.02²), no
             weight scaling; trained to N + M;
+  e8_noise  as e8_top2, each copy plus Gaussian noise (std 0.01) so the
+            experts start apart;
+  e8_drop   as e8_top2 with Drop-Upcycling (Nakamura et al. 2025): half of
+            each expert's intermediate units re-initialised;
   e32_g4    checkpoint N upcycled (He et al.): 32 experts of d_ff/4 (G = 4),
             top-8, virtual-group router, softmax-then-top-k with the a^(1/2)
             weight scaling; trained to N + M;
@@ -41,11 +45,19 @@ UPCYCLED = {
     "e8_top2": (UpcycleConfig(moe_layers="every_other", num_experts=8, k=2, granularity=1,
                               router_init="normal", weight_scaling="none"),
                 ["MoeLayer.dispatch = 'sort'", "MoeLayer.capacity_factor = None"]),
+    "e8_noise": (UpcycleConfig(moe_layers="every_other", num_experts=8, k=2, granularity=1,
+                               router_init="normal", weight_scaling="none", diversify="noise",
+                               noise_std=0.01),
+                 ["MoeLayer.dispatch = 'sort'", "MoeLayer.capacity_factor = None"]),
+    "e8_drop": (UpcycleConfig(moe_layers="every_other", num_experts=8, k=2, granularity=1,
+                              router_init="normal", weight_scaling="none",
+                              diversify="drop_upcycling", diversify_ratio=0.5),
+                ["MoeLayer.dispatch = 'sort'", "MoeLayer.capacity_factor = None"]),
     "e32_g4": (UpcycleConfig(moe_layers="every_other", num_experts=32, k=8, granularity=4,
                              router_init="virtual_group", weight_scaling="balanced"),
                ["MoeLayer.dispatch = 'sort'", "MoeLayer.capacity_factor = None"]),
 }
-RUNS = ("dense", "e8_top2", "e32_g4", "scratch")
+RUNS = ("dense", "e8_top2", "e8_noise", "e8_drop", "e32_g4", "scratch")
 THRESHOLD = 2.0  # standard errors of the paired difference (the report's verdicts)
 
 
@@ -141,7 +153,9 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    labels = {"dense": "dense (continued after N)", "e8_top2": "upcycled E=8 top-2",
+    labels = {"dense": "dense (continued after N)", "e8_top2": "upcycled E=8 top-2 (copy)",
+              "e8_noise": "upcycled E=8 top-2 (copy + noise)",
+              "e8_drop": "upcycled E=8 top-2 (drop-upcycling 0.5)",
               "e32_g4": "upcycled E=32 G=4 top-8", "scratch": "MoE E=8 top-2 from scratch"}
     for run, entry in summary["runs"].items():
         ax.plot(entry["steps"], entry["valid_mean"], label=labels[run], marker=".")
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for i, s in enumerate(args.seeds.split(",")):
             print(f"[upcycling] seed {s}: {i} of {len(args.seeds.split(','))} seeds done "
-                  f"(4 runs per seed; finished runs are skipped)", file=sys.stderr, flush=True)
+                  f"(6 runs per seed; finished runs are skipped)", file=sys.stderr, flush=True)
             results[int(s)] = run_seed(Path(args.root), int(s), args.gin_param, sweep_gin)
         summary = summarize(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
