@@ -89,6 +89,11 @@ def _subset(parser, sweep: sweep_lib.Sweep, seeds: str | None,
         if unknown:
             parser.error(f"--variants: {unknown} not in Sweep.variants {sorted(have)}")
         out["variants"] = {v: have[v] for v in names}
+        # The subset only trains: its claims and per-variant gin files must name its own
+        # variants (Sweep validates both), the report is written from the whole sweep.
+        out["variant_gin_files"] = {v: f for v, f in sweep.variant_gin_files.items()
+                                    if v in names}
+        out["claims"] = [c for c in sweep.claims if all(v in names for v in c)]
     return out
 
 

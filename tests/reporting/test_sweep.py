@@ -166,10 +166,13 @@ def _sweep_script():
 def test_seeds_and_variants_restrict_what_is_trained(tmp_path, capsys):
     # Only seed 1 of `x` has finished. Training only that subset trains nothing (a run
     # launched for any other seed or variant would fail: its gin file does not exist),
-    # and the report still collects every finished run.
+    # and the report still collects every finished run. The claim and the gin file of `y`
+    # (not trained here) must not make the subset invalid.
     sweep_file = tmp_path / "demo.gin"
     sweep_file.write_text("Sweep.gin_files = ['no/such.gin']\n"
-                          "Sweep.variants = {'x': {}, 'y': {}}\nSweep.seeds = [0, 1]\n")
+                          "Sweep.variants = {'x': {}, 'y': {}}\nSweep.seeds = [0, 1]\n"
+                          "Sweep.claims = [['x', 'y']]\n"
+                          "Sweep.variant_gin_files = {'y': ['no/y.gin']}\n")
     _fake_run(tmp_path / "runs" / "demo" / "x" / "seed1", 1.5, 0.1)
     script = _sweep_script()
     args = [str(sweep_file), f"--root={tmp_path / 'runs'}", f"--docs_dir={tmp_path / 'docs'}"]
