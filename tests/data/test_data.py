@@ -442,7 +442,7 @@ def test_chunk_bounds_overlap_by_one_token():
     "overrides, match",
     [
         ({"source": "hf:wikitext"}, "source must be"),
-        ({"source": "embedded:x"}, "takes no argument"),
+        ({"source": "embedded:x"}, r"takes a domain of the embedded corpus \(.code., .prose.\)"),
         ({"source": "text:"}, "needs an argument"),
         ({"seq_len": 0}, "seq_len must be a positive int"),
         ({"seq_len": -4}, "seq_len must be a positive int"),
