@@ -64,9 +64,9 @@ def mola_lm(vocab_size: int, *, rngs: nnx.Rngs, base_workdir: str | None = None,
     check_options(experts_per_layer, model.num_layers, k=k, rank=rank, alpha=alpha)
     _, state, _ = nnx.split(model, nnx.Param, ...)
     abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                            state.to_pure_dict())
+                            nnx.to_pure_dict(state))
     stored = _read_base(resolve_base(base_workdir), base_step, abstract)
-    state.replace_by_pure_dict(stored)
+    nnx.replace_by_pure_dict(state, stored)
     nnx.update(model, state)
     freeze(model)
     add_lora_experts(model, experts_per_layer, k=k, rank=rank, alpha=alpha, router=router,
