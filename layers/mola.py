@@ -34,7 +34,7 @@ from flax import nnx
 from layers.mlp import DenseMLP
 from layers.params import EMBED, EXPERT, MLP, make_param, normal_init
 from layers.routers import BaseRouter, TopKRouter
-from moe import balance
+from moe import balance, expert_stats
 from moe.experts import activation_fn
 from moe.layer_aux import MoeAux
 
@@ -158,6 +158,26 @@ class MolaFFN(nnx.Module):
             active_experts=jnp.sum(picked) / jnp.maximum(jnp.sum(token_mask), 1.0),
             num_tokens=jnp.sum(token_mask))
         return y.astype(x.dtype), aux
+
+    def routing_stats(self, x: Array, *, mask: Array | None = None,
+                      router_state: Mapping[str, Array] | None = None,
+                      ) -> expert_stats.RoutingStats:
+        """The routing statistics of one call (`experiments.inference.routing_stats`):
+        x `[B, S, d]`, deterministic routing. An expert's output on a token is the change
+        it alone makes to the FFN's output (its gate set to 1, every other to 0)."""
+        tokens = x.reshape(-1, self.d_model)
+        token_mask = (jnp.ones((tokens.shape[0],), jnp.float32) if mask is None
+                      else mask.reshape(-1).astype(jnp.float32))
+        decision = self.router(tokens, mask=token_mask, capacity=None, deterministic=True,
+                               rng=None, state=dict(router_state or {}))
+        index = decision.expert_index
+        plain = self._ffn(tokens, jnp.zeros((tokens.shape[0], self.num_experts), jnp.float32))
+        norms = jnp.stack([jnp.linalg.norm(
+            (self._ffn(tokens, jax.nn.one_hot(index[:, j], self.num_experts)) - plain)
+            .astype(jnp.float32), axis=-1) for j in range(index.shape[1])], axis=1)
+        return expert_stats.layer_stats(
+            tokens, token_mask, self.router.logits(tokens, deterministic=True),
+            decision.aux.token_probs, index, decision.weights, None, norms=norms)
 
     def _ffn(self, h: Array, gates: Array) -> Array:
         """The base FFN with the gated LoRA deltas: h `[T, d]`, gates `[T, E]` -> `[T, d]`."""

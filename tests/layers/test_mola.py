@@ -88,6 +88,15 @@ def test_a_token_uses_only_its_top_k_experts(built):
     changed = np.any(np.asarray(call(ffn)[0] != y)[0], axis=-1)
     np.testing.assert_array_equal(changed, chosen == e)
     np.testing.assert_array_equal(np.asarray(aux.counts), np.bincount(chosen, minlength=3))
+    # The routing analysis' statistics: the same counts; an expert's output norm is what
+    # it adds to the FFN (B of expert e nonzero only: zero for every other expert).
+    for name in ("up_b", "down_b"):
+        value = getattr(ffn.experts, name)
+        value[...] = jnp.zeros_like(value[...]).at[e].set(1.0)
+    stats = nnx.jit(lambda f: f.routing_stats(x))(ffn)
+    np.testing.assert_array_equal(np.asarray(stats.counts), np.bincount(chosen, minlength=3))
+    norms = np.asarray(stats.output_norm_sum)
+    assert norms[e] > 0 and np.all(np.delete(norms, e) == 0)
 
 
 @pytest.mark.parametrize("counts, k, rank, alpha, match", [
