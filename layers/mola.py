@@ -141,9 +141,10 @@ class MolaFFN(nnx.Module):
         decision = self.router(tokens, mask=token_mask, capacity=None,
                                deterministic=deterministic, rng=rng,
                                state=dict(router_state or {}))
-        if decision.expert_choice:
-            raise ValueError("mola_lm.router must be a token-choice router (expert choice "
-                             "returns no per-token experts)")
+        if decision.expert_choice or decision.local_output is not None:
+            raise ValueError(f"mola_lm.router must be a token-choice router over the LoRA "
+                             f"experts only, got {type(self.router).__name__} (expert choice, "
+                             f"or experts computed by the router)")
         index, weights = decision.expert_index, decision.weights
         # [T, E]: each token's combine weight per expert (the sentinel E adds nothing).
         gates = jnp.einsum("tke,tk->te", jax.nn.one_hot(index, self.num_experts),
