@@ -112,7 +112,8 @@ def _read_base_eagerly(workdir: str, step: int | None, abstract: Any) -> Any:
     directory = paths.as_path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise ValueError(f"mola_lm.base_workdir={workdir!r} has no checkpoints/ directory: "
-                         f"train the dense base run first")
+                         f"train the dense base run first (a relative base_workdir is taken "
+                         f"from the current directory, {os.getcwd()!r})")
     checkpointer = Checkpointer(directory, read_only=True)
     try:
         try:
