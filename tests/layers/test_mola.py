@@ -10,6 +10,7 @@ from flax import nnx
 
 from layers.moe_layer import MoeLayer
 from layers.mola import FrozenParam, add_lora_experts, freeze
+from layers.routers import NullExpertRouter, TopKRouter
 from layers.transformer import TransformerLM
 
 BASE = functools.partial(TransformerLM, d_model=8, num_layers=3, num_heads=2, d_ff=16,
@@ -17,10 +18,10 @@ BASE = functools.partial(TransformerLM, d_model=8, num_layers=3, num_heads=2, d_
 INPUTS = jax.random.randint(jax.random.key(0), (2, 6), 1, 32)
 
 
-def _build_mola(counts=(1, 2, 3), k=1, base=BASE):
+def _build_mola(counts=(1, 2, 3), k=1, base=BASE, router=TopKRouter):
     model = base(vocab_size=32, rngs=nnx.Rngs(0))
     freeze(model)
-    add_lora_experts(model, counts, k=k, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+    add_lora_experts(model, counts, k=k, rank=2, alpha=4.0, router=router, rngs=nnx.Rngs(1))
     return model
 
 
@@ -123,3 +124,13 @@ def test_bad_options_are_refused_by_name(counts, k, rank, alpha, match):
 def test_a_base_that_is_not_an_unscanned_dense_model_is_refused(base, match):
     with pytest.raises(ValueError, match=match):
         nnx.eval_shape(lambda: _build_mola(counts=(2, 2, 2), base=base))
+
+
+def test_a_router_that_computes_experts_itself_is_refused():
+    """Copy experts (`NullExpertRouter`) would be computed by the router, outside the LoRA
+    mixture: refused when the layer is called, naming the option."""
+    router = functools.partial(NullExpertRouter, null_experts=("copy",))
+    model = nnx.eval_shape(lambda: _build_mola(counts=(2, 2, 2), router=router))
+    with pytest.raises(ValueError, match=r"mola_lm.router must be a token-choice router over "
+                                         r"the LoRA experts only, got NullExpertRouter"):
+        nnx.eval_shape(lambda m: m(INPUTS), model)
