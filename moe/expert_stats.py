@@ -140,18 +140,22 @@ def expert_output_norms(tokens: Array, expert_index: Array, ffn: ExpertFFN) -> A
 
 
 def layer_stats(tokens: Array, mask: Array, logits: Array, probs: Array, expert_index: Array,
-                weights: Array, ffn: ExpertFFN) -> RoutingStats:
+                weights: Array, ffn: ExpertFFN | None, *,
+                norms: Array | None = None) -> RoutingStats:
     """The sums of one routing group (see the module docstring).
 
     tokens `[T, d]` (the MoE layer's input), mask `[T]` (1 = real), logits and
     probs `[T, E] float32`, expert_index `[T, k] int32` (sentinel E = none),
-    weights `[T, k] float32` combine weights, ffn: the layer's experts.
+    weights `[T, k] float32` combine weights, ffn: the layer's experts; or
+    norms `[T, k]`: the selected experts' output norms, computed by a MoE block whose
+    experts are not an `ExpertFFN` (e.g. `layers.mola.MolaFFN`), ffn then None.
     """
     num_experts = logits.shape[-1]
     m = mask.astype(jnp.float32)
     onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32) * m[:, None, None]
     selected = jnp.minimum(jnp.sum(onehot, axis=1), 1.0)  # [T, E]
-    norms = expert_output_norms(tokens, expert_index, ffn)  # [T, k]
+    if norms is None:
+        norms = expert_output_norms(tokens, expert_index, ffn)  # [T, k]
     z = logits.astype(jnp.float32) * m[:, None]
     return RoutingStats(
         num_tokens=jnp.sum(m),

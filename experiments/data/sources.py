@@ -3,6 +3,8 @@
 A source is named by a string:
 
 * ``"embedded"``: the stdlib corpus of :mod:`experiments.data.corpus`;
+  ``"embedded:<domain>"`` its documents of one domain ('code' or 'prose'; the
+  domain names, hence the domain ids, stay those of the whole corpus);
 * ``"text:<glob>"``: one document per file matching the glob (``**``
   recurses), all under one domain;
 * ``"jsonl:<path>"``: one document per non-blank line, a JSON object with a
@@ -130,8 +132,9 @@ def parse_source(source: str) -> tuple[str, str]:
         raise ValueError(
             f"source must be 'embedded', 'text:<glob>' or 'jsonl:<path>', got {source!r}"
         )
-    if scheme == "embedded" and sep:
-        raise ValueError(f"source 'embedded' takes no argument, got {source!r}")
+    if scheme == "embedded" and sep and argument not in corpus.domain_names():
+        raise ValueError(f"source 'embedded:<domain>' takes a domain of the embedded corpus "
+                         f"{tuple(corpus.domain_names())}, got {source!r}")
     if scheme != "embedded" and not argument:
         raise ValueError(
             f"source {scheme!r} needs an argument ('{scheme}:...'), got {source!r}"
@@ -152,9 +155,10 @@ def load_source(
     """
     scheme, argument = parse_source(source)
     if scheme == "embedded":
-        return corpus.load_corpus(
+        records = corpus.load_corpus(
             cache_dir=cache_dir, max_bytes_per_domain=max_bytes_per_domain
         )
+        return [r for r in records if r["domain"] == argument] if argument else records
     if scheme == "text":
         return load_text_files(argument)
     return load_jsonl(argument)

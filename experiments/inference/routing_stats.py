@@ -73,6 +73,20 @@ def _recording_class(name: str, sink: dict[str, RoutingStats]) -> type:
     return Recording
 
 
+def _block_recording_class(cls: type, name: str, sink: dict[str, RoutingStats]) -> type:
+    """A subclass of a MoE block that computes its own statistics (`routing_stats(x,
+    mask=, router_state=) -> RoutingStats`, e.g. `layers.mola.MolaFFN`) recording them."""
+
+    class Recording(cls):
+        def __call__(self, x, *, mask=None, deterministic=True, rng=None, router_state=None):
+            y, aux = cls.__call__(self, x, mask=mask, deterministic=deterministic, rng=rng,
+                                  router_state=router_state)
+            sink[name] = self.routing_stats(x, mask=mask, router_state=router_state)
+            return y, aux
+
+    return Recording
+
+
 def unscanned_view(restored: RestoredModel) -> RestoredModel:
     """A scanned checkpoint's model rebuilt unscanned (`TransformerLM.scan_layers = False`,
     parameters `layers.scan.unscan_tree`d; same function), for the layer-by-layer
@@ -101,7 +115,10 @@ def make_stats_step(restored: RestoredModel) -> Callable:
         model = nnx.merge(graphdef, params, rest)
         sink: dict[str, RoutingStats] = {}
         for name in getattr(model, "moe_layer_names", ()):
-            model.moe_layer(name).__class__ = _recording_class(name, sink)
+            layer = model.moe_layer(name)
+            layer.__class__ = (_block_recording_class(type(layer), name, sink)
+                               if hasattr(layer, "routing_stats")
+                               else _recording_class(name, sink))
         segment_ids = batch["segment_ids"]
         if "domain" in batch:
             segment_ids = jnp.where((domain < 0) | (batch["domain"] == domain), segment_ids, 0)

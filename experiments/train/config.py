@@ -18,6 +18,7 @@ from experiments.train import profiling
 from experiments.train.hooks import StepHook, check_names
 from experiments.train.loss_free import LossFreeBalancing
 from experiments.train.loss_schedule import LossWeightSchedule  # noqa: F401  (gin: train.hooks)
+from experiments.train.mola import mola_lm  # noqa: F401  (gin: train.model_cls = @mola_lm)
 from experiments.train.phases import PhasePlan
 from experiments.train.train_step import LossWeights
 from layers.transformer import TransformerLM

@@ -196,6 +196,16 @@ def test_eval_pass_covers_every_next_token_pair_once_with_domains(jsonl_path):
     assert len(segments(batches)) > len(split.records)
 
 
+def test_one_domain_of_the_embedded_corpus_keeps_the_domain_names(cache_dir):
+    # 'embedded:code' (a fine-tune on one domain, MoLA): the code documents of the split,
+    # the domain vocabulary (hence the ids) of the whole corpus.
+    whole, code = (sources.load_source_split(source, "train", cache_dir=cache_dir,
+                                             max_bytes_per_domain=MAX_BYTES)
+                   for source in ("embedded", "embedded:code"))
+    assert code.domains == whole.domains == ["code", "prose"]
+    assert code.records and code.records == [r for r in whole.records if r["domain"] == "code"]
+
+
 def test_eval_domain_labels_match_the_embedded_validation_split(cache_dir):
     kwargs = embedded_kwargs(cache_dir)
     split = sources.load_source_split(
@@ -442,7 +452,7 @@ def test_chunk_bounds_overlap_by_one_token():
     "overrides, match",
     [
         ({"source": "hf:wikitext"}, "source must be"),
-        ({"source": "embedded:x"}, "takes no argument"),
+        ({"source": "embedded:x"}, r"takes a domain of the embedded corpus \(.code., .prose.\)"),
         ({"source": "text:"}, "needs an argument"),
         ({"seq_len": 0}, "seq_len must be a positive int"),
         ({"seq_len": -4}, "seq_len must be a positive int"),
