@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 
 from experiments.cbtm import kmeans
-from experiments.cbtm.clusters import (CLUSTERS_FILE, SOURCE_PREFIX, Clustering,
-                                       parse_cluster_argument)
+from experiments.cbtm.clusters import CLUSTERS_FILE, SOURCE_PREFIX, Clustering, parse_cluster_argument
 
 
 def ensemble_weights(features: np.ndarray, centres: np.ndarray, *, top_k: int,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import gin
@@ -53,6 +52,8 @@ def _branch_logprobs(workdir: str, batches: list[dict[str, np.ndarray]]) -> list
 
 def evaluate_ensemble(spec: EnsembleSpec) -> dict[str, Any]:
     """The ensemble's (for each top_k) and each branch's validation loss per domain."""
+    if spec.prefix_tokens < 0:
+        raise ValueError(f"--prefix_tokens must be >= 0, got {spec.prefix_tokens}")
     clustering = load_clustering(spec.clusters)
     for top_k in spec.top_k:  # checked before any model is loaded
         ensemble.ensemble_weights(np.zeros((1, clustering.centres.shape[1])),
@@ -71,6 +72,9 @@ def evaluate_ensemble(spec: EnsembleSpec) -> dict[str, Any]:
     domains = data.domains()
     tokenizer = make_tokenizer(data.tokenizer)
     ctx = ensemble.contexts(batches, tokenizer.decode, spec.prefix_tokens)
+    if not any(m.any() for m in ctx.scored):
+        raise ValueError(f"--prefix_tokens {spec.prefix_tokens} leaves no validation token to "
+                         f"score (DataConfig.seq_len = {data.seq_len}): give fewer")
     features = clustering.features.transform(ctx.texts)
     lp = np.stack([np.stack(_branch_logprobs(w, batches)) for w in spec.branches])
     gin.clear_config()
