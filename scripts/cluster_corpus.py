@@ -1,12 +1,13 @@
-"""Clusters a corpus for c-BTM: tf-idf + truncated SVD features, balanced k-means.
+"""Clusters a corpus for c-BTM: tf-idf + SVD (or a model's mean hidden state), balanced k-means.
 
   python scripts/cluster_corpus.py --source=embedded --clusters=4 --seed=0 \
       --out=workdirs/clusters/k4_seed0
 
 Fits on the source's train split; writes clusters.json (settings, sizes, agreement
-with the domain labels), centres.npy, tfidf.npz and assignment.jsonl (every document
-of both splits and its cluster) atomically into --out, which must not exist. The same
-flags give the same clustering. A branch then trains on one cluster with
+with the domain labels), centres.npy, tfidf.npz (hidden.json with --features
+hidden:<workdir>) and assignment.jsonl (every document of both splits and its
+cluster) atomically into --out, which must not exist. The same flags give the same
+clustering. A branch then trains on one cluster with
 DataConfig.source = 'cluster:<out>:<i>' (docs/cbtm.md). Exit status 2 on bad input.
 """
 
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clusters", type=int, required=True, help="Number of clusters k.")
     parser.add_argument("--out", required=True, help="New clustering directory.")
     parser.add_argument("--seed", type=int, default=0, help="k-means++ and SVD seed.")
+    parser.add_argument("--features", default="tfidf",
+                        help="tfidf, or hidden:<workdir> (the run's mean final hidden state).")
+    parser.add_argument("--hidden_tokens", type=int, default=128,
+                        help="hidden: tokens of each document embedded.")
     parser.add_argument("--max_features", type=int, default=4096, help="tf-idf vocabulary.")
     parser.add_argument("--svd_dims", type=int, default=64, help="Feature dimensions D.")
     parser.add_argument("--validation_fraction", type=float,
@@ -50,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = ClusterSpec(source=args.source, num_clusters=args.clusters, seed=args.seed,
                        max_features=args.max_features, svd_dims=args.svd_dims,
                        validation_fraction=args.validation_fraction,
-                       max_bytes_per_domain=args.max_bytes_per_domain)
+                       max_bytes_per_domain=args.max_bytes_per_domain,
+                       features=args.features, hidden_tokens=args.hidden_tokens)
     meta = cluster_corpus(spec, args.out, cache_dir=args.cache_dir)
     agreement = {split: {k: round(v, 4) for k, v in a.items() if isinstance(v, float)}
                  for split, a in meta["agreement"].items()}

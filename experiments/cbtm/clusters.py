@@ -1,13 +1,15 @@
 """A corpus clustering on disk, and the `cluster:<dir>:<i>` data source.
 
-`cluster_corpus(spec, out)` fits tf-idf features (`experiments.cbtm.features`) and
+`cluster_corpus(spec, out)` fits tf-idf features (`experiments.cbtm.features`; or uses
+a run's mean hidden states, `experiments.cbtm.hidden`) and
 balanced k-means (`experiments.cbtm.kmeans`) on the train split of a text source and
 writes, atomically (a temporary directory renamed into place):
 
 * `clusters.json`: the settings, the source and its split, the cluster sizes and the
   clusters' agreement with the source's domain labels (per split);
 * `centres.npy`: `[k, D] float32` cluster centres (in feature space);
-* `tfidf.npz`: the featuriser (vocabulary, idf, SVD components);
+* `tfidf.npz`: the featuriser (vocabulary, idf, SVD components), or `hidden.json` (the
+  run, checkpoint step and token count of `experiments.cbtm.hidden`);
 * `assignment.jsonl`: one line per document of both splits, `{"path", "split",
   "domain", "cluster"}`: the train documents as balanced k-means assigned them, the
   validation documents to their nearest centre.
@@ -31,6 +33,7 @@ import numpy as np
 
 from experiments.cbtm import kmeans
 from experiments.cbtm.features import TfidfFeatures, fit_tfidf
+from experiments.cbtm.hidden import HiddenFeatures, hidden_features
 from experiments.data import corpus
 from experiments.data.corpus import Record
 
@@ -39,7 +42,8 @@ CLUSTERS_FILE = "clusters.json"
 CENTRES_FILE = "centres.npy"
 FEATURES_FILE = "tfidf.npz"
 ASSIGNMENT_FILE = "assignment.jsonl"
-FILES = (CLUSTERS_FILE, CENTRES_FILE, FEATURES_FILE, ASSIGNMENT_FILE)
+HIDDEN_FILE = "hidden.json"
+FILES = (CLUSTERS_FILE, CENTRES_FILE, ASSIGNMENT_FILE)  # and FEATURES_FILE or HIDDEN_FILE
 SOURCE_PREFIX = "cluster:"
 
 
@@ -54,8 +58,13 @@ class ClusterSpec:
     svd_dims: int = 64
     validation_fraction: float = corpus.DEFAULT_VALIDATION_FRACTION
     max_bytes_per_domain: int = corpus.DEFAULT_MAX_BYTES_PER_DOMAIN
+    features: str = "tfidf"  # or 'hidden:<workdir>' (experiments.cbtm.hidden)
+    hidden_tokens: int = 128
 
     def __post_init__(self):
+        if self.features != "tfidf" and not self.features.startswith("hidden:"):
+            raise ValueError(f"--features must be 'tfidf' or 'hidden:<workdir>', got "
+                             f"{self.features!r}")
         if self.source.startswith(SOURCE_PREFIX) or self.source.startswith("shards:"):
             raise ValueError(f"--source {self.source!r}: cluster a text source ('embedded', "
                              f"'text:<glob>' or 'jsonl:<path>')")
@@ -70,7 +79,7 @@ class Clustering:
 
     directory: Path
     meta: dict[str, Any]
-    features: TfidfFeatures
+    features: TfidfFeatures | HiddenFeatures
     centres: np.ndarray
     assignment: dict[str, int]
 
@@ -113,8 +122,7 @@ def cluster_corpus(spec: ClusterSpec, out: str | Path, *, cache_dir: str | None 
     if len(train.records) < spec.num_clusters:
         raise ValueError(f"--clusters {spec.num_clusters} > the {len(train.records)} train "
                          f"documents of --source {spec.source!r}")
-    features = fit_tfidf([r["text"] for r in train.records], max_features=spec.max_features,
-                         svd_dims=spec.svd_dims, seed=spec.seed)
+    features = _fit_features(spec, [r["text"] for r in train.records])
     x_train = features.transform([r["text"] for r in train.records])
     centres, train_clusters = kmeans.balanced_kmeans(x_train, spec.num_clusters, seed=spec.seed)
     x_valid = features.transform([r["text"] for r in valid.records])
@@ -122,8 +130,9 @@ def cluster_corpus(spec: ClusterSpec, out: str | Path, *, cache_dir: str | None 
                       else np.zeros(0, np.int64))
     domains = train.domains
     meta = {"format_version": FORMAT_VERSION, "spec": dataclasses.asdict(spec),
-            "num_clusters": spec.num_clusters, "feature_dims": features.dims,
-            "vocabulary_size": len(features.vocabulary), "domains": domains,
+            "num_clusters": spec.num_clusters, "feature_dims": int(x_train.shape[1]),
+            "features_file": (FEATURES_FILE if isinstance(features, TfidfFeatures)
+                              else HIDDEN_FILE), "domains": domains,
             "sizes": {"train": np.bincount(train_clusters, minlength=spec.num_clusters).tolist(),
                       "validation": np.bincount(valid_clusters,
                                                 minlength=spec.num_clusters).tolist()},
@@ -142,7 +151,15 @@ def cluster_corpus(spec: ClusterSpec, out: str | Path, *, cache_dir: str | None 
     return meta
 
 
-def _write(out: Path, meta: dict[str, Any], features: TfidfFeatures, centres: np.ndarray,
+def _fit_features(spec: ClusterSpec, texts: list[str]) -> TfidfFeatures | HiddenFeatures:
+    if spec.features == "tfidf":
+        return fit_tfidf(texts, max_features=spec.max_features, svd_dims=spec.svd_dims,
+                         seed=spec.seed)
+    return hidden_features(spec.features.removeprefix("hidden:"), spec.hidden_tokens)
+
+
+def _write(out: Path, meta: dict[str, Any], features: TfidfFeatures | HiddenFeatures,
+           centres: np.ndarray,
            rows: list[dict[str, Any]]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp_"))
@@ -150,7 +167,7 @@ def _write(out: Path, meta: dict[str, Any], features: TfidfFeatures, centres: np
         (tmp / CLUSTERS_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         with open(tmp / CENTRES_FILE, "wb") as f:
             np.save(f, centres.astype(np.float32))
-        features.save(tmp / FEATURES_FILE)
+        features.save(tmp / meta["features_file"])
         with open(tmp / ASSIGNMENT_FILE, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.chmod(tmp, 0o755)
@@ -166,21 +183,24 @@ def load_clustering(directory: str | Path, *, what: str = "--clusters") -> Clust
     if not directory.is_dir():
         raise FileNotFoundError(f"{what} {str(directory)!r}: no such clustering directory "
                                 f"(make one with scripts/cluster_corpus.py)")
-    missing = [f for f in FILES if not (directory / f).is_file()]
+    meta = (json.loads((directory / CLUSTERS_FILE).read_text(encoding="utf-8"))
+            if (directory / CLUSTERS_FILE).is_file() else {})
+    features_file = meta.get("features_file", FEATURES_FILE)
+    missing = [f for f in (*FILES, features_file) if not (directory / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{what} {str(directory)!r} lacks {missing}: not a complete "
                                 f"clustering of scripts/cluster_corpus.py")
-    meta = json.loads((directory / CLUSTERS_FILE).read_text(encoding="utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{what} {str(directory)!r}: clustering format "
                          f"{meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    kind = HiddenFeatures if features_file == HIDDEN_FILE else TfidfFeatures
     assignment = {}
     with open(directory / ASSIGNMENT_FILE, encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             assignment[row["path"]] = int(row["cluster"])
     return Clustering(directory=directory, meta=meta,
-                      features=TfidfFeatures.load(directory / FEATURES_FILE),
+                      features=kind.load(directory / features_file),
                       centres=np.load(directory / CENTRES_FILE, allow_pickle=False),
                       assignment=assignment)
 

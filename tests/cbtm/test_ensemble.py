@@ -118,3 +118,19 @@ def test_bad_input_exits_2_with_one_line(seed_run, tiny_clusterings, capsys, arg
     code = script_main("ensemble_eval.py")(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_hidden_state_clustering_is_deterministic_and_refuses_bad_flags(seed_run, tmp_path):
+    # The paper's other featuriser: the run's mean final hidden state (d_model = 32).
+    spec = ClusterSpec(num_clusters=2, max_bytes_per_domain=300000,
+                       features=f"hidden:{seed_run}", hidden_tokens=16)
+    meta = cluster_corpus(spec, tmp_path / "a")
+    cluster_corpus(spec, tmp_path / "b")
+    assert meta["features_file"] == "hidden.json" and meta["feature_dims"] == 32
+    for name in ("assignment.jsonl", "centres.npy"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert load_clustering(tmp_path / "a").features.transform(["x = 1"]).shape == (1, 32)
+    with pytest.raises(ValueError, match="--features must be 'tfidf' or 'hidden:<workdir>'"):
+        ClusterSpec(features="bert")
+    with pytest.raises(FileNotFoundError, match="--features 'hidden:.*': no checkpoints/"):
+        cluster_corpus(ClusterSpec(features=f"hidden:{tmp_path}"), tmp_path / "c")
