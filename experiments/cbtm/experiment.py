@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from experiments.runtime import cli
 from experiments.train.resume_check import parse_bindings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +69,10 @@ class Plan:
 def _python(script: str, *args: str, env: dict[str, str]) -> None:
     command = [sys.executable, str(REPO / script), *args]
     print("+", " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO, env=env, check=True)
+    code = subprocess.run(command, cwd=REPO, env=env, check=False).returncode
+    if code != 0:  # the child printed its own error; rerunning the driver resumes
+        raise cli.CliError(f"{script} failed with exit status {code}; rerun the same "
+                           f"command to resume", exit_code=code)
 
 
 def _env(plan: Plan) -> dict[str, str]:
