@@ -99,6 +99,9 @@ def _agreement(labels: list[int], clusters: np.ndarray, sizes_in_bytes: list[int
     return {"documents": int(table.sum()),
             "adjusted_mutual_information": kmeans.adjusted_mutual_information(table),
             "purity": kmeans.purity(table),
+            "byte_purity": kmeans.purity(byte_table),
+            "byte_normalized_mutual_information":
+                kmeans.normalized_mutual_information(byte_table),
             "documents_per_domain_and_cluster": {d: table[i].tolist()
                                                  for i, d in enumerate(domains)},
             "bytes_per_domain_and_cluster": {d: byte_table[i].tolist()

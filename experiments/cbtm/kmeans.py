@@ -107,6 +107,13 @@ def mutual_information(table: np.ndarray) -> float:
     return float((table[nz] / n * np.log(n * table[nz] / outer[nz])).sum())
 
 
+def normalized_mutual_information(table: np.ndarray) -> float:
+    """MI / mean(H(labels), H(clusters)) (no chance correction: usable on weighted
+    tables, e.g. bytes); 1.0 when both are a single block."""
+    h = (_entropy(table.sum(1)) + _entropy(table.sum(0))) / 2.0
+    return 1.0 if h == 0.0 else float(mutual_information(table) / h)
+
+
 def expected_mutual_information(table: np.ndarray) -> float:
     """E[MI] of two clusterings with the table's margins under random permutation
     (Vinh et al. 2010), the correction term of the adjusted mutual information."""

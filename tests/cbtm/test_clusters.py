@@ -59,6 +59,10 @@ def test_agreement_metrics_on_hand_tables():
     mixed = kmeans.contingency([0, 0, 1, 1], [0, 1, 0, 1], 2, 2)  # independent
     assert kmeans.adjusted_mutual_information(mixed) < 0.01
     assert kmeans.purity(mixed) == 0.5
+    assert kmeans.normalized_mutual_information(perfect * 1000) == pytest.approx(1.0)
+    # Weighted by bytes: 9 of 10 bytes of cluster 0 are code -> purity (9 + 5) / 15.
+    weighted = np.array([[9, 0], [1, 5]])
+    assert kmeans.purity(weighted) == pytest.approx(14 / 15)
 
 
 def test_tfidf_idf_and_unknown_text():

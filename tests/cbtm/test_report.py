@@ -22,7 +22,8 @@ def _fake(plan: Plan, seed: int, dense: float, top1: float) -> None:
         (arm / "ensemble.json").write_text(json.dumps(result))
         clustering = plan.clustering(k, seed)
         clustering.mkdir(parents=True)
-        agreement = {"adjusted_mutual_information": 0.5 * (k - 1), "purity": 0.75}
+        agreement = {"adjusted_mutual_information": 0.5 * (k - 1), "purity": 0.75,
+                     "byte_purity": 0.9, "byte_normalized_mutual_information": 0.6}
         (clustering / "clusters.json").write_text(json.dumps({
             "agreement": {"train": agreement, "validation": agreement},
             "sizes": {"train": [10] * k}}))
@@ -39,7 +40,7 @@ def test_report_pairs_by_seed_and_keeps_the_hand_written_text(tmp_path):
     assert text.startswith("# Title\n\nprose\n\n") and text.endswith("\n\ntail\n")
     assert "old" not in text
     assert "| k2 top1 | -0.1100 ± 0.0100 (supported)" in text  # 11 SE below zero
-    assert "| 2 | 0.5000 ± 0.0000 (n=2) | 0.7500 ± 0.0000 (n=2)" in text
+    assert "| 2 | 0.5000 ± 0.0000 (n=2) | 0.7500 ± 0.0000 (n=2) | 0.9000 ± 0.0000 (n=2)" in text
     records = json.loads((docs / "cbtm.json").read_text())["records"]
     assert {"variant": "k1 (dense)", "seed": 0, "workdir": "k1/seed0",
             "valid_loss": {"code": 2.0, "prose": 2.0, "all": 2.0}} in records
