@@ -39,14 +39,27 @@ REPORTERS = {
 }
 
 
+# Experiments with their own driver (not a sweep of gin_configs/sweeps/).
+DRIVERS = {
+    "cbtm": lambda root, docs, report_only: (
+        ["scripts/cbtm_experiment.py", f"--root={root}/cbtm", f"--docs_dir={docs}"]
+        + (["--report_only"] if report_only else [])),
+}
+
+
 def experiment_names() -> list[str]:
-    """The sweeps of gin_configs/sweeps/, by name."""
-    return sorted(p.stem for p in SWEEPS.glob("*.gin"))
+    """The sweeps of gin_configs/sweeps/ and the experiments of DRIVERS, by name."""
+    return sorted([p.stem for p in SWEEPS.glob("*.gin")] + list(DRIVERS))
 
 
 def commands(name: str, root: str, docs_dir: str, *, report_only: bool = False,
              from_records: bool = False) -> list[list[str]]:
     """The scripts (paths from the repo root, with their arguments) that reproduce `name`."""
+    if name in DRIVERS:
+        if from_records:
+            raise ValueError(f"--from_records: experiment {name!r} has no committed records "
+                             f"to rewrite its report from; use --report_only")
+        return [DRIVERS[name](root, docs_dir, report_only)]
     sweep = f"gin_configs/sweeps/{name}.gin"
     if name.startswith("upcycling"):
         if report_only:

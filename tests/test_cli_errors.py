@@ -58,6 +58,8 @@ CASES = {
                           expected=("empty.jsonl", "no records")),
     "jsonl_missing": _train("DataConfig.source = 'jsonl:{missing}'",
                             expected=("missing.jsonl", "not a file")),
+    "cluster_missing": _train("DataConfig.source = 'cluster:{missing}:0'",
+                              expected=("DataConfig.source", "no such clustering directory")),
     "existing_workdir": _train("MoeLayer.k = 5", expected=("MoeLayer.k",), workdir="existing"),
     "workdir_is_a_file": Case("scripts/train.py", (TINY, "--workdir={afile}"),
                               ("afile", "is a file")),

@@ -25,9 +25,11 @@ _SEQIO_PREFIX = "seqio:"
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Attributes:
-      source: 'embedded', 'text:<glob>', 'jsonl:<path>', 'shards:<dir>' (made by
-        scripts/prepare_data.py; docs/data.md) or 'seqio:<task or mixture>' (needs
-        the `seqio` extra; see experiments/data/seqio_bridge.py).
+      source: 'embedded', 'text:<glob>', 'jsonl:<path>', 'cluster:<dir>:<i>' (cluster i
+        of scripts/cluster_corpus.py's clustering, train split; docs/cbtm.md),
+        'shards:<dir>' (made by scripts/prepare_data.py; docs/data.md) or
+        'seqio:<task or mixture>' (needs the `seqio` extra; see
+        experiments/data/seqio_bridge.py).
       seq_len: tokens per row.
       batch_size: rows per training step (split into micro-batches by the trainer).
       eval_batch_size: rows per evaluation batch.

@@ -8,7 +8,12 @@ A source is named by a string:
 * ``"text:<glob>"``: one document per file matching the glob (``**``
   recurses), all under one domain;
 * ``"jsonl:<path>"``: one document per non-blank line, a JSON object with a
-  text field and an optional domain field.
+  text field and an optional domain field;
+* ``"cluster:<dir>:<i>"``: the documents of cluster ``i`` of a clustering made by
+  ``scripts/cluster_corpus.py`` (:mod:`experiments.cbtm.clusters`) of one of the
+  above, in the train split; its validation split is the clustered source's whole
+  validation split (every branch is evaluated on the same documents), and its
+  domains are those of the clustered source.
 
 Every source yields :class:`experiments.data.corpus.Record` dicts and is split into
 train/validation by hashing each record's path
@@ -28,7 +33,7 @@ import gin
 from experiments.data import corpus
 from experiments.data.corpus import Record
 
-SOURCE_SCHEMES: tuple[str, ...] = ("embedded", "text", "jsonl")
+SOURCE_SCHEMES: tuple[str, ...] = ("embedded", "text", "jsonl", "cluster")
 DEFAULT_TEXT_DOMAIN = "text"
 
 
@@ -130,7 +135,8 @@ def parse_source(source: str) -> tuple[str, str]:
                          "source here ('embedded', 'text:<glob>' or 'jsonl:<path>')")
     if scheme not in SOURCE_SCHEMES:
         raise ValueError(
-            f"source must be 'embedded', 'text:<glob>' or 'jsonl:<path>', got {source!r}"
+            f"source must be 'embedded', 'text:<glob>', 'jsonl:<path>' or "
+            f"'cluster:<dir>:<i>', got {source!r}"
         )
     if scheme == "embedded" and sep and argument not in corpus.domain_names():
         raise ValueError(f"source 'embedded:<domain>' takes a domain of the embedded corpus "
@@ -154,6 +160,8 @@ def load_source(
     through gin on :func:`load_text_files` and :func:`load_jsonl`.
     """
     scheme, argument = parse_source(source)
+    if scheme == "cluster":
+        return _load_cluster(argument, cache_dir, max_bytes_per_domain)[0]
     if scheme == "embedded":
         records = corpus.load_corpus(
             cache_dir=cache_dir, max_bytes_per_domain=max_bytes_per_domain
@@ -192,14 +200,38 @@ def load_source_split(
     Domains are :data:`experiments.data.corpus.DOMAINS` for 'embedded' and the
     sorted distinct domains of all records (both splits) otherwise.
     """
-    records = load_source(
-        source, cache_dir=cache_dir, max_bytes_per_domain=max_bytes_per_domain
-    )
-    if parse_source(source)[0] == "embedded":
-        domains = corpus.domain_names()
+    scheme, argument = parse_source(source)
+    if scheme == "cluster":
+        records, domains = _load_cluster(argument, cache_dir, max_bytes_per_domain,
+                                         validation_fraction, filtered=split == "train")
     else:
-        domains = sorted({r["domain"] for r in records})
+        records = load_source(
+            source, cache_dir=cache_dir, max_bytes_per_domain=max_bytes_per_domain
+        )
+        domains = _domains(scheme, records)
     return SourceSplit(
         records=corpus.select_split(records, split, validation_fraction),
         domains=domains,
     )
+
+
+def _domains(scheme: str, records: list[Record]) -> list[str]:
+    if scheme == "embedded":
+        return corpus.domain_names()
+    return sorted({r["domain"] for r in records})
+
+
+def _load_cluster(argument: str, cache_dir: str | os.PathLike[str] | None,
+                  max_bytes_per_domain: int, validation_fraction: float | None = None,
+                  filtered: bool = True) -> tuple[list[Record], list[str]]:
+    """The records of a `cluster:<dir>:<i>` source (all of them unless `filtered`), and
+    the clustered source's domains."""
+    from experiments.cbtm import clusters  # pylint: disable=g-import-not-at-top
+
+    clustering, index = clusters.open_cluster_source(argument, validation_fraction)
+    records = load_source(clustering.source, cache_dir=cache_dir,
+                          max_bytes_per_domain=max_bytes_per_domain)
+    domains = _domains(parse_source(clustering.source)[0], records)
+    if filtered:
+        records = clusters.select_cluster(records, clustering, index, argument)
+    return records, domains
