@@ -91,6 +91,16 @@ def _plot_seed_mean(runs: dict[str, list[dict]], key: str, ylabel: str, path: Pa
     plt.close(fig)
 
 
+def budget_records(runs: dict[str, list[dict]], budget: float) -> list[dict]:
+    """One record per run whose `valid_loss` is its validation curve linearly
+    interpolated at `budget` training FLOPs (the protocol's paired verdicts then judge
+    the claims at equal FLOPs instead of equal steps)."""
+    return [{"variant": r["variant"], "seed": r["seed"], "workdir": r.get("workdir"),
+             "valid_loss": {"all": float(np.interp(budget, np.asarray(r["valid_flops"]),
+                                                   r["valid"]))}}
+            for rs in runs.values() for r in rs]
+
+
 def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file: str,
                  docs_dir: Path, window: int) -> Path:
     figures = docs_dir / sweep.name
@@ -102,8 +112,7 @@ def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file
     for variant, rs in runs.items():
         at_budget_train = [float(np.interp(budget, r["cum_flops"], smooth(r["ce"], window)))
                            for r in rs]
-        at_budget_valid = [float(np.interp(budget, np.asarray(r["valid_flops"]), r["valid"]))
-                           for r in rs]
+        at_budget_valid = [b["valid_loss"]["all"] for b in budget_records({variant: rs}, budget)]
         rows.append([f"`{variant}`", str(len(rs)),
                      protocol.mean_std([protocol.final_loss(r) for r in rs]),
                      protocol.mean_std([float(smooth(r["ce"], window)[-1]) for r in rs]),
@@ -131,7 +140,13 @@ def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file
     lines[4:4] = claims.status_lines(planned, records)
     if sweep.claims:
         lines += ["", "## The paper's claims", ""]
+        lines += ["### At equal steps (the final validation loss, step "
+                  f"{last})", ""]
         lines += claims.claim_lines(sweep.claims, records, sweep.claim_threshold)
+        lines += [f"### At equal training FLOPs (the validation loss at {budget / 1e9:.1f} "
+                  "GFLOPs, interpolated on each run's curve)", ""]
+        lines += claims.claim_lines(sweep.claims, budget_records(runs, budget),
+                                    sweep.claim_threshold)
     elif "evomoe" in runs and "switch_top1" in runs:
         paired = protocol.paired(records, "evomoe", "switch_top1")
         lines += ["", f"EvoMoE minus Switch, final validation loss, paired by seed: "

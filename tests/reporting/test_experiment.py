@@ -167,3 +167,27 @@ def test_every_committed_sweep_parses_for_every_variant():
             checked += 1
     gin.clear_config()
     assert checked >= 40  # calibration, evomoe, the balancing sweeps and their tiny versions
+
+
+def test_evomoe_claims_at_equal_flops_read_each_curve_at_the_budget():
+    # Two runs of `a` and `b`: validation at 100 and 300 GFLOPs. At a budget of 200
+    # GFLOPs each run's loss is the midpoint of its two evaluations, so `a` (3.0 -> 2.0:
+    # 2.5) is 0.5 below `b` (3.0 -> 3.0) at seed 0 and 0.3 below at seed 1.
+    from tests.helpers import REPO
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evomoe_report",
+                                                  REPO / "scripts" / "evomoe_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    def run(variant, seed, first, last):
+        return {"variant": variant, "seed": seed, "workdir": f"{variant}/seed{seed}",
+                "valid_flops": [100e9, 300e9], "valid": [first, last]}
+
+    runs = {"a": [run("a", 0, 3.0, 2.0), run("a", 1, 3.0, 2.4)],
+            "b": [run("b", 0, 3.0, 3.0), run("b", 1, 3.0, 3.0)]}
+    records = report.budget_records(runs, 200e9)
+    assert [r["valid_loss"]["all"] for r in records] == pytest.approx([2.5, 2.7, 3.0, 3.0])
+    text = "\n".join(claims.claim_lines([["a", "b"]], records, 3.0))
+    assert "a - b = -0.4000 ± 0.1000 (mean ± SE of 2 paired seeds)" in text
