@@ -61,7 +61,8 @@ def test_bad_options_are_named(make, match):
 
 def test_masked_lm_is_refused_for_decoders_mtp_and_unused_bindings():
     hook = MaskedLM(vocab_size=32)
-    decoder = TransformerLM(32, 16, 1, 2, 32, moe_every=0, rngs=nnx.Rngs(0))
+    decoder = nnx.eval_shape(lambda: TransformerLM(32, 16, 1, 2, 32, moe_every=0,
+                                                   rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="needs an encoder"):
         hook.check_model("model", decoder)
     with pytest.raises(ValueError, match="multi-token prediction"):
