@@ -25,7 +25,6 @@ from typing import Any
 
 import gin
 import numpy as np
-from flax import nnx
 
 from experiments.reporting.metrics import read_jsonl
 
@@ -40,7 +39,10 @@ COLUMNS = (("params", "params"), ("active_params", "active params / token"),
 
 def run_compute(workdir: Path) -> dict[str, float]:
     """The compute columns of one finished run (see the module docstring). Clears gin."""
-    from experiments.inference import restore  # the trainer's configurables, lazily
+    # Lazily: the sweep runner imports this module and must start fast (no jax).
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    from experiments.inference import restore  # pylint: disable=g-import-not-at-top
 
     try:
         restore.parse_run_config(workdir)

@@ -185,6 +185,7 @@ class TrainSetup:
 
     def __post_init__(self):
         check_names(self.hooks)
+        objective_lib.check_setup(self.config.objective, self.hooks)
 
     @property
     def vocab_size(self) -> int:

@@ -134,6 +134,13 @@ def objective_hooks(objective: str, *, seed: int, data: Any,
     return ()
 
 
+def check_setup(objective: str, hooks: Any) -> None:
+    """Refuses a hand-built `TrainSetup` whose hooks lack its objective's hook."""
+    if objective == "masked_lm" and not any(h.name == MASKED_LM_HOOK for h in hooks):
+        raise ValueError("train.objective = 'masked_lm' needs the MaskedLM step hook among "
+                         "the setup's hooks (TrainSetup.from_gin adds it)")
+
+
 def pad_id(data: Any) -> int:
     """The padding id of `data`'s (a `DataConfig`) tokenizer (0 for a SeqIO source)."""
     from experiments.data.tokenizers import make_tokenizer  # pylint: disable=g-import-not-at-top

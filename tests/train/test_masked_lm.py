@@ -14,7 +14,7 @@ from flax import nnx
 from experiments.reporting.metrics import read_jsonl
 from experiments.runtime import gin_utils
 from experiments.train.config import TrainSetup
-from experiments.train.objective import MaskedLM, objective_hooks
+from experiments.train.objective import MaskedLM, check_setup, objective_hooks
 from experiments.train.trainer import train
 from layers.transformer import TransformerLM
 from tests.helpers import REPO
@@ -53,6 +53,7 @@ def test_masking_selects_real_tokens_targets_them_and_is_a_function_of_the_step(
     (lambda: MaskedLM(mask_id=20, vocab_size=20), "MaskedLM.mask_id"),
     (lambda: objective_hooks("mlm", seed=0, data=None, vocab_size=lambda: 20),
      "train.objective"),
+    (lambda: check_setup("masked_lm", ()), "needs the MaskedLM step hook"),
 ])
 def test_bad_options_are_named(make, match):
     with pytest.raises(ValueError, match=match):
