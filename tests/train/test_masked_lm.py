@@ -1,7 +1,7 @@
 """The masked-LM objective (`train.objective = 'masked_lm'`, experiments/train/objective.py):
 the batch rewrite on a hand-built batch, its refusals, and a Soft MoE encoder
 (gin_configs/models/soft_moe_encoder.gin) trained 3 steps in the trainer, validated,
-checkpointed and resumed exactly."""
+checkpointed and resumed exactly, and refused by generation."""
 
 import dataclasses
 import shutil
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.inference.generate import load_generator
 from experiments.reporting.metrics import read_jsonl
 from experiments.runtime import gin_utils
 from experiments.train.config import TrainSetup
@@ -111,3 +112,8 @@ def test_soft_moe_encoder_trains_on_masked_lm_and_resumes_exactly(tmp_path):
     second = {r["step"]: r["loss"] for r in read_jsonl(resumed / "metrics.jsonl", "train")}
     assert second == pytest.approx(first, rel=1e-6)
     assert again["valid_loss"]["all"] == pytest.approx(summary["valid_loss"]["all"], rel=1e-6)
+    try:  # an encoder does not generate
+        with pytest.raises(ValueError, match="generation need a causal decoder"):
+            load_generator(workdir)
+    finally:
+        gin.clear_config()
