@@ -181,10 +181,15 @@ class MoeLayer(nnx.Module):
     def _token_choice(self, tokens: Array, decision: Routing, token_mask: Array, ffn,
                       capacity: int | None) -> tuple[Array, dict[str, Array]]:
         index, num_experts = decision.expert_index, self.num_experts
+        dispatch_index = index
+        if capacity is None and self.expert_parallel is None:
+            # Dropless: masked tokens (padding, tokens a skip router routed out) go to
+            # the sentinel group E, so they cost no expert rows (their output is 0).
+            dispatch_index = jnp.where(token_mask[:, None] > 0, index, num_experts)
         options = (contextlib.nullcontext() if self.expert_parallel is None
                    else ep_lib.use_options(self.expert_parallel))
         with options:
-            out = get_dispatch(self.dispatch)(tokens, index, decision.weights, ffn,
+            out = get_dispatch(self.dispatch)(tokens, dispatch_index, decision.weights, ffn,
                                               capacity=capacity, priority=decision.priority,
                                               mask=token_mask)
         counts = balance.expert_counts(index, num_experts, mask=token_mask)

@@ -28,8 +28,8 @@ computation: the executed tokens move to the front and loops over row tiles run 
 as many tiles as they fill (a dense FFN: `dense_rows`; the attention's queries,
 scores, values and output projection: `attention_rows`, keys and values are still
 projected for every token). A MoE block gets the skipped tokens masked out: they
-leave its routing statistics, but the dropless dispatch (`grouped_dispatch`) still
-gives masked tokens rows today, so a MoE FFN saves nothing yet (docs).
+leave its routing statistics and, dropless, its expert rows (`MoeLayer` sends masked
+tokens to the sentinel group E; a capacity dispatch keeps its buffer sizes).
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ class SkipBlock(TransformerBlock):
                 return dense_rows(self.ffn, h, gate > 0).astype(h.dtype), None
             return _gated(self.ffn(h), gate), None
         moe_mask = token_mask
-        if route_out:  # skipped tokens leave the routing (their rows: see the docstring)
+        if route_out:  # skipped tokens leave the routing and (dropless) the expert rows
             moe_mask = (gate > 0) if token_mask is None else (token_mask & (gate > 0))
         y, aux = self.ffn(h, mask=moe_mask, deterministic=deterministic, rng=rng,
                           router_state=router_state)

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_lib.run_sweep(subset, root, log=lambda m: print(m, file=sys.stderr, flush=True),
                             order=args.order)
     records = [sweep_lib.collect_run(sweep_lib.run_dir(root, sweep, variant, seed),
-                                     variant, seed, root=root)
+                                     variant, seed, root=root, compute=sweep.compute_columns)
                for variant, _ in sweep.runs() for seed in sweep.seeds
                if (sweep_lib.run_dir(root, sweep, variant, seed) / "summary.json").exists()]
     report = sweep_lib.write_report(sweep, records, args.sweep_file, Path(args.docs_dir))

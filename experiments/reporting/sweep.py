@@ -36,6 +36,7 @@ import gin
 import numpy as np
 
 from experiments.reporting import claims, progress, protocol
+from experiments.reporting import compute as compute_lib
 from experiments.reporting.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,6 +70,8 @@ class Sweep:
         loss than baseline", each judged in the report on the differences paired by
         seed at `claim_threshold` standard errors (`experiments.reporting.claims`).
       claim_threshold: standard errors a claim's paired difference must clear.
+      compute_columns: the report adds each variant's parameters and training /
+        realised FLOPs per step (`experiments.reporting.compute`).
     """
 
     gin_files: Sequence[str] = ()
@@ -84,6 +87,7 @@ class Sweep:
     smoothing: int = 10
     claims: Sequence[Sequence[str]] = ()
     claim_threshold: float = 3.0
+    compute_columns: bool = False
     name: str = ""
 
     def __post_init__(self):
@@ -271,9 +275,11 @@ class SweepRunError(RuntimeError):
         self.exit_code = 2 if result.returncode == 2 else 1
 
 
-def collect_run(workdir: Path, variant: str, seed: int, *, root: Path) -> dict[str, Any]:
+def collect_run(workdir: Path, variant: str, seed: int, *, root: Path,
+                compute: bool = False) -> dict[str, Any]:
     """Final numbers and curves of one finished run; its `workdir` is given relative
-    to the sweep root `root` (reports name no path of the machine they ran on)."""
+    to the sweep root `root` (reports name no path of the machine they ran on).
+    `compute`: with its parameters and FLOPs per step (`compute.run_compute`)."""
     summary = json.loads((workdir / "summary.json").read_text())
     metrics = workdir / "metrics.jsonl"
     train = read_jsonl(metrics, "train")
@@ -299,6 +305,8 @@ def collect_run(workdir: Path, variant: str, seed: int, *, root: Path) -> dict[s
     }
     if valid and all(r["step"] in cum_flops for r in valid):
         record["valid_flops"] = [cum_flops[r["step"]] for r in valid]
+    if compute:
+        record.update(compute_lib.run_compute(workdir))
     analysis = workdir / "analysis" / "routing.json"
     if analysis.exists():
         layers = json.loads(analysis.read_text())["layers"]
@@ -421,7 +429,8 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
     layers = sorted({layer for r in records for layer in r.get("routing", {})})
     header = (["variant", "valid loss"] + [f"valid {d}" for d in domains]
               + ["valid MaxVio", "batch MaxVio (train, last 50)", "seq MaxVio (train, last 50)"]
-              + [f"MI {layer} (bits)" for layer in layers] + ["wall s / run"])
+              + [f"MI {layer} (bits)" for layer in layers] + compute_lib.header(records)
+              + ["wall s / run"])
     rows = []
     for variant, runs in groups.items():
         row = [f"`{variant}`", mean_std([r["valid_loss"].get("all") for r in runs])]
@@ -431,6 +440,7 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
                 mean_std([r["train_sequence_max_violation"] for r in runs])]
         row += [mean_std([r.get("routing", {}).get(layer, {}).get("mi_bits") for r in runs])
                 for layer in layers]
+        row += compute_lib.cells(runs, records)
         row.append(mean_std([r["wall_seconds"] for r in runs]))
         rows.append(row)
 
@@ -458,7 +468,8 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
               "Valid MaxVio: over the whole validation pass, mean over MoE layers. Batch/seq "
               "MaxVio: the step's global counts / the mean over its sequences, mean over layers "
               "and over the last 50 training steps. MI: I(domain; expert) on the validation "
-              "data (`scripts/analyze_routing.py`).", ""]
+              "data (`scripts/analyze_routing.py`)." + compute_lib.NOTE * bool(
+                  compute_lib.header(records)), ""]
     if sweep.claims:
         lines += ["## The paper's claims", ""]
         lines += claims.claim_lines(sweep.claims, records, sweep.claim_threshold)

@@ -14,6 +14,7 @@ from experiments.data.config import DataConfig
 from experiments.runtime import distributed
 from experiments.runtime import mesh as mesh_lib
 from experiments.runtime.checkpoints import Checkpointer
+from experiments.train import objective as objective_lib
 from experiments.train import profiling
 from experiments.train.hooks import StepHook, check_names
 from experiments.train.loss_free import LossFreeBalancing
@@ -22,6 +23,7 @@ from experiments.train.mola import mola_lm  # noqa: F401  (gin: train.model_cls 
 from experiments.train.phases import PhasePlan
 from experiments.train.train_step import LossWeights
 from layers.transformer import TransformerLM
+from moe.validation import check_one_of
 
 
 class _Moved:
@@ -72,6 +74,8 @@ class TrainConfig:
         or an unlisted device).
       hooks: further step hooks (`experiments.train.hooks.StepHook`), run after
         the loss-free and EvoMoE ones.
+      objective: 'next_token' (decoders) or 'masked_lm' (encoders:
+        `experiments.train.objective`, options `MaskedLM.*`).
       profile_steps: 'N:M' writes a jax profiler trace of steps N..M (inclusive)
         into the run's TensorBoard directory (`experiments.train.profiling`);
         None: no trace.
@@ -94,6 +98,7 @@ class TrainConfig:
     peak_tflops: float | None = None
     hooks: Sequence[StepHook] = ()
     profile_steps: str | None = None
+    objective: str = "next_token"
     checkpoint_every: Any = _MOVED_CHECKPOINT_EVERY
     max_to_keep: Any = _MOVED_MAX_TO_KEEP
     async_checkpoints: Any = _MOVED_ASYNC
@@ -119,6 +124,7 @@ class TrainConfig:
         if self.max_skipped_steps < 0:
             raise ValueError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         profiling.parse_profile_steps(self.profile_steps, num_steps=self.num_steps)
+        check_one_of("train.objective", self.objective, objective_lib.OBJECTIVES)
         object.__setattr__(self, "hooks", tuple(self.hooks))
 
 
@@ -180,6 +186,7 @@ class TrainSetup:
 
     def __post_init__(self):
         check_names(self.hooks)
+        objective_lib.check_setup(self.config.objective, self.hooks)
 
     @property
     def vocab_size(self) -> int:
@@ -192,10 +199,13 @@ class TrainSetup:
         override `TrainConfig` fields (e.g. `quiet=True`). Starts jax.distributed
         first when the environment asks for it (the mesh needs every device)."""
         distributed.initialize_distributed()
-        config = TrainConfig(**config_changes)
-        return cls(config=config, data=DataConfig(), loss_weights=LossWeights(),
+        config, data = TrainConfig(**config_changes), DataConfig()
+        objective = objective_lib.objective_hooks(
+            config.objective, seed=config.seed, data=data,
+            vocab_size=lambda: model_vocab_size(config, data))
+        return cls(config=config, data=data, loss_weights=LossWeights(),
                    sharding=mesh_lib.Sharding(), checkpointer=Checkpointer,
-                   hooks=default_hooks(config))
+                   hooks=default_hooks(config) + objective)
 
 
 def default_hooks(config: TrainConfig) -> tuple[StepHook, ...]:

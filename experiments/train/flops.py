@@ -10,7 +10,9 @@ Counts matmul FLOPs (2 per multiply-add) of one forward pass and multiplies by
     4 x S x heads x head_dim per layer;
   * routed experts pay per row they actually process: 2 x (expert weights)
     per row. Capacity dispatch processes E x C rows whatever the routing;
-    dropless top-k T x k rows (T x E for the einsum reference); the
+    dropless top-k T x k rows (T x E for the einsum reference; T counts padding,
+    which `MoeLayer` now sends to the sentinel group, so with padding this
+    over-counts by k rows per padding position); the
     expert-parallel dispatch (`Sharding.configure_dispatch`) every (shard,
     expert) buffer in full, or T x k rows in its ragged modes; the EvoMoE
     dense-to-sparse gate one row per active (token, expert) pair, read from

@@ -4,7 +4,7 @@ A step hook is one class (docs/training.md, "Step hooks", has a worked example).
 trainer calls, for every optimizer step `step` (1-based):
 
   lines = hook.messages(step, state)                           # printed before the step
-  batch = hook.before_step(step, batch)                       # e.g. test fault injection
+  batch = hook.before_step(step, batch)                       # e.g. masked-LM masks
   router_state = merge of hook.router_state(step, state, ctx)  # per-step router inputs
   ... the train step runs with `router_state` ...
   state, train = hook.after_step(step, state, train, metrics, ctx)
@@ -118,6 +118,12 @@ class StepHook:
         del step
         return batch
 
+    def eval_batch(self, index: int, batch: Batch) -> Batch:
+        """Validation batch `index` as the run evaluates it (rewritten once, before the
+        first evaluation; e.g. the masked-LM masks, `experiments.train.objective`)."""
+        del index
+        return batch
+
     def router_state(self, step: int, state: HookState, ctx: HookContext, *,
                      for_eval: bool = False) -> RouterState:
         """Router inputs of step `step` (or, `for_eval`, of an evaluation after step - 1)."""
@@ -178,6 +184,16 @@ def router_state(hooks: Sequence[StepHook], states: Mapping[str, HookState], ste
     for hook in hooks:
         merged = merged.merge(hook.router_state(step, states[hook.name], ctx, for_eval=for_eval))
     return merged
+
+
+def eval_batches(hooks: Sequence[StepHook], batches: Sequence[Batch]) -> list[Batch]:
+    """The validation batches after every hook's `eval_batch`, in hook order."""
+    out = []
+    for index, batch in enumerate(batches):
+        for hook in hooks:
+            batch = hook.eval_batch(index, batch)
+        out.append(batch)
+    return out
 
 
 def messages(hooks: Sequence[StepHook], states: Mapping[str, HookState], step: int) -> list[str]:

@@ -103,7 +103,7 @@ class _Inputs(NamedTuple):
     def build(cls, setup: TrainSetup) -> _Inputs:
         schedule = learning_rate_schedule(setup.config.num_steps)
         return cls(schedule, Runtimes(setup, make_optimizer(schedule)),
-                   sharded_data.eval_batches(setup.data),
+                   hooks_lib.eval_batches(setup.hooks, sharded_data.eval_batches(setup.data)),
                    sharded_data.make_sharded_train_iterator(setup.data, setup.config.seed))
 
 

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from layers import ExpertChoiceRouter, MoeLayer, TopKRouter, logical_axes_of
+from moe.dispatch import dispatchers
 
 D_MODEL, D_FF, E, K = 16, 24, 4, 2
 
@@ -82,6 +83,47 @@ def test_padding_is_excluded_from_statistics_and_output():
     assert float(aux.num_tokens) == 9
     assert float(jnp.sum(aux.counts)) == K * 9
     np.testing.assert_array_equal(y[1, 3:], 0.0)
+
+
+@pytest.mark.parametrize("dispatch", ["sort", "ragged_dot", "einsum"])
+def test_dropless_padding_costs_no_rows_and_leaves_real_tokens_alone(dispatch, monkeypatch):
+    """Dropless: padded tokens go to the sentinel group (no expert rows, output 0). The
+    real tokens' outputs, counts, losses and parameter gradients equal those of the
+    same tokens in an unpadded batch (row 1 of the padded batch: 2 real tokens, then
+    2 of padding; the unpadded batch holds the 6 real tokens as one row)."""
+    sizes, real_layout = [], dispatchers.sorted_layout
+
+    def recording_layout(index, num_experts):
+        layout, group_sizes = real_layout(index, num_experts)
+        jax.debug.callback(lambda g: sizes.append(np.asarray(g)), group_sizes)
+        return layout, group_sizes
+
+    monkeypatch.setattr(dispatchers, "sorted_layout", recording_layout)
+    x = _x(7, (2, 4, D_MODEL))
+    mask = jnp.ones((2, 4)).at[1, 2:].set(0)
+    real_x = jnp.concatenate([x[0], x[1, :2]])[None]  # [1, 6, d]
+    layer = _layer(dispatch=dispatch, router_options=dict(normalize=True))
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    def loss(params, x, mask):
+        y, aux = nnx.merge(graphdef, params)(x, mask=mask)
+        weights = jnp.ones(x.shape[:2]) if mask is None else mask
+        return jnp.sum(jnp.sin(y) * weights[..., None]) + aux.lbl + aux.z_loss, (y, aux)
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (padded, (y, aux)), grads = value_and_grad(params, x, mask)
+    (plain, (y_real, aux_real)), grads_real = value_and_grad(params, real_x, None)
+    np.testing.assert_array_equal(y[1, 2:], 0.0)
+    np.testing.assert_allclose(jnp.concatenate([y[0], y[1, :2]]), y_real[0], atol=1e-6)
+    np.testing.assert_allclose(padded, plain, rtol=1e-6)
+    for name in ("counts", "kept_counts", "lbl", "z_loss", "mean_probs", "active_experts",
+                 "dropped_fraction", "max_violation", "num_tokens"):
+        np.testing.assert_allclose(getattr(aux, name), getattr(aux_real, name), rtol=1e-6,
+                                   err_msg=name)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_real)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    if dispatch != "einsum":  # the realised rows: k per real token, none for padding
+        assert sizes and all(int(s.sum()) == K * 6 for s in sizes), sizes
 
 
 def test_router_is_float32_with_bf16_params_and_activations():

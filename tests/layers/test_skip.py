@@ -11,9 +11,11 @@ import pytest
 from flax import nnx
 
 from experiments.train.flops import flop_counter
+from layers.attention import attention_mask
 from layers.moe_layer import MoeLayer
 from layers.skip import SkipBlock
 from layers.transformer import TransformerLM
+from moe.dispatch import dispatchers
 
 RUN, SKIP = 1e4, -1e4  # router biases that saturate sigmoid to exactly 1 / 0
 # 2 layers, d = 16, 2 heads of 8: layer_0 dense (d_ff 32), layer_1 MoE (E = 4, k = 2,
@@ -117,6 +119,45 @@ def test_routed_out_inference_equals_masking_on_mixed_decisions():
              for layer in ("layer_0", "layer_1") for module in ("attention", "ffn")]
     assert all(0 < r < 1 for r in rates), rates
     np.testing.assert_allclose(out["route_out"][0], out["mask"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_routed_out_moe_block_costs_no_expert_rows(monkeypatch):
+    """unit='ffn', inference on the padded hand-built batch (5 real tokens), layer_1's
+    MoE router at bias 0 with a large kernel (mixed decisions): a skipped token leaves
+    layer_1 as exactly its residual (input + attention), and the dropless dispatch's
+    group sizes hold k rows per executed real token only (no row for skipped tokens
+    nor padding)."""
+    sizes, real_layout = [], dispatchers.sorted_layout
+
+    def recording_layout(index, num_experts):
+        layout, group_sizes = real_layout(index, num_experts)
+        jax.debug.callback(lambda g: sizes.append(np.asarray(g)), group_sizes)
+        return layout, group_sizes
+
+    monkeypatch.setattr(dispatchers, "sorted_layout", recording_layout)
+    model = _skip_model("ffn", {("layer_0", "ffn_router"): RUN}, init_bias=0.0)
+    model.layer_1.ffn_router.kernel[...] *= 100.0
+    x = jax.random.normal(jax.random.key(6), (2, 4, 16))
+    real = SEGMENTS > 0
+
+    @nnx.jit
+    def run(block, x):
+        positions = jnp.broadcast_to(jnp.arange(4), (2, 4))
+        mask = attention_mask(SEGMENTS, causal=True)
+        out, aux = block(x, positions=positions, mask=mask, token_mask=real,
+                         deterministic=True, rng=None)
+        residual = x + block.attention(block.attention_norm(x), positions=positions,
+                                       mask=mask, causal=True)
+        return out, aux.counts, residual, block.ffn_router(block.ffn_norm(residual)) > 0
+
+    out, counts, residual, gate = map(np.asarray, run(model.layer_1, x))
+    executed = gate & np.asarray(real)
+    skipped = ~gate & np.asarray(real)
+    assert executed.sum() and skipped.sum(), executed  # mixed decisions among real tokens
+    np.testing.assert_array_equal(out[skipped], residual[skipped])
+    assert not np.allclose(out[executed], residual[executed])
+    assert [int(s.sum()) for s in sizes] == [2 * int(executed.sum())]
+    assert counts.sum() == 2 * executed.sum()  # counts: executed tokens
 
 
 def test_straight_through_gradients_reach_the_routers_and_the_budget():

@@ -210,3 +210,31 @@ def test_load_sampler_samples_while_the_block_runs():
     with sweep_lib.LoadSampler(interval=0.01) as load:
         time.sleep(0.1)
     assert len(load.samples) >= 4 and load.mean() >= 0.0
+
+
+def test_compute_columns_read_the_model_and_the_second_half_of_the_logged_flops(tmp_path):
+    """A run whose config.gin builds a 1-layer dense model of vocabulary 10, 4 logged
+    steps: FLOPs 100 each, realised 90 at steps 1-2 and 60 at steps 3-4 (the second half,
+    averaged). A run without realised FLOPs reports its training FLOPs as realised."""
+    from flax import nnx
+
+    from layers.transformer import TransformerLM
+
+    workdir = tmp_path / "demo" / "x" / "seed0"
+    _fake_run(workdir, 1.0, 0.1)
+    (workdir / "config.gin").write_text(
+        "TransformerLM.d_model = 16\nTransformerLM.num_layers = 1\nTransformerLM.num_heads = 2\n"
+        "TransformerLM.d_ff = 32\nTransformerLM.moe_every = 0\ntrain.vocab_size = 10\n")
+    steps = [{"step": s, "split": "train", "loss": 1.0, "flops": 100.0,
+              "realised_flops": 90.0 if s <= 2 else 60.0} for s in (1, 2, 3, 4)]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    record = sweep_lib.collect_run(workdir, "x", 0, root=tmp_path, compute=True)
+    params = nnx.eval_shape(lambda: TransformerLM(10, 16, 1, 2, 32, moe_every=0,
+                                                  rngs=nnx.Rngs(0))).param_count()
+    assert record["params"] == record["active_params"] == params
+    assert record["train_flops_per_step"] == 100.0 and record["realised_flops_per_step"] == 60.0
+    plain = dict(record, variant="y", realised_flops_per_step=100.0)
+    report = sweep_lib.write_report(_sweep(variants={"x": {}, "y": {}}), [record, plain],
+                                    "demo.gin", tmp_path / "docs", plots=False).read_text()
+    assert "params | active params / token | train FLOPs / step | realised FLOPs / step" in report
+    assert f"| {params} | {params} | 100 | 60 |" in report
