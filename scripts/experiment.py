@@ -15,7 +15,8 @@ progress line gives the runs done of the whole sweep and the ETA.
 The report writer is the experiment's own where it has one (`evomoe`:
 scripts/evomoe_report.py; `calibration`: scripts/calibration_report.py;
 `upcycling`: scripts/upcycling_sweep.py, which also trains its runs and writes the
-summary NAME.json and plot NAME.png that the hand-written report cites), else the
+summary NAME.json and plot NAME.png that the hand-written report cites; the
+experiments of `DRIVERS`: their driver trains, converts and reports), else the
 sweep report of scripts/sweep.py. `--report_only` rewrites the report from the
 finished runs; `--from_records` from the records committed beside the report
 (no runs needed; sweep-report experiments only).
@@ -37,6 +38,10 @@ REPORTERS = {
                                          f"--docs_dir={docs}"],
     "calibration": lambda sweep, root, docs: ["scripts/calibration_report.py", f"--root={root}"],
 }
+# Experiments run by their own driver: it trains and converts what is missing, then writes
+# the report, its records (docs/experiments/NAME/records.json) and its plot.
+DRIVERS = {"efficientscale": "scripts/efficientscale_sweep.py",
+           "tomoe_pruning": "scripts/tomoe_sweep.py"}
 
 
 def experiment_names() -> list[str]:
@@ -48,6 +53,10 @@ def commands(name: str, root: str, docs_dir: str, *, report_only: bool = False,
              from_records: bool = False) -> list[list[str]]:
     """The scripts (paths from the repo root, with their arguments) that reproduce `name`."""
     sweep = f"gin_configs/sweeps/{name}.gin"
+    if name in DRIVERS:
+        mode = (["--from_records"] if from_records else
+                [f"--root={root}/{name}"] + (["--report_only"] if report_only else []))
+        return [[DRIVERS[name], f"--sweep_gin={sweep}", f"--docs_dir={docs_dir}", *mode]]
     if name.startswith("upcycling"):
         if report_only:
             raise ValueError("--report_only: the upcycling driver trains the runs that are "
