@@ -177,11 +177,13 @@ def efficientscale_plot(records: Sequence[Record], path: Path, n_steps: int) -> 
         for ax, xs in ((axes[0], steps), (axes[1], flops)):
             ax.plot(xs, losses.mean(0), marker=".", lw=1.2, label=label)
             ax.fill_between(xs, losses.min(0), losses.max(0), alpha=0.15)
+    late = [p[-1] for r in records for p in r["valid_curve"] if p[0] >= n_steps]
     axes[0].axvline(n_steps, color="gray", ls=":", lw=1)
     for ax, xlabel in ((axes[0], "step"), (axes[1], "cumulative training FLOPs")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/byte)")
-        ax.set_ylim(top=2.6)
+        if late:  # the early, steep part of the curves would flatten the comparison
+            ax.set_ylim(top=max(late) + 0.1)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"EfficientScale on the research preset, mean over seeds (band: min..max); "
@@ -253,8 +255,17 @@ def tomoe_markdown(records: Sequence[Record], planned: Sequence[tuple[str, int]]
         "(`DataConfig.eval_batches`), nats/byte.", "",
         "Claims (ToMoE reaches a lower loss than static pruning at the same fraction):", ""]
     lines += claims_lib.claim_lines(tomoe_claims(records), records, THRESHOLD)
-    lines += ["## Results", ""]
-    lines += protocol.variant_table(records, "dense", THRESHOLD)
+    lines += ["## Results", "", "| variant | f | seeds | valid loss (mean ± SE) | minus `dense` "
+              "(paired, mean ± SE) |", "|---|---|---|---|---|"]
+    for variant, seeds in protocol.by_variant(records).items():
+        rs = list(seeds.values())
+        diff = "-"
+        if variant != "dense" and "dense" in seeds_of(records):
+            p = protocol.paired(records, variant, "dense")
+            diff = f"{p.mean:+.4f} ± {p.se:.4f} (n={p.n})" if p.n >= 2 else f"n={p.n}"
+        lines.append(f"| `{variant}` | {rs[0]['fraction']:g} | {len(rs)} | "
+                     f"{protocol.format_mean_se([protocol.final_loss(r) for r in rs])} | "
+                     f"{diff} |")
     lines += ["", "Per conversion:", "", "| variant | seed | valid loss | relative MLP error "
               "per layer | workdir |", "|---|---|---|---|---|"]
     for r in records:
@@ -274,6 +285,14 @@ def tomoe_markdown(records: Sequence[Record], planned: Sequence[tuple[str, int]]
     if not fractions:
         lines.append("- no conversion finished yet.")
     return "\n".join(lines) + "\n"
+
+
+def seeds_of(records: Sequence[Record]) -> dict[str, set[int]]:
+    """`{variant: seeds}` of the records."""
+    out: dict[str, set[int]] = {}
+    for r in records:
+        out.setdefault(r["variant"], set()).add(r["seed"])
+    return out
 
 
 def tomoe_plot(records: Sequence[Record], path: Path) -> None:
