@@ -148,7 +148,8 @@ def collect(root: Path, seeds: list[int], n: int) -> list[dict]:
             records.append(r)
         records.append(base)
         if (d / "scratch" / "summary.json").exists():
-            records.append(_record(d / "scratch", "scratch", seed, root))
+            records.append(dict(_record(d / "scratch", "scratch", seed, root),
+                                reused=(d / "scratch").is_symlink()))
     order = {v: i for i, v in enumerate(se.ES_VARIANTS)}
     return sorted(records, key=lambda r: (order[r["variant"]], r["seed"]))
 

@@ -93,7 +93,8 @@ def collect(root: Path, seeds: list[int]) -> list[dict]:
             workdir = f"seed{seed}/{name}"
             records.setdefault(("dense", seed), {
                 "variant": "dense", "seed": seed, "workdir": f"seed{seed}/dense",
-                "method": "dense", "fraction": 1.0, "valid_loss": {"all": v["dense_loss"]}})
+                "method": "dense", "fraction": 1.0, "valid_loss": {"all": v["dense_loss"]},
+                "reused": (root / f"seed{seed}" / "dense").is_symlink()})
             static = se.variant_name("static", f)
             if (static, seed) not in records:
                 records[(static, seed)] = {

@@ -44,6 +44,16 @@ def read_records(path: Path) -> list[Record]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def reused_line(records: Sequence[Record], variant: str) -> list[str]:
+    """A sentence naming the seeds of `variant` whose run was linked, not trained, here."""
+    seeds = sorted(r["seed"] for r in records if r["variant"] == variant and r.get("reused"))
+    if not seeds:
+        return []
+    return [f"The `{variant}` runs of seeds {seeds} are earlier runs of exactly this "
+            "configuration (the calibration's preset runs, also used by "
+            "docs/experiments/evomoe.md), linked into the sweep root instead of retrained.", ""]
+
+
 def _verdict(records: Sequence[Record], variant: str, baseline: str) -> protocol.Verdict | None:
     have = {r["variant"] for r in records}
     if variant not in have or baseline not in have:
@@ -116,11 +126,14 @@ def efficientscale_markdown(records: Sequence[Record], planned: Sequence[tuple[s
         "size (d_model 128, 4 heads of 32, d_ff 512), then scale-out (`scripts/upcycle.py`: "
         "every layer 8 experts of d_ff 256 = G = 2 virtual groups of 4 copies, top-2 "
         "softmax-then-top-k as in the preset, virtual-group router, a^(1/2) weight scaling): "
-        f"the preset MoE's shapes; trained from step {n_steps} to {n_steps + m_steps} (fresh "
-        "AdamW moments, the schedule continues);",
+        f"the preset MoE's shapes (only the norm epsilon differs: halved by the exact d_model "
+        f"growth); trained from step {n_steps} to {n_steps + m_steps} (fresh AdamW moments, "
+        "the schedule continues);",
         "- `small_e8`: the same checkpoint upcycled directly with the same recipe (8 experts "
         f"of d_ff 128 at d_model 64), trained to {n_steps + m_steps};",
-        f"- `scratch`: the preset MoE trained from scratch {n_steps + m_steps} steps.", "",
+        f"- `scratch`: the preset MoE trained from scratch {n_steps + m_steps} steps.", ""]
+    lines += reused_line(records, "scratch")
+    lines += [
         "Claims (final validation loss, paired by seed):", ""]
     lines += claims_lib.claim_lines(ES_CLAIMS, records, THRESHOLD)
     lines += ["## Results", ""]
@@ -250,7 +263,9 @@ def tomoe_markdown(records: Sequence[Record], planned: Sequence[tuple[str, int]]
         f"{config['data_batches']} training batches recorded (at most "
         f"{config['max_tokens']} tokens);",
         "- `tomoe_e<E>_f<pct>_untrained`: the same partition with the initial random router "
-        "(0 steps): what the router training adds.", "",
+        "(0 steps): what the router training adds.", ""]
+    lines += reused_line(records, "dense")
+    lines += [
         f"Loss: the {config['verify_batches']} validation batches of the preset "
         "(`DataConfig.eval_batches`), nats/byte.", "",
         "Claims (ToMoE reaches a lower loss than static pruning at the same fraction):", ""]

@@ -87,7 +87,9 @@ def test_efficientscale_collect_joins_the_small_models_history_to_the_upcycled_r
     (d / "grown_dense").mkdir()
     (d / "grown_dense" / "scale_up.json").write_text(json.dumps(
         {"verify": {"source_loss": 2.5, "grown_loss": 2.5, "max_abs_logit_diff": 1e-6}}))
-    _finish(d / "scratch", {2: 2.4, 4: 1.8}, 20.0)
+    # scratch: an earlier run of the same config linked into the root (reported as such).
+    _finish(tmp_path / "earlier_run", {2: 2.4, 4: 1.8}, 20.0)
+    (d / "scratch").symlink_to(tmp_path / "earlier_run")
     records = script.collect(tmp_path, [0, 1], 2)
     assert [r["variant"] for r in records] == ["grown_e8", "scratch", "small_dense"]
     grown = records[0]
@@ -98,6 +100,9 @@ def test_efficientscale_collect_joins_the_small_models_history_to_the_upcycled_r
                               "grow_max_abs_logit_diff": 1e-6}
     assert grown["workdir"] == "seed0/grown_e8"
     assert records[1]["flops_per_step"] == [[0, 20.0]]
+    assert records[1]["reused"] and records[1]["workdir"] == "seed0/scratch"
+    assert "The `scratch` runs of seeds [0] are earlier runs of exactly this configuration" \
+        in se.efficientscale_markdown(records, [], n_steps=2, m_steps=2, command="CMD")
 
 
 def _tomoe_json(out, dense, moe, static, errors=(0.1, 0.2)):
