@@ -237,6 +237,13 @@ def tomoe_claims(records: Sequence[Record]) -> list[tuple[str, str]]:
     return out
 
 
+def ablation_claims(records: Sequence[Record]) -> list[tuple[str, str]]:
+    """(trained ToMoE variant, the same with the untrained router) where both ran."""
+    names = {r["variant"] for r in records}
+    return [(n.removesuffix("_untrained"), n) for n in sorted(names)
+            if n.endswith("_untrained") and n.removesuffix("_untrained") in names]
+
+
 def tomoe_markdown(records: Sequence[Record], planned: Sequence[tuple[str, int]], *,
                    config: dict[str, Any], command: str) -> str:
     """The report (markdown) of the tomoe_pruning experiment."""
@@ -270,6 +277,10 @@ def tomoe_markdown(records: Sequence[Record], planned: Sequence[tuple[str, int]]
         "(`DataConfig.eval_batches`), nats/byte.", "",
         "Claims (ToMoE reaches a lower loss than static pruning at the same fraction):", ""]
     lines += claims_lib.claim_lines(tomoe_claims(records), records, THRESHOLD)
+    if ablation_claims(records):
+        lines += ["Ablation (the learned router against the same partition with its random "
+                  "initial router):", ""]
+        lines += claims_lib.claim_lines(ablation_claims(records), records, THRESHOLD)[2:]
     lines += ["## Results", "", "| variant | f | seeds | valid loss (mean ± SE) | minus `dense` "
               "(paired, mean ± SE) |", "|---|---|---|---|---|"]
     for variant, seeds in protocol.by_variant(records).items():

@@ -126,6 +126,7 @@ def test_tomoe_collect_reads_static_once_per_fraction_and_refuses_disagreement(t
     assert records[1]["workdir"] == "seed0/tomoe_e8_f50"
     assert records[2]["layer_errors"] == {"layer_0": 0.1, "layer_1": 0.2}
     assert se.tomoe_claims(records) == [("tomoe_e8_f50", "static_f50")]
+    assert se.ablation_claims(records) == [("tomoe_e8_f50", "tomoe_e8_f50_untrained")]
     _tomoe_json(d / "tomoe_e16_f50", 1.5, 1.6, 1.95)
     with pytest.raises(ValueError, match="static pruning loss 1.95 differs"):
         script.collect(tmp_path, [0])
