@@ -12,6 +12,7 @@ the dense MLP; with k of E selected, the MLP restricted to those groups.
   check_groups          a partition of range(f) into E equal groups, or an error
   partition_ffn         the dense FFN's weights as stacked experts `[E, ...]`
   magnitude_keep        static structural pruning by weight magnitude (the baseline)
+  prune_units           the dense FFN cut to the kept hidden units
   straight_through_mask the differentiable top-k mask: hard top-k forward,
                         sigmoid((z + noise) / tau) backward
   active_penalty        (mean soft-mask fraction - target)^2: drives the number of
@@ -126,6 +127,19 @@ def magnitude_keep(ffn: Mapping[str, Any], keep: int) -> np.ndarray:
     if "wi_gate" in ffn:
         score = score * np.linalg.norm(np.asarray(ffn["wi_gate"]), axis=0)
     return np.sort(np.argsort(-score, kind="stable")[:keep])
+
+
+def prune_units(ffn: Mapping[str, Any], units: np.ndarray) -> dict[str, np.ndarray]:
+    """Dense FFN weights `{wi [d, f], wi_gate? [d, f], wo [f, d]}` cut to the hidden units
+    `units` `[f']` int (e.g. `magnitude_keep`'s): `{wi [d, f'], wi_gate? [d, f'], wo [f', d]}`.
+    Keeping every unit in order is the identity."""
+    unknown = set(ffn) - set(_IN) - {_OUT}
+    if unknown:
+        raise ValueError(f"static pruning does not know the dense FFN parameters "
+                         f"{sorted(unknown)}")
+    units = np.asarray(units)
+    return {name: (np.asarray(w)[units] if name == _OUT else np.asarray(w)[:, units])
+            for name, w in ffn.items()}
 
 
 def straight_through_mask(logits: Array, k: int, tau: float, noise: Array | None = None,

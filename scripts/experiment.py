@@ -15,7 +15,8 @@ progress line gives the runs done of the whole sweep and the ETA.
 The report writer is the experiment's own where it has one (`evomoe`:
 scripts/evomoe_report.py; `calibration`: scripts/calibration_report.py;
 `upcycling`: scripts/upcycling_sweep.py, which also trains its runs and writes the
-summary NAME.json and plot NAME.png that the hand-written report cites), else the
+summary NAME.json and plot NAME.png that the hand-written report cites; the
+experiments of `DRIVERS`: their driver trains, converts and reports), else the
 sweep report of scripts/sweep.py. `--report_only` rewrites the report from the
 finished runs; `--from_records` from the records committed beside the report
 (no runs needed; sweep-report experiments only).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from experiments.runtime import cli
@@ -37,29 +39,49 @@ REPORTERS = {
                                          f"--docs_dir={docs}"],
     "calibration": lambda sweep, root, docs: ["scripts/calibration_report.py", f"--root={root}"],
 }
+# Experiments run by their own driver: it trains and converts what is missing, then writes
+# the report (and, for the sweep-gin drivers, its records docs/experiments/NAME/records.json
+# and its plot). Each entry: (name, root, docs_dir, report_only, from_records) -> command.
+DriverCommand = Callable[[str, str, str, bool, bool], list[str]]
 
 
-# Experiments with their own driver (not a sweep of gin_configs/sweeps/).
-DRIVERS = {
-    "cbtm": lambda root, docs, report_only: (
-        ["scripts/cbtm_experiment.py", f"--root={root}/cbtm", f"--docs_dir={docs}"]
-        + (["--report_only"] if report_only else [])),
+def _sweep_gin_driver(script: str) -> DriverCommand:
+    """A driver configured by gin_configs/sweeps/NAME.gin that can also rewrite its report
+    from its committed records."""
+    def command(name: str, root: str, docs: str, report_only: bool,
+                from_records: bool) -> list[str]:
+        mode = (["--from_records"] if from_records else
+                [f"--root={root}/{name}"] + (["--report_only"] if report_only else []))
+        return [script, f"--sweep_gin=gin_configs/sweeps/{name}.gin", f"--docs_dir={docs}",
+                *mode]
+    return command
+
+
+def _cbtm(name: str, root: str, docs: str, report_only: bool, from_records: bool) -> list[str]:
+    if from_records:
+        raise ValueError(f"--from_records: experiment {name!r} has no committed records "
+                         f"to rewrite its report from; use --report_only")
+    return (["scripts/cbtm_experiment.py", f"--root={root}/{name}", f"--docs_dir={docs}"]
+            + (["--report_only"] if report_only else []))
+
+
+DRIVERS: dict[str, DriverCommand] = {
+    "efficientscale": _sweep_gin_driver("scripts/efficientscale_sweep.py"),
+    "tomoe_pruning": _sweep_gin_driver("scripts/tomoe_sweep.py"),
+    "cbtm": _cbtm,
 }
 
 
 def experiment_names() -> list[str]:
     """The sweeps of gin_configs/sweeps/ and the experiments of DRIVERS, by name."""
-    return sorted([p.stem for p in SWEEPS.glob("*.gin")] + list(DRIVERS))
+    return sorted({p.stem for p in SWEEPS.glob("*.gin")} | set(DRIVERS))
 
 
 def commands(name: str, root: str, docs_dir: str, *, report_only: bool = False,
              from_records: bool = False) -> list[list[str]]:
     """The scripts (paths from the repo root, with their arguments) that reproduce `name`."""
     if name in DRIVERS:
-        if from_records:
-            raise ValueError(f"--from_records: experiment {name!r} has no committed records "
-                             f"to rewrite its report from; use --report_only")
-        return [DRIVERS[name](root, docs_dir, report_only)]
+        return [DRIVERS[name](name, root, docs_dir, report_only, from_records)]
     sweep = f"gin_configs/sweeps/{name}.gin"
     if name.startswith("upcycling"):
         if report_only:

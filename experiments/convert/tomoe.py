@@ -283,10 +283,8 @@ def static_pruning_loss(dense: _Dense, keep: int, num_batches: int) -> float:
     params = {k: v for k, v in dense.params.items()}
     for name in model.layer_names:
         ffn = dense.params[name]["ffn"]
-        units = tm.magnitude_keep(ffn, keep)
-        params[name] = {**dense.params[name], "ffn": {
-            w: (np.asarray(v)[units] if w == "wo" else np.asarray(v)[:, units])
-            for w, v in ffn.items()}}
+        params[name] = {**dense.params[name],
+                        "ffn": tm.prune_units(ffn, tm.magnitude_keep(ffn, keep))}
     report = verify_models(dense.graphdef, dense.params, nnx.split(model, nnx.Param)[0], params,
                            DataConfig().eval_batches()[:num_batches], violated=["static"])
     return report.moe_loss

@@ -82,3 +82,25 @@ def test_magnitude_keep_ranks_units_by_weight_norm_products():
     """Unit scores ‖W_i[:, u]‖·‖W_o[u]‖ = 1·3, 2·1, 4·4, 1·1: keeping 2 keeps units 0 and 2."""
     ffn = {"wi": np.asarray([[1.0, 2.0, 4.0, 1.0]]), "wo": np.asarray([[3.0], [1.0], [4.0], [1.0]])}
     assert tm.magnitude_keep(ffn, 2).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_static_pruning_keeping_every_unit_is_the_identity_and_cuts_the_others(activation):
+    """d=3, f=5: keeping all 5 units by magnitude returns the weights unchanged (the
+    units in order); keeping 3 gives the MLP whose output is the sum over those units."""
+    rng = np.random.default_rng(1)
+    ffn = {"wi": rng.normal(size=(3, 5)), "wo": rng.normal(size=(5, 3))}
+    if activation == "swiglu":
+        ffn["wi_gate"] = rng.normal(size=(3, 5))
+    same = tm.prune_units(ffn, tm.magnitude_keep(ffn, 5))
+    assert all(np.array_equal(same[w], ffn[w]) for w in ffn)
+    units = tm.magnitude_keep(ffn, 3)
+    cut = tm.prune_units(ffn, units)
+    x = rng.normal(size=(4, 3))
+    mask = np.zeros(5)
+    mask[units] = 1.0  # the dense MLP with the other units' outputs zeroed
+    masked = {**ffn, "wo": ffn["wo"] * mask[:, None]}
+    np.testing.assert_allclose(_dense(x, cut, activation), _dense(x, masked, activation),
+                               rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match=r"does not know the dense FFN parameters \['bi'\]"):
+        tm.prune_units({**ffn, "bi": np.zeros(5)}, units)
