@@ -16,6 +16,7 @@ def test_layer_cut_adds_up_and_keeps_every_round():
                                        dispatch="sort", capacity_factor=1.25, rounds=1,
                                        compare=("pallas",))
     assert record["capacity"] == 40  # ceil(2 * 64 * 1.25 / 4)
+    assert 40 / 128 <= record["kept_fraction"] <= 1.0  # at least one full expert of 128
     for clock in ("wall", "cpu"):
         ms = record[f"{clock}_ms"]
         assert set(ms) == {"layer", "router", "layout", "experts", "dense", "rest"}

@@ -77,6 +77,13 @@ def _layout(expert_index: jax.Array, num_experts: int, capacity: int | None, gro
     return capacity_layout(expert_index, num_experts, capacity), None
 
 
+def _kept_fraction(expert_index: jax.Array, num_experts: int, capacity: int | None) -> float:
+    """Share of the assignments the capacity keeps (1.0 dropless): the work done."""
+    if capacity is None:
+        return 1.0
+    return float(jnp.mean(assign_slots(expert_index, num_experts, capacity)[1]))
+
+
 def _layout_call(num_experts: int, capacity: int | None, grouped: bool,
                  expert_index: jax.Array):
     fn = jax.jit(lambda index: _layout(index, num_experts, capacity, grouped))
@@ -139,7 +146,8 @@ def layer_breakdown(*, tokens: int, d_model: int, d_ff: int, num_experts: int, k
     record: dict[str, Any] = dict(
         tokens=tokens, d_model=d_model, d_ff=d_ff, num_experts=num_experts, k=k,
         dispatch=dispatch, capacity_factor=capacity_factor, capacity=capacity, rounds=rounds,
-        grouped_capacity=grouped,
+        grouped_capacity=grouped, kept_fraction=_kept_fraction(expert_index, num_experts,
+                                                               capacity),
         load_average=[load_before, timing.load_average()],
         ratio=timing.ratio_summary(wall["layer"], wall["dense"]),
         cpu_ratio=timing.ratio_summary(cpu["layer"], cpu["dense"]),
