@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             data[section] = cpu_targets.training_step(
                 batch_size=args.step_batch, seq_len=args.step_seq, rounds=args.step_rounds,
-                dtypes=dtypes)
+                dtypes=dtypes, on_record=lambda records: report.write_json(
+                    args.json, dict(data, step=records)))
         data["seconds"][section] = round(time.monotonic() - start, 1)
         data["load_average_end"] = timing.load_average()
         report.write_json(args.json, data)

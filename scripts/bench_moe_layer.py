@@ -69,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
     x = jax.random.normal(jax.random.key(0), (args.tokens, args.d_model), jnp.float32)
     results = []
+
+    def save() -> None:  # after every configuration, so a stopped run keeps what it measured
+        if args.json:
+            write_json(args.json, dict(
+                device=jax.devices()[0].device_kind, platform=jax.default_backend(),
+                machine=platform.machine(), jax=jax.__version__, tokens=args.tokens,
+                d_model=args.d_model, rounds=args.rounds, command=" ".join(sys.argv),
+                results=results))
+
     header = (f"{'config':<13} {'dispatch':<11} {'cf':>5} {'fwd x':>7} {'fwd ms':>8} "
               f"{'f+b x':>7} {'f+b ms':>8} {'dense f+b ms':>12}")
     print(f"device={jax.devices()[0].device_kind} platform={jax.default_backend()} "
@@ -98,12 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                                     dispatch=dispatch, capacity_factor=cf, forward=f,
                                     forward_backward=b, load_average=[load, load_average()]))
                 del fwd, fb
-    if args.json:
-        write_json(args.json, dict(
-            device=jax.devices()[0].device_kind, platform=jax.default_backend(),
-            machine=platform.machine(), jax=jax.__version__, tokens=args.tokens,
-            d_model=args.d_model, rounds=args.rounds, command=" ".join(sys.argv),
-            results=results))
+                save()
+    save()
 
 
 if __name__ == "__main__":

@@ -128,9 +128,10 @@ def memory(*, tokens: int, d_model: int, dispatch: str = "sort") -> list[dict[st
 
 
 def training_step(*, batch_size: int, seq_len: int, rounds: int, dtypes: tuple[str, ...],
-                  vocab: int = 259) -> list[dict[str, Any]]:
+                  vocab: int = 259, on_record=None) -> list[dict[str, Any]]:
     """top2_small vs dense_small (gin_configs/models/), dispatch `sort`, per compute dtype
-    (the presets compute in bfloat16; 'float32' binds TransformerLM.dtype)."""
+    (the presets compute in bfloat16; 'float32' binds TransformerLM.dtype).
+    `on_record(records)` is called after each dtype (the script saves its JSON there)."""
     pair = step.FULL_PAIRS[0]
     records = []
     for dtype in dtypes:
@@ -142,4 +143,6 @@ def training_step(*, batch_size: int, seq_len: int, rounds: int, dtypes: tuple[s
             record.update(compute_dtype=dtype, load_average=[load, timing.load_average()])
             records.append(record)
             print(step.summary_line(record) + f" [{dtype}]", flush=True)
+        if on_record is not None:
+            on_record(records)
     return records
