@@ -275,13 +275,16 @@ def test_grouped_capacity_keeps_the_buffers_drops_with_padding_and_priority():
     grouped = functools.partial(dispatchers.grouped_capacity_dispatch, gmm=xla_gmm.gmm,
                                 **options)
     buffers = functools.partial(dispatch.capacity_sort_dispatch, **options)
-    got, want = (jax.jit(f)(x, expert_index, weights, _ffn()) for f in (grouped, buffers))
+    @jax.jit  # one program for both paths: one compile
+    def both(x, ffn):
+        return [(f(x, expert_index, weights, ffn), jax.grad(
+            lambda x, ffn, f=f: jnp.sum(jnp.sin(f(x, expert_index, weights, ffn).y)),
+            argnums=(0, 1))(x, ffn)) for f in (grouped, buffers)]
+
+    (got, got_grads), (want, want_grads) = both(x, _ffn())
     assert 0 < int(jnp.sum(want.keep)) < 2 * (NUM_TOKENS - 4)  # drops happen
     assert not bool(jnp.any(want.keep[:4]))  # padding keeps nothing
     np.testing.assert_array_equal(got.keep, want.keep)
     np.testing.assert_allclose(got.y, want.y, atol=1e-5)
-    grads = [jax.jit(jax.grad(lambda x, ffn, f=f: jnp.sum(jnp.sin(f(x, expert_index, weights,
-                                                                   ffn).y)), argnums=(0, 1)))(
-        x, _ffn()) for f in (grouped, buffers)]
-    for g, w in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5)
