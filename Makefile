@@ -16,7 +16,7 @@ INTEROP_PY := $(INTEROP_VENV)/bin/python
 INTEROP_STAMP := $(INTEROP_VENV)/.installed
 INTEROP_PINS := "torch==2.13.0+cpu" "transformers==5.24.0" "lm-eval==0.4.13"
 
-.PHONY: setup train test test-seqio test-interop bench bench-accel lint clean experiment
+.PHONY: setup train test test-seqio test-interop bench bench-cpu bench-accel lint clean experiment
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ test-interop: $(INTEROP_STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_moe_layer.py --json docs/bench_moe_layer.json
+
+# The CPU targets of issue 21 (harness check, layer parts, memory, training step): raw JSON in
+# docs/benchmarks/ (docs/benchmarks.md, "CPU targets"). Best on a quiet machine.
+bench-cpu: $(STAMP)
+	$(PY) scripts/bench_cpu_targets.py --json docs/benchmarks/cpu_targets.json
 
 # One-call accelerator benchmark (GPU/TPU; BENCH_ACCEL_ARGS=--small on CPU): JSON in
 # docs/ and this device's section of docs/benchmarks.md (docs/benchmarks.md).

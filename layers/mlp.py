@@ -29,11 +29,17 @@ class DenseMLP(nnx.Module):
         self.wo = make_param(rngs, fan_in_init([0]), (d_ff, d_model), (MLP, EMBED), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
+        # The tokens as one [N, d_model] matrix: on CPU a [B, S, d] x [d, f] product's
+        # weight gradient contracts two dimensions, which XLA:CPU lowers with transposed
+        # copies of the activations (1.2-1.6x the 2D FFN's forward+backward,
+        # docs/benchmarks.md "Two harnesses"). Same values on every backend.
+        lead = x.shape[:-1]
+        x = x.astype(self.dtype).reshape(-1, x.shape[-1])
         up = x @ self.wi[...].astype(self.dtype)
         act = activation_fn(self.activation)
         if self.glu:
             hidden = act(x @ self.wi_gate[...].astype(self.dtype)) * up
         else:
             hidden = act(up)
-        return hidden @ self.wo[...].astype(self.dtype)
+        y = hidden @ self.wo[...].astype(self.dtype)
+        return y.reshape(*lead, y.shape[-1])

@@ -2,7 +2,8 @@
 
 For each configuration the MoE layer and the dense baseline are timed in the
 same process, alternating (interleaved rounds), and the reported figure is the
-median of the per-round ratios t_moe / t_dense (`experiments.bench.timing`;
+median of the per-round ratios t_moe / t_dense (`experiments.bench.timing`; the
+JSON keeps every round's wall and CPU seconds and the load average;
 the layer builders are `experiments.bench.layer`, shared with
 `scripts/bench_accelerator.py`).
 
@@ -12,7 +13,6 @@ the layer builders are `experiments.bench.layer`, shared with
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -23,12 +23,23 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench.layer import compile_pair, dense_ffn, moe_layer
-from experiments.bench.timing import paired_ratio
+from experiments.bench.report import write_json
+from experiments.bench.timing import interleaved_wall_cpu, load_average, median_ratio, ratio_summary
 from experiments.runtime import cli
 from moe.dispatch import available_dispatches, runnable_dispatches
 
 # (name, E, k, d_ff per expert); d_ff * k is constant, so active FLOPs match.
 CONFIGS = [("E8_k2", 8, 2, 1024), ("E64_k8_fine", 64, 8, 256)]
+
+
+def _paired(candidate, baseline, args_c, args_b, rounds: int) -> dict:
+    """`timing.ratio_summary` of the wall times, the CPU-time ratio, and every round's raw
+    wall and CPU seconds (candidate and dense)."""
+    wall, cpu = interleaved_wall_cpu({"moe": (candidate, args_c), "dense": (baseline, args_b)},
+                                     rounds)
+    return dict(ratio_summary(wall["moe"], wall["dense"]),
+                cpu_ratio=median_ratio(cpu["moe"], cpu["dense"]), raw_wall_s=wall,
+                raw_cpu_s=cpu)
 
 
 @cli.entry_point
@@ -58,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
     x = jax.random.normal(jax.random.key(0), (args.tokens, args.d_model), jnp.float32)
     results = []
+
+    def save() -> None:  # after every configuration, so a stopped run keeps what it measured
+        if args.json:
+            write_json(args.json, dict(
+                device=jax.devices()[0].device_kind, platform=jax.default_backend(),
+                machine=platform.machine(), jax=jax.__version__, tokens=args.tokens,
+                d_model=args.d_model, rounds=args.rounds, command=" ".join(sys.argv),
+                results=results))
+
     header = (f"{'config':<13} {'dispatch':<11} {'cf':>5} {'fwd x':>7} {'fwd ms':>8} "
               f"{'f+b x':>7} {'f+b ms':>8} {'dense f+b ms':>12}")
     print(f"device={jax.devices()[0].device_kind} platform={jax.default_backend()} "
@@ -77,21 +97,18 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(dict(config=name, dispatch=dispatch, capacity_factor=cf,
                                         skipped=f"{type(err).__name__}: {str(err)[:200]}"))
                     continue
-                f = paired_ratio(fwd, dense_fwd, (params, x), (dense_params, x), args.rounds)
-                b = paired_ratio(fb, dense_fb, (params, x), (dense_params, x), args.rounds)
+                load = load_average()
+                f = _paired(fwd, dense_fwd, (params, x), (dense_params, x), args.rounds)
+                b = _paired(fb, dense_fb, (params, x), (dense_params, x), args.rounds)
                 print(f"{name:<13} {dispatch:<11} {cf!s:>5} {f['ratio']:>7.2f} "
                       f"{f['ms']:>8.1f} {b['ratio']:>7.2f} {b['ms']:>8.1f} {b['dense_ms']:>12.1f}",
                       flush=True)
                 results.append(dict(config=name, num_experts=num_experts, k=k, d_ff=d_ff,
                                     dispatch=dispatch, capacity_factor=cf, forward=f,
-                                    forward_backward=b))
+                                    forward_backward=b, load_average=[load, load_average()]))
                 del fwd, fb
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(
-            device=jax.devices()[0].device_kind, platform=jax.default_backend(),
-            machine=platform.machine(), jax=jax.__version__, tokens=args.tokens,
-            d_model=args.d_model, rounds=args.rounds, results=results), indent=1))
+                save()
+    save()
 
 
 if __name__ == "__main__":

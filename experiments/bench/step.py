@@ -181,6 +181,7 @@ def _time(records, checks, calls, rounds, min_time, positions) -> None:
         _, flops, dtype = checks[name]
         records[name].update(
             status="ok", dtype=dtype, **timing.ratio_summary(times[name], times["dense"]),
+            raw_s=times[name], dense_raw_s=times["dense"],
             tokens_per_s=positions / seconds, dense_tokens_per_s=positions / dense_s,
             flops=flops, dense_flops=dense_flops, mfu=_mfu(flops, seconds, dtype),
             dense_mfu=_mfu(dense_flops, dense_s, dense_dtype))

@@ -45,6 +45,15 @@ def interleaved(calls: Mapping[str, Call], rounds: int, min_time: float = 0.0,
 
     `warmup`: call each candidate once first (compiles, excluded from the figures).
     """
+    return interleaved_wall_cpu(calls, rounds, min_time, warmup)[0]
+
+
+def interleaved_wall_cpu(calls: Mapping[str, Call], rounds: int, min_time: float = 0.0,
+                         warmup: bool = True
+                         ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """`interleaved`, plus the process CPU seconds per call of each measurement (all
+    threads, `time.process_time`): the work done, which a loaded machine moves much
+    less than the wall time (it still counts the thread pool's spinning)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if warmup:
@@ -52,12 +61,15 @@ def interleaved(calls: Mapping[str, Call], rounds: int, min_time: float = 0.0,
             jax.block_until_ready(fn(*args))
     iters = {name: calibrate(fn, args, min_time) for name, (fn, args) in calls.items()}
     names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
             fn, args = calls[name]
-            times[name].append(time_calls(fn, args, iters[name]))
-    return times
+            start = time.process_time()
+            wall[name].append(time_calls(fn, args, iters[name]))
+            cpu[name].append((time.process_time() - start) / iters[name])
+    return wall, cpu
 
 
 def median_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:

@@ -5,14 +5,18 @@ The dispatch checks run over every registered dispatch (`available_dispatches()`
 new dispatch is tested by registering it. The only filter is a declared
 `DispatchTraits` property, never a list of names."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moe import dispatch, routing
+from moe.dispatch import dispatchers
 from moe.dispatch.registry import DispatchTraits, dispatch_traits, unavailable
 from moe.experts import ExpertFFN
+from moe.kernels import xla_gmm
 from moe.numeric import ceil_div_float
 
 # --------------------------------------------------------------------------- capacity
@@ -257,3 +261,30 @@ def test_a_dispatch_registered_in_a_test_module_is_checked_like_the_others():
     for check in checks:
         names = [mark.args[1] for mark in check.pytestmark if mark.args[0] == "name"]
         assert names and TOY in names[0], check.__name__
+
+
+def test_grouped_capacity_keeps_the_buffers_drops_with_padding_and_priority():
+    """On CPU, with large groups, the `sort` dispatch's capacity mode sends only the kept
+    rows through the grouped matmul (no empty slots). With padding (tokens 0-3) and a priority order, it
+    must keep exactly what the `[E, C, d]` buffers keep and give the same output and
+    gradients (the registry's `sort` takes this path only for large groups, so the
+    dispatch-wide tests at these sizes run the buffers)."""
+    x, expert_index, weights = _routing(key=7)
+    options = dict(capacity=4, priority=jax.random.uniform(jax.random.key(3), (NUM_TOKENS,)),
+                   mask=jnp.ones((NUM_TOKENS,)).at[:4].set(0.0))
+    grouped = functools.partial(dispatchers.grouped_capacity_dispatch, gmm=xla_gmm.gmm,
+                                **options)
+    buffers = functools.partial(dispatch.capacity_sort_dispatch, **options)
+    @jax.jit  # one program for both paths: one compile
+    def both(x, ffn):
+        return [(f(x, expert_index, weights, ffn), jax.grad(
+            lambda x, ffn, f=f: jnp.sum(jnp.sin(f(x, expert_index, weights, ffn).y)),
+            argnums=(0, 1))(x, ffn)) for f in (grouped, buffers)]
+
+    (got, got_grads), (want, want_grads) = both(x, _ffn())
+    assert 0 < int(jnp.sum(want.keep)) < 2 * (NUM_TOKENS - 4)  # drops happen
+    assert not bool(jnp.any(want.keep[:4]))  # padding keeps nothing
+    np.testing.assert_array_equal(got.keep, want.keep)
+    np.testing.assert_allclose(got.y, want.y, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5)
