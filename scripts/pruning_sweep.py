@@ -70,6 +70,7 @@ class Sweep:
 
     def __init__(self, args: Any):
         self.root = Path(args.root).absolute()
+        self.preset = str(REPO / args.preset)
         self.source_root = Path(args.source_root or self.root / "sources").absolute()
         self.experts = [int(v) for v in args.experts.split(",")]
         self.seeds = [int(v) for v in args.seeds.split(",")]
@@ -122,7 +123,7 @@ class Sweep:
 
     # Stages.
     def train_source(self, e: int, seed: int) -> None:
-        _train(self.source(e, seed), [str(PRESET)],
+        _train(self.source(e, seed), [self.preset],
                [f"train.seed = {seed}", f"MoeLayer.num_experts = {e}",
                 f"train.num_steps = {self.source_steps}"])
 
@@ -170,7 +171,7 @@ class Sweep:
                [f"train.num_steps = {self.source_steps + self.recovery_steps}"])
 
     def train_scratch(self, e: int, seed: int) -> None:
-        _train(self.scratch(e, seed), [str(PRESET)],
+        _train(self.scratch(e, seed), [self.preset],
                [f"train.seed = {seed}", f"MoeLayer.num_experts = {e}",
                 f"train.num_steps = {self.source_steps + self.recovery_steps}"])
 
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source_root", default=None,
                         help="where the trained MoEs are, as e<E>/seed<s> (default "
                              "<root>/sources); a missing one is trained there")
+    parser.add_argument("--preset", default=str(PRESET.relative_to(REPO)),
+                        help="gin file (from the repo root) of the sources and the "
+                             "from-scratch MoEs (default: the research preset)")
     parser.add_argument("--experts", default="8,16", help="E of the trained MoEs (top-2)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--domains", default="code,prose", help="embedded-corpus domains")
@@ -302,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.root is None:
         parser.error("--root is required (or --from_records)")
+    if not (REPO / args.preset).is_file():
+        parser.error(f"--preset: no gin file {args.preset!r} under the repo root")
     for flag in ("recovery_steps", "source_steps", "eval_batches", "task_batches"):
         if getattr(args, flag) < (0 if flag == "recovery_steps" else 1):
             parser.error(f"--{flag} must be >= {0 if flag == 'recovery_steps' else 1}, "
@@ -316,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         data = {"settings": {k: getattr(sweep, k) for k in (
                     "experts", "seeds", "domains", "fractions", "methods", "recover_methods",
                     "recover_domains", "recovery_steps", "source_steps", "scratch_experts",
-                    "eval_batches", "task_batches")},
+                    "eval_batches", "task_batches")}
+                | {"preset": args.preset},
                 "plan": sweep.plan(), "records": sweep.records()}
         write_outputs(data, json_path, args.report and Path(args.report),
                       args.plot and Path(args.plot))

@@ -370,8 +370,8 @@ python scripts/pruning_sweep.py --from_records --json=docs/experiments/pruning.j
 
 ## Set-up
 
-- **Sources**: the research preset (`gin_configs/experiments/research.gin`,
-  docs/experiments/calibration.md): byte-level decoder, d_model 128, 4 layers, a top-2 MoE
+- **Sources**: `{preset}`; the research preset (`gin_configs/experiments/research.gin`,
+  docs/experiments/calibration.md) is byte-level decoder, d_model 128, 4 layers, a top-2 MoE
   FFN (experts of d_ff 256, renormalised softmax top-2, dropless) in every layer,
   {source_steps} steps of 16 x 128 bytes, seeds {seeds}; E = {experts} experts
   (`MoeLayer.num_experts`; E = 8 is the preset itself, the calibration's `every_moe`).
@@ -432,7 +432,7 @@ def render(data: Mapping[str, Any]) -> str:
     """The whole report from the records file's contents (settings, plan, records)."""
     s = data["settings"]
     res = Results(data["records"])
-    fmt = {**s, "threshold": THRESHOLD,
+    fmt = {**s, "threshold": THRESHOLD, "preset": s.get("preset", "?"),
            "seeds": ", ".join(map(str, s["seeds"])), "experts": " and ".join(map(str, s["experts"])),
            "domains": ", ".join(s["domains"]),
            "fractions": ", ".join(frac_text(f) for f in s["fractions"]),
