@@ -9,11 +9,13 @@
 Layout under --root (every workdir in the records is relative to it):
   sources/e<E>/seed<s>   the research-preset MoE with E experts, top-2 (`--source_root`
                          overrides where they are; a missing one is trained first);
-  surgery/e<E>/seed<s>/<domain>/<method>_keep<E'>
+  surgery/e<E>/seed<s>/<domain>/<method>_keep<E'>/eval.json
                          the source pruned (uncurl, frequency, random) or merged (merge:
                          UNCURL's spectral clusters, frequency-weighted) for one domain of the
-                         embedded corpus, with eval.json (that domain's validation loss);
-  recovered/...          the same, fine-tuned `--recovery_steps` more steps (train.num_steps
+                         embedded corpus, in memory: that domain's validation loss and the
+                         kept experts / groups per layer (no checkpoint);
+  recovered/...          the same surgery written as a workdir (scripts/prune_experts.py's
+                         code), fine-tuned `--recovery_steps` more steps (train.num_steps
                          extended, optimizer state carried);
   scratch/e<E'>/seed<s>  an MoE of E' experts trained from scratch for the source's steps +
                          the recovery steps (the same training compute: top-2 either way).
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 import gin
 
 from experiments.convert import expert_surgery as ex
+from experiments.convert.surgery_eval import SurgeryEvaluator
 from experiments.reporting import pruning_report as pr
 from experiments.runtime import cli, gin_utils
 
@@ -70,6 +72,8 @@ class Sweep:
 
     def __init__(self, args: Any):
         self.root = Path(args.root).absolute()
+        self._evaluators: dict[tuple[int, int], SurgeryEvaluator] = {}
+        self._steps: dict[int, dict] = {}
         self.preset = str(REPO / args.preset)
         self.source_root = Path(args.source_root or self.root / "sources").absolute()
         self.experts = [int(v) for v in args.experts.split(",")]
@@ -117,8 +121,7 @@ class Sweep:
                 "surgeries": len(self.experts) * n * len(self.domains) * len(self.fractions)
                 * len(self.methods),
                 "recovery fine-tunes": len(self.experts) * n * len(self.recover_domains)
-                * len(self.fractions) * len([m for m in self.recover_methods
-                                             if m in self.methods]),
+                * len(self.fractions) * len(self.recover_methods),
                 "from-scratch MoEs": len(self.scratch_experts) * n}
 
     # Stages.
@@ -135,38 +138,42 @@ class Sweep:
             _write_json(cache, result["domain_loss"])
         return json.loads(cache.read_text())
 
-    def surgery(self, e: int, seed: int, domain: str, method: str, f: float) -> Path:
-        """Prunes/merges (unless done) and evaluates on the domain; -> the workdir."""
+    def _task_config(self, e: int, seed: int, domain: str, method: str, f: float,
+                     ) -> tuple[ex.TaskSpec, ex.SurgeryConfig]:
+        task = ex.TaskSpec(domain=domain, split="train", batches=self.task_batches, seed=seed)
+        config = ex.SurgeryConfig(keep=kept(e, f), seed=seed, grouping="spectral",
+                                  method="frequency_weighted" if method == "merge" else method)
+        return task, config
+
+    def evaluator(self, e: int, seed: int) -> SurgeryEvaluator:
+        """The source's in-memory surgery evaluator (kept; compiled steps shared by the
+        seeds of one E)."""
+        if (e, seed) not in self._evaluators:
+            self._evaluators[(e, seed)] = SurgeryEvaluator(
+                self.source(e, seed), self.eval_batches, steps=self._steps.setdefault(e, {}))
+        return self._evaluators[(e, seed)]
+
+    def surgery(self, e: int, seed: int, domain: str, method: str, f: float) -> None:
+        """Prunes/merges in memory and writes the domain's loss to the unit's eval.json
+        (`experiments.convert.surgery_eval`: the same plans as scripts/prune_experts.py)."""
         out = self.unit("surgery", e, seed, domain, method, f)
         if (out / EVAL_FILE).exists():
-            return out
-        task = ex.TaskSpec(domain=domain, split="train", batches=self.task_batches, seed=seed)
-        if not out.exists():
-            log(f"surgery {self.rel(out)}")
-            operation = ex.merge_experts if method == "merge" else ex.prune_experts
-            config = ex.SurgeryConfig(
-                keep=kept(e, f), seed=seed,
-                method="frequency_weighted" if method == "merge" else method,
-                grouping="spectral")
-            try:
-                operation(self.source(e, seed), out, config, task)
-            except (FileExistsError, OSError):
-                if not out.exists():  # another process wrote it meanwhile: use theirs
-                    raise
-        result = ex.evaluate_workdir(out, task, self.eval_batches)
-        _write_json(out / EVAL_FILE, {"loss": result["task_loss"],
-                                      "domain_loss": result["domain_loss"]})
-        return out
+            return
+        log(f"surgery {self.rel(out)}")
+        task, config = self._task_config(e, seed, domain, method, f)
+        result = self.evaluator(e, seed).run("merge" if method == "merge" else "prune",
+                                             config, task)
+        _write_json(out / EVAL_FILE, result)
 
     def recover(self, e: int, seed: int, domain: str, method: str, f: float) -> None:
-        """The pruned workdir copied and fine-tuned `recovery_steps` more steps."""
-        pruned = self.surgery(e, seed, domain, method, f)
+        """The surgery written as a workdir (`prune_experts` / `merge_experts`) and
+        fine-tuned `recovery_steps` more steps."""
         out = self.unit("recovered", e, seed, domain, method, f)
         if not out.exists():
-            tmp = out.parent / f".{out.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(pruned, tmp, ignore=shutil.ignore_patterns(EVAL_FILE))
-            tmp.rename(out)
+            log(f"surgery for recovery {self.rel(out)}")
+            task, config = self._task_config(e, seed, domain, method, f)
+            operation = ex.merge_experts if method == "merge" else ex.prune_experts
+            operation(self.source(e, seed), out, config, task)
         _train(out, [str(out / gin_utils.CONFIG_FILE)],
                [f"train.num_steps = {self.source_steps + self.recovery_steps}"])
 
@@ -176,28 +183,37 @@ class Sweep:
                 f"train.num_steps = {self.source_steps + self.recovery_steps}"])
 
     def run(self, stages: list[str]) -> None:
-        """Seed by seed (an interrupted sweep leaves paired results): sources, surgery,
-        from-scratch MoEs, recovery fine-tunes."""
-        grid = [(d, m, f) for d in self.domains for f in self.fractions for m in self.methods]
-        for seed in self.seeds:
-            for e in self.experts:
-                if "sources" in stages:
+        """The stages in order; each goes seed by seed (an interrupted sweep leaves paired
+        results), the surgeries domain by domain."""
+        if "sources" in stages:
+            for seed in self.seeds:
+                for e in self.experts:
                     self.train_source(e, seed)
-                if "surgery" in stages and (self.source(e, seed) / "summary.json").exists():
-                    self.source_loss(e, seed)
-                    for d, m, f in grid:
-                        self.surgery(e, seed, d, m, f)
-            if "scratch" in stages:
+        if "surgery" in stages:
+            for d in self.domains:
+                for seed in self.seeds:
+                    for e in self.experts:
+                        if not (self.source(e, seed) / "summary.json").exists():
+                            log(f"surgery: no source e{e} seed{seed} yet; skipped")
+                            continue
+                        self.source_loss(e, seed)
+                        for f in self.fractions:
+                            for m in self.methods:
+                                self.surgery(e, seed, d, m, f)
+        if "scratch" in stages:
+            for seed in self.seeds:
                 for e in self.scratch_experts:
                     self.train_scratch(e, seed)
-            if "recover" in stages:
+        if "recover" in stages:
+            for seed in self.seeds:
                 for e in self.experts:
                     if not (self.source(e, seed) / "summary.json").exists():
                         log(f"recover: no source e{e} seed{seed} yet; skipped")
                         continue
-                    for d, m, f in grid:
-                        if d in self.recover_domains and m in self.recover_methods:
-                            self.recover(e, seed, d, m, f)
+                    for d in self.recover_domains:
+                        for f in self.fractions:
+                            for m in self.recover_methods:
+                                self.recover(e, seed, d, m, f)
 
     def records(self) -> list[dict[str, Any]]:
         """The finished runs of the plan as report records (`pruning_report`)."""
