@@ -282,7 +282,31 @@ def findings(res: Results) -> list[str]:
     return lines + [""]
 
 
-def report_sections(res: Results, plan: Mapping[str, int]) -> list[str]:
+def same_kept_table(res: Results, domain: str) -> list[str]:
+    """Pruned loss of the largest E minus the smallest E's where both keep the same E'
+    (e.g. E = 16 at 1/4 and E = 8 at 1/2 both keep 4): the absolute losses, paired by seed."""
+    if len(res.experts) < 2:
+        return []
+    small, large = res.experts[0], res.experts[-1]
+    lines = [f"| E' | E={large} keep | E={small} keep | method | recovery | "
+             f"E={large} pruned − E={small} pruned |", "|---|---|---|---|---|---|"]
+    for fl in res.fractions:
+        for fs in res.fractions:
+            if res.kept(large, fl) is None or res.kept(large, fl) != res.kept(small, fs):
+                continue
+            for method in res.methods:
+                for rec in (False, True):
+                    p = compare(res.pruned(large, domain, method, fl, rec),
+                                res.pruned(small, domain, method, fs, rec))
+                    if p is not None:
+                        lines.append(f"| {res.kept(large, fl)} | {frac_text(fl)} | "
+                                     f"{frac_text(fs)} | {method} | "
+                                     f"{'fine-tuned' if rec else 'none'} | "
+                                     f"{cell(p, f'E={large} better', f'E={small} better')} |")
+    return (lines + [""]) if len(lines) > 2 else []
+
+
+def report_sections(res: Results, plan: Mapping[str, int], scratch_steps: int) -> list[str]:
     """The generated part of the report (status, findings, tables per domain)."""
     lines = ["## Status", "", *status_lines(plan, res),
              f"## Where the degradation starts (generated)", "",
@@ -296,11 +320,12 @@ def report_sections(res: Results, plan: Mapping[str, int]) -> list[str]:
                   f"### Validation loss on `{domain}` (nats/byte, mean ± SE over seeds)", "",
                   *loss_table(res, domain),
                   "### Pruned − unpruned (paired by seed)", "", *degradation_table(res, domain),
-                  f"### Does the threshold move with E? (E={res.experts[-1]} increase − "
-                  f"E={res.experts[0]} increase, same keep fraction)", "",
-                  *e_comparison_table(res, domain),
+                  "### Does the threshold move with E? (increase over the unpruned model "
+                  f"of E={res.experts[-1]} − that of E={res.experts[0]}, same keep fraction; "
+                  "then the two at the same kept E')", "",
+                  *e_comparison_table(res, domain), *same_kept_table(res, domain),
                   "### Pruned − a smaller MoE of E' experts trained from scratch "
-                  f"({res.scratch_steps(res.scratch[0]['E']) if res.scratch else '?'} steps: "
+                  f"({scratch_steps} steps: "
                   "the same training compute as source + recovery)", "",
                   *scratch_table(res, domain),
                   "### Merging vs pruning at the same E'", "",
@@ -441,6 +466,7 @@ def render(data: Mapping[str, Any]) -> str:
            "scratch_steps": s["source_steps"] + s["recovery_steps"]}
     params_e8, params_e16 = _param_counts()
     tokens = s["source_steps"] * 16 * 128 / 1e6
-    return "\n".join([HEADER.format(**fmt), *report_sections(res, data["plan"]),
+    return "\n".join([HEADER.format(**fmt),
+                      *report_sections(res, data["plan"], fmt["scratch_steps"]),
                       CAVEATS.format(params_e8=params_e8, params_e16=params_e16,
                                      tokens=tokens)]).rstrip() + "\n"
