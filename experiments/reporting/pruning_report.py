@@ -193,7 +193,7 @@ def e_comparison_table(res: Results, domain: str) -> list[str]:
         return ["(one E only: nothing to compare yet)", ""]
     small, large = res.experts[0], res.experts[-1]
     fr = res.fractions
-    lines = [f"| method | recovery | " + " | ".join(f"keep {frac_text(f)}" for f in fr) + " |",
+    lines = ["| method | recovery | " + " | ".join(f"keep {frac_text(f)}" for f in fr) + " |",
              "|---|---|" + "---|" * len(fr)]
     for method in res.methods:
         for rec in (False, True):
@@ -309,7 +309,7 @@ def same_kept_table(res: Results, domain: str) -> list[str]:
 def report_sections(res: Results, plan: Mapping[str, int], scratch_steps: int) -> list[str]:
     """The generated part of the report (status, findings, tables per domain)."""
     lines = ["## Status", "", *status_lines(plan, res),
-             f"## Where the degradation starts (generated)", "",
+             "## Where the degradation starts (generated)", "",
              f"Degraded = the pruned model's loss on the domain is above the unpruned "
              f"source's by more than {THRESHOLD:g} standard errors of the paired (by seed) "
              f"difference and by more than {TOLERANCE:.0%} of the source's loss. "
@@ -433,9 +433,9 @@ CAVEATS = """## Against the paper, and what limits this
 UNCURL (as issue 19 summarises it) finds a threshold pruning factor, depending on the
 number of pretraining experts, above which task-specific pruning degrades quality (below
 it, pruning costs little), and compares pruned models with smaller MoEs trained from
-scratch. Read the tables above against that claim with this scale in mind: ~{params_e8:.1f}M (E = 8) and ~{params_e16:.1f}M
-(E = 16) parameters trained on {tokens:.2f}M bytes, i.e. well under one token per
-parameter, where the paper's models are pretrained far longer; experts this
+scratch. Read the tables above against that claim with this scale in mind:
+~{params_e8:.1f}M (E = 8) and ~{params_e16:.1f}M (E = 16) parameters trained on
+{tokens:.2f}M bytes, i.e. well under one token per parameter, where the paper's models are pretrained far longer; experts this
 under-trained are weakly specialised (the E = 8 sources' loads are near uniform), so a
 task-aware choice has little to choose from, and a 2-domain byte corpus is a much coarser
 "task" than the paper's downstream tasks. The recovery fine-tune is short (a few percent of

@@ -2,9 +2,10 @@
 
 The tiny trained run of tests/convert/test_expert_surgery.py (shared: layer_1 a top-2 MoE of
 4 experts, loss-free selection biases, renormalised top-k). Pruning (UNCURL, keep 3) and
-merging (spectral groups, keep 3; one compiled step for both) in memory must choose the same experts / groups as
-`prune_experts` / `merge_experts` and give the validation loss `evaluate_workdir` reads from
-the written workdir: the pruning experiment's numbers come from this path.
+merging (spectral groups, keep 3; one compiled step for both) in memory must choose the
+same experts / groups as `prune_experts` / `merge_experts` and give the validation loss
+`evaluate_workdir` reads from the written workdir: the pruning experiment's numbers come
+from this path.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ def _records() -> list[dict]:
     records = []
     for e in (8, 16):
         for seed, base in SOURCE.items():
-            records.append({"kind": "source", "E": e, "seed": seed, "workdir": f"sources/e{e}/seed{seed}",
+            records.append({"kind": "source", "E": e, "seed": seed,
+                            "workdir": f"sources/e{e}/seed{seed}",
                             "loss": {"code": base, "prose": base + 0.1}})
             for f in (0.75, 0.5, 0.25):
                 up = INCREASE[(e, f)][seed]
@@ -73,7 +74,8 @@ def test_e_comparison_and_scratch_and_merge_cells():
     assert len(rows) == 1 and "-0.0010" in rows[0]
     assert not any(line.startswith("| 8 | 3/4") for line in pr.scratch_table(res, "code"))
     # The same kept E' = 4: E = 16 at 1/4 (+0.21) vs E = 8 at 1/2 (+0.10): E = 8 better.
-    same = [line for line in pr.same_kept_table(res, "code") if line.startswith("| 4 | 1/4 | 1/2 | uncurl | none")]
+    same = [line for line in pr.same_kept_table(res, "code")
+            if line.startswith("| 4 | 1/4 | 1/2 | uncurl | none")]
     assert len(same) == 1 and "+0.1100" in same[0] and "E=8 better" in same[0]
     merge = next(line for line in pr.versus_table(res, "code", [("merge", "uncurl")])
                  if line.startswith("| 8 | merge − uncurl | none"))
