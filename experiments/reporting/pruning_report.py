@@ -435,14 +435,14 @@ number of pretraining experts, above which task-specific pruning degrades qualit
 it, pruning costs little), and compares pruned models with smaller MoEs trained from
 scratch. Read the tables above against that claim with this scale in mind:
 ~{params_e8:.1f}M (E = 8) and ~{params_e16:.1f}M (E = 16) parameters trained on
-{tokens:.2f}M bytes, i.e. well under one token per parameter, where the paper's models are pretrained far longer; experts this
-under-trained are weakly specialised (the E = 8 sources' loads are near uniform), so a
-task-aware choice has little to choose from, and a 2-domain byte corpus is a much coarser
-"task" than the paper's downstream tasks. The recovery fine-tune is short (a few percent of
-the pretraining steps, at the end of the cosine schedule) and sees both domains. Where the
-tables show degradation already at the mildest pruning (no threshold inside the tested
-range), or no difference between E = 8 and E = 16, that contradicts the paper *at this
-scale* and says nothing about its scale.
+{tokens:.2f}M bytes, i.e. well under one token per parameter, where the paper's models
+are pretrained far longer; experts this under-trained are weakly specialised (the E = 8
+sources' loads are near uniform), so a task-aware choice has little to choose from, and
+a 2-domain byte corpus is a much coarser "task" than the paper's downstream tasks. The
+recovery fine-tune is short (a few percent of the pretraining steps, at the end of the
+cosine schedule) and sees both domains. Where the tables show degradation already at the
+mildest pruning (no threshold inside the tested range), or no difference between E = 8
+and E = 16, that contradicts the paper *at this scale* and says nothing about its scale.
 """
 
 
