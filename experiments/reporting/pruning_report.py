@@ -321,8 +321,8 @@ def report_sections(res: Results, plan: Mapping[str, int], scratch_steps: int) -
                   *loss_table(res, domain),
                   "### Pruned − unpruned (paired by seed)", "", *degradation_table(res, domain),
                   "### Does the threshold move with E? (increase over the unpruned model "
-                  f"of E={res.experts[-1]} − that of E={res.experts[0]}, same keep fraction; "
-                  "then the two at the same kept E')", "",
+                  "of the largest E − that of the smallest, same keep fraction; then the two "
+                  "at the same kept E')", "",
                   *e_comparison_table(res, domain), *same_kept_table(res, domain),
                   "### Pruned − a smaller MoE of E' experts trained from scratch "
                   f"({scratch_steps} steps: "
