@@ -395,11 +395,14 @@ python scripts/pruning_sweep.py --from_records --json=docs/experiments/pruning.j
 
 ## Set-up
 
-- **Sources**: `{preset}`; the research preset (`gin_configs/experiments/research.gin`,
-  docs/experiments/calibration.md) is byte-level decoder, d_model 128, 4 layers, a top-2 MoE
-  FFN (experts of d_ff 256, renormalised softmax top-2, dropless) in every layer,
+- **Sources**: `{preset}` (the research preset, docs/experiments/calibration.md:
+  byte-level decoder, d_model 128, 4 layers, a top-2 MoE FFN in every layer: experts of
+  d_ff 256, softmax router whose top-2 weights are *not* renormalised, dropless),
   {source_steps} steps of 16 x 128 bytes, seeds {seeds}; E = {experts} experts
   (`MoeLayer.num_experts`; E = 8 is the preset itself, the calibration's `every_moe`).
+  Without renormalisation, removing experts also scales every kept weight by Z/Z' (the
+  softmax denominator loses the pruned experts' terms; docs/surgery.md, "When pruning is
+  exact"), so even tokens whose experts were all kept see a changed layer.
 - **Surgery per domain** of the embedded corpus ({domains}): routing statistics of the
   source on {task_batches} *training* batches (seed = the run's seed), only that domain's
   tokens counted; then, per MoE layer, E' = round(f E) experts kept for keep fractions
@@ -423,9 +426,12 @@ python scripts/pruning_sweep.py --from_records --json=docs/experiments/pruning.j
 - **Verdicts**: differences paired by seed, mean ± standard error, judged at {threshold:g}
   SE (`experiments.reporting.protocol`).
 
-Workdirs (relative to the sweep directory): `sources/e<E>/seed<s>`,
-`surgery/e<E>/seed<s>/<domain>/<method>_keep<E'>`, `recovered/...` (same names),
-`scratch/e<E'>/seed<s>`.
+Workdirs (relative to the sweep directory): `sources/e<E>/seed<s>`;
+`surgery/e<E>/seed<s>/<domain>/<method>_keep<E'>/eval.json` (the surgery evaluated in
+memory, `experiments/convert/surgery_eval.py`: the same plans as `scripts/prune_experts.py`
+and `merge_experts.py`, tested equal to the written workdir's loss; the kept experts /
+groups per layer); `recovered/...` (same names: the surgery written as a workdir, then
+fine-tuned); `scratch/e<E'>/seed<s>`.
 """
 
 CAVEATS = """## Against the paper, and what limits this
