@@ -65,7 +65,18 @@ def _cbtm(name: str, root: str, docs: str, report_only: bool, from_records: bool
             + (["--report_only"] if report_only else []))
 
 
+def _pruning(name: str, root: str, docs: str, report_only: bool,
+             from_records: bool) -> list[str]:
+    out = [f"--json={docs}/{name}.json", f"--report={docs}/{name}.md", f"--plot={docs}/{name}.png"]
+    if from_records:
+        return ["scripts/pruning_sweep.py", "--from_records", *out]
+    # --report_only trains nothing: the surgeries of finished sources are evaluation only.
+    stages = ["--stages=surgery,report"] if report_only else []
+    return ["scripts/pruning_sweep.py", f"--root={root}/{name}", *stages, *out]
+
+
 DRIVERS: dict[str, DriverCommand] = {
+    "pruning": _pruning,
     "efficientscale": _sweep_gin_driver("scripts/efficientscale_sweep.py"),
     "tomoe_pruning": _sweep_gin_driver("scripts/tomoe_sweep.py"),
     "cbtm": _cbtm,

@@ -128,6 +128,11 @@ def test_experiment_names_are_the_sweeps_and_each_gets_its_report_writer(capsys)
     assert evomoe[0][3:] == ["--docs_dir=R/evomoe/generic_report", "--order=seed"]
     assert evomoe[1] == ["scripts/evomoe_report.py", "gin_configs/sweeps/evomoe.gin", "--root=R",
                          "--docs_dir=D"]
+    assert script.commands("pruning", "R", "D", report_only=True) == [
+        ["scripts/pruning_sweep.py", "--root=R/pruning", "--stages=surgery,report",
+         "--json=D/pruning.json", "--report=D/pruning.md", "--plot=D/pruning.png"]]
+    assert script.commands("pruning", "R", "D", from_records=True)[0][:2] == [
+        "scripts/pruning_sweep.py", "--from_records"]
     assert script.commands("cbtm", "R", "D", report_only=True) == [
         ["scripts/cbtm_experiment.py", "--root=R/cbtm", "--docs_dir=D", "--report_only"]]
     assert script.commands("calibration", "R", "D", from_records=True) == [
