@@ -153,6 +153,8 @@ def write_report(sweep: sweep_lib.Sweep, runs: dict[str, list[dict]], sweep_file
                   f"{', '.join(f'{d:+.4f}' for d in paired.diffs)} (mean {paired.mean:+.4f}).",
                   "", f"**Paper's claim (better than Switch at equal steps):** "
                   f"{protocol.verdict(paired, THRESHOLD).text()}"]
+    if sweep.findings:
+        lines += ["", "## Findings", "", sweep.findings.strip()]
     lines += ["", "Losses in nats per byte. Valid loss @ budget: the validation curve "
               "(at every evaluation) linearly interpolated at the FLOPs budget; train CE @ budget: "
               f"the {window}-step trailing mean of the train CE at that budget.", "",
