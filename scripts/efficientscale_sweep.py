@@ -35,7 +35,7 @@ from experiments.reporting import surgery_experiments as se
 from experiments.reporting.metrics import read_jsonl
 from experiments.reporting.sweep import collect_run
 from experiments.runtime import cli, gin_utils
-from experiments.train.trainer import train
+from experiments.train.trainer import train_unless_finished
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "efficientscale"
@@ -51,18 +51,10 @@ UPCYCLE_GIN = ["MoeLayer.dispatch = 'sort'", "MoeLayer.capacity_factor = None"]
 VERIFY_BATCHES = 16  # the preset's validation set (DataConfig.eval_max_batches)
 
 
-def _train(workdir: Path, gin_files: list[str], gin_params: list[str]) -> None:
-    if (workdir / "summary.json").exists():
-        return
-    gin.clear_config()
-    gin_utils.parse(gin_files, gin_params)
-    train(workdir, quiet=True)
-
-
 def schedule(sweep_gin: Path) -> tuple[int, int]:
     """(N, N + M) of the sweep config."""
     gin.clear_config()
-    gin_utils.parse([str(sweep_gin)], [])
+    gin_utils.parse(se.run_gin_files(sweep_gin), [])
     n, total = gin.query_parameter("Checkpointer.save_every"), gin.query_parameter(
         "train.num_steps")
     gin.clear_config()
@@ -85,7 +77,8 @@ def run_seed(root: Path, seed: int, sweep_gin: Path, log=print) -> None:
     n, _ = schedule(sweep_gin)
     d = root / f"seed{seed}"
     log(f"[{NAME}] seed {seed}: small_dense")
-    _train(d / "small_dense", [str(sweep_gin)], [f"train.seed = {seed}", *SMALL])
+    train_unless_finished(d / "small_dense", se.run_gin_files(sweep_gin),
+                          [f"train.seed = {seed}", *SMALL])
     if not (d / "grown_dense" / SCALE_UP_FILE).exists():
         result = scale_up(d / "small_dense", d / "grown_dense",
                           ScaleUpConfig(**{**GROW.__dict__, "step": n}), verify=True,
@@ -96,9 +89,9 @@ def run_seed(root: Path, seed: int, sweep_gin: Path, log=print) -> None:
     for arm, source in (("grown_e8", d / "grown_dense"), ("small_e8", d / "small_dense")):
         log(f"[{NAME}] seed {seed}: {arm}")
         _upcycle(source, d / arm, seed, n)
-        _train(d / arm, [str(d / arm / gin_utils.CONFIG_FILE)], [])
+        train_unless_finished(d / arm, [str(d / arm / gin_utils.CONFIG_FILE)], [])
     log(f"[{NAME}] seed {seed}: scratch")
-    _train(d / "scratch", [str(sweep_gin)], [f"train.seed = {seed}"])
+    train_unless_finished(d / "scratch", se.run_gin_files(sweep_gin), [f"train.seed = {seed}"])
 
 
 def _flops_per_step(workdir: Path) -> float:
@@ -166,32 +159,16 @@ def write_report(records: list[dict], seeds: list[int], docs: Path, n: int, tota
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--root", help="Directory of the runs (<root>/seed<s>/<arm>).")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--sweep_gin", default=str(SWEEP_GIN))
-    parser.add_argument("--docs_dir", default="docs/experiments")
-    parser.add_argument("--report_only", action="store_true",
-                        help="train and convert nothing; report the finished runs")
-    parser.add_argument("--from_records", action="store_true",
-                        help="rewrite the report and plot from --docs_dir's records alone")
+    se.add_driver_flags(
+        parser, sweep_gin=str(SWEEP_GIN), root_help="Directory of the runs (<root>/seed<s>/<arm>).",
+        sweep_gin_help=None,
+        report_only_help="train and convert nothing; report the finished runs")
     args = parser.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    sweep_gin = Path(args.sweep_gin)
-    if not sweep_gin.is_absolute():
-        sweep_gin = REPO / sweep_gin
-    if not sweep_gin.is_file():
-        parser.error(f"--sweep_gin: no such gin file {args.sweep_gin!r}")
-    if args.report_only and args.from_records:
-        parser.error("--report_only and --from_records exclude each other")
+    seeds, sweep_gin = se.check_driver_flags(parser, args, REPO)
     docs = Path(args.docs_dir)
     n, total = schedule(sweep_gin)
     if args.from_records:
         records = se.read_records(docs / NAME / "records.json")
-    elif args.root is None:
-        parser.error("--root is required (or --from_records)")
     else:
         root = Path(args.root).absolute()
         if not args.report_only:

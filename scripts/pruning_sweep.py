@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import gin
-
 from experiments.convert import expert_surgery as ex
 from experiments.convert.surgery_eval import SurgeryEvaluator
 from experiments.reporting import pruning_report as pr
@@ -57,13 +55,11 @@ def kept(e: int, fraction: float) -> int:
 
 def _train(workdir: Path, gin_files: list[str], params: list[str]) -> dict[str, Any]:
     """Trains (or resumes) unless summary.json exists; -> the summary."""
-    from experiments.train.trainer import train  # pylint: disable=g-import-not-at-top
+    from experiments.train.trainer import train_unless_finished  # pylint: disable=g-import-not-at-top
 
     if not (workdir / "summary.json").exists():
         log(f"training {workdir}")
-        gin.clear_config()
-        gin_utils.parse(gin_files, params)
-        train(workdir, quiet=True)
+    train_unless_finished(workdir, gin_files, params)
     return json.loads((workdir / "summary.json").read_text())
 
 

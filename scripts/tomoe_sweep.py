@@ -28,12 +28,10 @@ import math
 import sys
 from pathlib import Path
 
-import gin
-
 from experiments.convert.tomoe import TOMOE_FILE, ToMoEConfig, tomoe
 from experiments.reporting import surgery_experiments as se
-from experiments.runtime import cli, gin_utils
-from experiments.train.trainer import train
+from experiments.runtime import cli
+from experiments.train.trainer import train_unless_finished
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tomoe_pruning"
@@ -64,9 +62,7 @@ def run(root: Path, seeds: list[int], sweep_gin: Path, log=print,
         dense = root / f"seed{seed}" / "dense"
         if not (dense / "summary.json").exists():
             log(f"[{NAME}] seed {seed}: training the dense source")
-            gin.clear_config()
-            gin_utils.parse([str(sweep_gin)], [f"train.seed = {seed}"])
-            train(dense, quiet=True)
+        train_unless_finished(dense, se.run_gin_files(sweep_gin), [f"train.seed = {seed}"])
     for name, e, f, steps in conversions():
         for seed in seeds:
             out = root / f"seed{seed}" / name
@@ -133,32 +129,15 @@ def write_report(records: list[dict], seeds: list[int], docs: Path) -> None:
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--root", help="Directory of the runs (<root>/seed<s>/...).")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--sweep_gin", default=str(SWEEP_GIN),
-                        help="the dense source's config (trained when absent)")
-    parser.add_argument("--docs_dir", default="docs/experiments")
-    parser.add_argument("--report_only", action="store_true",
-                        help="train and convert nothing; report the finished conversions")
-    parser.add_argument("--from_records", action="store_true",
-                        help="rewrite the report and plot from --docs_dir's records alone")
+    se.add_driver_flags(
+        parser, sweep_gin=str(SWEEP_GIN), root_help="Directory of the runs (<root>/seed<s>/...).",
+        sweep_gin_help="the dense source's config (trained when absent)",
+        report_only_help="train and convert nothing; report the finished conversions")
     args = parser.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    sweep_gin = Path(args.sweep_gin)
-    if not sweep_gin.is_absolute():
-        sweep_gin = REPO / sweep_gin
-    if not sweep_gin.is_file():
-        parser.error(f"--sweep_gin: no such gin file {args.sweep_gin!r}")
-    if args.report_only and args.from_records:
-        parser.error("--report_only and --from_records exclude each other")
+    seeds, sweep_gin = se.check_driver_flags(parser, args, REPO)
     docs = Path(args.docs_dir)
     if args.from_records:
         records = se.read_records(docs / NAME / "records.json")
-    elif args.root is None:
-        parser.error("--root is required (or --from_records)")
     else:
         root = Path(args.root).absolute()
         if not args.report_only:

@@ -38,7 +38,7 @@ from experiments.convert.upcycle_checkpoint import UpcycleConfig, upcycle
 from experiments.reporting import protocol
 from experiments.reporting.metrics import read_jsonl
 from experiments.runtime import cli, gin_utils
-from experiments.train.trainer import train
+from experiments.train.trainer import train_unless_finished
 
 SWEEP_GIN = Path(__file__).resolve().parent.parent / "gin_configs" / "sweeps" / "upcycling.gin"
 UPCYCLED = {
@@ -61,14 +61,6 @@ RUNS = ("dense", "e8_top2", "e8_noise", "e8_drop", "e32_g4", "scratch")
 THRESHOLD = 2.0  # standard errors of the paired difference (the report's verdicts)
 
 
-def _train(workdir: Path, gin_files: list[str], gin_params: list[str]) -> None:
-    if (workdir / "summary.json").exists():
-        return
-    gin.clear_config()
-    gin_utils.parse(gin_files, gin_params)
-    train(workdir, quiet=True)
-
-
 def _curves(workdir: Path) -> dict[str, list]:
     valid = read_jsonl(workdir / "metrics.jsonl", "valid")
     train_records = read_jsonl(workdir / "metrics.jsonl", "train")
@@ -79,7 +71,7 @@ def _curves(workdir: Path) -> dict[str, list]:
 def run_seed(root: Path, seed: int, extra: list[str], sweep_gin: Path = SWEEP_GIN) -> dict:
     seed_dir = root / f"seed{seed}"
     dense = seed_dir / "dense"
-    _train(dense, [str(sweep_gin)], [f"train.seed = {seed}", *extra])
+    train_unless_finished(dense, [str(sweep_gin)], [f"train.seed = {seed}", *extra])
     gin.clear_config()
     gin_utils.parse([str(sweep_gin)], extra)
     upcycle_step = gin.query_parameter("Checkpointer.save_every")
@@ -92,7 +84,7 @@ def run_seed(root: Path, seed: int, extra: list[str], sweep_gin: Path = SWEEP_GI
                                       "dense_step": upcycle_step})
             upcycle(dense, workdir, gin_params=params, config=config, verify=True,
                     verify_batches=1000)
-        _train(workdir, [str(workdir / gin_utils.CONFIG_FILE)], [])
+        train_unless_finished(workdir, [str(workdir / gin_utils.CONFIG_FILE)], [])
         record = json.loads(record_file.read_text())
         curves = _curves(workdir)
         # The upcycled model before any MoE step, on the same validation batches.
@@ -100,8 +92,8 @@ def run_seed(root: Path, seed: int, extra: list[str], sweep_gin: Path = SWEEP_GI
         out[name] = dict(curves, step0=record["verify"], param_count=record["moe_param_count"],
                          dense_param_count=record["dense_param_count"])
     scratch = seed_dir / "scratch"
-    _train(scratch, [str(sweep_gin)], [f"train.seed = {seed}", "TransformerLM.moe_every = 2",
-                                       *extra])
+    train_unless_finished(scratch, [str(sweep_gin)],
+                          [f"train.seed = {seed}", "TransformerLM.moe_every = 2", *extra])
     out["scratch"] = _curves(scratch)
     return out
 

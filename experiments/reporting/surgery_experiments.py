@@ -11,6 +11,7 @@ final validation loss paired by seed (`protocol.verdict`, `THRESHOLD` standard e
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Sequence
@@ -21,9 +22,52 @@ import numpy as np
 
 from experiments.reporting import claims as claims_lib
 from experiments.reporting import protocol
+from experiments.runtime import gin_utils
 
 Record = dict[str, Any]
 THRESHOLD = 3.0  # standard errors of the paired difference, as in every sweep report
+
+
+PRESET_GIN = "experiments/research.gin"  # under gin_configs/
+
+
+def run_gin_files(sweep_gin: Path) -> list[str]:
+    """The gin files of a driver's training runs: the research preset, then the driver's
+    --sweep_gin on top (a gin file includes one level only, and the preset includes its
+    model and data files, so the sweep file cannot include the preset)."""
+    return [str(gin_utils.GIN_CONFIGS_DIR / PRESET_GIN), str(sweep_gin)]
+
+
+def add_driver_flags(parser: argparse.ArgumentParser, *, sweep_gin: str, root_help: str,
+                     sweep_gin_help: str | None = None, report_only_help: str) -> None:
+    """The flags both drivers (scripts/tomoe_sweep.py, scripts/efficientscale_sweep.py) take."""
+    parser.add_argument("--root", help=root_help)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sweep_gin", default=sweep_gin, help=sweep_gin_help)
+    parser.add_argument("--docs_dir", default="docs/experiments")
+    parser.add_argument("--report_only", action="store_true", help=report_only_help)
+    parser.add_argument("--from_records", action="store_true",
+                        help="rewrite the report and plot from --docs_dir's records alone")
+
+
+def check_driver_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       repo: Path) -> tuple[list[int], Path]:
+    """(seeds, sweep gin file) of `add_driver_flags`'s flags; bad values exit 2 naming the
+    flag (a relative --sweep_gin is taken from the repo root)."""
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    sweep_gin = Path(args.sweep_gin)
+    if not sweep_gin.is_absolute():
+        sweep_gin = repo / sweep_gin
+    if not sweep_gin.is_file():
+        parser.error(f"--sweep_gin: no such gin file {args.sweep_gin!r}")
+    if args.report_only and args.from_records:
+        parser.error("--report_only and --from_records exclude each other")
+    if not args.from_records and args.root is None:
+        parser.error("--root is required (or --from_records)")
+    return seeds, sweep_gin
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import gin
 import jax
 import numpy as np
 
@@ -214,6 +216,19 @@ def _evaluate(runtimes: Runtimes, run: RunState, hooks, eval_batches,
                                           for_eval=True)
     return evaluate(runtimes[run.train.structure].eval_step, run.train.params, eval_batches,
                     domains, router_state=None if router_state.empty else router_state)
+
+
+def train_unless_finished(workdir: str | paths.PathLike, gin_files: Sequence[str],
+                          gin_params: Sequence[str]) -> bool:
+    """Trains (or resumes) the run in `workdir` under a fresh gin config of `gin_files` and
+    `gin_params`, unless it has finished (its summary.json exists): the step of the
+    experiment drivers that makes them resumable. Returns whether it trained."""
+    if (paths.as_path(workdir) / SUMMARY_FILE).exists():
+        return False
+    gin.clear_config()
+    gin_utils.parse(list(gin_files), list(gin_params))
+    train(workdir, quiet=True)
+    return True
 
 
 def _flush(checkpointer: Checkpointer, log: StepLog | None) -> None:
