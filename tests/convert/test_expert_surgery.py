@@ -9,7 +9,6 @@ order, restore and resume training; bad input must leave nothing behind.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -26,7 +25,7 @@ from experiments.inference.restore import RestoredModel, restore_model
 from experiments.runtime import gin_utils
 from layers.transformer import TransformerLM
 from moe.router_state import SELECTION_BIAS, RouterState
-from tests.helpers import run_script, shared_training_run
+from tests.helpers import run_script, script_main, shared_training_run
 
 TINY = "--gin_file=gin_configs/experiments/test_tiny.gin"
 PARAMS = ("train.num_steps = 6", "Checkpointer.async_save = False",
@@ -56,21 +55,6 @@ def _source(run):
 
 def _leftovers(parent: Path, name: str) -> list[Path]:
     return [p for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.tmp_")]
-
-
-def _script_main(name: str):
-    """The script's `main(argv) -> exit status`, in process (argparse errors included)."""
-    spec = importlib.util.spec_from_file_location(name, Path("scripts") / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    def call(argv: list[str]) -> int:
-        try:
-            return module.main(argv)
-        except SystemExit as e:
-            return e.code
-
-    return call
 
 
 def test_cli_prune_uncurl_writes_a_consistent_workdir_that_trains(run, tmp_path, clean_gin):
@@ -134,7 +118,7 @@ def test_merge_with_explicit_groups_averages_by_task_frequency(run, tmp_path, cl
 
 def test_keep_below_k_needs_clip_k_and_clips_with_a_warning(run, tmp_path, clean_gin, capsys,
                                                             caplog):
-    main = _script_main("prune_experts")
+    main = script_main("prune_experts.py")
     out = tmp_path / "one"
     assert main([f"--workdir={run}", f"--out_workdir={out}", "--keep=1",
                  "--method=frequency", *TASK]) == 2
@@ -154,7 +138,7 @@ def test_keep_below_k_needs_clip_k_and_clips_with_a_warning(run, tmp_path, clean
     (("--keep=2", "--method=magic"), "--method"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(run, tmp_path, clean_gin, capsys, args, expected):
-    main = _script_main("prune_experts")
+    main = script_main("prune_experts.py")
     code = main([f"--workdir={run}", f"--out_workdir={tmp_path / 'out'}", *args])
     assert code == 2
     assert expected in capsys.readouterr().err
@@ -163,7 +147,7 @@ def test_bad_input_exits_2_and_writes_nothing(run, tmp_path, clean_gin, capsys, 
 
 def test_an_existing_out_workdir_is_refused(run, tmp_path, clean_gin, capsys):
     (tmp_path / "out").mkdir()
-    main = _script_main("merge_experts")
+    main = script_main("merge_experts.py")
     assert main([f"--workdir={run}", f"--out_workdir={tmp_path / 'out'}", "--keep=2"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert not any((tmp_path / "out").iterdir())
