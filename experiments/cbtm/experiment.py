@@ -135,7 +135,7 @@ def run_arm(plan: Plan, k: int, seed: int, env: dict[str, str]) -> None:
         _python("scripts/ensemble_eval.py", f"--clusters={clustering}",
                 *(f"--branch={b}" for b in branches), f"--top_k={top_k}",
                 f"--temperature={plan.temperature}", f"--prefix_tokens={plan.prefix_tokens}",
-                f"--json={out}", env=env)
+                *_eval_batches_flag(plan.seed_run(seed)), f"--json={out}", env=env)
 
 
 def _data_flags(run: Path) -> list[str]:
@@ -146,6 +146,16 @@ def _data_flags(run: Path) -> list[str]:
         if f"DataConfig.{name}" in bindings:
             flags.append(f"--{name}={bindings[f'DataConfig.{name}']}")
     return flags
+
+
+def _eval_batches_flag(run: Path) -> list[str]:
+    """`--eval_max_batches` of the seed run's own validation, passed to every ensemble_eval:
+    without it the evaluation would take the first branch's setting, which
+    `branch_eval_batches` makes much smaller, and the arms would be scored on other
+    tokens than the seed checkpoint."""
+    bindings = parse_bindings((run / "config.gin").read_text(encoding="utf-8"))
+    value = bindings.get("DataConfig.eval_max_batches")
+    return [] if value in (None, "None") else [f"--eval_max_batches={value}"]
 
 
 def _cluster(plan: Plan, k: int, seed: int, env: dict[str, str]) -> Path:
@@ -162,7 +172,7 @@ def evaluate_seed(plan: Plan, seed: int, seed_run: Path, env: dict[str, str]) ->
     if not out.is_file():
         _python("scripts/ensemble_eval.py", f"--clusters={_cluster(plan, 1, seed, env)}",
                 f"--branch={seed_run}", "--top_k=1", f"--prefix_tokens={plan.prefix_tokens}",
-                f"--json={out}", env=env)
+                *_eval_batches_flag(seed_run), f"--json={out}", env=env)
 
 
 def run(plan: Plan) -> None:

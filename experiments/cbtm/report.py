@@ -48,6 +48,7 @@ def collect(plan: Plan) -> dict[str, Any]:
                     "train_sizes": meta["sizes"]["train"]})
             if not result:
                 continue
+            _check_same_tokens(seed_eval, result, plan.arm(k, seed) / "ensemble.json")
             for name, loss in result["ensemble_loss"].items():
                 variant = BASELINE if k == 1 else f"k{k} {name}"
                 records.append({"variant": variant, "seed": seed, "valid_loss": loss,
@@ -59,6 +60,20 @@ def collect(plan: Plan) -> dict[str, Any]:
         "seeds": list(plan.seeds), "clusters": list(plan.clusters), "budget": plan.budget,
         "learning_rate": plan.learning_rate, "prefix_tokens": plan.prefix_tokens,
         "temperature": plan.temperature}}
+
+
+def _check_same_tokens(seed_eval: dict[str, Any] | None, result: dict[str, Any],
+                       where: Path) -> None:
+    """Every arm must be scored on the seed checkpoint's tokens, or the table pairs losses
+    over different validation subsets."""
+    if not seed_eval:
+        return
+    ours = (result.get("batches"), result.get("scored_tokens"))
+    theirs = (seed_eval.get("batches"), seed_eval.get("scored_tokens"))
+    if ours != theirs:
+        raise ValueError(f"{where}: scored on {ours[0]} validation batches {ours[1]}, the seed "
+                         f"checkpoint's evaluation on {theirs[0]} {theirs[1]}; delete it and "
+                         f"rerun the driver to evaluate it on the same tokens")
 
 
 def _mean_branch(losses: list[dict[str, float]]) -> dict[str, float]:

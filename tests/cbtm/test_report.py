@@ -73,3 +73,43 @@ def test_driver_skips_finished_pieces_and_matches_compute(tmp_path, monkeypatch)
     assert "--top_k=1,2" in calls[2][1]
     with pytest.raises(ValueError, match="--clusters 3: every k must be >= 1 and divide"):
         Plan(root=tmp_path, clusters=(1, 3), budget=8)
+
+
+def test_report_refuses_an_arm_scored_on_other_tokens_than_the_seed(tmp_path):
+    # The seed checkpoint was scored on 16 validation batches, the k = 2 arm on 2 (the
+    # branch runs' own small evaluation): the pair would compare different tokens.
+    plan = Plan(root=tmp_path / "runs", seeds=(0,), clusters=(1, 2))
+    _fake(plan, 0, dense=2.0, top1=1.9)
+    tokens = {"code": 30, "prose": 10}
+    (plan.root / "seed_eval").mkdir()
+    (plan.root / "seed_eval" / "seed0.json").write_text(json.dumps({
+        "batches": 16, "scored_tokens": tokens,
+        "ensemble_loss": {"top1": {"code": 2.1, "prose": 2.1, "all": 2.1}}}))
+    for k, batches in ((1, 16), (2, 2)):
+        path = plan.arm(k, 0) / "ensemble.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "batches": batches,
+                                    "scored_tokens": tokens}))
+    docs = tmp_path / "docs"
+    with pytest.raises(ValueError, match=r"k2/seed0/ensemble.json: scored on 2 validation "
+                                         r"batches .* on 16 "):
+        write_report(plan, docs)
+
+
+def test_driver_passes_the_seed_runs_validation_size_to_every_evaluation(tmp_path, monkeypatch):
+    # The seed run validates on 16 batches; the branches' own config says 2. The seed
+    # checkpoint's and the arm's ensemble evaluations must both ask for 16.
+    seeds = tmp_path / "seeds"
+    (seeds / "seed0").mkdir(parents=True)
+    (seeds / "seed0" / "summary.json").write_text(json.dumps({"step": 500}))
+    (seeds / "seed0" / "config.gin").write_text("DataConfig.eval_max_batches = 16\n")
+    plan = Plan(root=tmp_path / "root", seeds=(0,), clusters=(1,), budget=4, seed_runs=seeds)
+    plan.clustering(1, 0).mkdir(parents=True)
+    (plan.clustering(1, 0) / "clusters.json").write_text("{}")
+    (plan.arm(1, 0) / "branch0").mkdir(parents=True)
+    (plan.arm(1, 0) / "branch0" / "summary.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(experiment, "_python", lambda script, *args, env: calls.append(
+        (script, args)))
+    experiment.run(plan)
+    evals = [args for script, args in calls if script == "scripts/ensemble_eval.py"]
+    assert len(evals) == 2 and all("--eval_max_batches=16" in args for args in evals)
