@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default="0.75,0.5,0.25", help="keep fractions E'/E")
     parser.add_argument("--methods", default=",".join(pr.METHODS),
                         help=f"surgeries, of {list(pr.METHODS)}")
-    parser.add_argument("--recover_methods", default="uncurl",
+    parser.add_argument("--recover_methods", default="uncurl,frequency,random",
                         help="surgeries that get the recovery fine-tune ('' = none)")
     parser.add_argument("--recover_domains", default="code",
                         help="domains whose surgeries get the recovery fine-tune")
