@@ -1,6 +1,7 @@
-"""Learning to Skip in the trainer (tiny, 2 micro-batches): per-layer skip rates, the
-budget loss and the realised FLOPs are logged, KV-cache generation agrees with the
-full forward pass, and a checkpoint resume reproduces the losses."""
+"""Learning to Skip in the trainer (tiny, 8 simulated devices as {data: 2, fsdp: 2,
+expert: 2}): per-layer skip rates, the budget loss and the realised FLOPs are logged,
+KV-cache generation agrees with the full forward pass, and a checkpoint resume
+reproduces the losses."""
 
 import shutil
 
@@ -16,6 +17,9 @@ SKIP = [
     "SkipBlock.target_skip_rate = 0.5",
     "SkipBlock.init_bias = 0.0",  # mixed decisions from the first step
     "LossWeights.skip_weight = 1.0",
+    # 8 simulated devices: batch rows over data x fsdp x expert, expert weights over expert.
+    "MESH_SHAPE = {'data': 2, 'fsdp': 2, 'expert': 2}",
+    "train.num_microbatches = 1",
 ]
 
 
