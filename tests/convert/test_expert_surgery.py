@@ -4,7 +4,7 @@ scripts/merge_experts.py, experiments.convert.expert_surgery).
 The run: test_tiny.gin (layer_1 is a top-2 MoE of 4 experts), renormalised
 top-k weights, loss-free selection biases, 6 steps. The pruned workdir must
 hold exactly the kept experts' weights, router columns and biases, in their
-order, restore and resume training; bad input must leave nothing behind.
+order, restore, resume training and generate; bad input must leave nothing behind.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from experiments.runtime import gin_utils
 from layers.transformer import TransformerLM
 from moe.router_state import SELECTION_BIAS, RouterState
 from tests.helpers import run_script, script_main, shared_training_run
+from tests.train.test_conditional_compute import _check_generation as check_generation
 
 TINY = "--gin_file=gin_configs/experiments/test_tiny.gin"
 PARAMS = ("train.num_steps = 6", "Checkpointer.async_save = False",
@@ -91,6 +92,8 @@ def test_cli_prune_uncurl_writes_a_consistent_workdir_that_trains(run, tmp_path,
                          "--gin_param=train.num_steps = 8")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (out / "checkpoints" / "8").is_dir()
+    # ... and generates: KV-cache greedy decoding = the full forward pass's argmax.
+    check_generation(out)
 
 
 def test_merge_with_explicit_groups_averages_by_task_frequency(run, tmp_path, clean_gin):
