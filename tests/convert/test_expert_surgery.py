@@ -16,6 +16,7 @@ from pathlib import Path
 import gin
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -23,6 +24,7 @@ from experiments.convert import expert_surgery as ex
 from experiments.inference import routing_stats
 from experiments.inference.restore import RestoredModel, restore_model
 from experiments.runtime import gin_utils
+from experiments.train.optim import make_optimizer
 from layers.transformer import TransformerLM
 from moe.router_state import SELECTION_BIAS, RouterState
 from tests.helpers import run_script, script_main, shared_training_run
@@ -117,6 +119,19 @@ def test_merge_with_explicit_groups_averages_by_task_frequency(run, tmp_path, cl
     np.testing.assert_array_equal(new["experts"]["wo"][1:], ffn["experts"]["wo"][2:])
     np.testing.assert_allclose(np.asarray(merged.router_state.layers["layer_1"][SELECTION_BIAS]),
                                [c @ bias[:2], bias[2], bias[3]], rtol=1e-5, atol=1e-7)
+    # optimizer_state='reset': fresh Adam moments (zero), though the source's are not.
+    mu_new, mu_old = _adam_mu(tmp_path / "merged", merged), _adam_mu(run, _source(run)[0])
+    assert max(np.abs(np.asarray(x)).max() for x in jax.tree.leaves(mu_new)) == 0
+    assert np.abs(np.asarray(mu_old["layer_1"]["ffn"]["experts"]["wi"])).max() > 0
+
+
+def _adam_mu(workdir: Path, restored: RestoredModel):
+    """The first moments of the Adam state saved in `workdir` at step 6."""
+    tx = make_optimizer(optax.constant_schedule(0.0))
+    full = ex._read_full(  # pylint: disable=protected-access
+        workdir, 6, jax.eval_shape(lambda: restored.params), tx)
+    return next(x for x in jax.tree.leaves(full.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+                if hasattr(x, "mu")).mu
 
 
 def test_keep_below_k_needs_clip_k_and_clips_with_a_warning(run, tmp_path, clean_gin, capsys,
