@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.reporting.metrics import read_jsonl
+from experiments.train.train_step import LossWeights
 from tests.train.test_conditional_compute import _check_generation, _run
 
 SKIP = [
@@ -44,3 +45,8 @@ def test_skip_model_logs_skip_rates_and_realised_flops_and_resumes_exactly(tmp_p
     first = {r["step"]: r["loss"] for r in records}
     second = {r["step"]: r["loss"] for r in read_jsonl(resumed / "metrics.jsonl", "train")}
     assert second == pytest.approx(first, rel=1e-5)
+
+
+def test_a_negative_skip_weight_is_refused_by_name():
+    with pytest.raises(ValueError, match="skip_weight=-1"):
+        LossWeights(skip_weight=-1.0)
