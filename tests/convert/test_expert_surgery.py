@@ -9,6 +9,7 @@ order, restore, resume training and generate; bad input must leave nothing behin
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -25,7 +26,9 @@ from experiments.inference import routing_stats
 from experiments.inference.restore import RestoredModel, restore_model
 from experiments.runtime import gin_utils
 from experiments.train.optim import make_optimizer
+from layers.moe_layer import MoeLayer
 from layers.transformer import TransformerLM
+from layers.widenet import widenet_lm
 from moe.router_state import SELECTION_BIAS, RouterState
 from tests.helpers import run_script, script_main, shared_training_run
 from tests.train.test_conditional_compute import _check_generation as check_generation
@@ -186,4 +189,20 @@ def test_a_dense_checkpoint_is_refused():
     restored = RestoredModel(workdir=Path("dense"), step=0, vocab_size=11, graphdef=graphdef,
                              params=params.to_pure_dict(), rest=rest, router_state=RouterState())
     with pytest.raises(ex.NotMoeError, match="dense \\(no MoE layers\\)"):
+        ex._sizes(restored, ex.SurgeryConfig(keep=2), "prune")  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("share_router", [True, False])
+def test_a_widenet_checkpoint_with_shared_experts_is_refused(share_router):
+    """WideNet stores the shared experts once (under layer_0): refused by name, before
+    any statistics are collected, whether the router is shared too or not."""
+    base = functools.partial(TransformerLM, d_model=8, num_layers=2, num_heads=2, d_ff=8,
+                             moe_every=1, moe_block=functools.partial(MoeLayer, num_experts=4,
+                                                                      k=2, d_ff=8))
+    model = widenet_lm(11, rngs=nnx.Rngs(0), base=base, share_router=share_router)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    restored = RestoredModel(workdir=Path("widenet"), step=0, vocab_size=11, graphdef=graphdef,
+                             params=params.to_pure_dict(), rest=rest, router_state=RouterState())
+    with pytest.raises(ValueError, match=r"MoE layers \['layer_0', 'layer_1'\] share one set "
+                                         r"of experts \(WideNet"):
         ex._sizes(restored, ex.SurgeryConfig(keep=2), "prune")  # pylint: disable=protected-access
