@@ -103,8 +103,9 @@ def unscanned_view(restored: RestoredModel) -> RestoredModel:
     if scan_lib.SCANNED not in restored.params:
         return restored
     if restored.sharding is not None:
-        raise ValueError(f"{restored.workdir}: expert surgery of a scanned run on a mesh "
-                         "(MESH_SHAPE bound) is not supported")
+        raise ValueError(f"{restored.workdir}: routing statistics (expert surgery, the routing "
+                         "analysis) of a scanned run on a mesh (MESH_SHAPE bound) are not "
+                         "supported")
     gin.bind_parameter("TransformerLM.scan_layers", False)
     try:
         model = build_model(model_cls(), restored.vocab_size, seed=0)

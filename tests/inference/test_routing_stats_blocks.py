@@ -20,7 +20,12 @@ import pytest
 from flax import nnx
 
 from experiments.inference.restore import RestoredModel
-from experiments.inference.routing_stats import NoTokenRoutingError, collect_stats
+from experiments.inference.routing_stats import (
+    NoTokenRoutingError,
+    collect_stats,
+    unscanned_view,
+)
+from layers import scan as scan_lib
 from layers.moe_layer import MoeLayer
 from layers.routers import NullExpertRouter
 from layers.soft_moe import SoftMoeLayer
@@ -92,3 +97,14 @@ def test_soft_moe_is_refused_by_name():
     with pytest.raises(NoTokenRoutingError,
                        match="layer_1: .*SoftMoeLayer has no per-token expert choices"):
         collect_stats(_restored(model), [BATCH])
+
+
+def test_a_scanned_run_on_a_mesh_is_refused_by_name():
+    """The unscanned view rebuilds the model without its sharding: a scanned checkpoint
+    restored on a mesh is refused (the fields besides params and sharding are unused)."""
+    restored = RestoredModel(workdir=Path("scanned_on_mesh"), step=0, vocab_size=V,
+                             graphdef=None, params={scan_lib.SCANNED: {}}, rest=None,
+                             router_state=RouterState(), sharding=object())
+    with pytest.raises(ValueError, match=r"scanned_on_mesh: routing statistics .* of a scanned "
+                                         r"run on a mesh \(MESH_SHAPE bound\)"):
+        unscanned_view(restored)
