@@ -6,7 +6,7 @@ WideNet: one MoE module serves every layer. The pass must record one entry per
 layer, each the routing of that layer's own call (the per-layer norms make the
 inputs, so the routing, differ by depth): checked against the counts each layer
 reports in its own aux on the same batch. Zero-computation experts: only FFN
-assignments count. Soft MoE has no per-token expert
+assignments count. Learning to Skip: the skipped tokens are left out. Soft MoE has no per-token expert
 choices: the pass refuses it by name instead of failing inside the layer.
 """
 
@@ -28,6 +28,7 @@ from experiments.inference.routing_stats import (
 from layers import scan as scan_lib
 from layers.moe_layer import MoeLayer
 from layers.routers import NullExpertRouter
+from layers.skip import SkipBlock
 from layers.soft_moe import SoftMoeLayer
 from layers.transformer import TransformerLM
 from layers.widenet import widenet_lm
@@ -52,14 +53,14 @@ def _moe(**router) -> functools.partial:
     return functools.partial(MoeLayer, num_experts=4, k=2, d_ff=8, **router)
 
 
-def _check_counts_match_the_layers_own(model) -> dict:
+def _check_counts_match_the_layers_own(model, all_tokens: bool = True) -> dict:
     """The pass's per-layer counts equal what each MoE layer reports in its own aux on
     the same batch (inference mode, as the pass runs); -> the statistics."""
     _, aux = nnx.jit(lambda m, x: m(x, deterministic=True))(model, BATCH["inputs"])
     stats = collect_stats(_restored(model), [BATCH])
     assert sorted(stats) == sorted(model.moe_layer_names)
     for name in stats:
-        assert stats[name].num_tokens == B * S
+        assert stats[name].num_tokens == (B * S if all_tokens else aux[name].num_tokens)
         np.testing.assert_array_equal(stats[name].counts, np.asarray(aux[name].counts))
     return stats
 
@@ -87,6 +88,15 @@ def test_null_experts_count_the_ffn_experts_only():
     stats = _check_counts_match_the_layers_own(model)
     assert all(stats[n].counts.shape == (4,) and 0 < stats[n].counts.sum() < 2 * B * S
                for n in stats)
+
+
+def test_skip_routers_leave_skipped_tokens_out_of_the_statistics():
+    """Learning to Skip (unit 'ffn', router bias 0: mixed decisions): the pass sees the
+    MoE blocks as inference runs them, the skipped tokens masked out."""
+    model = BASE(rngs=nnx.Rngs(0), num_layers=2, moe_block=_moe(),
+                 block=functools.partial(SkipBlock, unit="ffn", init_bias=0.0))
+    stats = _check_counts_match_the_layers_own(model, all_tokens=False)
+    assert all(0 < stats[n].num_tokens < B * S for n in stats)
 
 
 def test_soft_moe_is_refused_by_name():
