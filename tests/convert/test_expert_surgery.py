@@ -128,6 +128,23 @@ def test_merge_with_explicit_groups_averages_by_task_frequency(run, tmp_path, cl
     assert np.abs(np.asarray(mu_old["layer_1"]["ffn"]["experts"]["wi"])).max() > 0
 
 
+def test_saved_statistics_are_reused_not_recomputed(run, clean_gin, monkeypatch):
+    """A second surgery of the same task and step reads the saved pass (items 2-3 of
+    issue 19 share one pass): with the collector disabled it still gets the same sums."""
+    restored = restore_model(run)
+    task = ex.TaskSpec(domain="code", split="validation", batches=2)
+    first, path = ex.task_stats(restored, task)
+    assert path.is_file()
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("statistics recomputed")
+
+    monkeypatch.setattr(routing_stats, "collect_stats", no_second_pass)
+    second, again = ex.task_stats(restored, task)
+    assert again == path
+    np.testing.assert_array_equal(second["layer_1"].coselect, first["layer_1"].coselect)
+
+
 def _adam_mu(workdir: Path, restored: RestoredModel):
     """The first moments of the Adam state saved in `workdir` at step 6."""
     tx = make_optimizer(optax.constant_schedule(0.0))
