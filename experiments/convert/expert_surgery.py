@@ -300,6 +300,7 @@ def _sizes(restored: RestoredModel, config: SurgeryConfig, operation: str,
     if not names:
         raise NotMoeError(f"{restored.workdir}: the checkpoint is dense (no MoE layers); expert "
                           f"pruning and merging need a MoE checkpoint")
+    _refuse_shared_experts(model, names, restored.workdir)
     sizes = {(model.moe_layer(n).num_experts, model.moe_layer(n).k) for n in names}
     if len(sizes) != 1:
         raise ValueError(f"MoE layers differ in (E, k): {sorted(sizes)}; one E' cannot be "
@@ -316,6 +317,21 @@ def _sizes(restored: RestoredModel, config: SurgeryConfig, operation: str,
                      new_e)
         new_k = new_e
     return names, e, k, new_e, new_k
+
+
+def _refuse_shared_experts(model: Any, names: tuple[str, ...], workdir: Path) -> None:
+    """ValueError when MoE layers share their FFN or experts (WideNet, `widenet_lm`): the
+    checkpoint holds the shared experts once, under the first layer, and the layers'
+    statistics may ask for different experts."""
+    owners: dict[int, list[str]] = {}
+    for name in names:
+        layer = model.moe_layer(name)
+        owners.setdefault(id(getattr(layer, "experts", layer)), []).append(name)
+    shared = next((group for group in owners.values() if len(group) > 1), None)
+    if shared:
+        raise ValueError(f"{workdir}: MoE layers {shared} share one set of experts (WideNet: "
+                         f"train.model_cls = @widenet_lm); expert pruning and merging transform "
+                         f"each layer's own experts and do not support shared ones")
 
 
 def _read_full(workdir: Path, step: int, abstract_params: Any,

@@ -45,11 +45,18 @@ class NoTokenRoutingError(ValueError):
     """A MoE layer's router is not token choice with per-token routing (e.g. expert choice)."""
 
 
-def _recording_class(name: str, sink: dict[str, RoutingStats]) -> type:
+def _next_name(names: tuple[str, ...], sink: Mapping[str, RoutingStats]) -> str:
+    """The layer a call of a module used by `names` (in call order) records: the first
+    not yet recorded. One module serves several layers when they share it (WideNet)."""
+    return next(n for n in names if n not in sink)
+
+
+def _recording_class(names: tuple[str, ...], sink: dict[str, RoutingStats]) -> type:
     """A MoeLayer subclass whose call also records the layer's routing statistics."""
 
     class Recording(MoeLayer):
         def __call__(self, x, *, mask=None, deterministic=True, rng=None, router_state=None):
+            name = _next_name(names, sink)
             y, aux = MoeLayer.__call__(self, x, mask=mask, deterministic=deterministic, rng=rng,
                                        router_state=router_state)
             tokens = x.reshape(-1, self.d_model)
@@ -73,12 +80,14 @@ def _recording_class(name: str, sink: dict[str, RoutingStats]) -> type:
     return Recording
 
 
-def _block_recording_class(cls: type, name: str, sink: dict[str, RoutingStats]) -> type:
+def _block_recording_class(cls: type, names: tuple[str, ...],
+                           sink: dict[str, RoutingStats]) -> type:
     """A subclass of a MoE block that computes its own statistics (`routing_stats(x,
     mask=, router_state=) -> RoutingStats`, e.g. `layers.mola.MolaFFN`) recording them."""
 
     class Recording(cls):
         def __call__(self, x, *, mask=None, deterministic=True, rng=None, router_state=None):
+            name = _next_name(names, sink)
             y, aux = cls.__call__(self, x, mask=mask, deterministic=deterministic, rng=rng,
                                   router_state=router_state)
             sink[name] = self.routing_stats(x, mask=mask, router_state=router_state)
@@ -94,8 +103,9 @@ def unscanned_view(restored: RestoredModel) -> RestoredModel:
     if scan_lib.SCANNED not in restored.params:
         return restored
     if restored.sharding is not None:
-        raise ValueError(f"{restored.workdir}: expert surgery of a scanned run on a mesh "
-                         "(MESH_SHAPE bound) is not supported")
+        raise ValueError(f"{restored.workdir}: routing statistics (expert surgery, the routing "
+                         "analysis) of a scanned run on a mesh (MESH_SHAPE bound) are not "
+                         "supported")
     gin.bind_parameter("TransformerLM.scan_layers", False)
     try:
         model = build_model(model_cls(), restored.vocab_size, seed=0)
@@ -114,11 +124,20 @@ def make_stats_step(restored: RestoredModel) -> Callable:
     def step(params, batch, domain):
         model = nnx.merge(graphdef, params, rest)
         sink: dict[str, RoutingStats] = {}
+        users: dict[int, tuple[Any, tuple[str, ...]]] = {}  # module id -> (module, its layers)
         for name in getattr(model, "moe_layer_names", ()):
             layer = model.moe_layer(name)
-            layer.__class__ = (_block_recording_class(type(layer), name, sink)
-                               if hasattr(layer, "routing_stats")
-                               else _recording_class(name, sink))
+            users[id(layer)] = (layer, users.get(id(layer), (layer, ()))[1] + (name,))
+        for layer, names in users.values():
+            if hasattr(layer, "routing_stats"):
+                layer.__class__ = _block_recording_class(type(layer), names, sink)
+            elif isinstance(layer, MoeLayer):
+                layer.__class__ = _recording_class(names, sink)
+            else:
+                raise NoTokenRoutingError(
+                    f"{names[0]}: routing statistics need token-choice routing; "
+                    f"{type(layer).__name__} has no per-token expert choices and no "
+                    "routing_stats method")
         segment_ids = batch["segment_ids"]
         if "domain" in batch:
             segment_ids = jnp.where((domain < 0) | (batch["domain"] == domain), segment_ids, 0)

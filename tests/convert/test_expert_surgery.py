@@ -4,11 +4,12 @@ scripts/merge_experts.py, experiments.convert.expert_surgery).
 The run: test_tiny.gin (layer_1 is a top-2 MoE of 4 experts), renormalised
 top-k weights, loss-free selection biases, 6 steps. The pruned workdir must
 hold exactly the kept experts' weights, router columns and biases, in their
-order, restore and resume training; bad input must leave nothing behind.
+order, restore, resume training and generate; bad input must leave nothing behind.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import gin
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -23,9 +25,13 @@ from experiments.convert import expert_surgery as ex
 from experiments.inference import routing_stats
 from experiments.inference.restore import RestoredModel, restore_model
 from experiments.runtime import gin_utils
+from experiments.train.optim import make_optimizer
+from layers.moe_layer import MoeLayer
 from layers.transformer import TransformerLM
+from layers.widenet import widenet_lm
 from moe.router_state import SELECTION_BIAS, RouterState
 from tests.helpers import run_script, script_main, shared_training_run
+from tests.train.test_conditional_compute import _check_generation as check_generation
 
 TINY = "--gin_file=gin_configs/experiments/test_tiny.gin"
 PARAMS = ("train.num_steps = 6", "Checkpointer.async_save = False",
@@ -91,6 +97,8 @@ def test_cli_prune_uncurl_writes_a_consistent_workdir_that_trains(run, tmp_path,
                          "--gin_param=train.num_steps = 8")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (out / "checkpoints" / "8").is_dir()
+    # ... and generates: KV-cache greedy decoding = the full forward pass's argmax.
+    check_generation(out)
 
 
 def test_merge_with_explicit_groups_averages_by_task_frequency(run, tmp_path, clean_gin):
@@ -114,6 +122,36 @@ def test_merge_with_explicit_groups_averages_by_task_frequency(run, tmp_path, cl
     np.testing.assert_array_equal(new["experts"]["wo"][1:], ffn["experts"]["wo"][2:])
     np.testing.assert_allclose(np.asarray(merged.router_state.layers["layer_1"][SELECTION_BIAS]),
                                [c @ bias[:2], bias[2], bias[3]], rtol=1e-5, atol=1e-7)
+    # optimizer_state='reset': fresh Adam moments (zero), though the source's are not.
+    mu_new, mu_old = _adam_mu(tmp_path / "merged", merged), _adam_mu(run, _source(run)[0])
+    assert max(np.abs(np.asarray(x)).max() for x in jax.tree.leaves(mu_new)) == 0
+    assert np.abs(np.asarray(mu_old["layer_1"]["ffn"]["experts"]["wi"])).max() > 0
+
+
+def test_saved_statistics_are_reused_not_recomputed(run, clean_gin, monkeypatch):
+    """A second surgery of the same task and step reads the saved pass (items 2-3 of
+    issue 19 share one pass): with the collector disabled it still gets the same sums."""
+    restored = restore_model(run)
+    task = ex.TaskSpec(domain="code", split="validation", batches=2)
+    first, path = ex.task_stats(restored, task)
+    assert path.is_file()
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("statistics recomputed")
+
+    monkeypatch.setattr(routing_stats, "collect_stats", no_second_pass)
+    second, again = ex.task_stats(restored, task)
+    assert again == path
+    np.testing.assert_array_equal(second["layer_1"].coselect, first["layer_1"].coselect)
+
+
+def _adam_mu(workdir: Path, restored: RestoredModel):
+    """The first moments of the Adam state saved in `workdir` at step 6."""
+    tx = make_optimizer(optax.constant_schedule(0.0))
+    full = ex._read_full(  # pylint: disable=protected-access
+        workdir, 6, jax.eval_shape(lambda: restored.params), tx)
+    return next(x for x in jax.tree.leaves(full.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+                if hasattr(x, "mu")).mu
 
 
 def test_keep_below_k_needs_clip_k_and_clips_with_a_warning(run, tmp_path, clean_gin, capsys,
@@ -168,4 +206,20 @@ def test_a_dense_checkpoint_is_refused():
     restored = RestoredModel(workdir=Path("dense"), step=0, vocab_size=11, graphdef=graphdef,
                              params=params.to_pure_dict(), rest=rest, router_state=RouterState())
     with pytest.raises(ex.NotMoeError, match="dense \\(no MoE layers\\)"):
+        ex._sizes(restored, ex.SurgeryConfig(keep=2), "prune")  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("share_router", [True, False])
+def test_a_widenet_checkpoint_with_shared_experts_is_refused(share_router):
+    """WideNet stores the shared experts once (under layer_0): refused by name, before
+    any statistics are collected, whether the router is shared too or not."""
+    base = functools.partial(TransformerLM, d_model=8, num_layers=2, num_heads=2, d_ff=8,
+                             moe_every=1, moe_block=functools.partial(MoeLayer, num_experts=4,
+                                                                      k=2, d_ff=8))
+    model = widenet_lm(11, rngs=nnx.Rngs(0), base=base, share_router=share_router)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    restored = RestoredModel(workdir=Path("widenet"), step=0, vocab_size=11, graphdef=graphdef,
+                             params=params.to_pure_dict(), rest=rest, router_state=RouterState())
+    with pytest.raises(ValueError, match=r"MoE layers \['layer_0', 'layer_1'\] share one set "
+                                         r"of experts \(WideNet"):
         ex._sizes(restored, ex.SurgeryConfig(keep=2), "prune")  # pylint: disable=protected-access

@@ -76,7 +76,19 @@ def test_prune_a_scanned_run_with_shared_experts(run, tmp_path, clean_gin):
     tx = make_optimizer(optax.constant_schedule(0.0))
     full = ex._read_full(tmp_path / "pruned", 3,  # pylint: disable=protected-access
                          jax.eval_shape(lambda: pruned.params), tx)
-    adam = next(x for x in jax.tree.leaves(full.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
-                if hasattr(x, "mu"))
-    mu = scan_lib.unscan_tree(adam.mu)
+    # optimizer_state='carry' (the default): the kept experts' Adam moments, in order.
+    source_full = ex._read_full(run, 3,  # pylint: disable=protected-access
+                                jax.eval_shape(lambda: source.params), tx)
+    mu, old_mu = (scan_lib.unscan_tree(_adam(f.opt_state).mu) for f in (full, source_full))
+    keep = result.layers["layer_3"]["keep"]
     assert np.shape(mu["layer_3"]["ffn"]["experts"]["wo"])[0] == 3
+    np.testing.assert_array_equal(mu["layer_3"]["ffn"]["experts"]["wo"],
+                                  np.asarray(old_mu["layer_3"]["ffn"]["experts"]["wo"])[keep])
+    np.testing.assert_array_equal(mu["layer_3"]["ffn"]["router"]["kernel"],
+                                  np.asarray(old_mu["layer_3"]["ffn"]["router"]["kernel"])[:, keep])
+    assert np.abs(np.asarray(mu["layer_3"]["ffn"]["experts"]["wo"])).max() > 0
+
+
+def _adam(opt_state):
+    return next(x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+                if hasattr(x, "mu"))

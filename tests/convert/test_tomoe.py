@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 
 import gin
+import jax
+import numpy as np
 import pytest
 
+from experiments.convert import tomoe as tomoe_lib
 from experiments.inference.restore import restore_model
 from experiments.runtime import gin_utils
 from tests.convert.test_upcycle_checkpoint import dense_run  # noqa: F401  (shared fixture)
@@ -88,3 +91,22 @@ def test_unknown_method_is_refused(dense_run, tmp_path, capsys):  # noqa: F811
     assert _main()(["--method=magic", f"--workdir={dense_run}",
                     f"--out_workdir={tmp_path / 'out'}", "--num_experts=4", "--k=2"]) == 2
     assert "--method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weight_lr", [0.0, 1e-2])
+def test_expert_weights_are_frozen_unless_a_weight_learning_rate_is_given(weight_lr):
+    """learn_router on 32 hand-made tokens (d 4, E 2 experts of 3 units, k 1), 3 steps:
+    the router always trains; the experts come back bit-identical with
+    weight_learning_rate=0 (the default) and changed with a positive rate."""
+    rng = np.random.default_rng(0)
+    experts = {"wi": rng.normal(size=(2, 4, 3)).astype(np.float32),
+               "wo": rng.normal(size=(2, 3, 4)).astype(np.float32)}
+    data = {"x": rng.normal(size=(32, 4)).astype(np.float32),
+            "y": rng.normal(size=(32, 4)).astype(np.float32)}
+    config = tomoe_lib.ToMoEConfig(num_experts=2, k=1, steps=3, tokens_per_step=16,
+                                   weight_learning_rate=weight_lr)
+    kernel, tuned, _ = tomoe_lib.learn_router(experts, "relu", data, config, jax.random.key(0))
+    init = 0.02 * jax.random.normal(jax.random.split(jax.random.key(0))[0], (4, 2))
+    assert kernel.shape == (4, 2) and not np.allclose(kernel, np.asarray(init))
+    same = [np.array_equal(tuned[w], experts[w]) for w in experts]
+    assert same == ([True, True] if weight_lr == 0 else [False, False])

@@ -5,6 +5,7 @@ import functools
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from experiments.train.flops import flop_counter
@@ -95,3 +96,11 @@ def test_flops_count_shared_weights_once_per_layer():
     shared = flop_counter(widenet_lm(32, rngs=nnx.Rngs(0), base=BASE), batch_size=2, seq_len=6)
     plain = flop_counter(BASE(vocab_size=32, rngs=nnx.Rngs(0)), batch_size=2, seq_len=6)
     assert shared == plain  # the same computation, whatever the parameter count
+
+
+def test_scanned_layers_are_refused_by_name():
+    """A scanned model has no per-layer blocks to share: refused naming the binding."""
+    with pytest.raises(ValueError, match=r"widenet_lm needs unscanned layers "
+                                         r"\(TransformerLM.scan_layers = False\)"):
+        nnx.eval_shape(lambda: widenet_lm(32, rngs=nnx.Rngs(0),
+                                          base=functools.partial(BASE, scan_layers=True)))

@@ -66,6 +66,18 @@ def test_shared_experts_and_the_shared_gate_are_left_alone():
         assert out["router"]["kernel"].shape == (3, 2)
 
 
+def test_router_parameters_surgery_does_not_know_are_refused_by_name():
+    """A router with a parameter surgery has no rule for (the zero-computation experts'
+    null_kernel [d, m]): both operations refuse, naming the parameter."""
+    layer = _labelled_layer()
+    layer["router"] = {**layer["router"], "null_kernel": np.zeros((3, 2), np.float32)}
+    for operation in (lambda: es.prune_layer(layer, [0, 2]),
+                      lambda: es.merge_layer(layer, [[0, 1], [2, 3]])):
+        with pytest.raises(ValueError, match=r"does not know the router/expert parameters "
+                                             r"\['null_kernel'\]"):
+            operation()
+
+
 @pytest.mark.parametrize("keep", [[], [0, 0], [4], [-1]])
 def test_prune_refuses_bad_keep(keep):
     with pytest.raises(ValueError, match="keep must be distinct expert indices in"):

@@ -1,6 +1,7 @@
-"""Learning to Skip in the trainer (tiny, 2 micro-batches): per-layer skip rates, the
-budget loss and the realised FLOPs are logged, KV-cache generation agrees with the
-full forward pass, and a checkpoint resume reproduces the losses."""
+"""Learning to Skip in the trainer (tiny, 8 simulated devices as {data: 2, fsdp: 2,
+expert: 2}): per-layer skip rates, the budget loss and the realised FLOPs are logged,
+KV-cache generation agrees with the full forward pass, and a checkpoint resume
+reproduces the losses."""
 
 import shutil
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.reporting.metrics import read_jsonl
+from experiments.train.train_step import LossWeights
 from tests.train.test_conditional_compute import _check_generation, _run
 
 SKIP = [
@@ -16,6 +18,9 @@ SKIP = [
     "SkipBlock.target_skip_rate = 0.5",
     "SkipBlock.init_bias = 0.0",  # mixed decisions from the first step
     "LossWeights.skip_weight = 1.0",
+    # 8 simulated devices: batch rows over data x fsdp x expert, expert weights over expert.
+    "MESH_SHAPE = {'data': 2, 'fsdp': 2, 'expert': 2}",
+    "train.num_microbatches = 1",
 ]
 
 
@@ -40,3 +45,8 @@ def test_skip_model_logs_skip_rates_and_realised_flops_and_resumes_exactly(tmp_p
     first = {r["step"]: r["loss"] for r in records}
     second = {r["step"]: r["loss"] for r in read_jsonl(resumed / "metrics.jsonl", "train")}
     assert second == pytest.approx(first, rel=1e-5)
+
+
+def test_a_negative_skip_weight_is_refused_by_name():
+    with pytest.raises(ValueError, match="skip_weight=-1"):
+        LossWeights(skip_weight=-1.0)
