@@ -6,7 +6,10 @@ Layout: group g owns the `sizes[g]` rows starting at the tile-aligned offset
 
 of an `[R, K]` buffer; the rows between a group's end and the next offset (and
 past the last group) are padding and **must be zero** (the dispatch gathers a
-zero row there). A buffer of `padded_rows(M, E, tile_m)` rows holds any split
+zero row there). A group's rows up to its last whole tile are multiplied by its
+weights (so its zero padding rows give zero outputs, and their gradient there is
+`grad @ rhs[g]^T`, which the dispatch never reads); rows past the last group's
+tiles give zeros. A buffer of `padded_rows(M, E, tile_m)` rows holds any split
 of M rows into E groups. Because no tile straddles two groups, nothing is
 visited twice and nothing is masked.
 

@@ -16,7 +16,7 @@ from moe import dispatch, routing
 from moe.dispatch import dispatchers
 from moe.dispatch.registry import DispatchTraits, dispatch_traits, unavailable
 from moe.experts import ExpertFFN
-from moe.kernels import xla_gmm
+from moe.kernels import padded_gmm, xla_gmm
 from moe.numeric import ceil_div_float
 
 # --------------------------------------------------------------------------- capacity
@@ -266,7 +266,7 @@ def test_a_dispatch_registered_in_a_test_module_is_checked_like_the_others():
 def test_grouped_capacity_keeps_the_buffers_drops_with_padding_and_priority():
     """On CPU, with large groups, the `sort` dispatch's capacity mode sends only the kept
     rows through the grouped matmul (no empty slots). With padding (tokens 0-3) and a priority order, it
-    must keep exactly what the `[E, C, d]` buffers keep and give the same output and
+    must keep exactly what the `[E, C, d]` buffers keep, through either grouped matmul, and give the same output and
     gradients (the registry's `sort` takes this path only for large groups, so the
     dispatch-wide tests at these sizes run the buffers)."""
     x, expert_index, weights = _routing(key=7)
@@ -274,17 +274,21 @@ def test_grouped_capacity_keeps_the_buffers_drops_with_padding_and_priority():
                    mask=jnp.ones((NUM_TOKENS,)).at[:4].set(0.0))
     grouped = functools.partial(dispatchers.grouped_capacity_dispatch, gmm=xla_gmm.gmm,
                                 **options)
+    # The same through the tile-aligned layout and its grouped matmul (CPU's default).
+    padded = functools.partial(dispatchers.grouped_capacity_dispatch, gmm=padded_gmm.gmm,
+                               padded_tile=padded_gmm.DEFAULT_TILE_M, **options)
     buffers = functools.partial(dispatch.capacity_sort_dispatch, **options)
-    @jax.jit  # one program for both paths: one compile
-    def both(x, ffn):
+    @jax.jit  # one program for all paths: one compile
+    def all_paths(x, ffn):
         return [(f(x, expert_index, weights, ffn), jax.grad(
             lambda x, ffn, f=f: jnp.sum(jnp.sin(f(x, expert_index, weights, ffn).y)),
-            argnums=(0, 1))(x, ffn)) for f in (grouped, buffers)]
+            argnums=(0, 1))(x, ffn)) for f in (grouped, padded, buffers)]
 
-    (got, got_grads), (want, want_grads) = both(x, _ffn())
+    *candidates, (want, want_grads) = all_paths(x, _ffn())
     assert 0 < int(jnp.sum(want.keep)) < 2 * (NUM_TOKENS - 4)  # drops happen
     assert not bool(jnp.any(want.keep[:4]))  # padding keeps nothing
-    np.testing.assert_array_equal(got.keep, want.keep)
-    np.testing.assert_allclose(got.y, want.y, atol=1e-5)
-    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-5)
+    for got, got_grads in candidates:
+        np.testing.assert_array_equal(got.keep, want.keep)
+        np.testing.assert_allclose(got.y, want.y, atol=1e-5)
+        for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-5)
