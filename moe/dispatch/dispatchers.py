@@ -141,6 +141,11 @@ def padded_layout_on(platforms: tuple[str, ...]) -> Iterator[None]:
         _PADDED_ON.pop()
 
 
+def padded_layout_active() -> bool:
+    """Whether `make_sort_dispatch(padded=True)` dispatches trace the padded layout here."""
+    return jax.default_backend() in _PADDED_ON[-1]
+
+
 def make_sort_dispatch(gmm: GroupedMatmul, name: str, *,
                        grouped_capacity_on: tuple[str, ...] = (),
                        padded: bool = False) -> Callable[..., DispatchOutput]:
@@ -155,7 +160,7 @@ def make_sort_dispatch(gmm: GroupedMatmul, name: str, *,
     (`padded_layout`) and go through `moe.kernels.padded_gmm.gmm` instead of `gmm`."""
 
     def grouped_plan() -> tuple[GroupedMatmul, int | None]:
-        if padded and jax.default_backend() in _PADDED_ON[-1]:
+        if padded and padded_layout_active():
             return padded_gmm.gmm, padded_gmm.DEFAULT_TILE_M
         return gmm, None
 
