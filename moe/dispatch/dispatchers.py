@@ -17,6 +17,7 @@ dropped; `einsum` is the reference.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -161,7 +162,8 @@ def make_sort_dispatch(gmm: GroupedMatmul, name: str, *,
 
     def grouped_plan() -> tuple[GroupedMatmul, int | None]:
         if padded and padded_layout_active():
-            return padded_gmm.gmm, padded_gmm.DEFAULT_TILE_M
+            tile = padded_gmm.DEFAULT_TILE_M  # the layout's and the matmul's tile must agree
+            return functools.partial(padded_gmm.gmm, tile_m=tile), tile
         return gmm, None
 
     def dispatch(x, expert_index, weights, ffn, *, capacity, priority=None, mask=None):

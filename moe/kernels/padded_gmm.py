@@ -37,7 +37,10 @@ from moe.kernels.xla_gmm import accumulator_dtype
 
 Array = jax.Array
 
-DEFAULT_TILE_M = 64
+# Measured on CPU (f32, d_model 512, MoE layer forward+backward ÷ dense, CPU time): tiles
+# of 32 / 64 / 128 rows gave 1.51 / 1.63 / 1.86x at 256 rows per expert (T=1024, E=8,
+# k=2) and 1.44 / 1.45 / 1.49x at 1024 (T=8192, E=64, k=8): smaller tiles pad less.
+DEFAULT_TILE_M = 32
 DEFAULT_CHUNK_M = 256
 
 
