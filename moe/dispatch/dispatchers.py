@@ -160,14 +160,15 @@ def make_sort_dispatch(gmm: GroupedMatmul, name: str, *,
     `padded`: on the platforms of `_PADDED_ON` the grouped rows are laid out tile-aligned
     (`padded_layout`) and go through `moe.kernels.padded_gmm.gmm` instead of `gmm`."""
 
-    def grouped_plan() -> tuple[GroupedMatmul, int | None]:
+    def grouped_plan(num_rows: int, num_experts: int) -> tuple[GroupedMatmul, int | None]:
         if padded and padded_layout_active():
             tile = padded_gmm.DEFAULT_TILE_M  # the layout's and the matmul's tile must agree
-            return functools.partial(padded_gmm.gmm, tile_m=tile), tile
+            chunk = padded_gmm.chunk_for(num_rows, num_experts, tile)
+            return functools.partial(padded_gmm.gmm, tile_m=tile, chunk_m=chunk), tile
         return gmm, None
 
     def dispatch(x, expert_index, weights, ffn, *, capacity, priority=None, mask=None):
-        grouped_gmm, tile = grouped_plan()
+        grouped_gmm, tile = grouped_plan(expert_index.size, ffn.num_experts)
         if capacity is not None:
             if (jax.default_backend() in grouped_capacity_on
                     and expert_index.size >= GROUPED_CAPACITY_MIN_ROWS * ffn.num_experts):

@@ -44,6 +44,16 @@ DEFAULT_TILE_M = 32
 DEFAULT_CHUNK_M = 256
 
 
+def chunk_for(num_rows: int, num_groups: int, tile_m: int = DEFAULT_TILE_M) -> int:
+    """Rows per matmul for `num_rows` rows in `num_groups` groups: the mean group size
+    rounded down to a power of two, within [tile_m, DEFAULT_CHUNK_M] (a multiple of
+    tile_m). Small groups get small chunks, and so fewer remainder sizes (each a branch
+    of the switch, compiled separately): tiny test shapes compile no switch at all."""
+    mean = max(num_rows // max(num_groups, 1), 1)
+    chunk = min(DEFAULT_CHUNK_M, 1 << (mean.bit_length() - 1))
+    return max(tile_m, chunk // tile_m * tile_m)
+
+
 def padded_rows(num_rows: int, num_groups: int, tile_m: int) -> int:
     """Static buffer rows holding `num_rows` rows in `num_groups` tile-aligned groups."""
     return round_up(num_rows + num_groups * (tile_m - 1), tile_m)
