@@ -32,8 +32,8 @@ from flax import nnx
 from experiments.bench import timing
 from experiments.bench.layer import compile_pair, dense_ffn, moe_layer
 from layers import MoeLayer
-from moe.dispatch.capacity import assign_slots
 from moe.dispatch import dispatchers
+from moe.dispatch.capacity import assign_slots
 from moe.dispatch.layout import capacity_layout, gather_to_rows, padded_layout, sorted_layout
 from moe.kernels import api as kernel_api
 from moe.kernels import padded_gmm, xla_gmm
@@ -170,8 +170,8 @@ def layer_breakdown(*, tokens: int, d_model: int, d_ff: int, num_experts: int, k
     record: dict[str, Any] = dict(
         tokens=tokens, d_model=d_model, d_ff=d_ff, num_experts=num_experts, k=k,
         dispatch=dispatch, capacity_factor=capacity_factor, capacity=capacity, rounds=rounds,
-        grouped_capacity=grouped, padded_layout=padded, kept_fraction=_kept_fraction(expert_index, num_experts,
-                                                               capacity),
+        grouped_capacity=grouped, padded_layout=padded,
+        kept_fraction=_kept_fraction(expert_index, num_experts, capacity),
         load_average=[load_before, timing.load_average()],
         ratio=timing.ratio_summary(wall["layer"], wall["dense"]),
         cpu_ratio=timing.ratio_summary(cpu["layer"], cpu["dense"]),

@@ -25,8 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from moe.dispatch.capacity import assign_slots
-from moe.dispatch.layout import (RowLayout, capacity_layout, combine_from_rows, gather_to_rows,
-                                 padded_layout, sorted_layout)
+from moe.dispatch.layout import (
+    RowLayout,
+    capacity_layout,
+    combine_from_rows,
+    gather_to_rows,
+    padded_layout,
+    sorted_layout,
+)
 from moe.experts import ExpertFFN, GroupedMatmul
 from moe.kernels import padded_gmm
 
