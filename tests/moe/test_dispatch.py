@@ -267,8 +267,9 @@ def test_grouped_capacity_keeps_the_buffers_drops_with_padding_and_priority():
     """On CPU, with large groups, the `sort` dispatch's capacity mode sends only the kept
     rows through the grouped matmul (no empty slots). With padding (tokens 0-3) and a
     priority order, it must keep exactly what the `[E, C, d]` buffers keep, through either
-    grouped matmul (tile loop, padded layout), and give the same output and gradients (the registry's `sort` takes this path only for large groups, so the
-    dispatch-wide tests at these sizes run the buffers)."""
+    grouped matmul (tile loop, padded layout), and give the same output and gradients
+    (the registry's `sort` takes this path only for large groups, so the dispatch-wide
+    tests at these sizes run the buffers)."""
     x, expert_index, weights = _routing(key=7)
     options = dict(capacity=4, priority=jax.random.uniform(jax.random.key(3), (NUM_TOKENS,)),
                    mask=jnp.ones((NUM_TOKENS,)).at[:4].set(0.0))
