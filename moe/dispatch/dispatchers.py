@@ -163,12 +163,15 @@ def make_sort_dispatch(gmm: GroupedMatmul, name: str, *,
     experts average at least `GROUPED_CAPACITY_MIN_ROWS` assignments (the same drops and
     values; on CPU the empty slots cost more than the grouped matmul at that size, and
     less below it: docs/benchmarks.md, "CPU targets").
-    `padded`: on the platforms of `_PADDED_ON` the grouped rows are laid out tile-aligned
+    `padded`: on the platforms of `_PADDED_ON`, when the experts average at least one
+    tile (`padded_gmm.DEFAULT_TILE_M`) of rows, the grouped rows are laid out tile-aligned
     (`padded_layout`) and go through `moe.kernels.padded_gmm.gmm` instead of `gmm`."""
 
     def grouped_plan(num_rows: int, num_experts: int) -> tuple[GroupedMatmul, int | None]:
-        if padded and padded_layout_active():
-            tile = padded_gmm.DEFAULT_TILE_M  # the layout's and the matmul's tile must agree
+        tile = padded_gmm.DEFAULT_TILE_M  # the layout's and the matmul's tile must agree
+        # Below a tile per expert on average the padding would at least double the rows
+        # (and tiny shapes would pay the padded path's longer compile for nothing).
+        if padded and padded_layout_active() and num_rows >= tile * num_experts:
             chunk = padded_gmm.chunk_for(num_rows, num_experts, tile)
             return functools.partial(padded_gmm.gmm, tile_m=tile, chunk_m=chunk), tile
         return gmm, None

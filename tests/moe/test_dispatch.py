@@ -293,3 +293,35 @@ def test_grouped_capacity_keeps_the_buffers_drops_with_padding_and_priority():
         np.testing.assert_allclose(got.y, want.y, atol=1e-5)
         for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
             np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_sort_takes_the_padded_layout_on_cpu_only_from_a_tile_of_rows_per_expert(monkeypatch):
+    # 64 tokens x top-2 over 4 experts = 128 rows, a tile (32) per expert on average: the
+    # padded grouped matmul, with the per-expert loop's values and gradients. 24 tokens
+    # (48 rows, 12 per expert) stay on the tile loop: padding would more than double them.
+    calls = []
+    real = padded_gmm.gmm
+    monkeypatch.setattr(padded_gmm, "gmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ffn = _ffn(key=3)
+    fn = dispatch.get_dispatch("sort")
+    x = jax.random.normal(jax.random.key(11), (64, D_MODEL))
+    gating = routing.top_k_gating(jax.random.normal(jax.random.key(12), (64, NUM_EXPERTS)), K,
+                                  normalize=True)
+    expert_index, weights = gating.expert_index, gating.weights
+
+    def loss(x, ffn):
+        return jnp.sum(jnp.sin(fn(x, expert_index, weights, ffn, capacity=None).y))
+
+    def loss_ref(x, ffn):
+        return jnp.sum(jnp.sin(_reference(x, expert_index, weights, ffn)))
+
+    np.testing.assert_allclose(fn(x, expert_index, weights, ffn, capacity=None).y,
+                               _reference(x, expert_index, weights, ffn), atol=1e-5)
+    for got, want in zip(jax.tree.leaves(jax.grad(loss, (0, 1))(x, ffn)),
+                         jax.tree.leaves(jax.grad(loss_ref, (0, 1))(x, ffn))):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert calls and jax.default_backend() == "cpu"
+    calls.clear()
+    small_x, small_index, small_weights = _routing()
+    fn(small_x, small_index, small_weights, ffn, capacity=None)
+    assert not calls
