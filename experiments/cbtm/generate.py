@@ -46,37 +46,54 @@ class EnsembleOutput:
     weights: np.ndarray
 
 
-class _Branch:
+@dataclasses.dataclass(frozen=True)
+class _Programs:
     """One branch's compiled prefill and decode step for a (B, P, L) bucket."""
 
-    def __init__(self, restored: RestoredModel, prompt: Sequence[int], max_new_tokens: int):
+    prefill: Any
+    step: Any
+
+
+def _compile(restored: RestoredModel, batch: int, prompt_len: int, max_len: int) -> _Programs:
+    graphdef, params, rest = restored.graphdef, restored.params, restored.rest
+    state = restored.router_state
+    rows = lambda dtype, *shape: jax.ShapeDtypeStruct(
+        (batch, *shape), dtype, sharding=None if restored.sharding is None
+        else restored.sharding.batch_sharding(1 + len(shape)))
+    with restored.context():
+        prefill = jax.jit(lambda p, r, s, t, n, real: generate_lib.prefill_logits(
+            graphdef, max_len, p, r, s, t, n, real)).lower(
+                params, rest, state, rows(jnp.int32, prompt_len), rows(jnp.int32),
+                rows(bool)).compile()
+        cache = jax.tree.map(lambda a: rows(a.dtype, *a.shape[1:]), jax.eval_shape(
+            lambda: nnx.merge(graphdef, params, rest).init_cache(batch, max_len)))
+
+        def step(p, r, s, cache, token, n, real, start, i):
+            return generate_lib.decode_logits(nnx.merge(graphdef, p, r), s, cache, token, n,
+                                              real, start, i)
+
+        donate = () if jax.default_backend() == "cpu" else (3,)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        step = jax.jit(step, donate_argnums=donate).lower(
+            params, rest, state, cache, rows(jnp.int32), rows(jnp.int32), rows(bool), scalar,
+            scalar).compile()
+    return _Programs(prefill, step)
+
+
+class _Branch:
+    """One branch decoding one prompt: its programs, inputs and KV cache."""
+
+    def __init__(self, restored: RestoredModel, programs: Callable[..., _Programs],
+                 prompt: Sequence[int], max_new_tokens: int):
         self.restored = restored
         batch, prompt_len, max_len = generate_lib.buckets(1, len(prompt), max_new_tokens,
                                                           restored.batch_shards)
+        self.programs = programs(restored, batch, prompt_len, max_len)
         tokens = np.zeros((batch, prompt_len), np.int32)
         tokens[0, prompt_len - len(prompt):] = prompt
         self.batch, self.start = batch, prompt_len
         self.inputs = (tokens, np.array([len(prompt)] + [0] * (batch - 1), np.int32),
                        np.arange(batch) < 1)
-        graphdef, params, rest = restored.graphdef, restored.params, restored.rest
-        state = restored.router_state
-        with restored.context():
-            self._prefill = jax.jit(
-                lambda p, r, s, t, n, real: generate_lib.prefill_logits(
-                    graphdef, max_len, p, r, s, t, n, real)
-            ).lower(params, rest, state, *map(self._put, self.inputs)).compile()
-            cache = jax.eval_shape(lambda: nnx.merge(graphdef, params, rest).init_cache(
-                batch, max_len))
-
-            def step(p, r, s, cache, token, n, real, start, i):
-                return generate_lib.decode_logits(nnx.merge(graphdef, p, r), s, cache, token,
-                                                  n, real, start, i)
-
-            donate = () if jax.default_backend() == "cpu" else (3,)
-            self._step = jax.jit(step, donate_argnums=donate).lower(
-                params, rest, state, cache, *map(self._put, (np.zeros(batch, np.int32),
-                                                             *self.inputs[1:])),
-                jnp.int32(0), jnp.int32(0)).compile()
         self.cache: Any = None
 
     def _put(self, array: np.ndarray) -> jax.Array:
@@ -89,15 +106,15 @@ class _Branch:
         """-> logits `[V]` of new token 0 (row 0)."""
         r = self.restored
         with r.context():
-            self.cache, logits = self._prefill(r.params, r.rest, r.router_state,
-                                               *map(self._put, self.inputs))
+            self.cache, logits = self.programs.prefill(r.params, r.rest, r.router_state,
+                                                       *map(self._put, self.inputs))
         return logits[0]
 
     def step(self, token: int, i: int) -> jax.Array:
         """Feeds new token i - 1 -> logits `[V]` of new token i."""
         r = self.restored
         with r.context():
-            logits, self.cache = self._step(
+            logits, self.cache = self.programs.step(
                 r.params, r.rest, r.router_state, self.cache,
                 self._put(np.full(self.batch, token, np.int32)),
                 *map(self._put, self.inputs[1:]), jnp.int32(self.start), jnp.int32(i))
@@ -137,6 +154,15 @@ class EnsembleGenerator:
         self.branches, self.features, self.centres = list(branches), features, centres
         self.decode, self.top_k, self.temperature = decode, top_k, temperature
         self.vocab_size = vocab.pop()
+        self._compiled: dict[tuple[int, int, int, int], _Programs] = {}
+
+    def _programs(self, restored: RestoredModel, batch: int, prompt_len: int,
+                  max_len: int) -> _Programs:
+        """Compiled once per branch model and bucket (a model given twice compiles once)."""
+        key = (id(restored), batch, prompt_len, max_len)
+        if key not in self._compiled:
+            self._compiled[key] = _compile(restored, batch, prompt_len, max_len)
+        return self._compiled[key]
 
     def weights(self, ids: Sequence[int]) -> np.ndarray:
         """`[k]` the weights of the context `ids` (decoded to text, featurised)."""
@@ -157,7 +183,7 @@ class EnsembleGenerator:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        programs = [_Branch(b, prompt, max_new_tokens) for b in self.branches]
+        programs = [_Branch(b, self._programs, prompt, max_new_tokens) for b in self.branches]
         rng = jax.random.PRNGKey(seed)
         ids: list[int] = []
         history: list[np.ndarray] = []

@@ -40,8 +40,7 @@ from experiments.runtime import paths
 from experiments.train.run_state import build_model, split_model
 from layers import scan as scan_lib
 from layers.moe_layer import MoeLayer
-from moe import expert_stats
-from moe import soft_stats
+from moe import expert_stats, soft_stats
 from moe.expert_stats import RoutingStats
 from moe.soft_stats import SoftRoutingStats
 
