@@ -308,6 +308,12 @@ def _sizes(restored: RestoredModel, config: SurgeryConfig, operation: str,
     (e, k), = sizes
     n = config.kept(e)
     new_e = e if operation == "merge" and config.router_merge == "alias" else n
+    groups = getattr(model.moe_layer(names[0]).router, "num_groups", None)
+    if groups and new_e != e:
+        _log.warning("TopKRouter.num_groups=%d: the %d kept experts are regrouped by index into "
+                     "groups of %d, so group-limited routing of the result differs from the "
+                     "source's even for tokens that used no removed expert", groups, new_e,
+                     new_e // groups)
     new_k = k
     if new_e < k:
         if not config.clip_k:

@@ -26,6 +26,7 @@ from experiments.inference.restore import RestoredModel, restore_model
 from experiments.runtime import gin_utils
 from experiments.train.optim import make_optimizer
 from layers.moe_layer import MoeLayer
+from layers.routers import TopKRouter
 from layers.transformer import TransformerLM
 from layers.widenet import widenet_lm
 from moe.router_state import SELECTION_BIAS, RouterState
@@ -216,3 +217,17 @@ def test_a_widenet_checkpoint_with_shared_experts_is_refused(share_router):
     with pytest.raises(ValueError, match=r"MoE layers \['layer_0', 'layer_1'\] share one set "
                                          r"of experts \(WideNet"):
         ex._sizes(restored, ex.SurgeryConfig(keep=2), "prune")  # pylint: disable=protected-access
+
+
+def test_pruning_a_group_limited_router_warns_that_the_groups_change(caplog):
+    # 8 experts in 4 groups of 2 (DeepSeek-style group-limited routing) pruned to 4: the
+    # kept experts form 4 groups of 1 by index, not the source's groups.
+    moe = functools.partial(MoeLayer, num_experts=8, k=2, d_ff=8,
+                            router=functools.partial(TopKRouter, num_groups=4, top_groups=2))
+    model = TransformerLM(vocab_size=11, d_model=8, num_layers=1, num_heads=2, d_ff=8,
+                          moe_every=1, moe_block=moe, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    restored = RestoredModel(workdir=Path("grouped"), step=0, vocab_size=11, graphdef=graphdef,
+                             params=params.to_pure_dict(), rest=rest, router_state=RouterState())
+    ex._sizes(restored, ex.SurgeryConfig(keep=4), "prune")  # pylint: disable=protected-access
+    assert "num_groups=4: the 4 kept experts are regrouped by index into groups of 1" in caplog.text
