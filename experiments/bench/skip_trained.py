@@ -263,12 +263,12 @@ def markdown(result: Mapping[str, Any]) -> list[str]:
     for r in rows:
         per_layer = ", ".join(f"{np.mean(list(r['skip_rate'][n].values())):.3f}"
                               if n in r["skip_rate"] else "-" for n in layers)
-        diff = r["max_abs_logit_diff"]
+        diff, mask = r["max_abs_logit_diff"], r.get("mask_vs_full_cpu")
         lines.append(
             f"| `{r['label']}` | {r['step']} | "
             f"{'-' if r['target_skip_rate'] is None else r['target_skip_rate']} | "
             f"{per_layer if r['skip_rate'] else '-'} | {r['skip_rate_overall']:.3f} | "
             f"{r['valid_loss']:.4f} | {r['route_out_wall_ms']:.2f} | "
             f"{r['route_out_vs_full_wall']:.3f} | {r['route_out_vs_full_cpu']:.3f} | "
-            f"{r.get('mask_vs_full_cpu', '-')} | {'-' if diff is None else f'{diff:.1e}'} |")
+            f"{'-' if mask is None else f'{mask:.3f}'} | {'-' if diff is None else f'{diff:.1e}'} |")
     return lines
