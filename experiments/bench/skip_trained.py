@@ -29,10 +29,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +45,8 @@ from experiments.inference.restore import RestoredModel, restore_model
 from layers.skip import MODULES, SkipBlock
 
 Batch = dict[str, jax.Array]
+# (params, rest, batch) -> (logits [B, S, V] float32, {layer: {module: skipped real tokens}})
+Forward = Callable[[Any, Any, Batch], tuple[jax.Array, dict[str, dict[str, jax.Array]]]]
 BATCH_KEYS = ("inputs", "segment_ids", "positions")
 
 
@@ -60,7 +63,7 @@ class Loaded:
 
     label: str
     restored: RestoredModel
-    forwards: dict[str, Any]  # {mode: jitted (params, rest, batch) -> (logits, skipped)}
+    forwards: dict[str, Forward]  # {mode: its jitted forward}
     batches: list[Batch]
     targets: list[np.ndarray]
     unit: str | None
@@ -68,7 +71,15 @@ class Loaded:
 
 
 def load(workdir: Path, label: str, max_batches: int | None) -> Loaded:
-    """Restores `workdir` (parses its config: clears gin) and its validation batches."""
+    """Restores `workdir` and its validation batches and compiles its forwards, under its
+    run's config (gin is cleared before and after)."""
+    try:
+        return _load(workdir, label, max_batches)
+    finally:
+        gin.clear_config()
+
+
+def _load(workdir: Path, label: str, max_batches: int | None) -> Loaded:
     restored = restore_model(workdir)
     data = DataConfig()  # the run's, parsed by restore_model
     if max_batches is not None:
@@ -87,16 +98,18 @@ def load(workdir: Path, label: str, max_batches: int | None) -> Loaded:
     batches = [{k: jnp.asarray(b[k]) for k in BATCH_KEYS if k in b} for b in raw]
     if not batches:
         raise ValueError(f"{label}: its run's config gives no validation batches")
+    shapes = {b["inputs"].shape: b for b in batches}  # one batch of every shape
     with restored.context():  # compiled now, while gin holds this run's config
         for forward in forwards.values():
-            jax.block_until_ready(forward(restored.params, restored.rest, batches[0]))
+            for batch in shapes.values():
+                jax.block_until_ready(forward(restored.params, restored.rest, batch))
     return Loaded(label=label, restored=restored, forwards=forwards, batches=batches,
                   targets=[np.asarray(b["targets"]) for b in raw],
                   unit=blocks[0].unit if blocks else None,
                   target_skip_rate=blocks[0].target_skip_rate if blocks else None)
 
 
-def _forward(graphdef: nnx.GraphDef, router_state: Any):
+def _forward(graphdef: nnx.GraphDef, router_state: Any) -> Forward:
     @jax.jit
     def forward(params, rest, batch: Batch):
         """-> (logits `[B, S, V] float32`, `{layer: {module: skipped real tokens []}}`)."""
@@ -112,7 +125,7 @@ def _forward(graphdef: nnx.GraphDef, router_state: Any):
     return forward
 
 
-def run_all(forward, params, rest, batches: Sequence[Batch]) -> list[Any]:
+def run_all(forward: Forward, params: Any, rest: Any, batches: Sequence[Batch]) -> list[Any]:
     """One forward per batch (what one timed call does)."""
     return [forward(params, rest, b) for b in batches]
 
@@ -197,7 +210,7 @@ def time_all(loaded: Sequence[Loaded], rounds: int, min_time: float,
     return scale(wall), scale(cpu)
 
 
-def _bound(item: Loaded, forward):
+def _bound(item: Loaded, forward: Forward) -> Callable[[], list[Any]]:
     restored = item.restored
 
     def call():
