@@ -64,7 +64,7 @@ bench: $(STAMP)
 # The CPU targets of issue 21 (harness check, layer parts, memory, training step): raw JSON in
 # docs/benchmarks/ (docs/benchmarks.md, "CPU targets"). Best on a quiet machine.
 bench-cpu: $(STAMP)
-	$(PY) scripts/bench_cpu_targets.py --json docs/benchmarks/cpu_targets.json
+	$(PY) scripts/bench_cpu_targets.py --json docs/benchmarks/cpu_targets.json --sections memory,layer,step --rounds 3 --step_rounds 5
 
 # One-call accelerator benchmark (GPU/TPU; BENCH_ACCEL_ARGS=--small on CPU): JSON in
 # docs/ and this device's section of docs/benchmarks.md (docs/benchmarks.md).

@@ -27,6 +27,7 @@ from layers.experts import Experts
 from layers.params import EMBED, EXPERT, make_param, normal_init
 from moe import balance
 from moe.layer_aux import MoeAux
+from moe.soft_stats import SoftRoutingStats, soft_layer_stats
 
 Array = jax.Array
 MOE_BLOCK_DENYLIST = ("d_model", "causal", "dtype", "param_dtype", "rngs")
@@ -181,6 +182,15 @@ class SoftMoeLayer(nnx.Module):
         y = jnp.einsum("bms,bsd->bmd", combine,
                        out.reshape(batch, n * p, self.d_model).astype(jnp.float32))
         return y.astype(x.dtype), self._aux(dispatch, combine, mask)
+
+    def routing_stats(self, x: Array, *, mask: Array | None = None,
+                      router_state: Mapping[str, Array] | None = None) -> SoftRoutingStats:
+        """The soft routing statistics of one call (`experiments.inference.routing_stats`,
+        `moe.soft_stats`): x `[B, S, d_model]`, mask `[B, S]` (1 = real token)."""
+        del router_state
+        mask = (jnp.ones(x.shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32))
+        dispatch, combine = soft_weights(self.router.logits(x), mask)
+        return soft_layer_stats(dispatch, combine, mask, self.slots_per_expert)
 
     def _aux(self, dispatch: Array, combine: Array, mask: Array) -> MoeAux:
         """Statistics in MoeAux terms: every expert processes B * p rows (counts),

@@ -13,12 +13,17 @@ A dense run (no MoE layers) has no routing to analyse: the script says so,
 writes routing.json (no layers) and the loss curves, and exits 0 (there is
 nothing wrong with the run). Exit status 2 when the workdir has no config.gin
 or no intact checkpoint.
+
+A Soft MoE layer has no per-token expert choices: its heat map and JSON hold soft
+quantities (the combine-weight mass per domain and expert, I(domain; expert) of that
+soft matrix, the dispatch weights' effective tokens per slot), labelled soft.
 """
 
 from __future__ import annotations
 
 import sys
 
+from experiments.reporting import soft_routing
 from experiments.reporting.routing_report import analyze_workdir, parse_run_config
 from experiments.runtime import cli
 
@@ -38,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     if not report["layers"]:
         print(f"{args.workdir}: the model is dense (no MoE layers): no routing to analyse")
     for layer, info in report["layers"].items():
+        if info.get("soft"):
+            print(soft_routing.summary_line(layer, info))
+            continue
         fractions = ", ".join(f"{d}: {max(row):.2f}" for d, row in
                               zip(info["domains"], info["routing_fractions"]))
         print(f"{layer}: I(domain; expert) = {info['mutual_information_bits']:.4f} bits, "

@@ -158,7 +158,8 @@ LAYER_FIELDS = {"config", "num_experts", "k", "d_ff", "dense_d_ff", "tokens", "d
 STEP_FIELDS = {"preset", "moe_preset", "dense_preset", "batch_size", "seq_len", "vocab",
                "reference", "dispatch", "correctness", "status", "dtype", "ratio", "ratio_min",
                "ratio_max", "ms", "dense_ms", "tokens_per_s", "dense_tokens_per_s", "flops",
-               "dense_flops", "mfu", "dense_mfu", "raw_s", "dense_raw_s"}
+               "dense_flops", "mfu", "dense_mfu", "raw_s", "dense_raw_s", "cpu_ratio",
+               "raw_cpu_s", "dense_raw_cpu_s"}
 
 
 def test_small_cpu_run_writes_every_field_and_its_doc_section(tmp_path):

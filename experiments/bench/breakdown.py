@@ -9,8 +9,9 @@ weights) and timed interleaved with the whole layer and the dense FFN
   layout   the routing decision -> row layout (slot ranks, argsort, group sizes);
            integer work, forward only;
   experts  the expert FFN on rows already laid out: the grouped matmul over the rows
-           sorted by expert (dropless; capacity mode of `sort` on CPU: the kept rows),
-           else the batched `[E, C, d]` matmuls (capacity buffers);
+           sorted by expert (dropless; capacity mode of `sort` on CPU: the kept rows;
+           `sort` on CPU: tile-aligned groups through `moe.kernels.padded_gmm`), else
+           the batched `[E, C, d]` matmuls (capacity buffers);
   rest     layer - router - layout - experts: the gathers into rows and back, the
            combine and its backward, the statistics.
 
@@ -31,10 +32,11 @@ from flax import nnx
 from experiments.bench import timing
 from experiments.bench.layer import compile_pair, dense_ffn, moe_layer
 from layers import MoeLayer
+from moe.dispatch import dispatchers
 from moe.dispatch.capacity import assign_slots
-from moe.dispatch.layout import capacity_layout, gather_to_rows, sorted_layout
+from moe.dispatch.layout import capacity_layout, gather_to_rows, padded_layout, sorted_layout
 from moe.kernels import api as kernel_api
-from moe.kernels import xla_gmm
+from moe.kernels import padded_gmm, xla_gmm
 
 # The grouped matmul behind each dropless dispatch the cut knows.
 _GMM = {"sort": xla_gmm.gmm, "pallas": kernel_api.dispatch_gmm,
@@ -65,16 +67,25 @@ def _grouped_capacity(dispatch: str, capacity: int | None) -> bool:
     return capacity is not None and dispatch == "sort" and jax.default_backend() == "cpu"
 
 
-def _layout(expert_index: jax.Array, num_experts: int, capacity: int | None, grouped: bool):
+def _padded(dispatch: str) -> bool:
+    """Whether the dispatch lays its grouped rows out tile-aligned here (`sort` on CPU)."""
+    return dispatch == "sort" and dispatchers.padded_layout_active()
+
+
+def _layout(expert_index: jax.Array, num_experts: int, capacity: int | None, grouped: bool,
+            padded: bool = False):
     """(RowLayout, group sizes or None) as the dispatch builds it."""
-    if capacity is None:
-        return sorted_layout(expert_index, num_experts)
-    if grouped:
+    if capacity is not None and not grouped:
+        return capacity_layout(expert_index, num_experts, capacity), None
+    keep = None
+    if capacity is not None:
         _, keep = assign_slots(expert_index, num_experts, capacity)
-        layout, sizes = sorted_layout(jnp.where(keep, expert_index, num_experts),
-                                      num_experts + 1)
-        return layout._replace(keep=keep), sizes[:num_experts]
-    return capacity_layout(expert_index, num_experts, capacity), None
+        expert_index = jnp.where(keep, expert_index, num_experts)
+    layout, sizes = sorted_layout(expert_index, num_experts + (keep is not None))
+    sizes = sizes[:num_experts]
+    if padded:
+        layout = padded_layout(layout, sizes, expert_index, padded_gmm.DEFAULT_TILE_M)
+    return (layout if keep is None else layout._replace(keep=keep)), sizes
 
 
 def _kept_fraction(expert_index: jax.Array, num_experts: int, capacity: int | None) -> float:
@@ -84,20 +95,20 @@ def _kept_fraction(expert_index: jax.Array, num_experts: int, capacity: int | No
     return float(jnp.mean(assign_slots(expert_index, num_experts, capacity)[1]))
 
 
-def _layout_call(num_experts: int, capacity: int | None, grouped: bool,
+def _layout_call(num_experts: int, capacity: int | None, grouped: bool, padded: bool,
                  expert_index: jax.Array):
-    fn = jax.jit(lambda index: _layout(index, num_experts, capacity, grouped))
+    fn = jax.jit(lambda index: _layout(index, num_experts, capacity, grouped, padded))
     return fn, (expert_index,)
 
 
 def _experts_call(layer: MoeLayer, dispatch: str, x: jax.Array, expert_index: jax.Array,
-                  capacity: int | None, grouped: bool):
+                  capacity: int | None, grouped: bool, padded: bool):
     ffn = layer.experts.ffn(jnp.float32)
     num_experts = layer.num_experts
-    layout, sizes = _layout(expert_index, num_experts, capacity, grouped)
+    layout, sizes = _layout(expert_index, num_experts, capacity, grouped, padded)
     rows = gather_to_rows(x, layout)
     if sizes is not None:
-        gmm = _GMM[dispatch]
+        gmm = padded_gmm.gmm if padded else _GMM[dispatch]
 
         def loss(ffn, rows):
             return jnp.mean(ffn.grouped(rows, sizes, gmm) ** 2)
@@ -111,6 +122,19 @@ def _experts_call(layer: MoeLayer, dispatch: str, x: jax.Array, expert_index: ja
     return fb, (ffn, rows)
 
 
+# A compared variant that is not a registered dispatch: `sort` with the tile-loop grouped
+# matmul of `moe.kernels.xla_gmm` (what `sort` ran on CPU before the padded layout).
+TILE_LOOP = "sort_tile_loop"
+
+
+def _compared_layer(name: str, d_model: int, d_ff: int, num_experts: int, k: int,
+                    capacity_factor: float | None, x: jax.Array) -> timing.Call:
+    dispatch = "sort" if name == TILE_LOOP else name
+    params, apply = moe_layer(d_model, d_ff, num_experts, k, dispatch, capacity_factor)
+    with dispatchers.padded_layout_on(() if name == TILE_LOOP else ("cpu",)):
+        return compile_pair(apply, params, x, with_aux=True)[1], (params, x)
+
+
 def layer_breakdown(*, tokens: int, d_model: int, d_ff: int, num_experts: int, k: int,
                     dispatch: str, capacity_factor: float | None, rounds: int,
                     compare: tuple[str, ...] = (), seed: int = 0) -> dict[str, Any]:
@@ -119,35 +143,35 @@ def layer_breakdown(*, tokens: int, d_model: int, d_ff: int, num_experts: int, k
     `ratio`: the median of the per-round layer / dense ratios (wall; `cpu_ratio` CPU).
     The layer is `experiments.bench.layer.moe_layer` on `x [tokens, d_model]` float32;
     the dense FFN has `d_ff = k * d_ff` (equal active FLOPs). `compare`: other dispatches
-    whose whole layer is timed in the same rounds (`compared`: their ratio to dense)."""
+    whose whole layer is timed in the same rounds (`compared`: their ratio to dense), or
+    `TILE_LOOP` (`sort` through the tile-loop grouped matmul)."""
     x = jax.random.normal(jax.random.key(seed), (tokens, d_model), jnp.float32)
     params, apply = moe_layer(d_model, d_ff, num_experts, k, dispatch, capacity_factor)
     layer = MoeLayer(d_model, d_ff, num_experts, k, dispatch=dispatch,
                      capacity_factor=capacity_factor, rngs=nnx.Rngs(seed))
     capacity = layer.capacity(tokens, deterministic=True)
     grouped = _grouped_capacity(dispatch, capacity)
+    padded = _padded(dispatch)
     expert_index = jax.jit(lambda x: _routing(layer, x, capacity))(x)
     dense_params, dense_apply = dense_ffn(d_model, k * d_ff, jax.random.key(1))
     calls = {
         "layer": (compile_pair(apply, params, x, with_aux=True)[1], (params, x)),
         "router": _router_call(layer, x, capacity),
-        "layout": _layout_call(num_experts, capacity, grouped, expert_index),
-        "experts": _experts_call(layer, dispatch, x, expert_index, capacity, grouped),
+        "layout": _layout_call(num_experts, capacity, grouped, padded, expert_index),
+        "experts": _experts_call(layer, dispatch, x, expert_index, capacity, grouped, padded),
         "dense": (compile_pair(dense_apply, dense_params, x, with_aux=False)[1],
                   (dense_params, x)),
     }
     for other in compare:
-        other_params, other_apply = moe_layer(d_model, d_ff, num_experts, k, other,
-                                              capacity_factor)
-        calls[f"layer_{other}"] = (compile_pair(other_apply, other_params, x, with_aux=True)[1],
-                                   (other_params, x))
+        calls[f"layer_{other}"] = _compared_layer(other, d_model, d_ff, num_experts, k,
+                                                  capacity_factor, x)
     load_before = timing.load_average()
     wall, cpu = timing.interleaved_wall_cpu(calls, rounds)
     record: dict[str, Any] = dict(
         tokens=tokens, d_model=d_model, d_ff=d_ff, num_experts=num_experts, k=k,
         dispatch=dispatch, capacity_factor=capacity_factor, capacity=capacity, rounds=rounds,
-        grouped_capacity=grouped, kept_fraction=_kept_fraction(expert_index, num_experts,
-                                                               capacity),
+        grouped_capacity=grouped, padded_layout=padded,
+        kept_fraction=_kept_fraction(expert_index, num_experts, capacity),
         load_average=[load_before, timing.load_average()],
         ratio=timing.ratio_summary(wall["layer"], wall["dense"]),
         cpu_ratio=timing.ratio_summary(cpu["layer"], cpu["dense"]),

@@ -78,9 +78,11 @@ def harness(*, tokens: int, d_model: int, batch: int, rounds: int) -> list[dict[
 
 def layers(*, tokens: int, d_model: int, rounds: int, dispatch: str = "sort",
            names: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """Each of `LAYERS` (or `names`) cut into parts; with a capacity factor, also the
-    `pallas` dispatch's layer, which on CPU is the `[E, C, d]` buffers path that `sort`
-    ran before it computed only the kept rows there (`compared`)."""
+    """Each of `LAYERS` (or `names`) cut into parts, beside (`compared`) `sort` through the
+    tile-loop grouped matmul (`breakdown.TILE_LOOP`, what `sort` ran on CPU before the
+    padded layout) and, with a capacity factor, the `pallas` dispatch's layer, which on
+    CPU is the `[E, C, d]` buffers path that `sort` ran before it computed only the kept
+    rows there."""
     records = []
     for name, num_experts, k, d_ff, cf in LAYERS:
         if names and name not in names:
@@ -88,7 +90,8 @@ def layers(*, tokens: int, d_model: int, rounds: int, dispatch: str = "sort",
         record = breakdown.layer_breakdown(tokens=tokens, d_model=d_model, d_ff=d_ff,
                                            num_experts=num_experts, k=k, dispatch=dispatch,
                                            capacity_factor=cf, rounds=rounds,
-                                           compare=("pallas",) if cf is not None else ())
+                                           compare=(breakdown.TILE_LOOP,)
+                                           + (("pallas",) if cf is not None else ()))
         records.append(dict(name=name, **record))
         print(f"layer {name}: {record['ratio']['ratio']:.2f}x dense (wall), "
               f"{record['cpu_ratio']['ratio']:.2f}x (CPU); parts/dense (CPU): "

@@ -166,7 +166,7 @@ def _time(records, checks, calls, rounds, min_time, positions) -> None:
     if "dense" not in timed or len(timed) < 2:
         return
     try:
-        times = timing.interleaved(timed, rounds, min_time, warmup=False)
+        times, cpu = timing.interleaved_wall_cpu(timed, rounds, min_time, warmup=False)
     except Exception as e:
         for name in timed:
             if name in records:
@@ -182,6 +182,8 @@ def _time(records, checks, calls, rounds, min_time, positions) -> None:
         records[name].update(
             status="ok", dtype=dtype, **timing.ratio_summary(times[name], times["dense"]),
             raw_s=times[name], dense_raw_s=times["dense"],
+            cpu_ratio=timing.median_ratio(cpu[name], cpu["dense"]), raw_cpu_s=cpu[name],
+            dense_raw_cpu_s=cpu["dense"],
             tokens_per_s=positions / seconds, dense_tokens_per_s=positions / dense_s,
             flops=flops, dense_flops=dense_flops, mfu=_mfu(flops, seconds, dtype),
             dense_mfu=_mfu(dense_flops, dense_s, dense_dtype))
@@ -193,8 +195,9 @@ def summary_line(record: dict[str, Any]) -> str:
         return head + str(record.get("status")) + (f" ({record['error']})"
                                                    if "error" in record else "")
     mfu = "" if record["mfu"] is None else f", MFU {100 * record['mfu']:.1f}%"
+    cpu = f", CPU {record['cpu_ratio']:.2f}x" if "cpu_ratio" in record else ""
     return head + (f"{record['ratio']:.2f}x dense ({record['ms']:.4g} ms vs "
-                   f"{record['dense_ms']:.4g}){mfu}")
+                   f"{record['dense_ms']:.4g}){cpu}{mfu}")
 
 
 def timed_out(pair: StepPair, dispatches: tuple[str, ...]) -> list[dict[str, Any]]:

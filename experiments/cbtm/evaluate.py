@@ -39,6 +39,11 @@ def _run_data(workdir: str) -> tuple[DataConfig, str]:
     return data, data.source
 
 
+def run_source(workdir: str) -> str:
+    """The run's `DataConfig.source` (from its config.gin; gin is left with that config)."""
+    return _run_data(workdir)[1]
+
+
 def _branch_logprobs(workdir: str, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """Per batch `[B, S] float64` log p(target) under the branch (latest checkpoint)."""
     scorer = load_scorer(workdir)

@@ -147,7 +147,7 @@ class Generator:
                                 jnp.asarray(eos, jnp.int32), rng)
             out, steps = np.asarray(out), int(steps)
         done = time.perf_counter()
-        results = [_until_eos(out[i, :max_new_tokens], eos) for i in range(n)]
+        results = [until_eos(out[i, :max_new_tokens], eos) for i in range(n)]
         self.last_stats = GenerateStats(
             num_prompts=n, batch_bucket=batch, prompt_bucket=prompt_len, length_bucket=max_len,
             prompt_tokens=int(lengths.sum()), new_tokens=sum(map(len, results)),
@@ -232,18 +232,17 @@ class Generator:
                                     else sharding.batch_sharding(len(shape)))
 
 
-def _kv_valid(lengths: jax.Array, real: jax.Array, start: jax.Array, stop: jax.Array,
-              max_len: int) -> jax.Array:
+def kv_valid_mask(lengths: jax.Array, real: jax.Array, start: jax.Array, stop: jax.Array,
+                  max_len: int) -> jax.Array:
     """`[B, L] bool`: slots start - lengths[b] .. stop - 1 of real rows."""
     slots = jnp.arange(max_len, dtype=jnp.int32)[None]
     return (slots >= (start - lengths)[:, None]) & (slots < stop) & real[:, None]
 
 
-def _prefill(graphdef, max_len: int, sampling: SamplingConfig, params, rest, router_state,
-             tokens: jax.Array,
-             lengths: jax.Array, real: jax.Array, rng: jax.Array):
+def prefill_logits(graphdef, max_len: int, params, rest, router_state, tokens: jax.Array,
+                   lengths: jax.Array, real: jax.Array) -> tuple[Any, jax.Array]:
     """tokens `[B, P] int32` (left-padded), lengths `[B]`, real `[B] bool` ->
-    (cache with slots 0..P-1 written, first new token `[B] int32`)."""
+    (cache with slots 0..P-1 written, next-token logits `[B, V]` after the prompt)."""
     model = nnx.merge(graphdef, params, rest)
     batch, prompt_len = tokens.shape
     positions = jnp.maximum(jnp.arange(prompt_len, dtype=jnp.int32)[None]
@@ -252,12 +251,36 @@ def _prefill(graphdef, max_len: int, sampling: SamplingConfig, params, rest, rou
     cache = jax.tree.map(lambda c: sharding_lib.constrain(c, (sharding_lib.BATCH,)
                                                           + (None,) * (c.ndim - 1)),
                          model.init_cache(batch, max_len))
-    kv_valid = _kv_valid(lengths, real, jnp.int32(prompt_len), jnp.int32(prompt_len), max_len)
+    kv_valid = kv_valid_mask(lengths, real, jnp.int32(prompt_len), jnp.int32(prompt_len),
+                             max_len)
     logits, cache, _ = model.decode(tokens, positions=positions, cache=cache,
                                     cache_index=jnp.int32(0), kv_valid=kv_valid,
                                     router_state=router_state, prefill=True,
                                     last_only=True)
-    return cache, sample(logits[:, -1], jax.random.fold_in(rng, 0), sampling)
+    return cache, logits[:, -1]
+
+
+def decode_logits(model, router_state, cache, token: jax.Array, lengths: jax.Array,
+                  real: jax.Array, start: jax.Array, i: jax.Array) -> tuple[jax.Array, Any]:
+    """Decode step i >= 1: feeds new token i - 1 (`[B] int32`, cache slot start + i - 1)
+    -> (logits `[B, V]` of new token i, the cache)."""
+    max_len = jax.tree.leaves(cache)[0].shape[1]
+    slot = start + i - 1
+    kv_valid = kv_valid_mask(lengths, real, start, slot + 1, max_len)
+    logits, cache, _ = model.decode(token[:, None], positions=(lengths + i - 1)[:, None],
+                                    cache=cache, cache_index=slot, kv_valid=kv_valid,
+                                    router_state=router_state)
+    return logits[:, 0], cache
+
+
+def _prefill(graphdef, max_len: int, sampling: SamplingConfig, params, rest, router_state,
+             tokens: jax.Array,
+             lengths: jax.Array, real: jax.Array, rng: jax.Array):
+    """`prefill_logits`, then the first new token `[B] int32` sampled:
+    -> (cache with slots 0..P-1 written, first new token)."""
+    cache, logits = prefill_logits(graphdef, max_len, params, rest, router_state, tokens,
+                                   lengths, real)
+    return cache, sample(logits, jax.random.fold_in(rng, 0), sampling)
 
 
 def _decode(graphdef, sampling: SamplingConfig, params, rest, router_state, cache,
@@ -278,12 +301,8 @@ def _decode(graphdef, sampling: SamplingConfig, params, rest, router_state, cach
 
     def body(carry):
         i, token, cache, done, out = carry
-        slot = start + i - 1
-        kv_valid = _kv_valid(lengths, real, start, slot + 1, max_len)
-        logits, cache, _ = model.decode(token[:, None], positions=(lengths + i - 1)[:, None],
-                                        cache=cache, cache_index=slot, kv_valid=kv_valid,
-                                        router_state=router_state)
-        token = sample(logits[:, 0], jax.random.fold_in(rng, i), sampling)
+        logits, cache = decode_logits(model, router_state, cache, token, lengths, real, start, i)
+        token = sample(logits, jax.random.fold_in(rng, i), sampling)
         return i + 1, token, cache, done | is_eos(token), out.at[:, i].set(token)
 
     carry = (jnp.int32(1), first, cache, ~real | is_eos(first), out)
@@ -291,7 +310,7 @@ def _decode(graphdef, sampling: SamplingConfig, params, rest, router_state, cach
     return out, i - 1
 
 
-def _until_eos(tokens: np.ndarray, eos: Sequence[int]) -> list[int]:
+def until_eos(tokens: np.ndarray, eos: Sequence[int]) -> list[int]:
     out = []
     for token in tokens.tolist():
         out.append(int(token))

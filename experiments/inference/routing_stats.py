@@ -11,6 +11,11 @@ routing analysis, `experiments.reporting.routing_report`, reads its counts).
 A scanned model is run through its unscanned view (`unscanned_view`: the same
 function, layer by layer), so each MoE layer of a stack gets its own statistics.
 
+A Soft MoE layer (`layers.soft_moe.SoftMoeLayer`) has no per-token expert choices:
+with `allow_soft=True` (the routing analysis) it records a
+`moe.soft_stats.SoftRoutingStats` (soft load from the combine weights, dispatch
+concentration) instead; by default (expert surgery) it is refused by name.
+
 `save_stats` / `load_stats` keep them next to the checkpoint, in
 `<workdir>/routing_stats/<name>.npz` with a JSON sidecar naming the source,
 step and token count, so expert pruning and merging reuse one pass.
@@ -35,8 +40,11 @@ from experiments.runtime import paths
 from experiments.train.run_state import build_model, split_model
 from layers import scan as scan_lib
 from layers.moe_layer import MoeLayer
-from moe import expert_stats
+from moe import expert_stats, soft_stats
 from moe.expert_stats import RoutingStats
+from moe.soft_stats import SoftRoutingStats
+
+AnyStats = RoutingStats | SoftRoutingStats
 
 STATS_DIR = "routing_stats"
 
@@ -117,8 +125,17 @@ def unscanned_view(restored: RestoredModel) -> RestoredModel:
                                params=scan_lib.unscan_tree(jax.device_get(restored.params)))
 
 
-def make_stats_step(restored: RestoredModel) -> Callable:
-    """`step(params, batch, domain) -> {layer: RoutingStats}` (jitted; domain < 0 = all)."""
+def _check_soft(layer: Any, name: str, allow_soft: bool) -> None:
+    if getattr(layer, "dispatch", None) == "soft" and not allow_soft:
+        raise NoTokenRoutingError(
+            f"{name}: {type(layer).__name__} has no per-token expert choices (soft routing: "
+            "only the routing analysis reads its soft statistics; expert surgery does not "
+            "apply)")
+
+
+def make_stats_step(restored: RestoredModel, allow_soft: bool = False) -> Callable:
+    """`step(params, batch, domain) -> {layer: RoutingStats | SoftRoutingStats}` (jitted;
+    domain < 0 = all). A Soft MoE layer is refused unless `allow_soft`."""
     graphdef, rest, router_state = restored.graphdef, restored.rest, restored.router_state
 
     def step(params, batch, domain):
@@ -129,6 +146,7 @@ def make_stats_step(restored: RestoredModel) -> Callable:
             layer = model.moe_layer(name)
             users[id(layer)] = (layer, users.get(id(layer), (layer, ()))[1] + (name,))
         for layer, names in users.values():
+            _check_soft(layer, names[0], allow_soft)
             if hasattr(layer, "routing_stats"):
                 layer.__class__ = _block_recording_class(type(layer), names, sink)
             elif isinstance(layer, MoeLayer):
@@ -150,12 +168,13 @@ def make_stats_step(restored: RestoredModel) -> Callable:
 
 def collect_stats(restored: RestoredModel, batches: Iterable[Mapping[str, np.ndarray]], *,
                   domain: int | None = None, step_fn: Callable | None = None,
-                  ) -> dict[str, RoutingStats]:
+                  allow_soft: bool = False) -> dict[str, AnyStats]:
     """Sums over `batches` (dicts with inputs, segment_ids, positions [B, S], and
-    domain [B, S] when filtering): `{moe layer: RoutingStats}` (float64, host)."""
+    domain [B, S] when filtering): `{moe layer: RoutingStats}` (float64, host);
+    `SoftRoutingStats` for a Soft MoE layer when `allow_soft` (else refused)."""
     restored = unscanned_view(restored)
-    step_fn = step_fn or make_stats_step(restored)
-    total: dict[str, RoutingStats] = {}
+    step_fn = step_fn or make_stats_step(restored, allow_soft)
+    total: dict[str, AnyStats] = {}
     with restored.context():
         for batch in batches:
             batch = {k: jnp.asarray(v) for k, v in batch.items()
@@ -165,16 +184,17 @@ def collect_stats(restored: RestoredModel, batches: Iterable[Mapping[str, np.nda
             out = step_fn(restored.params, batch, jnp.int32(-1 if domain is None else domain))
             for layer, stats in out.items():
                 stats = stats.to_numpy()
-                total[layer] = stats if layer not in total else expert_stats.add(total[layer],
-                                                                                  stats)
+                add = soft_stats.add if isinstance(stats, SoftRoutingStats) else expert_stats.add
+                total[layer] = stats if layer not in total else add(total[layer], stats)
     return total
 
 
 def collect_domain_stats(restored: RestoredModel, batches: list[Mapping[str, np.ndarray]],
-                         num_domains: int) -> list[dict[str, RoutingStats]]:
+                         num_domains: int, allow_soft: bool = False,
+                         ) -> list[dict[str, AnyStats]]:
     """One `collect_stats` per domain id 0..num_domains-1 (one compiled step)."""
     restored = unscanned_view(restored)
-    step_fn = make_stats_step(restored)
+    step_fn = make_stats_step(restored, allow_soft)
     return [collect_stats(restored, batches, domain=d, step_fn=step_fn)
             for d in range(num_domains)]
 
@@ -194,6 +214,9 @@ def save_stats(workdir: paths.PathLike, name: str, stats: Mapping[str, RoutingSt
     """Writes `<workdir>/routing_stats/<name>.npz` (+ `.json` with `info`), each file
     whole (`experiments.runtime.paths.write_bytes`; the workdir may be `gs://`)."""
     path = stats_path(workdir, name)
+    if any(isinstance(s, SoftRoutingStats) for s in stats.values()):
+        raise ValueError(f"{path}: soft routing statistics (Soft MoE) are not saved; only "
+                         "expert surgery reads saved statistics, and it refuses Soft MoE")
     arrays = {f"{layer}/{field}": value for layer, s in stats.items()
               for field, value in s.as_dict().items()}
     buffer = io.BytesIO()

@@ -128,7 +128,7 @@ class SpeculativeGenerator(generate_lib.Generator):
             else:
                 out.append(int(a0))
                 token, cursor = a0, cursor + 1
-        return generate_lib._until_eos(np.asarray(out[:max_new]), eos), drafts, accepted
+        return generate_lib.until_eos(np.asarray(out[:max_new]), eos), drafts, accepted
 
 
 def _valid(max_len: int, first: jax.Array, stop: jax.Array) -> jax.Array:

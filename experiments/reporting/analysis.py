@@ -78,8 +78,10 @@ def layer_report(counts: Any, domains: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def plot_heatmap(counts: Any, domains: Sequence[str], title: str, path: paths.PathLike) -> None:
-    """Domain x expert heat map of routing fractions, saved as PNG."""
+def plot_heatmap(counts: Any, domains: Sequence[str], title: str, path: paths.PathLike,
+                 label: str = "fraction of domain's assignments") -> None:
+    """Domain x expert heat map of routing fractions, saved as PNG (`label`: the colour
+    bar's; Soft MoE passes its combine-weight mass as counts)."""
     # A bare Figure (no pyplot): saving needs no backend, and the caller's (a Jupyter
     # kernel's inline one) is left alone.
     from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -94,7 +96,7 @@ def plot_heatmap(counts: Any, domains: Sequence[str], title: str, path: paths.Pa
     ax.set_xticks(range(num_experts))
     ax.tick_params(axis="x", labelsize=6 if num_experts > 16 else 9)
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="fraction of domain's assignments")
+    fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
     save_png(fig, path)
 

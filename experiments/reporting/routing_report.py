@@ -12,9 +12,10 @@ from experiments.data.config import DataConfig
 from experiments.inference import restore as restore_lib
 from experiments.inference import routing_stats
 from experiments.inference.restore import restore_model
-from experiments.reporting import analysis
+from experiments.reporting import analysis, soft_routing
 from experiments.reporting.metrics import METRICS_FILE, read_jsonl
 from experiments.runtime import paths
+from moe.soft_stats import SoftRoutingStats
 
 
 def analyze_workdir(workdir: paths.PathLike, output_dir: paths.PathLike | None = None,
@@ -28,7 +29,10 @@ def analyze_workdir(workdir: paths.PathLike, output_dir: paths.PathLike | None =
     biases applied) and counts, per domain, the expert assignments of the
     validation tokens with the routing statistics of
     `experiments.inference.routing_stats` (one pass per domain, the other
-    domains' tokens as padding). Returns the `routing.json` contents plus
+    domains' tokens as padding). A Soft MoE layer gets the soft statistics of
+    `experiments.reporting.soft_routing` (combine-weight mass instead of counts,
+    dispatch concentration from one more pass over all tokens). Returns the
+    `routing.json` contents plus
     `files`, the paths written. A dense run has no routing: `layers` is empty
     and only `routing.json` and the loss curves are written.
     """
@@ -39,9 +43,17 @@ def analyze_workdir(workdir: paths.PathLike, output_dir: paths.PathLike | None =
     data_config = DataConfig()
     domains = data_config.domains()
     batches = data_config.eval_batches()[:max_batches]
-    per_domain = routing_stats.collect_domain_stats(restored, batches, len(domains))
+    restored = routing_stats.unscanned_view(restored)
+    step_fn = routing_stats.make_stats_step(restored, allow_soft=True)
+    per_domain = [routing_stats.collect_stats(restored, batches, domain=d, step_fn=step_fn,
+                                              allow_soft=True) for d in range(len(domains))]
+    layers = list(per_domain[0]) if per_domain else []
+    soft = [layer for layer in layers if isinstance(per_domain[0][layer], SoftRoutingStats)]
+    # Soft MoE's dispatch concentration: one pass over all tokens, as the model runs.
+    all_tokens = (routing_stats.collect_stats(restored, batches, step_fn=step_fn,
+                                              allow_soft=True) if soft else {})
     counts = {layer: np.stack([stats[layer].counts for stats in per_domain])
-              for layer in (per_domain[0] if per_domain else {})}
+              for layer in layers if layer not in soft}
     router_state = restored.router_state if restored.router_state.layers else None
     report: dict[str, Any] = {"step": restored.step, "num_batches": len(batches),
                               "selection_biases": router_state is not None, "layers": {}}
@@ -55,6 +67,17 @@ def analyze_workdir(workdir: paths.PathLike, output_dir: paths.PathLike | None =
             layer_counts, domains,
             f"{layer} @ step {restored.step}: I(domain; expert) = "
             f"{layer_report['mutual_information_bits']:.3f} bits", output_dir / f"routing_{layer}.png")
+    for layer in soft:
+        layer_report = soft_routing.soft_layer_report(
+            [stats[layer] for stats in per_domain], all_tokens[layer], domains)
+        report["layers"][layer] = layer_report
+        paths.write_text(output_dir / f"routing_{layer}.json", json.dumps(layer_report, indent=2))
+        files += [output_dir / f"routing_{layer}.json", output_dir / f"routing_{layer}.png"]
+        analysis.plot_heatmap(
+            layer_report["soft_combine_mass"], domains,
+            f"{layer} @ step {restored.step} (Soft MoE, soft): I(domain; expert) = "
+            f"{layer_report['soft_mutual_information_bits']:.3f} bits",
+            output_dir / f"routing_{layer}.png", label="share of domain's combine weight")
     paths.write_text(output_dir / "routing.json", json.dumps(report, indent=2))
     files.append(output_dir / "routing.json")
 

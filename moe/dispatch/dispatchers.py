@@ -16,15 +16,25 @@ dropped; `einsum` is the reference.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from moe.dispatch.capacity import assign_slots
-from moe.dispatch.layout import capacity_layout, combine_from_rows, gather_to_rows, sorted_layout
+from moe.dispatch.layout import (
+    RowLayout,
+    capacity_layout,
+    combine_from_rows,
+    gather_to_rows,
+    padded_layout,
+    sorted_layout,
+)
 from moe.experts import ExpertFFN, GroupedMatmul
+from moe.kernels import padded_gmm
 
 Array = jax.Array
 
@@ -69,10 +79,24 @@ def capacity_sort_dispatch(x: Array, expert_index: Array, weights: Array, ffn: E
     return DispatchOutput(combine_from_rows(outputs, weights, layout), layout.keep)
 
 
+def _grouped_layout(expert_index: Array, num_groups: int, num_experts: int,
+                    padded_tile: int | None) -> tuple[RowLayout, Array]:
+    """The rows sorted by expert (`sorted_layout` over `num_groups` groups, of which the
+    first `num_experts` are computed), moved to tile-aligned offsets when `padded_tile`."""
+    layout, group_sizes = sorted_layout(expert_index, num_groups)
+    group_sizes = group_sizes[:num_experts]
+    if padded_tile is not None:
+        layout = padded_layout(layout, group_sizes, expert_index, padded_tile)
+    return layout, group_sizes
+
+
 def grouped_dispatch(x: Array, expert_index: Array, weights: Array, ffn: ExpertFFN,
-                     gmm: GroupedMatmul) -> DispatchOutput:
-    """Dropless: sort the T*k assignments by expert, grouped matmul, unsort and combine."""
-    layout, group_sizes = sorted_layout(expert_index, ffn.num_experts)
+                     gmm: GroupedMatmul, padded_tile: int | None = None) -> DispatchOutput:
+    """Dropless: sort the T*k assignments by expert, grouped matmul, unsort and combine.
+    `padded_tile`: the groups start at multiples of it (`padded_layout`; `gmm` must
+    take that layout, e.g. `moe.kernels.padded_gmm.gmm`)."""
+    layout, group_sizes = _grouped_layout(expert_index, ffn.num_experts, ffn.num_experts,
+                                          padded_tile)
     rows = gather_to_rows(x, layout)
     outputs = ffn.grouped(rows, group_sizes, gmm)
     return DispatchOutput(combine_from_rows(outputs, weights, layout), layout.keep)
@@ -88,47 +112,89 @@ GROUPED_CAPACITY_MIN_ROWS = 1024
 def grouped_capacity_dispatch(x: Array, expert_index: Array, weights: Array, ffn: ExpertFFN,
                               gmm: GroupedMatmul, *, capacity: int,
                               priority: Array | None = None,
-                              mask: Array | None = None) -> DispatchOutput:
+                              mask: Array | None = None,
+                              padded_tile: int | None = None) -> DispatchOutput:
     """Capacity mode computing only the kept assignments: the same slots and drops as
     `capacity_sort_dispatch` (`assign_slots`), but the kept rows go sorted by expert
     through `gmm` instead of into `[E, C, d]` buffers, so the empty slots cost nothing.
-    Dropped assignments (and padding) sort into a sentinel group E that `gmm` skips."""
+    Dropped assignments (and padding) sort into a sentinel group E that `gmm` skips.
+    `padded_tile` as in `grouped_dispatch`."""
     num_experts = ffn.num_experts
     _, keep = assign_slots(expert_index, num_experts, capacity, priority=priority, mask=mask)
-    layout, group_sizes = sorted_layout(jnp.where(keep, expert_index, num_experts),
-                                        num_experts + 1)
+    layout, group_sizes = _grouped_layout(jnp.where(keep, expert_index, num_experts),
+                                          num_experts + 1, num_experts, padded_tile)
     layout = layout._replace(keep=keep)
     rows = gather_to_rows(x, layout)
-    outputs = ffn.grouped(rows, group_sizes[:num_experts], gmm)
+    outputs = ffn.grouped(rows, group_sizes, gmm)
     return DispatchOutput(combine_from_rows(outputs, weights * keep, layout), keep)
 
 
+# Platforms on which the `sort` dispatch lays its grouped rows out tile-aligned and runs
+# `moe.kernels.padded_gmm` (dropless, and capacity mode's grouped path) instead of the
+# tile loop of `moe.kernels.xla_gmm`; `padded_layout_on(...)` overrides it while tracing
+# (the benchmarks time the tile loop beside it). Measured on CPU (docs/benchmarks.md,
+# "CPU targets"): faster at every shape timed (256 to 1024 rows per expert).
+_PADDED_ON: list[tuple[str, ...]] = [("cpu",)]
+
+
+@contextlib.contextmanager
+def padded_layout_on(platforms: tuple[str, ...]) -> Iterator[None]:
+    """Within the block, dispatches made by `make_sort_dispatch(padded=True)` trace the
+    padded layout on `platforms` only (e.g. `()`: the tile loop everywhere)."""
+    _PADDED_ON.append(tuple(platforms))
+    try:
+        yield
+    finally:
+        _PADDED_ON.pop()
+
+
+def padded_layout_active() -> bool:
+    """Whether `make_sort_dispatch(padded=True)` dispatches trace the padded layout here."""
+    return jax.default_backend() in _PADDED_ON[-1]
+
+
 def make_sort_dispatch(gmm: GroupedMatmul, name: str, *,
-                       grouped_capacity_on: tuple[str, ...] = ()) -> Callable[..., DispatchOutput]:
+                       grouped_capacity_on: tuple[str, ...] = (),
+                       padded: bool = False) -> Callable[..., DispatchOutput]:
     """A dispatcher that uses capacity buffers when given a capacity, else `gmm`.
 
     `grouped_capacity_on`: platforms (`jax.default_backend()` at trace time) on which
     capacity mode runs `grouped_capacity_dispatch` instead of the buffers when the
     experts average at least `GROUPED_CAPACITY_MIN_ROWS` assignments (the same drops and
-    values; on CPU the empty slots cost more than the grouped matmul's tile loop at
-    that size, and less below it: docs/benchmarks.md, "CPU targets")."""
+    values; on CPU the empty slots cost more than the grouped matmul at that size, and
+    less below it: docs/benchmarks.md, "CPU targets").
+    `padded`: on the platforms of `_PADDED_ON`, when the experts average at least one
+    tile (`padded_gmm.DEFAULT_TILE_M`) of rows, the grouped rows are laid out tile-aligned
+    (`padded_layout`) and go through `moe.kernels.padded_gmm.gmm` instead of `gmm`."""
+
+    def grouped_plan(num_rows: int, num_experts: int) -> tuple[GroupedMatmul, int | None]:
+        tile = padded_gmm.DEFAULT_TILE_M  # the layout's and the matmul's tile must agree
+        # Below a tile per expert on average the padding would at least double the rows
+        # (and tiny shapes would pay the padded path's longer compile for nothing).
+        if padded and padded_layout_active() and num_rows >= tile * num_experts:
+            chunk = padded_gmm.chunk_for(num_rows, num_experts, tile)
+            return functools.partial(padded_gmm.gmm, tile_m=tile, chunk_m=chunk), tile
+        return gmm, None
 
     def dispatch(x, expert_index, weights, ffn, *, capacity, priority=None, mask=None):
+        grouped_gmm, tile = grouped_plan(expert_index.size, ffn.num_experts)
         if capacity is not None:
             if (jax.default_backend() in grouped_capacity_on
                     and expert_index.size >= GROUPED_CAPACITY_MIN_ROWS * ffn.num_experts):
-                return grouped_capacity_dispatch(x, expert_index, weights, ffn, gmm,
+                return grouped_capacity_dispatch(x, expert_index, weights, ffn, grouped_gmm,
                                                  capacity=capacity, priority=priority,
-                                                 mask=mask)
+                                                 mask=mask, padded_tile=tile)
             return capacity_sort_dispatch(x, expert_index, weights, ffn, capacity=capacity,
                                           priority=priority, mask=mask)
-        return grouped_dispatch(x, expert_index, weights, ffn, gmm)
+        return grouped_dispatch(x, expert_index, weights, ffn, grouped_gmm, padded_tile=tile)
 
     grouped_note = (f" (on {', '.join(grouped_capacity_on)} with large groups: the kept "
                     "rows through the grouped matmul)") if grouped_capacity_on else ""
+    padded_note = (" (on CPU: tile-aligned groups through `moe.kernels.padded_gmm`)"
+                   if padded else "")
     dispatch.__name__ = f"{name}_dispatch"
     dispatch.__doc__ = (f"Capacity mode: `[E, C, d]` buffers{grouped_note}. Dropless: sorted "
-                        f"groups through the {name} grouped matmul.")
+                        f"groups through the {name} grouped matmul{padded_note}.")
     return dispatch
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.dispatch.capacity import assign_slots
+from moe.kernels.padded_gmm import padded_rows, padded_starts
 
 Array = jax.Array
 
@@ -118,3 +119,35 @@ def _combine_bwd(residuals, grad_out):
 
 
 combine_from_rows.defvjp(_combine_fwd, _combine_bwd)
+
+
+def padded_layout(layout: RowLayout, group_sizes: Array, expert_index: Array,
+                  tile_m: int) -> RowLayout:
+    """A `sorted_layout` moved to tile-aligned group offsets (`moe.kernels.padded_gmm`).
+
+    expert_index `[T, k]` int32 (values >= E, the sentinel, get no row: token row R),
+    group_sizes `[E]` int32 as `sorted_layout` returned them (the rows of groups >= E
+    are dropped). R = `padded_rows(T * k, E, tile_m)`; the padding rows hold token T
+    (a zero row). Only gathers: the tests that wrap `sorted_layout` still see its call.
+    """
+    num_tokens, k = expert_index.shape
+    num_groups = group_sizes.shape[0]
+    num_rows = padded_rows(num_tokens * k, num_groups, tile_m)
+    sizes = group_sizes.astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    new_starts, new_sizes = padded_starts(sizes, tile_m)
+    shift = new_starts - starts
+    expert = expert_index.astype(jnp.int32)
+    valid = expert < num_groups
+    token_rows = jnp.where(valid, layout.token_rows + shift[jnp.minimum(expert, num_groups - 1)],
+                           num_rows)
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(new_starts + new_sizes, rows, side="right"),
+                        num_groups - 1)
+    local = rows - new_starts[group]
+    real = (local >= 0) & (local < sizes[group])
+    source = jnp.where(real, starts[group] + local, 0)
+    return RowLayout(token_rows.astype(jnp.int32),
+                     jnp.where(real, layout.row_token[source], num_tokens).astype(jnp.int32),
+                     jnp.where(real, layout.row_choice[source], 0).astype(jnp.int32),
+                     layout.keep)

@@ -105,9 +105,11 @@ def _ragged_dot(lhs, rhs, group_sizes):
 
 register_dispatch("einsum", einsum_dispatch)
 # Capacity: [E, C, d] buffers (on CPU: only the kept rows, through the same grouped matmul).
-# Dropless: sorted groups through the tile-loop XLA grouped matmul, fast on CPU (work =
-# useful work + one tile per group boundary).
-register_dispatch("sort", make_sort_dispatch(xla_gmm.gmm, "sort", grouped_capacity_on=("cpu",)))
+# Dropless: sorted groups through a grouped matmul: on CPU tile-aligned groups through
+# moe/kernels/padded_gmm.py (large matmuls per group, no masks); elsewhere the tile-loop XLA
+# grouped matmul (work = useful work + one tile per group boundary).
+register_dispatch("sort", make_sort_dispatch(xla_gmm.gmm, "sort", grouped_capacity_on=("cpu",),
+                                             padded=True))
 # Dropless through jax.lax.ragged_dot: native on GPU/TPU, ~E times the work on CPU.
 register_dispatch("ragged_dot", make_sort_dispatch(_ragged_dot, "ragged_dot"))
 # Dropless through moe.kernels.gmm: Pallas on TPU/GPU, the XLA tile loop on CPU.

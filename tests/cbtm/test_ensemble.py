@@ -17,8 +17,7 @@ import pytest
 
 from experiments.cbtm import ensemble
 from experiments.cbtm.clusters import ClusterSpec, cluster_corpus, load_clustering
-from tests.convert.test_expert_surgery import PARAMS, TINY
-from tests.helpers import run_script, script_main, shared_training_run
+from tests.helpers import run_script, script_main
 
 
 def test_weights_top_k_and_temperature():
@@ -52,21 +51,6 @@ def test_contexts_split_packed_segments_and_skip_the_prefix():
     assert ctx.texts == ["hi", "ok"]
     assert ctx.segment_of[0].tolist() == [[0, 0, 0, 1, 1, -1]]
     assert ctx.scored[0].tolist() == [[False, False, True, False, False, False]]
-
-
-@pytest.fixture(scope="module")
-def seed_run(tmp_path_factory):
-    return shared_training_run(tmp_path_factory, "surgery_tiny", TINY, "--quiet",
-                               *(f"--gin_param={p}" for p in PARAMS))[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_clusterings(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cbtm_tiny")
-    for k in (1, 2):  # the corpus of test_tiny.gin
-        cluster_corpus(ClusterSpec(num_clusters=k, max_bytes_per_domain=300000, svd_dims=8),
-                       root / f"k{k}")
-    return root
 
 
 def test_one_cluster_ensemble_equals_the_single_model(seed_run, tiny_clusterings, tmp_path):

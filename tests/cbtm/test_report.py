@@ -46,18 +46,25 @@ def test_report_pairs_by_seed_and_keeps_the_hand_written_text(tmp_path):
             "valid_loss": {"code": 2.0, "prose": 2.0, "all": 2.0}} in records
 
 
-def test_driver_skips_finished_pieces_and_matches_compute(tmp_path, monkeypatch):
-    # Seed run at step 500 (faked); k = 2 with budget 8: two branches of 4 steps each.
-    # branch0 finished earlier (summary.json), so only branch1 is created and trained.
+def _plan_with_seed_run(tmp_path, config: str, *, k: int, budget: int) -> Plan:
+    """A plan of one k at seed 0 over a faked seed run (step 500, `config` as its
+    config.gin), its clustering made and its branch0 finished earlier."""
     seeds = tmp_path / "seeds"
     (seeds / "seed0").mkdir(parents=True)
     (seeds / "seed0" / "summary.json").write_text(json.dumps({"step": 500}))
-    (seeds / "seed0" / "config.gin").write_text("DataConfig.max_bytes_per_domain = 1000\n")
-    plan = Plan(root=tmp_path / "root", seeds=(0,), clusters=(2,), budget=8, seed_runs=seeds)
-    (plan.clustering(2, 0)).mkdir(parents=True)
-    (plan.clustering(2, 0) / "clusters.json").write_text("{}")
-    (plan.arm(2, 0) / "branch0").mkdir(parents=True)
-    (plan.arm(2, 0) / "branch0" / "summary.json").write_text("{}")
+    (seeds / "seed0" / "config.gin").write_text(config + "\n")
+    plan = Plan(root=tmp_path / "root", seeds=(0,), clusters=(k,), budget=budget, seed_runs=seeds)
+    plan.clustering(k, 0).mkdir(parents=True)
+    (plan.clustering(k, 0) / "clusters.json").write_text("{}")
+    (plan.arm(k, 0) / "branch0").mkdir(parents=True)
+    (plan.arm(k, 0) / "branch0" / "summary.json").write_text("{}")
+    return plan
+
+
+def test_driver_skips_finished_pieces_and_matches_compute(tmp_path, monkeypatch):
+    # Seed run at step 500 (faked); k = 2 with budget 8: two branches of 4 steps each.
+    # branch0 finished earlier (summary.json), so only branch1 is created and trained.
+    plan = _plan_with_seed_run(tmp_path, "DataConfig.max_bytes_per_domain = 1000", k=2, budget=8)
     (plan.root / "seed_eval").mkdir(parents=True)
     (plan.root / "seed_eval" / "seed0.json").write_text("{}")
     calls = []
@@ -98,15 +105,7 @@ def test_report_refuses_an_arm_scored_on_other_tokens_than_the_seed(tmp_path):
 def test_driver_passes_the_seed_runs_validation_size_to_every_evaluation(tmp_path, monkeypatch):
     # The seed run validates on 16 batches; the branches' own config says 2. The seed
     # checkpoint's and the arm's ensemble evaluations must both ask for 16.
-    seeds = tmp_path / "seeds"
-    (seeds / "seed0").mkdir(parents=True)
-    (seeds / "seed0" / "summary.json").write_text(json.dumps({"step": 500}))
-    (seeds / "seed0" / "config.gin").write_text("DataConfig.eval_max_batches = 16\n")
-    plan = Plan(root=tmp_path / "root", seeds=(0,), clusters=(1,), budget=4, seed_runs=seeds)
-    plan.clustering(1, 0).mkdir(parents=True)
-    (plan.clustering(1, 0) / "clusters.json").write_text("{}")
-    (plan.arm(1, 0) / "branch0").mkdir(parents=True)
-    (plan.arm(1, 0) / "branch0" / "summary.json").write_text("{}")
+    plan = _plan_with_seed_run(tmp_path, "DataConfig.eval_max_batches = 16", k=1, budget=4)
     calls = []
     monkeypatch.setattr(experiment, "_python", lambda script, *args, env: calls.append(
         (script, args)))

@@ -14,7 +14,6 @@ import json
 import re
 from pathlib import Path
 
-import gin
 import jax
 import numpy as np
 import optax
@@ -45,12 +44,6 @@ def run(tmp_path_factory):
     return shared_training_run(tmp_path_factory, "surgery_tiny", TINY, "--quiet",
                                *(f"--gin_param={p}" for p in PARAMS))[0]
 
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def _source(run):

@@ -10,7 +10,6 @@ state (optimizer moments included) restores in the run's scanned layout.
 
 from __future__ import annotations
 
-import gin
 import jax
 import numpy as np
 import optax
@@ -37,12 +36,6 @@ def run(tmp_path_factory):
                                "--gin_file=gin_configs/experiments/test_tiny.gin", "--quiet",
                                *(f"--gin_param={p}" for p in PARAMS))[0]
 
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def test_prune_a_scanned_run_with_shared_experts(run, tmp_path, clean_gin):

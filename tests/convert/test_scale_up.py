@@ -8,20 +8,12 @@ from __future__ import annotations
 
 import json
 
-import gin
 import pytest
 
 from experiments.convert.upcycle_checkpoint import UpcycleConfig, upcycle
 from experiments.runtime import gin_utils
 from tests.convert.test_upcycle_checkpoint import dense_run  # noqa: F401  (shared fixture)
 from tests.helpers import script_main
-
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def _main():

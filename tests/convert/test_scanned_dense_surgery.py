@@ -12,7 +12,6 @@ checkpoint must restore scanned with `scan_layers = True` kept in its config.
 
 from __future__ import annotations
 
-import gin
 import pytest
 
 from experiments.inference.restore import restore_model
@@ -31,12 +30,6 @@ def scanned_dense(tmp_path_factory):
                                "--gin_file=gin_configs/experiments/test_tiny.gin", "--quiet",
                                *(f"--gin_param={p}" for p in PARAMS))[0]
 
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def _assert_scanned(workdir):

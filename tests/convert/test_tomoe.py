@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import gin
 import jax
 import numpy as np
 import pytest
@@ -18,12 +17,6 @@ from tests.helpers import run_script, script_main
 
 FAST = ("--steps=3", "--data_batches=1", "--tokens_per_step=64", "--verify_batches=1")
 
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def _main():

@@ -41,12 +41,6 @@ def dense_run(tmp_path_factory):
     return workdir
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
 
 @pytest.fixture(scope="module")
 def cli_upcycled(dense_run, tmp_path_factory):

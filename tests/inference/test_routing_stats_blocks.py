@@ -7,7 +7,7 @@ layer, each the routing of that layer's own call (the per-layer norms make the
 inputs, so the routing, differ by depth): checked against the counts each layer
 reports in its own aux on the same batch. Zero-computation experts: only FFN
 assignments count. Learning to Skip: the skipped tokens are left out. Soft MoE has no per-token expert
-choices: the pass refuses it by name instead of failing inside the layer.
+choices: the analysis gets its soft statistics, surgery's pass refuses it by name.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from layers.soft_moe import SoftMoeLayer
 from layers.transformer import TransformerLM
 from layers.widenet import widenet_lm
 from moe.router_state import RouterState
+from moe.soft_stats import SoftRoutingStats
 
 V, B, S = 32, 2, 6
 BATCH = {"inputs": np.random.default_rng(0).integers(1, V, (B, S)).astype(np.int32),
@@ -99,14 +100,25 @@ def test_skip_routers_leave_skipped_tokens_out_of_the_statistics():
     assert all(0 < stats[n].num_tokens < B * S for n in stats)
 
 
-def test_soft_moe_is_refused_by_name():
+def test_soft_moe_gets_soft_statistics_and_is_refused_for_surgery():
+    """The analysis (allow_soft) records `SoftRoutingStats`: the soft load equals the
+    mean combine weight per expert the layer reports in its own aux; surgery's default
+    refuses the layer by name."""
     model = TransformerLM(vocab_size=V, d_model=8, num_layers=2, num_heads=2, d_ff=16,
                           moe_every=2, causal=False, dtype="float32", rngs=nnx.Rngs(0),
                           moe_block=functools.partial(SoftMoeLayer, num_experts=2,
                                                       slots_per_expert=2, d_ff=8))
     with pytest.raises(NoTokenRoutingError,
-                       match="layer_1: .*SoftMoeLayer has no per-token expert choices"):
+                       match="layer_1: SoftMoeLayer has no per-token expert choices"):
         collect_stats(_restored(model), [BATCH])
+    stats = collect_stats(_restored(model), [BATCH], allow_soft=True)
+    _, aux = nnx.jit(lambda m, x: m(x, deterministic=True))(model, BATCH["inputs"])
+    assert list(stats) == ["layer_1"] and isinstance(stats["layer_1"], SoftRoutingStats)
+    assert stats["layer_1"].num_tokens == B * S
+    np.testing.assert_allclose(stats["layer_1"].soft_load, aux["layer_1"].mean_probs, rtol=1e-5)
+    np.testing.assert_allclose(stats["layer_1"].num_slots, [B * 2, B * 2])
+    assert np.all((1 <= stats["layer_1"].effective_tokens_per_slot)
+                  & (stats["layer_1"].effective_tokens_per_slot <= S))
 
 
 def test_a_scanned_run_on_a_mesh_is_refused_by_name():

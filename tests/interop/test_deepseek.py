@@ -109,19 +109,27 @@ class Case(NamedTuple):
     root: Path           # hf/ (saved), ours/ (imported)
 
 
-@pytest.fixture(scope="module", params=PARAMS)
-def case(request, tmp_path_factory) -> Case:
+def shared_import(tmp_path_factory, name: str, model: Any = None) -> Path:
+    """The variant `name` (`model`, or `build(name)`) saved to `<root>/hf` and imported
+    to `<root>/ours` once per pytest session, shared by modules and xdist workers
+    (tests only read it); returns root."""
     import fcntl  # pylint: disable=g-import-not-at-top
 
-    name = request.param
-    model = build(name)
     root = shared_dir(tmp_path_factory, f"interop_{name}")
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f"interop_{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / "ours").is_dir():
-            save_with_mtp(model, root / "hf", name)
+            save_with_mtp(build(name) if model is None else model, root / "hf", name)
             import_model(root / "hf", root / "ours")
+    return root
+
+
+@pytest.fixture(scope="module", params=PARAMS)
+def case(request, tmp_path_factory) -> Case:
+    name = request.param
+    model = build(name)
+    root = shared_import(tmp_path_factory, name, model)
     return Case(name, model, logits_of(model, IDS)[0], root)
 
 

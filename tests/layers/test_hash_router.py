@@ -29,12 +29,6 @@ GOLDEN_K2 = [[1, 2], [0, 2], [2, 3], [0, 2], [1, 2], [3, 2], [0, 3], [0, 2], [1,
              [1, 0], [1, 3]]
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
 
 def test_table_is_a_pure_function_of_id_experts_k_and_seed():
     ids = jnp.arange(12)

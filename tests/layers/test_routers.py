@@ -29,12 +29,6 @@ from moe.router_state import DTS_HARD, DTS_TEMPERATURE, SELECTION_BIAS
 E = 4
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
 
 def _identity(router: BaseRouter) -> BaseRouter:
     """With d_model = E and an identity kernel the router's logits are its input."""

@@ -16,7 +16,7 @@ from moe import dispatch, routing
 from moe.dispatch import dispatchers
 from moe.dispatch.registry import DispatchTraits, dispatch_traits, unavailable
 from moe.experts import ExpertFFN
-from moe.kernels import xla_gmm
+from moe.kernels import padded_gmm, xla_gmm
 from moe.numeric import ceil_div_float
 
 # --------------------------------------------------------------------------- capacity
@@ -265,26 +265,63 @@ def test_a_dispatch_registered_in_a_test_module_is_checked_like_the_others():
 
 def test_grouped_capacity_keeps_the_buffers_drops_with_padding_and_priority():
     """On CPU, with large groups, the `sort` dispatch's capacity mode sends only the kept
-    rows through the grouped matmul (no empty slots). With padding (tokens 0-3) and a priority order, it
-    must keep exactly what the `[E, C, d]` buffers keep and give the same output and
-    gradients (the registry's `sort` takes this path only for large groups, so the
-    dispatch-wide tests at these sizes run the buffers)."""
+    rows through the grouped matmul (no empty slots). With padding (tokens 0-3) and a
+    priority order, it must keep exactly what the `[E, C, d]` buffers keep, through either
+    grouped matmul (tile loop, padded layout), and give the same output and gradients
+    (the registry's `sort` takes this path only for large groups, so the dispatch-wide
+    tests at these sizes run the buffers)."""
     x, expert_index, weights = _routing(key=7)
     options = dict(capacity=4, priority=jax.random.uniform(jax.random.key(3), (NUM_TOKENS,)),
                    mask=jnp.ones((NUM_TOKENS,)).at[:4].set(0.0))
     grouped = functools.partial(dispatchers.grouped_capacity_dispatch, gmm=xla_gmm.gmm,
                                 **options)
+    # The same through the tile-aligned layout and its grouped matmul (CPU's default).
+    padded = functools.partial(dispatchers.grouped_capacity_dispatch, gmm=padded_gmm.gmm,
+                               padded_tile=padded_gmm.DEFAULT_TILE_M, **options)
     buffers = functools.partial(dispatch.capacity_sort_dispatch, **options)
-    @jax.jit  # one program for both paths: one compile
-    def both(x, ffn):
+    @jax.jit  # one program for all paths: one compile
+    def all_paths(x, ffn):
         return [(f(x, expert_index, weights, ffn), jax.grad(
             lambda x, ffn, f=f: jnp.sum(jnp.sin(f(x, expert_index, weights, ffn).y)),
-            argnums=(0, 1))(x, ffn)) for f in (grouped, buffers)]
+            argnums=(0, 1))(x, ffn)) for f in (grouped, padded, buffers)]
 
-    (got, got_grads), (want, want_grads) = both(x, _ffn())
+    *candidates, (want, want_grads) = all_paths(x, _ffn())
     assert 0 < int(jnp.sum(want.keep)) < 2 * (NUM_TOKENS - 4)  # drops happen
     assert not bool(jnp.any(want.keep[:4]))  # padding keeps nothing
-    np.testing.assert_array_equal(got.keep, want.keep)
-    np.testing.assert_allclose(got.y, want.y, atol=1e-5)
-    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-5)
+    for got, got_grads in candidates:
+        np.testing.assert_array_equal(got.keep, want.keep)
+        np.testing.assert_allclose(got.y, want.y, atol=1e-5)
+        for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_sort_takes_the_padded_layout_on_cpu_only_from_a_tile_of_rows_per_expert(monkeypatch):
+    # 64 tokens x top-2 over 4 experts = 128 rows, a tile (32) per expert on average: the
+    # padded grouped matmul, with the per-expert loop's values and gradients. 24 tokens
+    # (48 rows, 12 per expert) stay on the tile loop: padding would more than double them.
+    calls = []
+    real = padded_gmm.gmm
+    monkeypatch.setattr(padded_gmm, "gmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ffn = _ffn(key=3)
+    fn = dispatch.get_dispatch("sort")
+    x = jax.random.normal(jax.random.key(11), (64, D_MODEL))
+    gating = routing.top_k_gating(jax.random.normal(jax.random.key(12), (64, NUM_EXPERTS)), K,
+                                  normalize=True)
+    expert_index, weights = gating.expert_index, gating.weights
+
+    def loss(x, ffn):
+        return jnp.sum(jnp.sin(fn(x, expert_index, weights, ffn, capacity=None).y))
+
+    def loss_ref(x, ffn):
+        return jnp.sum(jnp.sin(_reference(x, expert_index, weights, ffn)))
+
+    np.testing.assert_allclose(fn(x, expert_index, weights, ffn, capacity=None).y,
+                               _reference(x, expert_index, weights, ffn), atol=1e-5)
+    for got, want in zip(jax.tree.leaves(jax.grad(loss, (0, 1))(x, ffn)),
+                         jax.tree.leaves(jax.grad(loss_ref, (0, 1))(x, ffn))):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert calls and jax.default_backend() == "cpu"
+    calls.clear()
+    small_x, small_index, small_weights = _routing()
+    fn(small_x, small_index, small_weights, ffn, capacity=None)
+    assert not calls

@@ -178,8 +178,9 @@ def test_evomoe_claims_at_equal_flops_read_each_curve_at_the_budget():
     # Two runs of `a` and `b`: validation at 100 and 300 GFLOPs. At a budget of 200
     # GFLOPs each run's loss is the midpoint of its two evaluations, so `a` (3.0 -> 2.0:
     # 2.5) is 0.5 below `b` (3.0 -> 3.0) at seed 0 and 0.3 below at seed 1.
-    from tests.helpers import REPO
     import importlib.util
+
+    from tests.helpers import REPO
 
     spec = importlib.util.spec_from_file_location("evomoe_report",
                                                   REPO / "scripts" / "evomoe_report.py")

@@ -144,12 +144,6 @@ def test_train_stop_and_resume_in_the_bucket_is_exact(bucket_run, tmp_path_facto
     assert _fs().exists(f"{BUCKET}/run/summary.json") and _fs().exists(f"{BUCKET}/run/config.gin")
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
 
 def test_routing_analysis_reads_and_writes_the_bucket(bucket_run, clean_gin):
     from experiments.reporting import routing_report  # pylint: disable=g-import-not-at-top

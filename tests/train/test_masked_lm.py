@@ -1,9 +1,11 @@
 """The masked-LM objective (`train.objective = 'masked_lm'`, experiments/train/objective.py):
 the batch rewrite on a hand-built batch, its refusals, and a Soft MoE encoder
 (gin_configs/models/soft_moe_encoder.gin) trained 3 steps in the trainer, validated,
-checkpointed and resumed exactly, and refused by generation."""
+checkpointed and resumed exactly, refused by generation, and analysed by
+scripts/analyze_routing.py (soft routing statistics)."""
 
 import dataclasses
+import json
 import shutil
 
 import gin
@@ -18,6 +20,7 @@ from experiments.train.config import TrainSetup
 from experiments.train.objective import MaskedLM, check_setup, objective_hooks
 from experiments.train.trainer import train
 from layers.transformer import TransformerLM
+from scripts import analyze_routing
 from tests.helpers import REPO
 
 # One row: 6 real tokens (segment 1), then 2 of padding (segment 0); next-token targets.
@@ -94,9 +97,15 @@ def _run(workdir):
         gin.clear_config()
 
 
-def test_soft_moe_encoder_trains_on_masked_lm_and_resumes_exactly(tmp_path):
-    workdir = tmp_path / "mlm"
-    summary = _run(workdir)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The Soft MoE encoder trained 3 steps: (workdir, summary); shared, read-only."""
+    workdir = tmp_path_factory.mktemp("soft_moe") / "mlm"
+    return workdir, _run(workdir)
+
+
+def test_soft_moe_encoder_trains_on_masked_lm_and_resumes_exactly(trained, tmp_path):
+    workdir, summary = trained
     records = read_jsonl(workdir / "metrics.jsonl", "train")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in records)
@@ -117,3 +126,32 @@ def test_soft_moe_encoder_trains_on_masked_lm_and_resumes_exactly(tmp_path):
             load_generator(workdir)
     finally:
         gin.clear_config()
+
+
+def test_analyze_routing_reports_soft_statistics_of_the_soft_moe_encoder(trained, tmp_path,
+                                                                         capsys):
+    """scripts/analyze_routing.py on the Soft MoE run: the Soft MoE layer (layer_1;
+    moe_every = 2) gets a soft report: each domain's soft routing fractions sum to 1 over
+    the 4 experts (every token's combine mass is 1; the domain passes add up to the
+    all-token pass), I(domain; expert) from them, the dispatch concentration within
+    [1, 32] tokens per slot; the console line says the quantities are soft."""
+    workdir, _ = trained
+    out = tmp_path / "analysis"
+    try:
+        assert analyze_routing.main([f"--workdir={workdir}", f"--output_dir={out}",
+                                     "--max_batches=1"]) == 0
+    finally:
+        gin.clear_config()
+    report = json.loads((out / "routing_layer_1.json").read_text())
+    assert report["soft"] and (out / "routing_layer_1.png").stat().st_size > 0
+    fractions = np.asarray(report["soft_routing_fractions"])
+    assert fractions.shape == (len(report["domains"]), 4)
+    present = np.asarray(report["soft_combine_mass"]).sum(axis=1) > 0  # 1 batch: maybe 1 domain
+    assert present.any()
+    np.testing.assert_allclose(fractions.sum(axis=1)[present], 1.0, rtol=1e-6)
+    assert report["num_tokens"] == pytest.approx(np.sum(report["soft_combine_mass"]), rel=1e-5)
+    assert 0 <= report["soft_mutual_information_bits"] <= np.log2(4)
+    eff = np.asarray(report["dispatch_effective_tokens_per_slot"])
+    assert eff.shape == (4,) and np.all((eff >= 1) & (eff <= 32))
+    assert 1 <= report["combine_effective_slots"] <= 8
+    assert "layer_1 (Soft MoE, soft assignments): I(domain; expert)" in capsys.readouterr().out

@@ -34,12 +34,6 @@ PRESETS = {"olmoe_1b_7b": (50304, "6.9", "1.3", 16, 2.0),
            "mixtral_8x7b": (32000, "46.7", "12.9", 32, 10.0)}
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_pod_preset_builds_abstractly_and_shards_on_the_pod_mesh(clean_gin, preset):

@@ -156,12 +156,6 @@ def test_schedule_warmup_then_cosine():
         optim.learning_rate_schedule(10, peak_learning_rate=0.0)
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
 
 def test_unknown_gin_binding_is_named(clean_gin):
     with pytest.raises(gin_utils.GinConfigError, match="num_stepz"):
