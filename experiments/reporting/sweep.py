@@ -454,6 +454,8 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
         plot_heatmaps(records, figures / "heatmaps.png")
         protocol.plot_loss_curves(records, figures / "loss_curves.png",
                                   title=f"{sweep.name}, mean over seeds")
+    # The compute columns alone (no curves): drawn from records.json too.
+    compute_lib.plot_loss_vs_realised_flops(records, figures / compute_lib.REALISED_PLOT)
 
     lines = [f"# {sweep.title or sweep.name}", ""] + reproduce_lines(sweep.name, sweep_file)
     if sweep.description:
@@ -476,6 +478,8 @@ def write_report(sweep: Sweep, records: Sequence[dict[str, Any]], sweep_file: st
     if sweep.findings:
         lines += ["## Findings", "", sweep.findings.strip(), ""]
     figure_links = [("validation loss vs steps and FLOPs", "loss_curves.png"),
+                    ("final validation loss vs realised FLOPs per step, mean ± SE over seeds",
+                     compute_lib.REALISED_PLOT),
                     ("batch MaxVio", "maxvio_curves.png"),
                     ("sequence MaxVio", "seq_maxvio_curves.png"), ("train CE", "train_ce.png"),
                     (f"domain x expert heat maps (seed {sweep.seeds[0]})", "heatmaps.png")]

@@ -238,3 +238,43 @@ def test_compute_columns_read_the_model_and_the_second_half_of_the_logged_flops(
                                     "demo.gin", tmp_path / "docs", plots=False).read_text()
     assert "params | active params / token | train FLOPs / step | realised FLOPs / step" in report
     assert f"| {params} | {params} | 100 | 60 |" in report
+
+
+def test_loss_vs_realised_flops_plot_gives_each_variant_its_mean_and_se(tmp_path):
+    """Hand-made records with the compute columns: `skip` (2 seeds, realised FLOPs 60 and
+    80 of 100, losses 1.0 and 1.2), `moe` (1 seed, fewer active than total parameters,
+    nothing skipped), `dense` (2 seeds, all parameters active, realised = training FLOPs)
+    and `diverged` (a NaN loss: no point). Points: means over seeds, SE = sample std /
+    sqrt(n) (NaN for one seed); only `dense` gets the dense marker. The report links the
+    PNG, also when written from records alone (`plots=False`)."""
+    import math
+
+    from experiments.reporting import compute
+
+    def record(variant, seed, loss, realised, params=10, active=10):
+        return {"variant": variant, "seed": seed, "workdir": f"{variant}/seed{seed}",
+                "valid_loss": {"all": loss}, "valid_max_violation": None,
+                "train_batch_max_violation": None, "train_sequence_max_violation": None,
+                "wall_seconds": None, "params": params, "active_params": active,
+                "train_flops_per_step": 100.0, "realised_flops_per_step": realised}
+
+    records = [record("skip", 0, 1.0, 60.0), record("skip", 1, 1.2, 80.0),
+               record("moe", 0, 0.9, 100.0, params=40), record("dense", 0, 1.5, 100.0),
+               record("dense", 1, 1.7, 100.0), record("diverged", 0, math.nan, 100.0)]
+    points = {p["variant"]: p for p in compute.realised_points(records)}
+    assert sorted(points) == ["dense", "moe", "skip"]
+    assert points["skip"]["flops"] == 70.0 and points["skip"]["flops_se"] == pytest.approx(10.0)
+    assert points["skip"]["loss"] == pytest.approx(1.1)
+    assert points["skip"]["loss_se"] == pytest.approx(0.1)
+    assert points["dense"]["flops_se"] == 0.0 and points["dense"]["loss"] == pytest.approx(1.6)
+    assert points["moe"]["n"] == 1 and math.isnan(points["moe"]["loss_se"])
+    assert [points[v]["dense"] for v in ("skip", "moe", "dense")] == [False, False, True]
+    sweep = _sweep(variants={v: {} for v in ("skip", "moe", "dense", "diverged")})
+    report = sweep_lib.write_report(sweep, records, "demo.gin", tmp_path / "docs",
+                                    plots=False).read_text()
+    assert (tmp_path / "docs" / "demo" / compute.REALISED_PLOT).stat().st_size > 0
+    assert f"](demo/{compute.REALISED_PLOT})" in report
+    columns = [key for key, _ in compute.COLUMNS]  # a run without them gets no such plot
+    plain = [{k: v for k, v in r.items() if k not in columns} for r in records[:1]]
+    assert not compute.plot_loss_vs_realised_flops(plain, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
