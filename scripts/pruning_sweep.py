@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"surgeries, of {list(pr.METHODS)}")
     parser.add_argument("--recover_methods", default="uncurl,frequency,random",
                         help="surgeries that get the recovery fine-tune ('' = none)")
-    parser.add_argument("--recover_domains", default="code",
+    parser.add_argument("--recover_domains", default="code,prose",
                         help="domains whose surgeries get the recovery fine-tune")
     parser.add_argument("--recovery_steps", type=int, default=50)
     parser.add_argument("--source_steps", type=int, default=500,
