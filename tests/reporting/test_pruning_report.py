@@ -122,7 +122,9 @@ def test_driver_collects_finished_units_relative_to_the_root(tmp_path):
     (scratch / "summary.json").write_text(json.dumps({"step": 550, "valid_loss": {"code": 1.7}}))
     out = tmp_path / "p.json"
     assert main([f"--root={root}", "--experts=8", "--seeds=0", "--domains=code",
-                 "--fractions=0.5", "--methods=uncurl,frequency", "--scratch_experts=4",
+                 "--fractions=0.5", "--methods=uncurl,frequency", "--recover_methods=uncurl",
+                 "--recover_domains=code",
+                 "--scratch_experts=4",
                  "--stages=report", f"--json={out}"]) == 0
     data = json.loads(out.read_text())
     assert data["plan"] == {"sources": 1, "surgeries": 2, "recovery fine-tunes": 1,

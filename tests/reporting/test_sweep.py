@@ -85,7 +85,7 @@ def save(*_):
     print("interrupted at step 3; checkpoint saved", file=sys.stderr)
     sys.exit(130)
 signal.signal(signal.SIGINT, save)
-print("ready", flush=True)
+open(sys.argv[1] + ".ready", "w").write("ready")
 time.sleep(60)
 """
 _PARENT = """
@@ -113,7 +113,12 @@ def test_ctrl_c_waits_for_the_running_child_to_save(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", _PARENT, _CHILD, str(marker)], cwd=REPO,
                               env=script_env(), stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
-    time.sleep(3.0)  # both interpreters started; the child sleeps in its handler's reach
+    ready = tmp_path / "saved.ready"  # the child has set its handler (the parent, slower
+    deadline = time.monotonic() + 60  # to import, started it from inside run_child)
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), "the child never started"
+    time.sleep(0.5)  # the parent is inside communicate(), in its KeyboardInterrupt's reach
     os.killpg(parent.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     _, stderr = parent.communicate(timeout=60)
     assert parent.returncode == 130, stderr
