@@ -89,7 +89,10 @@ open(sys.argv[1] + ".ready", "w").write("ready")
 time.sleep(60)
 """
 _PARENT = """
-import sys
+import signal, sys
+# A process started from a background job inherits SIGINT ignored, and Python then installs
+# no KeyboardInterrupt handler; a terminal's sweep has one.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 from experiments.reporting.sweep import SweepInterrupted, run_child
 try:
