@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -132,3 +133,16 @@ def script_main(script: str) -> Callable[[list[str]], int]:
         except SystemExit as e:
             return e.code
     return call
+
+
+def packed_batch(rows: int, length: int, vocab_size: int = 16) -> dict[str, Any]:
+    """A training batch `[rows, length]` of one real segment per row: inputs
+    0, 1, 2, ... mod `vocab_size`, targets the next id, every weight 1, domain 0."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    inputs = (np.arange(rows * length).reshape(rows, length) % vocab_size).astype(np.int32)
+    ones = np.ones((rows, length), np.int32)
+    return {"inputs": inputs, "targets": (inputs + 1) % vocab_size,
+            "weights": ones.astype(np.float32), "segment_ids": ones,
+            "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+            "domain": np.zeros((rows, length), np.int32)}

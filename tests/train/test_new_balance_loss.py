@@ -23,6 +23,7 @@ from layers.moe_layer import MoeLayer
 from layers.routers import TopKRouter
 from layers.transformer import TransformerLM
 from moe.layer_aux import MoeAux, aux_field
+from tests.helpers import packed_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +59,6 @@ def _model():
                                          dtype="float32", rngs=nnx.Rngs(params=0)))()
 
 
-def _batch():
-    inputs = (np.arange(24).reshape(2, 12) % 16).astype(np.int32)
-    ones = np.ones((2, 12), np.int32)
-    return {"inputs": inputs, "targets": (inputs + 1) % 16, "weights": ones.astype(np.float32),
-            "segment_ids": ones, "positions": np.tile(np.arange(12, dtype=np.int32), (2, 1)),
-            "domain": np.zeros((2, 12), np.int32)}
-
 
 def test_a_new_loss_is_weighted_into_the_step_loss_and_reported():
     model = _model()
@@ -74,7 +68,7 @@ def test_a_new_loss_is_weighted_into_the_step_loss_and_reported():
     for weight in (0.0, 2.0):
         step = jax.jit(make_train_step(graphdef, rest, tx, loss_weights=ToyLossWeights(
             toy_weight=weight), num_microbatches=1, num_domains=1))
-        _, _, metrics = step(params, tx.init(params), _batch(), jax.random.PRNGKey(0))
+        _, _, metrics = step(params, tx.init(params), packed_batch(2, 12), jax.random.PRNGKey(0))
         outputs[weight] = jax.device_get(metrics)
     toy = float(outputs[2.0]["toy_loss"])
     # Two MoE layers, each 1/E <= sum_e P_e^2 <= 1, summed over layers (layer_reduction 'sum').
@@ -95,4 +89,4 @@ def test_a_loss_without_its_weight_is_refused_naming_it():
     step = make_train_step(graphdef, rest, tx, loss_weights=LossWeights(), num_microbatches=1,
                            num_domains=1)
     with pytest.raises(ValueError, match="weighted by LossWeights.toy_weight"):
-        jax.eval_shape(step, params, tx.init(params), _batch(), jax.random.PRNGKey(0))
+        jax.eval_shape(step, params, tx.init(params), packed_batch(2, 12), jax.random.PRNGKey(0))

@@ -18,6 +18,7 @@ from experiments.train.run_state import split_model
 from experiments.train.train_step import LossWeights, make_train_step
 from layers.transformer import TransformerBlock, TransformerLM
 from moe.layer_aux import MoeAux
+from tests.helpers import packed_batch
 
 
 class EvenPositionFfnBlock(TransformerBlock):
@@ -37,13 +38,6 @@ class EvenPositionFfnBlock(TransformerBlock):
         return (x + y).astype(self.dtype), aux
 
 
-def _batch():
-    inputs = (np.arange(12).reshape(2, 6) % 16).astype(np.int32)
-    ones = np.ones((2, 6), np.int32)
-    return {"inputs": inputs, "targets": (inputs + 1) % 16, "weights": ones.astype(np.float32),
-            "segment_ids": ones, "positions": np.tile(np.arange(6, dtype=np.int32), (2, 1)),
-            "domain": np.zeros((2, 6), np.int32)}
-
 
 def test_a_block_defined_outside_the_library_trains_reports_and_is_counted():
     model = TransformerLM(vocab_size=16, d_model=8, num_layers=2, num_heads=2, d_ff=16,
@@ -53,7 +47,7 @@ def test_a_block_defined_outside_the_library_trains_reports_and_is_counted():
     tx = optax.sgd(0.1)
     step = jax.jit(make_train_step(graphdef, rest, tx, loss_weights=LossWeights(),
                                    num_microbatches=1, num_domains=1))
-    new_params, _, metrics = step(params, tx.init(params), _batch(), jax.random.PRNGKey(0))
+    new_params, _, metrics = step(params, tx.init(params), packed_batch(2, 6), jax.random.PRNGKey(0))
     metrics = jax.device_get(metrics)
     assert np.isfinite(float(metrics["loss"]))
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(params),
