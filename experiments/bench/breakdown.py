@@ -9,11 +9,13 @@ weights) and timed interleaved with the whole layer and the dense FFN
   layout   the routing decision -> row layout (slot ranks, argsort, group sizes);
            integer work, forward only;
   experts  the expert FFN on rows already laid out: the grouped matmul over the rows
-           sorted by expert (dropless; capacity mode of `sort` on CPU: the kept rows;
-           `sort` on CPU: tile-aligned groups through `moe.kernels.padded_gmm`), else
-           the batched `[E, C, d]` matmuls (capacity buffers);
+           sorted by expert (dropless; capacity mode of `sort` on CPU: the kept rows),
+           else the batched `[E, C, d]` matmuls (capacity buffers). `sort` on CPU:
+           tile-aligned groups through `moe.kernels.padded_fused`, whose loops gather
+           the rows and add the weighted outputs back, so there this part includes the
+           permutation and the combine;
   rest     layer - router - layout - experts: the gathers into rows and back, the
-           combine and its backward, the statistics.
+           combine and its backward (unless fused into `experts`), the statistics.
 
 A profiler trace (`jax.profiler`) gives op-level times too, but XLA:CPU runs
 independent ops of one program concurrently, so per-op durations overlap and do
@@ -106,14 +108,22 @@ def _experts_call(layer: MoeLayer, dispatch: str, x: jax.Array, expert_index: ja
     ffn = layer.experts.ffn(jnp.float32)
     num_experts = layer.num_experts
     layout, sizes = _layout(expert_index, num_experts, capacity, grouped, padded)
-    rows = gather_to_rows(x, layout)
-    if sizes is not None:
-        gmm = padded_gmm.gmm if padded else _GMM[dispatch]
+    if padded:  # the permutation runs inside the fused matmuls: it is timed here
+        plan = (padded_gmm.DEFAULT_TILE_M,
+                padded_gmm.chunk_for(expert_index.size, num_experts, padded_gmm.DEFAULT_TILE_M))
+        weights = layout.keep / expert_index.shape[1]
 
         def loss(ffn, rows):
-            return jnp.mean(ffn.grouped(rows, sizes, gmm) ** 2)
+            return jnp.mean(dispatchers.rows_through_experts(rows, layout, sizes, weights, ffn,
+                                                             None, plan) ** 2)
+        rows = x
+    elif sizes is not None:
+        rows = gather_to_rows(x, layout)
+
+        def loss(ffn, rows):
+            return jnp.mean(ffn.grouped(rows, sizes, _GMM[dispatch]) ** 2)
     else:
-        rows = rows.reshape(num_experts, capacity, x.shape[1])
+        rows = gather_to_rows(x, layout).reshape(num_experts, capacity, x.shape[1])
 
         def loss(ffn, rows):
             return jnp.mean(ffn.batched(rows) ** 2)

@@ -17,7 +17,6 @@ dropped; `einsum` is the reference.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -34,7 +33,7 @@ from moe.dispatch.layout import (
     sorted_layout,
 )
 from moe.experts import ExpertFFN, GroupedMatmul
-from moe.kernels import padded_gmm
+from moe.kernels import padded_fused, padded_gmm
 
 Array = jax.Array
 
@@ -79,27 +78,57 @@ def capacity_sort_dispatch(x: Array, expert_index: Array, weights: Array, ffn: E
     return DispatchOutput(combine_from_rows(outputs, weights, layout), layout.keep)
 
 
+# (tile_m, chunk_m) of `moe.kernels.padded_gmm`: the grouped rows are laid out
+# tile-aligned and go through the fused padded matmuls (`moe.kernels.padded_fused`).
+PaddedPlan = tuple[int, int]
+
+
 def _grouped_layout(expert_index: Array, num_groups: int, num_experts: int,
-                    padded_tile: int | None) -> tuple[RowLayout, Array]:
+                    padded: PaddedPlan | None) -> tuple[RowLayout, Array]:
     """The rows sorted by expert (`sorted_layout` over `num_groups` groups, of which the
-    first `num_experts` are computed), moved to tile-aligned offsets when `padded_tile`."""
+    first `num_experts` are computed), moved to tile-aligned offsets when `padded`."""
     layout, group_sizes = sorted_layout(expert_index, num_groups)
     group_sizes = group_sizes[:num_experts]
-    if padded_tile is not None:
-        layout = padded_layout(layout, group_sizes, expert_index, padded_tile)
+    if padded is not None:
+        layout = padded_layout(layout, group_sizes, expert_index, padded[0])
     return layout, group_sizes
 
 
+def rows_through_experts(x: Array, layout: RowLayout, group_sizes: Array, weights: Array,
+                          ffn: ExpertFFN, gmm: GroupedMatmul,
+                          padded: PaddedPlan | None) -> Array:
+    """`[T, d]`: the layout's rows through their experts, combined with `weights [T, k]`.
+
+    Unpadded: the rows are gathered into an `[R, d]` buffer, go through `gmm`, and are
+    gathered back. Padded: the gather and the weighted combine happen inside the
+    grouped matmuls' loops (`padded_fused`), so no `[R, d]` buffer exists in either pass.
+    """
+    if padded is None:
+        outputs = ffn.grouped(gather_to_rows(x, layout), group_sizes, gmm)
+        return combine_from_rows(outputs, weights, layout)
+    tile_m, chunk_m = padded
+    num_tokens, k = weights.shape
+    rows = layout.row_token  # T on padding rows: a zero row in, dropped on the way out
+    padded_weights = jnp.concatenate([weights, jnp.zeros((1, k), weights.dtype)])
+    row_weight = padded_weights[rows, layout.row_choice]  # [R], 0 on padding rows
+
+    def project(w: Array) -> Array:
+        return padded_fused.gather_gmm(x, w, group_sizes, rows, tile_m, chunk_m)
+
+    gate = None if ffn.wi_gate is None else project(ffn.wi_gate)
+    hidden = ffn.hidden(project(ffn.wi), gate)
+    return padded_fused.gmm_scatter(hidden, ffn.wo, group_sizes, rows, row_weight, num_tokens,
+                                    tile_m, chunk_m).astype(x.dtype)
+
+
 def grouped_dispatch(x: Array, expert_index: Array, weights: Array, ffn: ExpertFFN,
-                     gmm: GroupedMatmul, padded_tile: int | None = None) -> DispatchOutput:
+                     gmm: GroupedMatmul, padded: PaddedPlan | None = None) -> DispatchOutput:
     """Dropless: sort the T*k assignments by expert, grouped matmul, unsort and combine.
-    `padded_tile`: the groups start at multiples of it (`padded_layout`; `gmm` must
-    take that layout, e.g. `moe.kernels.padded_gmm.gmm`)."""
+    `padded`: tile-aligned groups through the fused padded matmuls (`gmm` unused)."""
     layout, group_sizes = _grouped_layout(expert_index, ffn.num_experts, ffn.num_experts,
-                                          padded_tile)
-    rows = gather_to_rows(x, layout)
-    outputs = ffn.grouped(rows, group_sizes, gmm)
-    return DispatchOutput(combine_from_rows(outputs, weights, layout), layout.keep)
+                                          padded)
+    y = rows_through_experts(x, layout, group_sizes, weights, ffn, gmm, padded)
+    return DispatchOutput(y, layout.keep)
 
 
 # Mean assignments per expert from which `make_sort_dispatch(grouped_capacity_on=...)`
@@ -113,20 +142,19 @@ def grouped_capacity_dispatch(x: Array, expert_index: Array, weights: Array, ffn
                               gmm: GroupedMatmul, *, capacity: int,
                               priority: Array | None = None,
                               mask: Array | None = None,
-                              padded_tile: int | None = None) -> DispatchOutput:
+                              padded: PaddedPlan | None = None) -> DispatchOutput:
     """Capacity mode computing only the kept assignments: the same slots and drops as
     `capacity_sort_dispatch` (`assign_slots`), but the kept rows go sorted by expert
     through `gmm` instead of into `[E, C, d]` buffers, so the empty slots cost nothing.
     Dropped assignments (and padding) sort into a sentinel group E that `gmm` skips.
-    `padded_tile` as in `grouped_dispatch`."""
+    `padded` as in `grouped_dispatch`."""
     num_experts = ffn.num_experts
     _, keep = assign_slots(expert_index, num_experts, capacity, priority=priority, mask=mask)
     layout, group_sizes = _grouped_layout(jnp.where(keep, expert_index, num_experts),
-                                          num_experts + 1, num_experts, padded_tile)
+                                          num_experts + 1, num_experts, padded)
     layout = layout._replace(keep=keep)
-    rows = gather_to_rows(x, layout)
-    outputs = ffn.grouped(rows, group_sizes, gmm)
-    return DispatchOutput(combine_from_rows(outputs, weights * keep, layout), keep)
+    y = rows_through_experts(x, layout, group_sizes, weights * keep, ffn, gmm, padded)
+    return DispatchOutput(y, keep)
 
 
 # Platforms on which the `sort` dispatch lays its grouped rows out tile-aligned and runs
@@ -165,32 +193,32 @@ def make_sort_dispatch(gmm: GroupedMatmul, name: str, *,
     less below it: docs/benchmarks.md, "CPU targets").
     `padded`: on the platforms of `_PADDED_ON`, when the experts average at least one
     tile (`padded_gmm.DEFAULT_TILE_M`) of rows, the grouped rows are laid out tile-aligned
-    (`padded_layout`) and go through `moe.kernels.padded_gmm.gmm` instead of `gmm`."""
+    (`padded_layout`) and go through the fused padded matmuls (`moe.kernels.padded_fused`:
+    the permutation inside `moe.kernels.padded_gmm`'s loops) instead of `gmm`."""
 
-    def grouped_plan(num_rows: int, num_experts: int) -> tuple[GroupedMatmul, int | None]:
+    def padded_plan(num_rows: int, num_experts: int) -> PaddedPlan | None:
         tile = padded_gmm.DEFAULT_TILE_M  # the layout's and the matmul's tile must agree
         # Below a tile per expert on average the padding would at least double the rows
         # (and tiny shapes would pay the padded path's longer compile for nothing).
         if padded and padded_layout_active() and num_rows >= tile * num_experts:
-            chunk = padded_gmm.chunk_for(num_rows, num_experts, tile)
-            return functools.partial(padded_gmm.gmm, tile_m=tile, chunk_m=chunk), tile
-        return gmm, None
+            return tile, padded_gmm.chunk_for(num_rows, num_experts, tile)
+        return None
 
     def dispatch(x, expert_index, weights, ffn, *, capacity, priority=None, mask=None):
-        grouped_gmm, tile = grouped_plan(expert_index.size, ffn.num_experts)
+        plan = padded_plan(expert_index.size, ffn.num_experts)
         if capacity is not None:
             if (jax.default_backend() in grouped_capacity_on
                     and expert_index.size >= GROUPED_CAPACITY_MIN_ROWS * ffn.num_experts):
-                return grouped_capacity_dispatch(x, expert_index, weights, ffn, grouped_gmm,
+                return grouped_capacity_dispatch(x, expert_index, weights, ffn, gmm,
                                                  capacity=capacity, priority=priority,
-                                                 mask=mask, padded_tile=tile)
+                                                 mask=mask, padded=plan)
             return capacity_sort_dispatch(x, expert_index, weights, ffn, capacity=capacity,
                                           priority=priority, mask=mask)
-        return grouped_dispatch(x, expert_index, weights, ffn, grouped_gmm, padded_tile=tile)
+        return grouped_dispatch(x, expert_index, weights, ffn, gmm, padded=plan)
 
     grouped_note = (f" (on {', '.join(grouped_capacity_on)} with large groups: the kept "
                     "rows through the grouped matmul)") if grouped_capacity_on else ""
-    padded_note = (" (on CPU: tile-aligned groups through `moe.kernels.padded_gmm`)"
+    padded_note = (" (on CPU: tile-aligned groups through `moe.kernels.padded_fused`)"
                    if padded else "")
     dispatch.__name__ = f"{name}_dispatch"
     dispatch.__doc__ = (f"Capacity mode: `[E, C, d]` buffers{grouped_note}. Dropless: sorted "

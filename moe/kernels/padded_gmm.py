@@ -96,16 +96,41 @@ def _remainder(size: Array, tile_m: int, chunk_m: int,
     return jax.lax.switch(size % chunk_m // tile_m, branches, carry)
 
 
+def _rows(array: Array, row_token: Array | None, row, rows: int) -> Array:
+    """`rows` rows of the padded layout from `row`: a slice of `array [R, K]`, or with
+    `row_token [R]` the token rows of `array [T, K]` they hold (zero for a token
+    out of range, e.g. the padding's T)."""
+    if row_token is None:
+        return jax.lax.dynamic_slice_in_dim(array, row, rows)
+    tokens = jax.lax.dynamic_slice_in_dim(row_token, row, rows)
+    return array.at[tokens].get(mode="fill", fill_value=0)
+
+
 def gmm_forward(lhs: Array, rhs: Array, group_sizes: Array, tile_m: int, chunk_m: int,
-                transpose_rhs: bool = False, out_dtype=None) -> Array:
-    """`[R, K] x [E, K, N]` (`[E, N, K]` with transpose_rhs) -> `[R, N]`, no VJP."""
+                transpose_rhs: bool = False, out_dtype=None, *,
+                lhs_token: Array | None = None, out_token: Array | None = None,
+                out_weight: Array | None = None, num_tokens: int | None = None) -> Array:
+    """`[R, K] x [E, K, N]` (`[E, N, K]` with transpose_rhs) -> `[R, N]`, no VJP.
+
+    Fused permutation (`moe.kernels.padded_fused`): with `lhs_token [R]`, row r's
+    left operand is `lhs[lhs_token[r]]` of a token-major `lhs [T, K]`; with
+    `out_token [R]`, row r's product is added into row `out_token[r]` of a
+    `[num_tokens, N]` accumulator-dtype output instead (tokens out of range, the
+    padding's, are dropped), times `out_weight[r]` when given (`[R]`).
+    """
     _check(tile_m, chunk_m)
-    num_rows, out_dtype = lhs.shape[0], out_dtype or lhs.dtype
+    scatter = out_token is not None
+    num_rows = next(a for a in (lhs_token, out_token, lhs) if a is not None).shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    if num_rows < tile_m:  # no room for a non-empty group
-        return jnp.zeros((num_rows, n), out_dtype)
-    chunk_m = _fit_chunk(num_rows, tile_m, chunk_m)
     acc_dtype = accumulator_dtype(lhs.dtype, rhs.dtype)
+    final_dtype = acc_dtype if scatter else (out_dtype or lhs.dtype)
+    out_rows = num_tokens if scatter else num_rows
+    if num_rows < tile_m:  # no room for a non-empty group
+        return jnp.zeros((out_rows, n), final_dtype)
+    # The loop writes the accumulator dtype and the result is cast once afterwards: a
+    # bfloat16 cast inside the loop, before each write, made the loop twice as slow on CPU.
+    out_dtype = acc_dtype
+    chunk_m = _fit_chunk(num_rows, tile_m, chunk_m)
     starts, sizes = padded_starts(group_sizes, tile_m)
     contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
 
@@ -114,32 +139,59 @@ def gmm_forward(lhs: Array, rhs: Array, group_sizes: Array, tile_m: int, chunk_m
         start, size = starts[g], sizes[g]
 
         def product(row, rows):
-            a = jax.lax.dynamic_slice_in_dim(lhs, row, rows)
-            return jax.lax.dot_general(a, weights, (contract, ((), ())),
+            return jax.lax.dot_general(_rows(lhs, lhs_token, row, rows), weights,
+                                       (contract, ((), ())),
                                        preferred_element_type=acc_dtype).astype(out_dtype)
 
-        out = _chunks(start, size, chunk_m, lambda row, out: jax.lax.dynamic_update_slice_in_dim(
-            out, product(row, chunk_m), row, 0), out)
-        # The remainder is patched into a [chunk_m, N] window of `out` (read, patched in
-        # the switch, written back), so the switch never copies all of `out`; near the
-        # end of the buffer the window starts before the remainder.
+        def store(out, row, values):
+            if not scatter:
+                return jax.lax.dynamic_update_slice_in_dim(out, values, row, 0)
+            tokens = jax.lax.dynamic_slice_in_dim(out_token, row, values.shape[0])
+            return out.at[tokens].add(scaled(values, row), mode="drop")
+
+        def scaled(values, row):
+            if out_weight is None:
+                return values
+            w = jax.lax.dynamic_slice_in_dim(out_weight, row, values.shape[0])
+            return values * w[:, None].astype(values.dtype)
+
+        out = _chunks(start, size, chunk_m,
+                      lambda row, out: store(out, row, product(row, chunk_m)), out)
+        # The remainder is patched into a [chunk_m, N] window (read, patched in the
+        # switch, written back), so the switch never copies all of `out`; near the end of
+        # the buffer the window starts before the remainder.
         rest_row = start + size // chunk_m * chunk_m
         window_row = jnp.minimum(rest_row, num_rows - chunk_m)
-        window = _remainder(size, tile_m, chunk_m, lambda rows, w: jax.lax.dynamic_update_slice_in_dim(
-            w, product(rest_row, rows), rest_row - window_row, 0),
-            jax.lax.dynamic_slice_in_dim(out, window_row, chunk_m))
-        return jax.lax.dynamic_update_slice_in_dim(out, window, window_row, 0)
+        patch = lambda rows, w: jax.lax.dynamic_update_slice_in_dim(
+            w, product(rest_row, rows), rest_row - window_row, 0)
+        if not scatter:
+            window = _remainder(size, tile_m, chunk_m, patch,
+                                jax.lax.dynamic_slice_in_dim(out, window_row, chunk_m))
+            return jax.lax.dynamic_update_slice_in_dim(out, window, window_row, 0)
+        # Scatter: the window's products (zero outside the remainder) are added with the
+        # tokens of the rows outside the remainder moved out of range.
+        window = _remainder(size, tile_m, chunk_m, patch, jnp.zeros((chunk_m, n), out_dtype))
+        local = jnp.arange(chunk_m) + window_row
+        tokens = jax.lax.dynamic_slice_in_dim(out_token, window_row, chunk_m)
+        inside = (local >= rest_row) & (local < start + size)
+        return out.at[jnp.where(inside, tokens, out_rows)].add(scaled(window, window_row),
+                                                               mode="drop")
 
-    out = jnp.zeros((num_rows, n), out_dtype)
-    return jax.lax.fori_loop(0, group_sizes.shape[0], group_body, out)
+    out = jnp.zeros((out_rows, n), out_dtype)
+    return jax.lax.fori_loop(0, group_sizes.shape[0], group_body, out).astype(final_dtype)
 
 
 def tgmm_forward(lhs: Array, grad: Array, group_sizes: Array, tile_m: int, chunk_m: int,
-                 out_dtype=None) -> Array:
-    """Per-group `lhs_g^T @ grad_g`: `[R, K], [R, N] -> [E, K, N]`; empty groups are zero."""
+                 out_dtype=None, *, lhs_token: Array | None = None,
+                 grad_token: Array | None = None, lhs_weight: Array | None = None) -> Array:
+    """Per-group `lhs_g^T @ grad_g`: `[R, K], [R, N] -> [E, K, N]`; empty groups are zero.
+    `lhs_token` / `grad_token [R]`: that operand is token-major `[T, .]`, its rows
+    gathered through the index (as `gmm_forward`'s `lhs_token`); `lhs_weight [R]`:
+    lhs row r is scaled by it first."""
     _check(tile_m, chunk_m)
     out_dtype = out_dtype or lhs.dtype
-    num_rows, num_groups, k, n = lhs.shape[0], group_sizes.shape[0], lhs.shape[1], grad.shape[1]
+    num_rows = next(a for a in (lhs_token, grad_token, lhs) if a is not None).shape[0]
+    num_groups, k, n = group_sizes.shape[0], lhs.shape[1], grad.shape[1]
     if num_rows < tile_m:
         return jnp.zeros((num_groups, k, n), out_dtype)
     chunk_m = _fit_chunk(num_rows, tile_m, chunk_m)
@@ -150,15 +202,20 @@ def tgmm_forward(lhs: Array, grad: Array, group_sizes: Array, tile_m: int, chunk
         start, size = starts[g], sizes[g]
 
         def add(row, rows, acc):
-            a = jax.lax.dynamic_slice_in_dim(lhs, row, rows)
-            b = jax.lax.dynamic_slice_in_dim(grad, row, rows)
+            a = _rows(lhs, lhs_token, row, rows)
+            if lhs_weight is not None:
+                a = a * jax.lax.dynamic_slice_in_dim(lhs_weight, row, rows)[:, None].astype(a.dtype)
+            b = _rows(grad, grad_token, row, rows)
             return acc + jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
                                              preferred_element_type=acc_dtype)
 
-        acc = _chunks(start, size, chunk_m, lambda row, acc: add(row, chunk_m, acc),
-                      jnp.zeros((k, n), acc_dtype))
-        rest_row = start + size // chunk_m * chunk_m
-        acc = _remainder(size, tile_m, chunk_m, lambda rows, acc: add(rest_row, rows, acc), acc)
+        # The remainder comes first and starts the accumulator: a switch that took the
+        # accumulator as an operand would copy it.
+        head = size % chunk_m
+        zeros = jnp.zeros((k, n), acc_dtype)
+        acc = _remainder(size, tile_m, chunk_m, lambda rows, acc: add(start, rows, acc), zeros)
+        acc = _chunks(start + head, size - head, chunk_m,
+                      lambda row, acc: add(row, chunk_m, acc), acc)
         return jax.lax.dynamic_update_index_in_dim(out, acc.astype(out_dtype), g, 0)
 
     out = jnp.zeros((num_groups, k, n), out_dtype)

@@ -16,7 +16,7 @@ from moe import dispatch, routing
 from moe.dispatch import dispatchers
 from moe.dispatch.registry import DispatchTraits, dispatch_traits, unavailable
 from moe.experts import ExpertFFN
-from moe.kernels import padded_gmm, xla_gmm
+from moe.kernels import padded_fused, padded_gmm, xla_gmm
 from moe.numeric import ceil_div_float
 
 # --------------------------------------------------------------------------- capacity
@@ -276,8 +276,9 @@ def test_grouped_capacity_keeps_the_buffers_drops_with_padding_and_priority():
     grouped = functools.partial(dispatchers.grouped_capacity_dispatch, gmm=xla_gmm.gmm,
                                 **options)
     # The same through the tile-aligned layout and its grouped matmul (CPU's default).
-    padded = functools.partial(dispatchers.grouped_capacity_dispatch, gmm=padded_gmm.gmm,
-                               padded_tile=padded_gmm.DEFAULT_TILE_M, **options)
+    padded = functools.partial(dispatchers.grouped_capacity_dispatch, gmm=None,
+                               padded=(padded_gmm.DEFAULT_TILE_M, padded_gmm.DEFAULT_TILE_M),
+                               **options)
     buffers = functools.partial(dispatch.capacity_sort_dispatch, **options)
     @jax.jit  # one program for all paths: one compile
     def all_paths(x, ffn):
@@ -295,31 +296,37 @@ def test_grouped_capacity_keeps_the_buffers_drops_with_padding_and_priority():
             np.testing.assert_allclose(g, w, atol=1e-5)
 
 
-def test_sort_takes_the_padded_layout_on_cpu_only_from_a_tile_of_rows_per_expert(monkeypatch):
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_sort_takes_the_padded_layout_on_cpu_only_from_a_tile_of_rows_per_expert(
+        monkeypatch, activation):
     # 64 tokens x top-2 over 4 experts = 128 rows, a tile (32) per expert on average: the
-    # padded grouped matmul, with the per-expert loop's values and gradients. 24 tokens
-    # (48 rows, 12 per expert) stay on the tile loop: padding would more than double them.
+    # fused padded grouped matmuls, with the per-expert loop's values and gradients (of
+    # the tokens, the experts and the routing weights). 24 tokens (48 rows, 12 per
+    # expert) stay on the tile loop: padding would more than double them.
     calls = []
-    real = padded_gmm.gmm
-    monkeypatch.setattr(padded_gmm, "gmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    ffn = _ffn(key=3)
+    real = padded_fused.gather_gmm
+    monkeypatch.setattr(padded_fused, "gather_gmm",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ffn = _ffn(activation, key=3)
     fn = dispatch.get_dispatch("sort")
     x = jax.random.normal(jax.random.key(11), (64, D_MODEL))
     gating = routing.top_k_gating(jax.random.normal(jax.random.key(12), (64, NUM_EXPERTS)), K,
                                   normalize=True)
     expert_index, weights = gating.expert_index, gating.weights
 
-    def loss(x, ffn):
+    def loss(x, ffn, weights):
         return jnp.sum(jnp.sin(fn(x, expert_index, weights, ffn, capacity=None).y))
 
-    def loss_ref(x, ffn):
+    def loss_ref(x, ffn, weights):
         return jnp.sum(jnp.sin(_reference(x, expert_index, weights, ffn)))
 
     np.testing.assert_allclose(fn(x, expert_index, weights, ffn, capacity=None).y,
                                _reference(x, expert_index, weights, ffn), atol=1e-5)
-    for got, want in zip(jax.tree.leaves(jax.grad(loss, (0, 1))(x, ffn)),
-                         jax.tree.leaves(jax.grad(loss_ref, (0, 1))(x, ffn))):
-        np.testing.assert_allclose(got, want, atol=1e-4)
+    got, want = (jax.tree.leaves(jax.grad(f, (0, 1, 2))(x, ffn, weights))
+                 for f in (loss, loss_ref))
+    assert len(got) == len(want) == 4 + (activation == "swiglu")
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4)
     assert calls and jax.default_backend() == "cpu"
     calls.clear()
     small_x, small_index, small_weights = _routing()
