@@ -51,6 +51,13 @@ def activation_fn(activation: str) -> Callable[[Array], Array]:
     return _ACTIVATIONS[_GLU_ACTIVATIONS.get(activation, activation)]
 
 
+def hidden_activations(activation: str, up: Array, gate: Array | None = None) -> Array:
+    """The hidden activations from the input projections: `act(gate) * up` (GLU) or
+    `act(up)`."""
+    act = activation_fn(activation)
+    return act(gate) * up if gate is not None else act(up)
+
+
 # gmm(lhs [M, K], rhs [E, K, N], group_sizes [E]) -> [M, N]
 GroupedMatmul = Callable[[Array, Array, Array], Array]
 
@@ -84,8 +91,7 @@ class ExpertFFN:
 
     def hidden(self, up: Array, gate: Array | None) -> Array:
         """The hidden activations from the input projections: `act(gate) * up` or `act(up)`."""
-        act = activation_fn(self.activation)
-        return act(gate) * up if gate is not None else act(up)
+        return hidden_activations(self.activation, up, gate)
 
     def batched(self, x: Array) -> Array:
         """`[E, C, d]` -> `[E, C, d]`: expert e applied to buffer e."""

@@ -116,9 +116,9 @@ def rows_through_experts(x: Array, layout: RowLayout, group_sizes: Array, weight
         return padded_fused.gather_gmm(x, w, group_sizes, rows, tile_m, chunk_m)
 
     gate = None if ffn.wi_gate is None else project(ffn.wi_gate)
-    hidden = ffn.hidden(project(ffn.wi), gate)
-    return padded_fused.gmm_scatter(hidden, ffn.wo, group_sizes, rows, row_weight, num_tokens,
-                                    tile_m, chunk_m).astype(x.dtype)
+    return padded_fused.gmm_scatter(project(ffn.wi), gate, ffn.wo, group_sizes, rows,
+                                    row_weight, num_tokens, ffn.activation, tile_m,
+                                    chunk_m).astype(x.dtype)
 
 
 def grouped_dispatch(x: Array, expert_index: Array, weights: Array, ffn: ExpertFFN,

@@ -26,6 +26,7 @@ one call per tile (`xla_gmm.py`), which visits a group's tiles one by one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -106,92 +107,160 @@ def _rows(array: Array, row_token: Array | None, row, rows: int) -> Array:
     return array.at[tokens].get(mode="fill", fill_value=0)
 
 
-def gmm_forward(lhs: Array, rhs: Array, group_sizes: Array, tile_m: int, chunk_m: int,
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """An operand computed chunk by chunk inside the loops: row r is
+    `fn(a_1[r], a_2[r], ...)` of `arrays` (each `[R, K]`, or token-major `[T, K]` read
+    through `token [R]` as `_rows` does). With `fn`, e.g. an activation, the `[R, K]`
+    result is never stored whole."""
+
+    arrays: tuple[Array, ...]
+    token: Array | None = None
+    fn: Callable[..., Array] | None = None
+
+    @property
+    def dtype(self):
+        return self.arrays[0].dtype
+
+    @property
+    def width(self) -> int:
+        return self.arrays[0].shape[1]
+
+    @property
+    def num_rows(self) -> int:
+        """R, the padded layout's rows."""
+        return (self.arrays[0] if self.token is None else self.token).shape[0]
+
+    def take(self, row, rows: int) -> Array:
+        chunks = [_rows(a, self.token, row, rows) for a in self.arrays]
+        return chunks[0] if self.fn is None else self.fn(*chunks)
+
+
+def _as_rows(operand: Array | Rows | None, token: Array | None) -> Rows | None:
+    if operand is None or isinstance(operand, Rows):
+        return operand
+    return Rows((operand,), token)
+
+
+def gmm_forward(lhs: Array | Rows, rhs: Array, group_sizes: Array, tile_m: int, chunk_m: int,
                 transpose_rhs: bool = False, out_dtype=None, *,
                 lhs_token: Array | None = None, out_token: Array | None = None,
-                out_weight: Array | None = None, num_tokens: int | None = None) -> Array:
+                out_weight: Array | None = None, num_tokens: int | None = None,
+                row_dot: Array | Rows | None = None):
     """`[R, K] x [E, K, N]` (`[E, N, K]` with transpose_rhs) -> `[R, N]`, no VJP.
 
     Fused permutation (`moe.kernels.padded_fused`): with `lhs_token [R]`, row r's
     left operand is `lhs[lhs_token[r]]` of a token-major `lhs [T, K]`; with
     `out_token [R]`, row r's product is added into row `out_token[r]` of a
     `[num_tokens, N]` accumulator-dtype output instead (tokens out of range, the
-    padding's, are dropped), times `out_weight[r]` when given (`[R]`).
+    padding's, are dropped). `out_weight [R]`: row r's product is multiplied by it
+    first. `row_dot [R, N]` (not with `out_token`): also returns `dots [R]` float32,
+    `dots[r] = <product[r], row_dot[r]>` of the product before the weight, as
+    `(out, dots)`. `lhs` and `row_dot` may be `Rows`, computed chunk by chunk.
     """
     _check(tile_m, chunk_m)
     scatter = out_token is not None
-    num_rows = next(a for a in (lhs_token, out_token, lhs) if a is not None).shape[0]
+    if scatter and row_dot is not None:
+        raise ValueError("row_dot is only computed without out_token")
+    lhs, row_dot = _as_rows(lhs, lhs_token), _as_rows(row_dot, None)
+    num_rows = lhs.num_rows
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     acc_dtype = accumulator_dtype(lhs.dtype, rhs.dtype)
     final_dtype = acc_dtype if scatter else (out_dtype or lhs.dtype)
     out_rows = num_tokens if scatter else num_rows
+
+    def result(out, dots):
+        out = out.astype(final_dtype)
+        return out if row_dot is None else (out, dots)
+
     if num_rows < tile_m:  # no room for a non-empty group
-        return jnp.zeros((out_rows, n), final_dtype)
+        return result(jnp.zeros((out_rows, n)), jnp.zeros((num_rows,), jnp.float32))
     # The loop writes the accumulator dtype and the result is cast once afterwards: a
     # bfloat16 cast inside the loop, before each write, made the loop twice as slow on CPU.
-    out_dtype = acc_dtype
     chunk_m = _fit_chunk(num_rows, tile_m, chunk_m)
     starts, sizes = padded_starts(group_sizes, tile_m)
     contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
 
-    def group_body(g, out):
+    def scaled(values, row):
+        if out_weight is None:
+            return values
+        w = jax.lax.dynamic_slice_in_dim(out_weight, row, values.shape[0])
+        return values * w[:, None].astype(values.dtype)
+
+    def dotted(values, row):  # [rows] float32 row dots, or None
+        if row_dot is None:
+            return None
+        other = row_dot.take(row, values.shape[0])
+        return jnp.sum(values.astype(jnp.float32) * other.astype(jnp.float32), axis=1)
+
+    def place(carry, values, row, at):
+        """Write row `row`'s chunk product at offset `at` of the (out, dots) arrays."""
+        out, dots = carry
+        out = jax.lax.dynamic_update_slice_in_dim(out, scaled(values, row), at, 0)
+        if dots is not None:
+            dots = jax.lax.dynamic_update_slice_in_dim(dots, dotted(values, row), at, 0)
+        return out, dots
+
+    def group_body(g, carry):
         weights = jax.lax.dynamic_index_in_dim(rhs, g, keepdims=False)
         start, size = starts[g], sizes[g]
 
         def product(row, rows):
-            return jax.lax.dot_general(_rows(lhs, lhs_token, row, rows), weights,
-                                       (contract, ((), ())),
-                                       preferred_element_type=acc_dtype).astype(out_dtype)
+            return jax.lax.dot_general(lhs.take(row, rows), weights,
+                                       (contract, ((), ())), preferred_element_type=acc_dtype)
 
-        def store(out, row, values):
+        def store(carry, row, values):
             if not scatter:
-                return jax.lax.dynamic_update_slice_in_dim(out, values, row, 0)
+                return place(carry, values, row, row)
+            out, dots = carry
             tokens = jax.lax.dynamic_slice_in_dim(out_token, row, values.shape[0])
-            return out.at[tokens].add(scaled(values, row), mode="drop")
+            return out.at[tokens].add(scaled(values, row), mode="drop"), dots
 
-        def scaled(values, row):
-            if out_weight is None:
-                return values
-            w = jax.lax.dynamic_slice_in_dim(out_weight, row, values.shape[0])
-            return values * w[:, None].astype(values.dtype)
-
-        out = _chunks(start, size, chunk_m,
-                      lambda row, out: store(out, row, product(row, chunk_m)), out)
+        carry = _chunks(start, size, chunk_m,
+                        lambda row, c: store(c, row, product(row, chunk_m)), carry)
         # The remainder is patched into a [chunk_m, N] window (read, patched in the
         # switch, written back), so the switch never copies all of `out`; near the end of
         # the buffer the window starts before the remainder.
         rest_row = start + size // chunk_m * chunk_m
         window_row = jnp.minimum(rest_row, num_rows - chunk_m)
-        patch = lambda rows, w: jax.lax.dynamic_update_slice_in_dim(
-            w, product(rest_row, rows), rest_row - window_row, 0)
+
+        def patch(rows, window):
+            return place(window, product(rest_row, rows), rest_row, rest_row - window_row)
+
+        out, dots = carry
         if not scatter:
-            window = _remainder(size, tile_m, chunk_m, patch,
-                                jax.lax.dynamic_slice_in_dim(out, window_row, chunk_m))
-            return jax.lax.dynamic_update_slice_in_dim(out, window, window_row, 0)
-        # Scatter: the window's products (zero outside the remainder) are added with the
-        # tokens of the rows outside the remainder moved out of range.
-        window = _remainder(size, tile_m, chunk_m, patch, jnp.zeros((chunk_m, n), out_dtype))
+            window = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, window_row, chunk_m),
+                                  carry)
+            window = _remainder(size, tile_m, chunk_m, patch, window)
+            return jax.tree.map(
+                lambda a, w: jax.lax.dynamic_update_slice_in_dim(a, w, window_row, 0),
+                carry, window)
+        # Scatter: the window's products (zero outside the remainder, already weighted)
+        # are added with the tokens of the rows outside the remainder moved out of range.
+        window, _ = _remainder(size, tile_m, chunk_m, patch,
+                               (jnp.zeros((chunk_m, n), acc_dtype), None))
         local = jnp.arange(chunk_m) + window_row
         tokens = jax.lax.dynamic_slice_in_dim(out_token, window_row, chunk_m)
         inside = (local >= rest_row) & (local < start + size)
-        return out.at[jnp.where(inside, tokens, out_rows)].add(scaled(window, window_row),
-                                                               mode="drop")
+        return out.at[jnp.where(inside, tokens, out_rows)].add(window, mode="drop"), dots
 
-    out = jnp.zeros((out_rows, n), out_dtype)
-    return jax.lax.fori_loop(0, group_sizes.shape[0], group_body, out).astype(final_dtype)
+    carry = (jnp.zeros((out_rows, n), acc_dtype),
+             None if row_dot is None else jnp.zeros((num_rows,), jnp.float32))
+    return result(*jax.lax.fori_loop(0, group_sizes.shape[0], group_body, carry))
 
 
-def tgmm_forward(lhs: Array, grad: Array, group_sizes: Array, tile_m: int, chunk_m: int,
+def tgmm_forward(lhs: Array | Rows, grad: Array, group_sizes: Array, tile_m: int, chunk_m: int,
                  out_dtype=None, *, lhs_token: Array | None = None,
                  grad_token: Array | None = None, lhs_weight: Array | None = None) -> Array:
     """Per-group `lhs_g^T @ grad_g`: `[R, K], [R, N] -> [E, K, N]`; empty groups are zero.
     `lhs_token` / `grad_token [R]`: that operand is token-major `[T, .]`, its rows
     gathered through the index (as `gmm_forward`'s `lhs_token`); `lhs_weight [R]`:
-    lhs row r is scaled by it first."""
+    lhs row r is scaled by it first. `lhs` may be `Rows`, computed chunk by chunk."""
     _check(tile_m, chunk_m)
+    lhs = _as_rows(lhs, lhs_token)
     out_dtype = out_dtype or lhs.dtype
-    num_rows = next(a for a in (lhs_token, grad_token, lhs) if a is not None).shape[0]
-    num_groups, k, n = group_sizes.shape[0], lhs.shape[1], grad.shape[1]
+    num_rows = lhs.num_rows
+    num_groups, k, n = group_sizes.shape[0], lhs.width, grad.shape[1]
     if num_rows < tile_m:
         return jnp.zeros((num_groups, k, n), out_dtype)
     chunk_m = _fit_chunk(num_rows, tile_m, chunk_m)
@@ -202,7 +271,7 @@ def tgmm_forward(lhs: Array, grad: Array, group_sizes: Array, tile_m: int, chunk
         start, size = starts[g], sizes[g]
 
         def add(row, rows, acc):
-            a = _rows(lhs, lhs_token, row, rows)
+            a = lhs.take(row, rows)
             if lhs_weight is not None:
                 a = a * jax.lax.dynamic_slice_in_dim(lhs_weight, row, rows)[:, None].astype(a.dtype)
             b = _rows(grad, grad_token, row, rows)

@@ -62,18 +62,19 @@ def test_gather_gmm_and_gmm_scatter_match_row_by_row_products(expert_index, num_
         return jnp.stack([x[int(row_token[r])] @ rhs[g] if g >= 0 else jnp.zeros(N)
                           for r, g in enumerate(groups)])
 
-    def scatter_ref(lhs, rhs, w):  # token t: weighted sum of its rows' products
+    def scatter_ref(lhs, rhs, w):  # token t: weighted sum of its rows' silu(lhs) @ rhs
         y = jnp.zeros((num_tokens, N))
         for r, g in enumerate(groups):
             if g >= 0:
-                y = y.at[int(row_token[r])].add(w[r] * (lhs[r] @ rhs[g]))
+                y = y.at[int(row_token[r])].add(w[r] * (jax.nn.silu(lhs[r]) @ rhs[g]))
         return y
 
     def gather(x, rhs):
         return padded_fused.gather_gmm(x, rhs, sizes, row_token, tile, chunk)
 
     def scatter(lhs, rhs, w):
-        return padded_fused.gmm_scatter(lhs, rhs, sizes, row_token, w, num_tokens, tile, chunk)
+        return padded_fused.gmm_scatter(lhs, None, rhs, sizes, row_token, w, num_tokens,
+                                        "silu", tile, chunk)
 
     for fn, ref, args, target in ((gather, gather_ref, (x, rhs), target_rows),
                                   (scatter, scatter_ref, (lhs, rhs, row_weight), target_tokens)):
@@ -104,12 +105,13 @@ def test_gmm_scatter_accumulates_in_float32_and_gather_gmm_keeps_bfloat16():
     up = padded_fused.gather_gmm(x.astype(bf16), rhs.astype(bf16), sizes, row_token, tile,
                                  chunk)
     w = jnp.linspace(0.1, 1.0, row_token.shape[0])
-    y = padded_fused.gmm_scatter(lhs.astype(bf16), rhs.astype(bf16), sizes, row_token, w,
-                                 x.shape[0], tile, chunk)
+    y = padded_fused.gmm_scatter(lhs.astype(bf16), None, rhs.astype(bf16), sizes, row_token,
+                                 w, x.shape[0], "relu", tile, chunk)
     assert up.dtype == bf16 and y.dtype == jnp.float32
     np.testing.assert_allclose(up.astype(jnp.float32),
                                padded_fused.gather_gmm(x, rhs, sizes, row_token, tile, chunk),
                                atol=0.1, rtol=0.02)
-    np.testing.assert_allclose(y, padded_fused.gmm_scatter(lhs, rhs, sizes, row_token, w,
-                                                           x.shape[0], tile, chunk),
+    np.testing.assert_allclose(y, padded_fused.gmm_scatter(lhs, None, rhs, sizes, row_token,
+                                                           w, x.shape[0], "relu", tile,
+                                                           chunk),
                                atol=0.1, rtol=0.02)

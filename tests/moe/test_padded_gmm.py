@@ -82,3 +82,13 @@ def test_chunk_must_be_a_multiple_of_the_tile():
     with pytest.raises(ValueError, match="chunk_m must be a positive multiple of tile_m"):
         padded_gmm.gmm_forward(jnp.zeros((8, K)), jnp.zeros((2, K, N)),
                                jnp.array([1, 1], jnp.int32), 2, 3)
+
+
+def test_row_dot_is_refused_with_a_scatter_output():
+    # The row dots are per buffer row; a scatter adds rows into tokens, so there is no
+    # row-shaped output to pair them with.
+    with pytest.raises(ValueError, match="row_dot is only computed without out_token"):
+        padded_gmm.gmm_forward(jnp.zeros((8, K)), jnp.zeros((2, K, N)),
+                               jnp.array([1, 1], jnp.int32), 2, 4,
+                               out_token=jnp.zeros((8,), jnp.int32), num_tokens=4,
+                               row_dot=jnp.zeros((8, N)))
