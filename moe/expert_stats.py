@@ -40,9 +40,28 @@ STAT_FIELDS = ("num_tokens", "counts", "prob_sum", "gate_sum", "coselect", "outp
                "gated_norm_sum", "logit_sum", "logit_gram", "routed_logit_sum")
 
 
+class StatSums:
+    """Host-side helpers of a frozen dataclass whose fields are all sums over a data
+    source (`RoutingStats`, `moe.soft_stats.SoftRoutingStats`)."""
+
+    def to_numpy(self):
+        """float64 host copies (sums over many batches stay exact enough)."""
+        return type(self)(**{f.name: np.asarray(jax.device_get(getattr(self, f.name)),
+                                                np.float64)
+                             for f in dataclasses.fields(self)})
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def __add__(self, other):
+        """Field-wise sum: the statistics of the two sources together."""
+        return type(self)(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                             for f in dataclasses.fields(self)})
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RoutingStats:
+class RoutingStats(StatSums):
     """Sums over the real tokens of a data source (see the module docstring for shapes)."""
 
     num_tokens: Any
@@ -59,14 +78,6 @@ class RoutingStats:
     @property
     def num_experts(self) -> int:
         return int(np.shape(self.counts)[0])
-
-    def to_numpy(self) -> RoutingStats:
-        """float64 host copies (sums over many batches stay exact enough)."""
-        return RoutingStats(**{f: np.asarray(jax.device_get(getattr(self, f)), np.float64)
-                               for f in STAT_FIELDS})
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return {f: np.asarray(getattr(self, f)) for f in STAT_FIELDS}
 
     # -- derived quantities (host, numpy) ------------------------------------
     @property
@@ -120,7 +131,7 @@ def zeros(num_experts: int) -> RoutingStats:
 
 
 def add(a: RoutingStats, b: RoutingStats) -> RoutingStats:
-    return RoutingStats(**{f: getattr(a, f) + getattr(b, f) for f in STAT_FIELDS})
+    return a + b
 
 
 def expert_output_norms(tokens: Array, expert_index: Array, ffn: ExpertFFN) -> Array:

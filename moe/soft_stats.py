@@ -37,15 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import entr
 
-Array = jax.Array
+from moe.expert_stats import StatSums
 
-SOFT_STAT_FIELDS = ("num_tokens", "combine_mass", "combine_eff_slots_sum", "num_slots",
-                    "dispatch_eff_tokens_sum", "dispatch_seq_tokens_sum", "dispatch_max_sum")
+Array = jax.Array
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SoftRoutingStats:
+class SoftRoutingStats(StatSums):
     """Sums over the real tokens / non-empty slots of a data source (module docstring)."""
 
     num_tokens: Any
@@ -59,14 +58,6 @@ class SoftRoutingStats:
     @property
     def num_experts(self) -> int:
         return int(np.shape(self.combine_mass)[0])
-
-    def to_numpy(self) -> SoftRoutingStats:
-        """float64 host copies."""
-        return SoftRoutingStats(**{f: np.asarray(jax.device_get(getattr(self, f)), np.float64)
-                                   for f in SOFT_STAT_FIELDS})
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return {f: np.asarray(getattr(self, f)) for f in SOFT_STAT_FIELDS}
 
     # -- derived quantities (host, numpy) ------------------------------------
     def _per_slot(self, total: Any) -> np.ndarray:
@@ -105,7 +96,7 @@ class SoftRoutingStats:
 
 
 def add(a: SoftRoutingStats, b: SoftRoutingStats) -> SoftRoutingStats:
-    return SoftRoutingStats(**{f: getattr(a, f) + getattr(b, f) for f in SOFT_STAT_FIELDS})
+    return a + b
 
 
 def soft_layer_stats(dispatch: Array, combine: Array, mask: Array,

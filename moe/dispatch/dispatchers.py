@@ -30,6 +30,7 @@ from moe.dispatch.layout import (
     combine_from_rows,
     gather_to_rows,
     padded_layout,
+    row_weights,
     sorted_layout,
 )
 from moe.experts import ExpertFFN, GroupedMatmul
@@ -107,18 +108,15 @@ def rows_through_experts(x: Array, layout: RowLayout, group_sizes: Array, weight
         outputs = ffn.grouped(gather_to_rows(x, layout), group_sizes, gmm)
         return combine_from_rows(outputs, weights, layout)
     tile_m, chunk_m = padded
-    num_tokens, k = weights.shape
     rows = layout.row_token  # T on padding rows: a zero row in, dropped on the way out
-    padded_weights = jnp.concatenate([weights, jnp.zeros((1, k), weights.dtype)])
-    row_weight = padded_weights[rows, layout.row_choice]  # [R], 0 on padding rows
 
     def project(w: Array) -> Array:
         return padded_fused.gather_gmm(x, w, group_sizes, rows, tile_m, chunk_m)
 
     gate = None if ffn.wi_gate is None else project(ffn.wi_gate)
     return padded_fused.gmm_scatter(project(ffn.wi), gate, ffn.wo, group_sizes, rows,
-                                    row_weight, num_tokens, ffn.activation, tile_m,
-                                    chunk_m).astype(x.dtype)
+                                    row_weights(weights, layout), x.shape[0], ffn.activation,
+                                    tile_m, chunk_m).astype(x.dtype)
 
 
 def grouped_dispatch(x: Array, expert_index: Array, weights: Array, ffn: ExpertFFN,

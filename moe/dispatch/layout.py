@@ -107,11 +107,16 @@ def _combine_fwd(rows, weights, layout):
     return combine_from_rows(rows, weights, layout), (rows, weights, layout)
 
 
-def _combine_bwd(residuals, grad_out):
-    rows, weights, layout = residuals
+def row_weights(weights: Array, layout: RowLayout) -> Array:
+    """`[R]`: the routing weight of the assignment each buffer row holds (0 for empty rows)."""
     k = weights.shape[1]
     padded_weights = jnp.concatenate([weights, jnp.zeros((1, k), weights.dtype)], axis=0)
-    row_weight = padded_weights[layout.row_token, layout.row_choice]  # 0 for empty rows
+    return padded_weights[layout.row_token, layout.row_choice]
+
+
+def _combine_bwd(residuals, grad_out):
+    rows, weights, layout = residuals
+    row_weight = row_weights(weights, layout)
     grad_rows = _pad_one_row(grad_out)[layout.row_token] * row_weight[:, None].astype(rows.dtype)
     picked = _pad_one_row(rows)[layout.token_rows]
     grad_weights = jnp.einsum("tkd,td->tk", picked, grad_out).astype(weights.dtype)
