@@ -1,8 +1,10 @@
 """What the trainer does with a step whose update was not finite.
 
-The train step never applies an update whose loss, gradient norm or update
-norm is NaN or infinite (`experiments.train.train_step.finite_checks`: params
-and optimizer state come back unchanged). `SkipGuard` then either stops the run
+The trainer never applies an update whose loss, gradient norm or updated
+parameters are NaN or infinite: the train step flags it
+(`experiments.train.train_step.finite_checks`), `SkipGuard.check` says the step
+was skipped, and the trainer keeps the parameters and optimizer state it had
+before the step. `SkipGuard` then either stops the run
 (`NonFiniteLossError`, exit status 4 from scripts/train.py) naming the step, what
 was non-finite and the last saved checkpoint, or, with
 `train.max_skipped_steps = N`, lets up to N such steps pass: each is counted,
@@ -29,14 +31,14 @@ class NonFiniteLossError(FloatingPointError):
 
 def describe(metrics: Mapping[str, Any]) -> str:
     """What was not finite in a step's metrics, e.g. 'loss 5.57, gradient norm nan
-    (non-finite gradients in: embedding, layer_1), update norm not finite'."""
+    (non-finite gradients in: embedding, layer_1), updated parameters not finite'."""
     finite = metrics["finite"]
     parts = [f"loss {float(metrics['loss']):.6g}", f"gradient norm {float(metrics['grad_norm']):.6g}"]
     bad_groups = [group for group, ok in finite["grad_groups"].items() if not bool(ok)]
     if bad_groups:
         parts[-1] += f" (non-finite gradients in: {', '.join(bad_groups)})"
-    if not bool(finite["update"]):
-        parts.append("update norm not finite")
+    if not bool(finite["params"]):
+        parts.append("updated parameters not finite")
     return ", ".join(parts)
 
 

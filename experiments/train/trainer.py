@@ -155,8 +155,9 @@ def _train_locked(workdir: paths.Path, setup: TrainSetup, inputs: _Inputs,
             metrics = jax.device_get(metrics)
             profiler.after_step(step, params)
             console.after_step()
-            skipped = skips.check(step, metrics)  # a non-finite update was not applied
-            run.train = run.train._replace(params=params, opt_state=opt_state)
+            skipped = skips.check(step, metrics)  # a non-finite update is not applied:
+            if not skipped:  # the step returns it as a candidate; the old state stays
+                run.train = run.train._replace(params=params, opt_state=opt_state)
             del params, opt_state  # one reference: a structure switch frees the old state
             # `batch` holds this process's rows; the MoE counts are global already.
             positions = batch["inputs"].size * jax.process_count()
