@@ -62,7 +62,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_moe_layer.py --json docs/bench_moe_layer.json
 
 # The CPU targets of issue 21 (harness check, layer parts, memory, training step): raw JSON in
-# docs/benchmarks/ (docs/benchmarks.md, "CPU targets"). Best on a quiet machine.
+# docs/benchmarks/ (figures: docs/benchmarks.md, "CPU targets"; history: docs/cpu_targets.md). Best on a quiet machine.
 bench-cpu: $(STAMP)
 	$(PY) scripts/bench_cpu_targets.py --json docs/benchmarks/cpu_targets.json --sections memory,layer,step --rounds 3 --step_rounds 5
 

@@ -32,7 +32,7 @@ class DenseMLP(nnx.Module):
         # The tokens as one [N, d_model] matrix: on CPU a [B, S, d] x [d, f] product's
         # weight gradient contracts two dimensions, which XLA:CPU lowers with transposed
         # copies of the activations (1.2-1.6x the 2D FFN's forward+backward,
-        # docs/benchmarks.md "Two harnesses"). Same values on every backend.
+        # docs/cpu_targets.md "Two harnesses"). Same values on every backend.
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
         up = x @ self.wi[...].astype(self.dtype)

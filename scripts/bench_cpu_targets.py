@@ -6,7 +6,8 @@ MoE layers cut into parts, their compiled memory, and the training step.
 Every timing is paired and interleaved (`experiments.bench.timing`): the figure is
 the median of per-round ratios; the wall and the process CPU time of every round
 are kept in the JSON with the load average before and after each section.
-docs/benchmarks.md ("CPU targets") explains each section.
+docs/cpu_targets.md explains each section (docs/benchmarks.md, "CPU targets",
+has the latest figures against the targets).
 """
 
 from __future__ import annotations

@@ -321,7 +321,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
     `experiments.train.nonfinite.SkipGuard`); the returned state is then the
     rejected candidate. Choosing on the host is free, where a select inside the
     step copied the state once more (with the update's own check, 8% of the small
-    MoE preset's float32 step on CPU: docs/benchmarks.md, "CPU targets").
+    MoE preset's float32 step on CPU: docs/cpu_targets.md).
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")

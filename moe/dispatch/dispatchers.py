@@ -158,8 +158,8 @@ def grouped_capacity_dispatch(x: Array, expert_index: Array, weights: Array, ffn
 # Platforms on which the `sort` dispatch lays its grouped rows out tile-aligned and runs
 # `moe.kernels.padded_gmm` (dropless, and capacity mode's grouped path) instead of the
 # tile loop of `moe.kernels.xla_gmm`; `padded_layout_on(...)` overrides it while tracing
-# (the benchmarks time the tile loop beside it). Measured on CPU (docs/benchmarks.md,
-# "CPU targets"): faster at every shape timed (256 to 1024 rows per expert).
+# (the benchmarks time the tile loop beside it). Measured on CPU (docs/cpu_targets.md):
+# faster at every shape timed (256 to 1024 rows per expert).
 _PADDED_ON: list[tuple[str, ...]] = [("cpu",)]
 
 
@@ -188,7 +188,7 @@ def make_sort_dispatch(gmm: GroupedMatmul, name: str, *,
     capacity mode runs `grouped_capacity_dispatch` instead of the buffers when the
     experts average at least `GROUPED_CAPACITY_MIN_ROWS` assignments (the same drops and
     values; on CPU the empty slots cost more than the grouped matmul at that size, and
-    less below it: docs/benchmarks.md, "CPU targets").
+    less below it: docs/cpu_targets.md).
     `padded`: on the platforms of `_PADDED_ON`, when the experts average at least one
     tile (`padded_gmm.DEFAULT_TILE_M`) of rows, the grouped rows are laid out tile-aligned
     (`padded_layout`) and go through the fused padded matmuls (`moe.kernels.padded_fused`:

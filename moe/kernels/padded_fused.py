@@ -21,7 +21,7 @@ copy of the tokens nor the `[R, d]` expert outputs are written, in either pass:
 On CPU at d_model 512 the scatter form of the down projection takes 0.9-1.0x the
 time of a dense matmul of equal FLOPs (E=8, k=2) where the `[R, d]` output and its
 gather back take 1.1-1.25x; at E=64, k=8 it is 1.45x against 2.6x
-(docs/benchmarks.md, "CPU targets").
+(docs/cpu_targets.md).
 """
 
 from __future__ import annotations
