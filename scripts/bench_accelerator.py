@@ -132,7 +132,7 @@ class Run:
             timing=dict(rounds=args.rounds, min_time_s=args.min_time,
                         method="warm-up excluded; interleaved rounds; medians of per-round "
                                "paired ratios"),
-            optional={}, gmm=[], layer=[], step=[], complete=False)
+            optional={}, gmm=[], layer=[], step=[], fastest={}, complete=False)
 
     def save(self) -> None:
         self.data["elapsed_s"] = self.budget.elapsed()
@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         stopped = str(e)
         print(f"{stopped}: writing the results measured so far", flush=True)
     run.data["complete"] = stopped is None and _complete(run.data)
+    run.data["fastest"] = report.fastest_summary(run.data)
     run.save()
     if not args.no_doc:
         key = report.section_key(device["kind"], platform, args.small)

@@ -194,7 +194,12 @@ def test_small_cpu_run_writes_every_field_and_its_doc_section(tmp_path):
     for record in data["step"]:
         assert set(record) == STEP_FIELDS | {"bindings"} and record["status"] == "ok"
         assert record["mfu"] is None  # no peak for a CPU: absent, not invented
+    # The verdicts: every layer config and step preset that was timed has one.
+    assert set(data["fastest"]) == {"gmm", "layer", "step"}
+    assert set(data["fastest"]["layer"]) == {r["config"] for r in data["layer"]}
+    assert set(data["fastest"]["step"]) == {r["preset"] for r in data["step"]}
     text = doc.read_text()
+    assert "Fastest correct candidate" in text and "not a finding" in text
     assert text.count("<!-- bench-accelerator: cpu: cpu (--small) -->") == 1
     assert "| mixtral_small (8, 2, 256, 64, 128) | uniform | fwd |" in text
     assert "not measured: no device" in text  # the GPU/TPU placeholders stay
@@ -324,3 +329,43 @@ def test_peaks_give_mfu_only_where_known():
     assert peaks.peak_tflops("cpu", "bfloat16") is None
     assert peaks.mfu(989e12 * 0.5, 1.0, "NVIDIA H200", "bfloat16") == pytest.approx(0.5)
     assert peaks.mfu(1e12, 1.0, "cpu", "float32") is None
+
+
+def test_the_verdict_names_the_fastest_correct_candidate_against_the_default():
+    """Layer E8_k2: pallas_fused (1.10x) beats the default sort (1.30x); tokamax was
+    faster still but wrong, and sort at capacity 1.25 (0.90x) does less work: neither
+    counts. Layer E64_k8: only sort was timed. Grouped matmul: tokamax at 80% of dense
+    beats the project's gmm kernel at 50%; dense itself is the yardstick, not a
+    candidate. Step: sort is the fastest, nothing to follow."""
+    def layer(config, dispatch, ratio, status="ok", cf=None):
+        return dict(config=config, dispatch=dispatch, capacity_factor=cf, status=status,
+                    fwd_bwd={"ratio": ratio})
+
+    data = dict(
+        small=False,
+        gmm=[dict(shape="mixtral", routing="uniform", dtype="bfloat16", mode="fwd",
+                  candidates={"gmm": {"status": "ok", "pct_of_dense": 50.0},
+                              "tokamax": {"status": "ok", "pct_of_dense": 80.0},
+                              "ragged_dot": {"status": "wrong"},
+                              "dense": {"status": "ok", "pct_of_dense": 100.0}})],
+        layer=[layer("E8_k2", "sort", 1.3), layer("E8_k2", "pallas_fused", 1.1),
+               layer("E8_k2", "tokamax", 0.5, status="wrong"),
+               layer("E8_k2", "sort", 0.9, cf=1.25), layer("E64_k8", "sort", 1.4)],
+        step=[dict(preset="top2_small", dispatch="sort", status="ok", ratio=1.1),
+              dict(preset="top2_small", dispatch="pallas", status="ok", ratio=1.2)])
+    data["fastest"] = report.fastest_summary(data)
+    e8 = data["fastest"]["layer"]["E8_k2"]
+    assert (e8["dispatch"], e8["ratio"], e8["default"], e8["default_ratio"]) == (
+        "pallas_fused", 1.1, "sort", 1.3)
+    assert data["fastest"]["layer"]["E64_k8"]["dispatch"] == "sort"
+    kernel = data["fastest"]["gmm"]["mixtral uniform bfloat16 fwd"]
+    assert kernel["dispatch"] == "tokamax" and kernel["candidates"] == {"gmm": 2.0,
+                                                                      "tokamax": 1.25}
+    lines = report.verdict_lines(data)
+    assert lines == [
+        "- gmm mixtral uniform bfloat16 fwd: `tokamax` 1.25x dense; **faster than the "
+        "default `gmm`** (2.00x)",
+        "- layer E8_k2: `pallas_fused` 1.10x dense; **faster than the default `sort`** "
+        "(1.30x): the default on this backend should follow it",
+        "- layer E64_k8: `sort` 1.40x dense; the default is the fastest",
+        "- step top2_small: `sort` 1.10x dense; the default is the fastest"]

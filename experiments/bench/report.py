@@ -9,15 +9,19 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 # Top-level fields of the JSON file (tests/bench/test_bench_accelerator.py checks them).
 TOP_FIELDS = ("schema", "command", "small", "device", "jax", "jaxlib", "host",
               "load_average", "budget_s", "elapsed_s", "timing", "optional", "gmm", "layer",
-              "step", "complete")
+              "step", "fastest", "complete")
 SECTIONS_BEGIN = "<!-- bench-accelerator sections: begin -->"
 SECTIONS_END = "<!-- bench-accelerator sections: end -->"
 NOT_MEASURED = "not measured: no device"
+# The dispatch `MoeLayer` uses unless told otherwise, on every backend; the verdict
+# below says when a measured device has a faster one.
+DEFAULT_DISPATCH = "sort"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -139,6 +143,67 @@ def step_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def fastest(timed: dict[str, dict[str, float]], default: str) -> dict[str, dict[str, Any]]:
+    """`timed`: `{case: {candidate: figure, lower is faster}}` of the candidates that
+    passed their correctness check. Per case: the fastest beside the default,
+    `{"dispatch", "ratio", "default", "default_ratio" (None if the default was not
+    timed), "candidates"}`; cases with nothing timed are left out."""
+    return {case: {"dispatch": min(c, key=c.get), "ratio": min(c.values()),
+                   "default": default, "default_ratio": c.get(default), "candidates": c}
+            for case, c in timed.items() if c}
+
+
+def _timed_dispatches(records: list[dict[str, Any]], case: str,
+                      ratio: Callable[[dict], float]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for r in records:  # dropless only: capacity mode changes the work done
+        if r.get("status") == "ok" and r.get("capacity_factor") is None:
+            out.setdefault(r[case], {})[r["dispatch"]] = ratio(r)
+    return out
+
+
+def _timed_kernels(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for r in records:
+        case = f"{r.get('shape')} {r.get('routing')} {r.get('dtype')} {r.get('mode')}"
+        for name, c in r.get("candidates", {}).items():
+            if name != "dense" and c.get("status") == "ok":
+                out.setdefault(case, {})[name] = c["pct_of_dense"]
+    return {case: {n: 100.0 / pct for n, pct in c.items()} for case, c in out.items()}
+
+
+def fastest_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """The JSON's `fastest` field: per grouped-matmul case, layer config and step preset,
+    the fastest correct candidate (figures: time ÷ dense) against the project's default
+    (the `gmm` kernel; the `sort` dispatch)."""
+    return {"gmm": fastest(_timed_kernels(data["gmm"]), "gmm"),
+            "layer": fastest(_timed_dispatches(data["layer"], "config",
+                                               lambda r: r["fwd_bwd"]["ratio"]),
+                             DEFAULT_DISPATCH),
+            "step": fastest(_timed_dispatches(data["step"], "preset", lambda r: r["ratio"]),
+                            DEFAULT_DISPATCH)}
+
+
+def verdict_lines(data: dict[str, Any]) -> list[str]:
+    """One line per layer config and step preset: the fastest correct dispatch, and
+    whether the default should follow it."""
+    lines = []
+    for section, verdicts in data.get("fastest", {}).items():
+        for name, v in verdicts.items():
+            default = ("not timed" if v["default_ratio"] is None
+                       else f"{v['default_ratio']:.2f}x")
+            follow = ("the default is the fastest" if v["dispatch"] == v["default"] else
+                      f"**faster than the default `{v['default']}`** ({default})"
+                      + ("" if section == "gmm" else
+                         ": the default on this backend should follow it"))
+            lines.append(f"- {section} {name}: `{v['dispatch']}` {v['ratio']:.2f}x dense; "
+                         f"{follow}")
+    if lines and data.get("small"):
+        lines.append("- (CPU `--small`: interpreted kernels and tiny shapes; the ratios are a "
+                     "smoke test, not a finding)")
+    return lines
+
+
 def markdown(data: dict[str, Any], json_name: str) -> str:
     """The device's section: header line, then the three tables."""
     device, load = data["device"], data["load_average"]
@@ -158,6 +223,10 @@ def markdown(data: dict[str, Any], json_name: str) -> str:
     lines += ["", "Training step, MoE preset vs the dense preset of equal active parameters:",
               ""]
     lines += step_table(data["step"])
+    verdicts = verdict_lines(data)
+    if verdicts:
+        lines += ["", "Fastest correct candidate (time ÷ dense; layer and step dropless):", ""]
+        lines += verdicts
     errors = [f"{r.get('shape', r.get('config', r.get('preset')))}/{n}: {c['error']}"
               for r in data["gmm"] for n, c in r.get("candidates", {}).items() if "error" in c]
     errors += [f"{r.get('shape')} {r.get('routing')} {r.get('mode')}: {r['error']}"
