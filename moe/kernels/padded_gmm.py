@@ -43,15 +43,26 @@ Array = jax.Array
 # k=2) and 1.44 / 1.45 / 1.49x at 1024 (T=8192, E=64, k=8): smaller tiles pad less.
 DEFAULT_TILE_M = 32
 DEFAULT_CHUNK_M = 256
+# Experts averaging at least LONG_GROUP_ROWS rows take chunks of LONG_CHUNK_M. Measured on
+# CPU (f32, E=8, k=2, T=8192, d 512, d_ff 1024: 2048 rows per expert; the layer's
+# forward+backward, interleaved, 9 rounds, twice): 512-row chunks took 0.98x and 0.95x the
+# time of 256-row ones (the layer 1.10-1.13x dense -> 1.06-1.07x), at +1.4 s compile
+# (the remainder switch doubles to 16 branches). At 1024 rows per expert (E=64, k=8) the
+# gain was 0-5% and within the noise, and at 256 (the small preset's step) 0-5% at +0.7 s
+# compile per layer: not worth it there (docs/cpu_targets.md).
+LONG_GROUP_ROWS = 2048
+LONG_CHUNK_M = 512
 
 
 def chunk_for(num_rows: int, num_groups: int, tile_m: int = DEFAULT_TILE_M) -> int:
     """Rows per matmul for `num_rows` rows in `num_groups` groups: the mean group size
-    rounded down to a power of two, within [tile_m, DEFAULT_CHUNK_M] (a multiple of
-    tile_m). Small groups get small chunks, and so fewer remainder sizes (each a branch
-    of the switch, compiled separately): tiny test shapes compile no switch at all."""
+    rounded down to a power of two, within [tile_m, DEFAULT_CHUNK_M] (LONG_CHUNK_M for a
+    mean of at least LONG_GROUP_ROWS), a multiple of tile_m. Small groups get small
+    chunks, and so fewer remainder sizes (each a branch of the switch, compiled
+    separately): tiny test shapes compile no switch at all."""
     mean = max(num_rows // max(num_groups, 1), 1)
-    chunk = min(DEFAULT_CHUNK_M, 1 << (mean.bit_length() - 1))
+    cap = LONG_CHUNK_M if mean >= LONG_GROUP_ROWS else DEFAULT_CHUNK_M
+    chunk = min(cap, 1 << (mean.bit_length() - 1))
     return max(tile_m, chunk // tile_m * tile_m)
 
 

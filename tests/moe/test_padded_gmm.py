@@ -92,3 +92,15 @@ def test_row_dot_is_refused_with_a_scatter_output():
                                jnp.array([1, 1], jnp.int32), 2, 4,
                                out_token=jnp.zeros((8,), jnp.int32), num_tokens=4,
                                row_dot=jnp.zeros((8, N)))
+
+
+@pytest.mark.parametrize("rows,groups,chunk", [
+    (64, 8, 32),         # 8 rows per group: one tile, no remainder switch at all
+    (2048, 8, 256),      # 256 per group: one 256-row chunk
+    (65536, 64, 256),    # 1024 per group (E=64, k=8): still 256
+    (16384, 8, 512),     # 2048 per group (E=8, k=2, T=8192): the long-group chunk
+    (20000, 8, 512),     # 2500 per group: capped at 512
+    (2040, 8, 128),      # 255 per group: rounded down to a power of two
+])
+def test_chunk_grows_to_512_rows_only_for_long_groups(rows, groups, chunk):
+    assert padded_gmm.chunk_for(rows, groups) == chunk
