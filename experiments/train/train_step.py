@@ -372,8 +372,9 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
         new_params = optax.apply_updates(params, updates)
         metrics["finite"] = finite_checks(metrics["loss"], metrics["grad_norm"], grads,
                                           new_params)
-        # The caller keeps `params` and `opt_state` when finite["applied"] is False. A
-        # select here would wait for the check and then copy the whole state once more.
+        # The caller keeps `params` and `opt_state` when finite["applied"] is False, so
+        # it must not donate them to this step. A select here would wait for the check
+        # and then copy the whole state once more.
         return new_params, new_opt_state, metrics
 
     return step
