@@ -24,7 +24,7 @@ from layers.routers import BaseRouter, Routing, TopKRouter, get_router
 from moe import balance
 from moe.dispatch import expert_choice_dispatch, get_dispatch
 from moe.dispatch import expert_parallel as ep_lib
-from moe.dispatch.registry import check_dispatch
+from moe.dispatch.registry import DEFAULT_DISPATCH, check_dispatch
 from moe.layer_aux import MoeAux
 
 Array = jax.Array
@@ -77,7 +77,7 @@ class MoeLayer(nnx.Module):
 
     def __init__(self, d_model: int, d_ff: int | None = None, num_experts: int = 8, k: int = 2, *,
                  router: Callable[..., BaseRouter] | str = TopKRouter,
-                 experts: Callable[..., Experts] = Experts, dispatch: str = "sort",
+                 experts: Callable[..., Experts] = Experts, dispatch: str = DEFAULT_DISPATCH,
                  capacity_factor: float | None = None,
                  eval_capacity_factor: float | None = None, min_capacity: int = 1,
                  capacity_multiple_of: int = 1, activation: str = "relu",
@@ -263,7 +263,7 @@ def active_ffn(moe_block: Callable[..., Any], k: int | None = None) -> tuple[int
     config = configured_arguments(moe_block)
     d_ff, num_experts = config.get("d_ff"), config.get("num_experts", 8)
     k = config.get("k", 2) if k is None else k
-    _validate(d_ff=d_ff, num_experts=num_experts, k=k, dispatch=config.get("dispatch", "sort"),
+    _validate(d_ff=d_ff, num_experts=num_experts, k=k, dispatch=config.get("dispatch", DEFAULT_DISPATCH),
               capacity_factor=config.get("capacity_factor"),
               eval_capacity_factor=config.get("eval_capacity_factor"),
               num_shared_experts=config.get("num_shared_experts", 0))

@@ -8,9 +8,11 @@ import json
 import os
 import re
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from moe.dispatch.registry import DEFAULT_DISPATCH
 
 # Top-level fields of the JSON file (tests/bench/test_bench_accelerator.py checks them).
 TOP_FIELDS = ("schema", "command", "small", "device", "jax", "jaxlib", "host",
@@ -19,9 +21,6 @@ TOP_FIELDS = ("schema", "command", "small", "device", "jax", "jaxlib", "host",
 SECTIONS_BEGIN = "<!-- bench-accelerator sections: begin -->"
 SECTIONS_END = "<!-- bench-accelerator sections: end -->"
 NOT_MEASURED = "not measured: no device"
-# The dispatch `MoeLayer` uses unless told otherwise, on every backend; the verdict
-# below says when a measured device has a faster one.
-DEFAULT_DISPATCH = "sort"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -185,8 +184,8 @@ def fastest_summary(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def verdict_lines(data: dict[str, Any]) -> list[str]:
-    """One line per layer config and step preset: the fastest correct dispatch, and
-    whether the default should follow it."""
+    """One line per grouped-matmul case, layer config and step preset: the fastest
+    correct candidate, and whether the project's default should follow it."""
     lines = []
     for section, verdicts in data.get("fastest", {}).items():
         for name, v in verdicts.items():

@@ -155,8 +155,8 @@ def _train_locked(workdir: paths.Path, setup: TrainSetup, inputs: _Inputs,
             metrics = jax.device_get(metrics)
             profiler.after_step(step, params)
             console.after_step()
-            skipped = skips.check(step, metrics)  # a non-finite update is not applied:
-            if not skipped:  # the step returns it as a candidate; the old state stays
+            skipped = skips.check(step, metrics)  # a rejected step's state is only a
+            if not skipped:  # candidate: the state from before the step stays
                 run.train = run.train._replace(params=params, opt_state=opt_state)
             del params, opt_state  # one reference: a structure switch frees the old state
             # `batch` holds this process's rows; the MoE counts are global already.
